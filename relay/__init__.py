@@ -1,0 +1,1 @@
+"""The outbox relay: forwards committed outbox events to RabbitMQ."""

@@ -1,0 +1,78 @@
+"""A deadline around database calls.
+
+psycopg waits forever on a blackholed link (bytes vanish, no reset), even with TCP keepalives
+and tcp_user_timeout (../shared/RELIABILITY.md). A watchdog thread shuts the socket down when a
+call overruns: the blocked read then fails at once, psycopg raises OperationalError and
+SQLAlchemy discards the connection. `shutdown()` wakes a read blocked in another thread, which
+`close()` would not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+log = logging.getLogger("relay.deadline")
+
+
+class Watchdog:
+    def __init__(self, name: str = "db-watchdog") -> None:
+        self._lock = threading.Condition()
+        self._armed: dict[int, tuple[float, int]] = {}  # guard id -> (deadline, fd)
+        self._next_id = 0
+        self._stopped = False
+        self.expired_total = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def guard(self, fd: int, seconds: float) -> Iterator[None]:
+        """Shut socket `fd` down if the block takes longer than `seconds`."""
+        with self._lock:
+            self._next_id += 1
+            guard_id = self._next_id
+            self._armed[guard_id] = (time.monotonic() + seconds, fd)
+            self._lock.notify()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._armed.pop(guard_id, None)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+        self._thread.join(2)
+
+    def _run(self) -> None:
+        with self._lock:
+            while not self._stopped:
+                now = time.monotonic()
+                for guard_id, (deadline, fd) in list(self._armed.items()):
+                    if deadline <= now:
+                        del self._armed[guard_id]
+                        self.expired_total += 1
+                        _shutdown(fd)
+                wait = min((d for d, _ in self._armed.values()), default=now + 3600) - now
+                self._lock.wait(timeout=max(wait, 0.01))
+
+
+def _shutdown(fd: int) -> None:
+    log.warning("database call overran its deadline: dropping the connection")
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return  # already closed
+    sock = socket.socket(fileno=dup)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()

@@ -1,0 +1,75 @@
+"""What crosses the boundary between the relay loop and the publisher thread.
+
+The publisher never sees database rows and the relay never sees pika frames: the relay hands
+over `OutgoingMessage`s and receives `PublishOutcome`s (one per message, always) and
+`BrokerStatus` changes, through a callback that must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """One AMQP message. `tag` is the relay's handle for it (the outbox row's seq)."""
+
+    tag: int
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str
+    type: str
+    timestamp: int  # seconds since the epoch (AMQP timestamp)
+    headers: Mapping[str, Any]
+    correlation_id: str | None = None
+    content_type: str = "application/json"
+    app_id: str = "outbox-relay"
+
+
+class Outcome(enum.Enum):
+    CONFIRMED = "confirmed"  # broker ack, message was routed: done
+    REJECTED = "rejected"  # nack, return (unroutable) or channel error: spend an attempt
+    UNKNOWN = "unknown"  # connection lost before a confirm: publish again, attempt not spent
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PublishOutcome:
+    tag: int
+    outcome: Outcome
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BrokerStatus:
+    """The publisher connected (`up=True`, ready to publish) or lost its connection."""
+
+    up: bool
+    error: str | None = None
+    fatal: bool = False  # a configuration problem retrying will not fix
+
+
+PublisherEvent = PublishOutcome | BrokerStatus
+Sink = Callable[[Sequence[PublisherEvent]], None]
+
+
+class Publisher(Protocol):
+    """Publishes with confirms; reports exactly one PublishOutcome per message given."""
+
+    @property
+    def ready(self) -> bool:
+        """Connected with confirms enabled: publish() will be attempted."""
+        ...
+
+    def start(self) -> None: ...
+
+    def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Hand messages over (non-blocking). Outcomes arrive later through the sink."""
+        ...
+
+    def stop(self, timeout: float) -> None:
+        """Close the connection and stop the I/O thread (bounded by `timeout`)."""
+        ...

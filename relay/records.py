@@ -1,0 +1,103 @@
+"""Immutable values the relay works with: claimed events and the claims that hold them."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.engine import RowMapping
+
+from relay.messages import OutgoingMessage
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimedEvent:
+    """An outbox row this relay holds a lease on."""
+
+    seq: int
+    id: uuid.UUID
+    type: str
+    key: str | None
+    aggregate_type: str | None
+    aggregate_id: str | None
+    routing_key: str
+    correlation_id: str | None
+    version: int
+    payload: str
+    headers: str | None
+    occurred_at: dt.datetime
+    attempts: int
+    token: uuid.UUID
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any] | RowMapping, token: uuid.UUID) -> ClaimedEvent:
+        occurred_at = row["occurred_at"]
+        if occurred_at.tzinfo is None:  # SQLite keeps no zone: the writer stored UTC
+            occurred_at = occurred_at.replace(tzinfo=dt.UTC)
+        return cls(
+            seq=row["seq"],
+            id=row["id"],
+            type=row["type"],
+            key=row["key"],
+            aggregate_type=row["aggregate_type"],
+            aggregate_id=row["aggregate_id"],
+            routing_key=row["routing_key"],
+            correlation_id=row["correlation_id"],
+            version=row["version"],
+            payload=row["payload"],
+            headers=row["headers"],
+            occurred_at=occurred_at,
+            attempts=row["attempts"],
+            token=token,
+        )
+
+    def message(self, exchange: str) -> OutgoingMessage:
+        """The AMQP message: `message_id` is the event id, the same on every attempt."""
+        headers: dict[str, Any] = json.loads(self.headers) if self.headers else {}
+        # The relay's own headers win over an application header of the same name.
+        headers.update(
+            {
+                "ordering-key": self.key,
+                "aggregate-type": self.aggregate_type,
+                "aggregate-id": self.aggregate_id,
+                "event-version": self.version,
+                "outbox-seq": self.seq,
+            }
+        )
+        return OutgoingMessage(
+            tag=self.seq,
+            exchange=exchange,
+            routing_key=self.routing_key,
+            body=self.payload.encode(),
+            message_id=str(self.id),
+            type=self.type,
+            timestamp=int(self.occurred_at.timestamp()),
+            headers=headers,
+            correlation_id=self.correlation_id,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """Events leased together under one token; writes about them are fenced by the token."""
+
+    token: uuid.UUID
+    events: tuple[ClaimedEvent, ...]  # in write order (seq)
+    lease_until: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    """A rejected publish of one claimed event, and what to do about it."""
+
+    event: ClaimedEvent
+    error: str
+    next_attempt_at: dt.datetime | None  # None: the event is dead
+
+    @property
+    def attempt(self) -> int:
+        return self.event.attempts + 1

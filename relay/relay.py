@@ -1,0 +1,482 @@
+"""The relay loop: claim, publish in per-key order, record what the broker confirmed.
+
+`run_once()` is one step: it waits (bounded) for something to happen, records publish
+outcomes, renews leases, claims more events when there is room, hands the next event of each
+key to the publisher, and does housekeeping when due. `run()` repeats it until asked to stop,
+then drains gracefully. Outages are states, not exceptions: while the database is unreachable
+the relay keeps its results in memory and retries with backoff; while the broker is down it
+claims nothing and gives its unpublished rows back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from relay.backoff import backoff_delay
+from relay.errors import BrokerConfigError, DatabaseUnavailableError
+from relay.messages import BrokerStatus, Outcome, Publisher, PublisherEvent, PublishOutcome, Sink
+from relay.metrics import Metrics
+from relay.records import ClaimedEvent, Failure
+from relay.sequencer import Sequencer
+from relay.settings import RelaySettings
+from relay.store import Store
+
+log = logging.getLogger("relay")
+
+MIN_POLL = 0.01
+HEARTBEAT_EVERY = 10.0
+HOUSEKEEPING_EVERY = 30.0
+PURGE_BATCH = 1000
+PURGE_BATCHES_PER_TICK = 10
+MAX_WAIT = 1.0
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class _Wake:
+    """Inbox item: look for new events now (a NOTIFY arrived, or stop was requested)."""
+
+
+_WAKE = _Wake()
+
+
+@dataclasses.dataclass
+class StepReport:
+    claimed: int = 0
+    published: int = 0
+    confirmed: int = 0
+    rejected: int = 0
+    dead: int = 0
+    unknown: int = 0
+    fenced: int = 0
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        store: Store,
+        publisher_factory: Callable[[Sink], Publisher],
+        *,
+        listener_factory: Callable[[Callable[[], None]], object] | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self._clock = clock
+        self._monotonic = monotonic
+        self._rng = rng or random.Random()
+        self._inbox: queue.SimpleQueue[Sequence[PublisherEvent] | _Wake] = queue.SimpleQueue()
+        self.publisher = publisher_factory(self._inbox.put)
+        self._listener = listener_factory(self.wake) if listener_factory else None
+        self.sequencer = Sequencer(settings.max_in_flight)
+        # Results waiting to be written, by claim token (writes are fenced by the token).
+        self._acked: dict[uuid.UUID, list[int]] = defaultdict(list)
+        self._failures: dict[uuid.UUID, list[Failure]] = defaultdict(list)
+        self._releases: dict[uuid.UUID, list[int]] = defaultdict(list)
+        self._lease_deadline: dict[uuid.UUID, float] = {}
+        self._published_at: dict[int, float] = {}
+        now = self._monotonic()
+        self._next_claim = now
+        self._poll_delay = MIN_POLL
+        self._next_renew = now + settings.lease / 3
+        self._next_housekeeping = now
+        self._next_heartbeat = now
+        self._db_retry_at = now
+        self._db_failures = 0
+        self._broker_up = False
+        self._stop_requested = threading.Event()
+        self._last_claim_empty = False
+        self._started_at = clock()
+        self._fatal: BaseException | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.publisher.start()
+        if self._listener is not None:
+            self._listener.start()  # type: ignore[attr-defined]
+
+    def wake(self) -> None:
+        """Thread-safe: look for new events now."""
+        self._inbox.put(_WAKE)
+
+    def request_stop(self) -> None:
+        """Thread-safe (and signal-safe): stop claiming and drain."""
+        self._stop_requested.set()
+        self._inbox.put(_WAKE)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested.is_set()
+
+    def run(self) -> None:
+        """Run until `request_stop()` (or, with `until_empty`, until nothing is ready)."""
+        self.start()
+        try:
+            while not self._stop_requested.is_set():
+                self.run_once()
+                if self.settings.until_empty and self._finished():
+                    break
+        finally:
+            self.shutdown()
+
+    def _finished(self) -> bool:
+        return (
+            self._last_claim_empty
+            and self.sequencer.idle
+            and not self._has_unwritten_results()
+            and self._db_failures == 0
+        )
+
+    def shutdown(self) -> None:
+        """Graceful stop: claim nothing more, wait (bounded) for outstanding confirms, record
+        them, give back what was never published, close the connections."""
+        self._stop_requested.set()
+        self._give_back(self.sequencer.withdraw())
+        deadline = self._monotonic() + self.settings.stop_timeout
+        while self._monotonic() < deadline and (
+            self.sequencer.in_flight or self._has_unwritten_results()
+        ):
+            if not self.sequencer.in_flight and self._monotonic() < self._db_retry_at:
+                break  # only writes remain and the database is down: nothing to wait for
+            self.run_once(timeout=min(0.2, max(0.0, deadline - self._monotonic())))
+        leftover = self.sequencer.in_flight_events()
+        if leftover:
+            log.warning(
+                "stopping with %d events unconfirmed: they stay leased and will be "
+                "published again (same message_id) once the lease expires",
+                len(leftover),
+            )
+        self.publisher.stop(timeout=5.0)
+        if self._listener is not None:
+            self._listener.stop()  # type: ignore[attr-defined]
+        try:
+            self._write_results(StepReport())
+            self.store.unregister(self.settings.name)
+        except DatabaseUnavailableError as exc:
+            log.warning("could not record final results (%s); their leases will expire", exc)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def run_once(self, timeout: float | None = None) -> StepReport:
+        report = StepReport()
+        self._collect(self._wait_time() if timeout is None else timeout, report)
+        if self._fatal is not None:
+            raise self._fatal
+        self._expire_lost_leases()
+        if self._monotonic() >= self._db_retry_at:
+            try:
+                self._write_results(report)
+                self._renew_if_due()
+                self._publish(report)
+                if self._claim_due():
+                    self._claim(report)
+                    self._publish(report)
+                self._housekeeping_if_due()
+                self._database_ok()
+            except DatabaseUnavailableError as exc:
+                self._database_down(exc)
+        self._publish(report)
+        return report
+
+    def _wait_time(self) -> float:
+        now = self._monotonic()
+        if now >= self._db_retry_at and self._has_unwritten_results():
+            return 0.0
+        due = [self._next_renew, self._next_housekeeping, self._next_heartbeat]
+        if self._claim_possible():
+            due.append(self._next_claim)
+        if now < self._db_retry_at:
+            due.append(self._db_retry_at)
+        return min(MAX_WAIT, max(0.0, min(due) - now))
+
+    def _collect(self, wait: float, report: StepReport) -> None:
+        """Take everything in the inbox; wait up to `wait` for the first item."""
+        try:
+            item = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(item, report)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item: Sequence[PublisherEvent] | _Wake, report: StepReport) -> None:
+        if isinstance(item, _Wake):
+            self._next_claim = self._monotonic()
+            self._poll_delay = MIN_POLL
+            return
+        for event in item:
+            if isinstance(event, PublishOutcome):
+                self._outcome(event, report)
+            else:
+                self._broker_status(event)
+
+    def _outcome(self, outcome: PublishOutcome, report: StepReport) -> None:
+        sent_at = self._published_at.pop(outcome.tag, None)
+        if outcome.outcome is Outcome.CONFIRMED:
+            event = self.sequencer.confirmed(outcome.tag)
+            if event is None:
+                return
+            report.confirmed += 1
+            self._acked[event.token].append(event.seq)
+            now = self._monotonic()
+            self.metrics.published(
+                event.type,
+                (self._clock() - event.occurred_at).total_seconds(),
+                now - sent_at if sent_at is not None else 0.0,
+            )
+            return
+        event, rest = self.sequencer.stopped(outcome.tag)
+        if event is None:
+            return
+        for later in rest:
+            self._releases[later.token].append(later.seq)
+        if outcome.outcome is Outcome.UNKNOWN:
+            # Fate unknown (connection lost): publish again, without spending an attempt.
+            report.unknown += 1
+            self._releases[event.token].append(event.seq)
+            return
+        report.rejected += 1
+        failure = self._failure(event, outcome.error or "rejected by broker")
+        if failure.next_attempt_at is None:
+            report.dead += 1
+            log.error(
+                "event %s (%s, key %s) is dead after %d attempts: %s",
+                event.id,
+                event.type,
+                event.key,
+                failure.attempt,
+                failure.error,
+            )
+        else:
+            log.warning(
+                "publish of event %s (%s, key %s) failed, attempt %d of %d, retry at %s: %s",
+                event.id,
+                event.type,
+                event.key,
+                failure.attempt,
+                self.settings.max_attempts,
+                failure.next_attempt_at.isoformat(timespec="seconds"),
+                failure.error,
+            )
+        self.metrics.failed(event.type, dead=failure.next_attempt_at is None)
+        self._failures[event.token].append(failure)
+
+    def _failure(self, event: ClaimedEvent, error: str) -> Failure:
+        attempt = event.attempts + 1
+        if attempt >= self.settings.max_attempts:
+            return Failure(event=event, error=error, next_attempt_at=None)
+        delay = backoff_delay(
+            attempt, initial=self.settings.retry_min, maximum=self.settings.retry_max, rng=self._rng
+        )
+        return Failure(
+            event=event, error=error, next_attempt_at=self._clock() + dt.timedelta(seconds=delay)
+        )
+
+    def _broker_status(self, status: BrokerStatus) -> None:
+        self.metrics.broker_up(status.up)
+        if status.fatal:
+            self._fatal = BrokerConfigError(status.error or "broker refused the relay's topology")
+            return
+        if status.up:
+            if not self._broker_up:
+                log.info("broker connected")
+            self._broker_up = True
+            self._next_claim = self._monotonic()
+            return
+        if self._broker_up:
+            log.warning("broker connection lost: %s; reconnecting", status.error)
+        self._broker_up = False
+        # Queued events go back to the table; in-flight ones come back as UNKNOWN outcomes.
+        self._give_back(self.sequencer.withdraw())
+
+    def _give_back(self, events: Sequence[ClaimedEvent]) -> None:
+        for event in events:
+            self._releases[event.token].append(event.seq)
+
+    # -- database work ---------------------------------------------------------------------
+
+    def _has_unwritten_results(self) -> bool:
+        return bool(self._acked or self._failures or self._releases)
+
+    def _write_results(self, report: StepReport) -> None:
+        now = self._clock()
+        delete = self.settings.retention == 0
+        freed = 0
+        for token in list(self._acked):
+            seqs = self._acked[token]
+            owned = self.store.mark_published(token, seqs, now=now, delete=delete)
+            del self._acked[token]
+            freed += owned
+            self._fenced(len(seqs) - owned, report)
+        for token in list(self._failures):
+            failures = self._failures[token]
+            owned = self.store.record_failures(token, failures, relay=self.settings.name, now=now)
+            del self._failures[token]
+            self._fenced(len(failures) - owned, report)
+        for token in list(self._releases):
+            self.store.release(token, self._releases[token])
+            del self._releases[token]
+            freed += 1
+        if freed:
+            # Keys whose runs just finished can be claimed again.
+            self._next_claim = min(self._next_claim, self._monotonic())
+
+    def _fenced(self, count: int, report: StepReport) -> None:
+        if count > 0:
+            report.fenced += count
+            self.metrics.lease_lost(count)
+            log.warning(
+                "%d results were not recorded: the lease had passed to another relay", count
+            )
+
+    def _claim_possible(self) -> bool:
+        return (
+            self._broker_up
+            and self.publisher.ready
+            and not self._stop_requested.is_set()
+            and self.sequencer.queued < max(1, self.settings.batch_size // 2)
+            and self.sequencer.in_flight < self.settings.max_in_flight
+        )
+
+    def _claim_due(self) -> bool:
+        return self._claim_possible() and self._monotonic() >= self._next_claim
+
+    def _claim(self, report: StepReport) -> None:
+        started = self._monotonic()
+        now = self._clock()
+        claim = self.store.claim(
+            owner=self.settings.name,
+            limit=self.settings.batch_size,
+            run_length=self.settings.run_length,
+            lease_until=now + dt.timedelta(seconds=self.settings.lease),
+            now=now,
+            dead_letters_hold_key=self.settings.dead_letters_hold_key,
+        )
+        count = len(claim.events)
+        self._last_claim_empty = count == 0
+        if count:
+            # Measured from before the claim: the local view of the lease never outlives it.
+            self._lease_deadline[claim.token] = started + self.settings.lease
+            self.sequencer.add(claim.events)
+            report.claimed += count
+            self.metrics.claimed(count)
+            self._poll_delay = MIN_POLL
+            self._next_claim = self._monotonic()
+        else:
+            self._poll_delay = min(self.settings.poll_interval, self._poll_delay * 2)
+            self._next_claim = self._monotonic() + self._poll_delay
+
+    def _publish(self, report: StepReport) -> None:
+        if not (self._broker_up and self.publisher.ready):
+            return
+        events = self.sequencer.take()
+        if not events:
+            return
+        now = self._monotonic()
+        for event in events:
+            self._published_at[event.seq] = now
+        self.publisher.publish([event.message(self.settings.exchange) for event in events])
+        report.published += len(events)
+
+    def _renew_if_due(self) -> None:
+        now = self._monotonic()
+        if now < self._next_renew:
+            return
+        self._next_renew = now + self.settings.lease / 3
+        tokens = self.sequencer.tokens()
+        self._forget_finished_claims(tokens)
+        if not tokens:
+            return
+        held = self.store.renew(tokens, self._clock() + dt.timedelta(seconds=self.settings.lease))
+        for token in tokens:
+            if token in held:
+                self._lease_deadline[token] = now + self.settings.lease
+            else:
+                self._lease_lost(token)
+
+    def _forget_finished_claims(self, live: set[uuid.UUID]) -> None:
+        for token in list(self._lease_deadline):
+            if token not in live and token not in self._acked and token not in self._failures:
+                del self._lease_deadline[token]
+
+    def _expire_lost_leases(self) -> None:
+        """A claim whose lease may have run out (e.g. the process was paused) publishes no more:
+        another relay may own its rows by now."""
+        now = self._monotonic()
+        for token, deadline in list(self._lease_deadline.items()):
+            if now >= deadline:
+                self._lease_lost(token)
+
+    def _lease_lost(self, token: uuid.UUID) -> None:
+        withdrawn = self.sequencer.withdraw(token)
+        self._lease_deadline.pop(token, None)
+        if withdrawn:
+            log.warning(
+                "lease of %d queued events ran out before they were published; "
+                "leaving them to whichever relay claims them next",
+                len(withdrawn),
+            )
+            self._give_back(withdrawn)  # fenced: harmless if another relay owns them
+
+    def _housekeeping_if_due(self) -> None:
+        now = self._monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_EVERY
+            self.store.heartbeat(
+                name=self.settings.name,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started_at=self._started_at,
+                now=self._clock(),
+            )
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + HOUSEKEEPING_EVERY
+        if self.settings.retention <= 0:
+            return
+        cutoff = self._clock() - dt.timedelta(seconds=self.settings.retention)
+        purged = 0
+        for _ in range(PURGE_BATCHES_PER_TICK):
+            deleted = self.store.purge_published(cutoff, limit=PURGE_BATCH)
+            purged += deleted
+            if deleted < PURGE_BATCH:
+                break
+        if purged:
+            log.info("purged %d published events older than the retention", purged)
+
+    def _database_ok(self) -> None:
+        if self._db_failures:
+            log.info("database reachable again")
+            self.metrics.database_up(True)
+        self._db_failures = 0
+
+    def _database_down(self, exc: DatabaseUnavailableError) -> None:
+        self._db_failures += 1
+        delay = backoff_delay(self._db_failures, initial=0.2, maximum=5.0, rng=self._rng)
+        self._db_retry_at = self._monotonic() + delay
+        if self._db_failures == 1:
+            self.metrics.database_up(False)
+        if self._db_failures == 1 or self._db_failures % 20 == 0:
+            log.warning("%s; retrying in %.1fs (results are kept meanwhile)", exc, delay)

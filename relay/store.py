@@ -1,0 +1,347 @@
+"""The relay's database side: every statement the relay loop runs against the outbox.
+
+Concurrency model. Claims are serialised by a transaction-scoped advisory lock (PostgreSQL;
+SQLite serialises writers anyway), so each claim sees every lease committed before it. A claim
+leases *runs*: for each ordering key, its oldest pending rows in write order, skipping keys that
+have a row leased by any relay, waiting for a retry, or (if dead letters hold their key) dead.
+Every later write about a claimed row is fenced by the claim's token: a relay that lost its
+lease (it paused past the lease, another relay took over) changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
+from relay.deadline import Watchdog
+from relay.errors import DatabaseUnavailableError, SchemaMissingError
+from relay.records import Claim, ClaimedEvent, Failure
+from relay.urls import mask_text
+
+log = logging.getLogger("relay.store")
+
+# How far past the batch the claim scan may look: enough to skip rows beyond a key's run.
+SCAN_FACTOR = 4
+
+
+def create_engine(url: str, *, application_name: str, db_timeout: float) -> sa.Engine:
+    """An engine for the relay: bounded waits, and a name operators can find in pg_stat_activity."""
+    sa_url = sa.make_url(url)
+    if sa_url.drivername in ("postgresql", "postgres"):
+        sa_url = sa_url.set(drivername="postgresql+psycopg")
+    if sa_url.get_backend_name() == "postgresql":
+        timeout_ms = int(db_timeout * 1000)
+        return sa.create_engine(
+            sa_url,
+            pool_size=3,
+            max_overflow=2,
+            pool_pre_ping=True,
+            connect_args={
+                "application_name": application_name[:63],
+                "connect_timeout": max(1, int(db_timeout)),
+                "options": f"-c statement_timeout={timeout_ms} "
+                f"-c idle_in_transaction_session_timeout={timeout_ms * 2}",
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+            },
+        )
+    return sa.create_engine(sa_url)
+
+
+class Store:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        outbox: Outbox,
+        *,
+        db_timeout: float,
+        watchdog: Watchdog | None = None,
+    ) -> None:
+        self.engine = engine
+        self.outbox = outbox
+        self.db_timeout = db_timeout
+        self._watchdog = watchdog
+        self._postgres = engine.dialect.name == "postgresql"
+        self.queries_total = 0
+        sa.event.listen(engine, "before_cursor_execute", self._count_query)
+
+    def _count_query(self, *args: Any) -> None:
+        self.queries_total += 1
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One transaction with a deadline; driver errors become RelayErrors."""
+        try:
+            with self.engine.begin() as conn, self._deadline(conn):
+                yield conn
+        except sa.exc.DBAPIError as exc:
+            raise translate_db_error(exc) from exc
+
+    @contextlib.contextmanager
+    def _deadline(self, conn: Connection) -> Iterator[None]:
+        fd = _socket_fd(conn) if self._watchdog is not None and self._postgres else None
+        if fd is None or self._watchdog is None:
+            yield
+            return
+        with self._watchdog.guard(fd, self.db_timeout):
+            yield
+
+    # -- the claim -------------------------------------------------------------------------
+
+    def claim(
+        self,
+        *,
+        owner: str,
+        limit: int,
+        run_length: int,
+        lease_until: dt.datetime,
+        now: dt.datetime,
+        dead_letters_hold_key: bool,
+    ) -> Claim:
+        token = uuid.uuid4()
+        t = self.outbox.events
+        busy_keys = sa.select(t.c.key).where(
+            t.c.status == PENDING,
+            t.c.key.is_not(None),
+            sa.or_(t.c.lease_until > now, t.c.next_attempt_at > now),
+        )
+        ready = [
+            t.c.status == PENDING,
+            sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now),
+            sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= now),
+            sa.or_(t.c.key.is_(None), t.c.key.not_in(busy_keys)),
+        ]
+        if dead_letters_hold_key:
+            dead = t.alias("dead")
+            ready.append(
+                sa.or_(
+                    t.c.key.is_(None),
+                    ~sa.exists().where(dead.c.status == DEAD, dead.c.key == t.c.key),
+                )
+            )
+        # Scan in write order first, bounded; only then number rows per key (a window function
+        # over every pending row would grow with the backlog).
+        scan = (
+            sa.select(t.c.seq, t.c.key)
+            .where(*ready)
+            .order_by(t.c.seq)
+            .limit(limit * SCAN_FACTOR)
+            .subquery("scan")
+        )
+        ranked = sa.select(
+            scan.c.seq,
+            scan.c.key,
+            sa.func.row_number().over(partition_by=scan.c.key, order_by=scan.c.seq).label("rn"),
+        ).subquery("ranked")
+        chosen = (
+            sa.select(ranked.c.seq)
+            .where(sa.or_(ranked.c.key.is_(None), ranked.c.rn <= run_length))
+            .order_by(ranked.c.seq)
+            .limit(limit)
+        )
+        statement = (
+            sa.update(t)
+            .where(t.c.seq.in_(chosen.scalar_subquery()), t.c.status == PENDING)
+            .values(claim_token=token, claimed_by=owner, lease_until=lease_until)
+            .returning(*t.c)
+        )
+        with self.transaction() as conn:
+            if self._postgres:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(self.outbox.claim_lock_id)))
+            rows = conn.execute(statement).mappings().all()
+        events = sorted((ClaimedEvent.from_row(row, token) for row in rows), key=lambda e: e.seq)
+        return Claim(token=token, events=tuple(events), lease_until=lease_until)
+
+    def has_ready(self, now: dt.datetime) -> bool:
+        """A cheap look before a claim: is any pending row due and not leased?"""
+        t = self.outbox.events
+        probe = (
+            sa.select(t.c.seq)
+            .where(
+                t.c.status == PENDING,
+                sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now),
+                sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= now),
+            )
+            .order_by(t.c.seq)
+            .limit(1)
+        )
+        with self.transaction() as conn:
+            return conn.execute(probe).first() is not None
+
+    # -- results ---------------------------------------------------------------------------
+
+    def mark_published(
+        self, token: uuid.UUID, seqs: Collection[int], *, now: dt.datetime, delete: bool
+    ) -> int:
+        """Record confirmed rows; returns how many this claim still owned."""
+        if not seqs:
+            return 0
+        t = self.outbox.events
+        owned = [t.c.seq.in_(list(seqs)), t.c.claim_token == token]
+        statement: sa.Delete | sa.Update
+        if delete:
+            statement = sa.delete(t).where(*owned)
+        else:
+            statement = (
+                sa.update(t)
+                .where(*owned)
+                .values(
+                    status=PUBLISHED,
+                    published_at=now,
+                    claim_token=None,
+                    lease_until=None,
+                    next_attempt_at=None,
+                )
+            )
+        with self.transaction() as conn:
+            return int(conn.execute(statement).rowcount)
+
+    def record_failures(
+        self, token: uuid.UUID, failures: Sequence[Failure], *, relay: str, now: dt.datetime
+    ) -> int:
+        """Schedule each failed row's retry or make it dead, and keep the error history."""
+        if not failures:
+            return 0
+        t = self.outbox.events
+        by_seq = {f.event.seq: f for f in failures}
+        with self.transaction() as conn:
+            owned = conn.scalars(
+                sa.select(t.c.seq)
+                .where(t.c.seq.in_(list(by_seq)), t.c.claim_token == token)
+                .with_for_update()
+            ).all()
+            mine = [by_seq[seq] for seq in owned]
+            for failure in mine:
+                conn.execute(
+                    sa.update(t)
+                    .where(t.c.seq == failure.event.seq)
+                    .values(
+                        status=PENDING if failure.next_attempt_at else DEAD,
+                        attempts=failure.attempt,
+                        next_attempt_at=failure.next_attempt_at,
+                        last_error=failure.error,
+                        claim_token=None,
+                        lease_until=None,
+                    )
+                )
+            if mine:
+                conn.execute(
+                    sa.insert(self.outbox.failures),
+                    [
+                        {
+                            "event_id": f.event.id,
+                            "attempt": f.attempt,
+                            "failed_at": now,
+                            "relay": relay,
+                            "error": f.error,
+                        }
+                        for f in mine
+                    ],
+                )
+        return len(mine)
+
+    def release(self, token: uuid.UUID, seqs: Collection[int]) -> int:
+        """Give rows back unattempted (connection lost, run cut short, graceful stop)."""
+        if not seqs:
+            return 0
+        t = self.outbox.events
+        statement = (
+            sa.update(t)
+            .where(t.c.seq.in_(list(seqs)), t.c.claim_token == token, t.c.status == PENDING)
+            .values(claim_token=None, lease_until=None)
+        )
+        with self.transaction() as conn:
+            return int(conn.execute(statement).rowcount)
+
+    def renew(self, tokens: Collection[uuid.UUID], lease_until: dt.datetime) -> set[uuid.UUID]:
+        """Extend the leases of `tokens`; returns the tokens that still hold rows."""
+        if not tokens:
+            return set()
+        t = self.outbox.events
+        statement = (
+            sa.update(t)
+            .where(t.c.claim_token.in_(list(tokens)), t.c.status == PENDING)
+            .values(lease_until=lease_until)
+            .returning(t.c.claim_token)
+        )
+        with self.transaction() as conn:
+            return set(conn.scalars(statement))
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def purge_published(self, cutoff: dt.datetime, *, limit: int) -> int:
+        """Delete up to `limit` rows published before `cutoff`, in one short transaction."""
+        t = self.outbox.events
+        f = self.outbox.failures
+        batch = (
+            sa.select(t.c.seq)
+            .where(t.c.status == PUBLISHED, t.c.published_at < cutoff)
+            .order_by(t.c.published_at)
+            .limit(limit)
+        )
+        with self.transaction() as conn:
+            ids = conn.scalars(
+                sa.delete(t).where(t.c.seq.in_(batch.scalar_subquery())).returning(t.c.id)
+            ).all()
+            if ids:
+                conn.execute(sa.delete(f).where(f.c.event_id.in_(ids)))
+        return len(ids)
+
+    def heartbeat(
+        self, *, name: str, host: str, pid: int, started_at: dt.datetime, now: dt.datetime
+    ) -> None:
+        r = self.outbox.relays
+        with self.transaction() as conn:
+            updated = conn.execute(
+                sa.update(r).where(r.c.name == name).values(heartbeat_at=now)
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    sa.insert(r).values(
+                        name=name, host=host, pid=pid, started_at=started_at, heartbeat_at=now
+                    )
+                )
+
+    def unregister(self, name: str) -> None:
+        r = self.outbox.relays
+        with self.transaction() as conn:
+            conn.execute(sa.delete(r).where(r.c.name == name))
+
+    def check(self) -> None:
+        """Raise unless the database answers and the outbox table exists."""
+        with self.transaction() as conn:
+            conn.execute(sa.select(self.outbox.events.c.seq).limit(1))
+
+
+def _socket_fd(conn: Connection) -> int | None:
+    driver = conn.connection.dbapi_connection
+    pgconn = getattr(driver, "pgconn", None)
+    try:
+        return int(pgconn.socket) if pgconn is not None else None
+    except Exception:
+        return None
+
+
+def translate_db_error(exc: sa.exc.DBAPIError) -> Exception:
+    text = mask_text(str(exc.orig) if exc.orig is not None else str(exc)).strip()
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate == "42P01" or "no such table" in text:
+        return SchemaMissingError(
+            f"the outbox tables are missing ({text.splitlines()[0]}): "
+            "run `outbox-relay init-db` (or apply `outbox-relay init-db --sql`)"
+        )
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or (
+        exc.connection_invalidated
+    ):
+        return DatabaseUnavailableError(f"database unavailable: {text.splitlines()[0]}")
+    return exc

@@ -1,0 +1,309 @@
+"""The relay loop, step by step: a real (SQLite) store, a scripted publisher, a fake clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+import outbox
+from outbox import Event, Outbox
+from relay.messages import Outcome, OutgoingMessage
+from relay.relay import Relay
+from relay.settings import RelaySettings
+from relay.store import Store
+
+from .fakes import FakePublisher
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.wall = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        self.mono = 1000.0
+
+    def now(self) -> dt.datetime:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += dt.timedelta(seconds=seconds)
+        self.mono += seconds
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, **overrides: object) -> None:
+        self.engine = sa.create_engine(f"sqlite:///{tmp_path}/relay.db")
+        self.box = Outbox()
+        self.box.create(self.engine)
+        self.clock = Clock()
+        settings = RelaySettings(
+            database_url=str(self.engine.url),
+            amqp_url="amqp://guest:guest@localhost/",
+            name="relay-1",
+            **overrides,  # type: ignore[arg-type]
+        )
+        self.store = Store(self.engine, self.box, db_timeout=5)
+        self.relay = Relay(
+            settings,
+            self.store,
+            FakePublisher,
+            clock=self.clock.now,
+            monotonic=self.clock.monotonic,
+            rng=random.Random(1),
+        )
+        self.publisher: FakePublisher = self.relay.publisher  # type: ignore[assignment]
+        self.relay.start()
+
+    def write(self, *events: Event) -> None:
+        with self.engine.begin() as conn:
+            outbox.write(conn, *events, outbox=self.box)
+
+    def step(self, times: int = 1) -> None:
+        for _ in range(times):
+            self.relay.run_once(timeout=0)
+
+    def settle_and_step(self, rounds: int = 50) -> None:
+        for _ in range(rounds):
+            self.step()
+            self.publisher.settle()
+        self.step()
+
+    def rows(self) -> list[sa.Row[tuple[object, ...]]]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(self.box.events).order_by("seq")))
+
+    def failures(self) -> list[sa.Row[tuple[object, ...]]]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(self.box.failures).order_by("id")))
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path, max_attempts=3, retry_min=10, retry_max=60)
+    yield harness
+    harness.engine.dispose()
+
+
+def keyed(key: str, n: int, type_: str = "order.placed") -> list[Event]:
+    return [Event(type=type_, key=key, payload={"n": i}) for i in range(n)]
+
+
+def test_publishes_every_event_in_key_order_and_marks_it_published(h: Harness) -> None:
+    events = [e for pair in zip(keyed("a", 5), keyed("b", 5), strict=True) for e in pair]
+    h.write(*events, Event(type="no.key"))
+    h.settle_and_step()
+    by_key: dict[str | None, list[str]] = {}
+    for m in h.publisher.published:
+        by_key.setdefault(m.headers["ordering-key"], []).append(m.message_id)
+    assert by_key["a"] == [str(e.id) for e in events if e.key == "a"]
+    assert by_key["b"] == [str(e.id) for e in events if e.key == "b"]
+    assert len(h.publisher.published) == 11
+    assert {r.status for r in h.rows()} == {"published"}
+    assert all(r.claim_token is None for r in h.rows())
+
+
+def test_message_carries_dedup_id_and_envelope(h: Harness) -> None:
+    event = Event(
+        type="order.placed",
+        aggregate_type="order",
+        aggregate_id=7,
+        payload={"total": "9.99"},
+        headers={"tenant": "acme", "ordering-key": "spoofed"},
+        correlation_id="req-9",
+        version=3,
+    )
+    h.write(event)
+    h.settle_and_step()
+    (m,) = h.publisher.published
+    assert isinstance(m, OutgoingMessage)
+    assert m.message_id == str(event.id)
+    assert m.type == "order.placed"
+    assert m.routing_key == "order.placed"
+    assert m.correlation_id == "req-9"
+    assert m.content_type == "application/json"
+    assert json.loads(m.body) == {"total": "9.99"}
+    assert m.timestamp == int(event.occurred_at.timestamp())
+    assert m.headers["tenant"] == "acme"
+    assert m.headers["ordering-key"] == "order:7"  # the relay's header wins
+    assert m.headers["aggregate-type"] == "order"
+    assert m.headers["aggregate-id"] == "7"
+    assert m.headers["event-version"] == 3
+
+
+def test_rejection_backs_off_holds_the_key_and_lets_other_keys_flow(h: Harness) -> None:
+    h.write(*keyed("a", 3), *keyed("b", 3))
+    first_a = h.rows()[0]
+    h.publisher.decide = lambda m: (
+        Outcome.REJECTED if m.message_id == str(first_a.id) else Outcome.CONFIRMED
+    )
+    h.settle_and_step()
+    rows = {r.seq: r for r in h.rows()}
+    a_rows = [r for r in rows.values() if r.key == "a"]
+    assert [r.status for r in a_rows] == ["pending", "pending", "pending"]
+    assert a_rows[0].attempts == 1 and a_rows[0].last_error == "no"
+    assert a_rows[0].next_attempt_at is not None
+    assert a_rows[1].attempts == 0  # held back, not attempted
+    assert all(r.status == "published" for r in rows.values() if r.key == "b")
+    published_a = [m for m in h.publisher.published if m.headers["ordering-key"] == "a"]
+    assert [m.message_id for m in published_a] == [str(first_a.id)]
+    # Backoff: nothing happens before the retry time (retry_min=10s, jittered in [5, 10]s).
+    h.publisher.decide = lambda m: Outcome.CONFIRMED
+    h.clock.advance(4)
+    h.settle_and_step()
+    assert len([m for m in h.publisher.published if m.headers["ordering-key"] == "a"]) == 1
+    h.clock.advance(7)
+    h.relay.wake()
+    h.settle_and_step()
+    published_a = [m.message_id for m in h.publisher.published if m.headers["ordering-key"] == "a"]
+    assert published_a == [str(first_a.id)] + [str(r.id) for r in a_rows]
+    assert {r.status for r in h.rows()} == {"published"}
+    assert [(f.event_id, f.attempt, f.error) for f in h.failures()] == [(first_a.id, 1, "no")]
+
+
+def test_dead_after_max_attempts_and_dead_letter_holds_its_key(h: Harness) -> None:
+    h.write(*keyed("a", 2, type_="unroutable"), *keyed("b", 1))
+    h.publisher.decide = lambda m: (
+        Outcome.REJECTED if m.headers["ordering-key"] == "a" else Outcome.CONFIRMED
+    )
+    for _ in range(3):
+        h.settle_and_step()
+        h.clock.advance(120)
+        h.relay.wake()
+    rows = h.rows()
+    assert [r.status for r in rows] == ["dead", "pending", "published"]
+    assert rows[0].attempts == 3
+    assert [f.attempt for f in h.failures()] == [1, 2, 3]
+    h.clock.advance(600)
+    h.relay.wake()
+    h.settle_and_step()
+    assert h.rows()[1].status == "pending" and h.rows()[1].attempts == 0
+
+
+def test_dead_letter_can_let_its_key_continue(tmp_path: Path) -> None:
+    h = Harness(tmp_path, max_attempts=1, dead_letters_hold_key=False)
+    h.write(*keyed("a", 2))
+    first = h.rows()[0]
+    h.publisher.decide = lambda m: (
+        Outcome.REJECTED if m.message_id == str(first.id) else Outcome.CONFIRMED
+    )
+    h.settle_and_step()
+    h.relay.wake()
+    h.settle_and_step()
+    assert [r.status for r in h.rows()] == ["dead", "published"]
+
+
+def test_broker_loss_gives_rows_back_without_spending_attempts(h: Harness) -> None:
+    h.write(*keyed("a", 3), *keyed("b", 3))
+    h.step()  # claimed, heads published, nothing confirmed yet
+    assert len(h.publisher.outstanding) == 2
+    h.publisher.go_down()
+    h.step()
+    assert all(r.claim_token is None and r.attempts == 0 for r in h.rows())
+    h.publisher.come_up()
+    h.settle_and_step()
+    assert {r.status for r in h.rows()} == {"published"}
+    ids = [m.message_id for m in h.publisher.published]
+    assert len(ids) == 8  # the two in flight went out twice, with the same message_id
+    assert len(set(ids)) == 6
+
+
+def test_results_of_a_lost_lease_are_fenced_off(h: Harness) -> None:
+    h.write(*keyed("a", 1))
+    h.step()
+    # Another relay takes the row over (our lease expired while we were paused).
+    with h.engine.begin() as conn:
+        conn.execute(sa.update(h.box.events).values(claim_token=None, lease_until=None))
+    other = Store(h.engine, h.box, db_timeout=5)
+    takeover = other.claim(
+        owner="relay-2",
+        limit=10,
+        run_length=10,
+        now=h.clock.now(),
+        lease_until=h.clock.now() + dt.timedelta(seconds=30),
+        dead_letters_hold_key=True,
+    )
+    assert len(takeover.events) == 1
+    h.publisher.settle()
+    report = h.relay.run_once(timeout=0)
+    assert report.fenced == 1
+    (row,) = h.rows()
+    assert row.status == "pending" and row.claim_token == takeover.token
+
+
+def test_paused_relay_stops_publishing_a_claim_whose_lease_ran_out(h: Harness) -> None:
+    h.write(*keyed("a", 3))
+    h.step()
+    assert len(h.publisher.published) == 1
+    h.clock.advance(31)  # paused past the 30 s lease, no renewal happened
+    # Meanwhile another relay took the rows over.
+    takeover = Store(h.engine, h.box, db_timeout=5).claim(
+        owner="relay-2",
+        limit=10,
+        run_length=10,
+        now=h.clock.now(),
+        lease_until=h.clock.now() + dt.timedelta(seconds=30),
+        dead_letters_hold_key=True,
+    )
+    assert len(takeover.events) == 3
+    h.publisher.settle()
+    h.step(3)
+    assert len(h.publisher.published) == 1  # the rest of our run was not published
+    assert {r.claim_token for r in h.rows()} == {takeover.token}
+
+
+def test_leases_are_renewed_while_a_claim_is_worked_on(h: Harness) -> None:
+    h.write(*keyed("a", 2))
+    h.step()
+    before = h.rows()[1].lease_until
+    h.clock.advance(11)  # past lease/3
+    h.step()
+    assert h.rows()[1].lease_until > before
+    h.clock.advance(25)  # 36 s after the claim: alive thanks to the renewal
+    h.publisher.settle()
+    h.step(2)
+    assert len(h.publisher.published) == 2
+
+
+def test_until_empty_run_returns(tmp_path: Path) -> None:
+    h = Harness(tmp_path, until_empty=True)
+    h.publisher.auto_settle = True
+    h.write(*keyed("a", 20))
+    h.relay.run()
+    assert {r.status for r in h.rows()} == {"published"}
+    assert h.publisher.stopped
+
+
+def test_graceful_stop_records_confirms_and_gives_back_the_rest(h: Harness) -> None:
+    h.write(*keyed("a", 3), *keyed("b", 3))
+    h.step()
+    h.relay.request_stop()
+    h.publisher.settle()
+    h.relay.shutdown()
+    statuses = [r.status for r in h.rows()]
+    assert statuses.count("published") == 2
+    assert all(r.claim_token is None for r in h.rows())
+
+
+def test_retention_zero_deletes_published_rows(tmp_path: Path) -> None:
+    h = Harness(tmp_path, retention=0)
+    h.write(*keyed("a", 3))
+    h.settle_and_step()
+    assert h.rows() == []
+    assert len(h.publisher.published) == 3
+
+
+def test_published_rows_are_purged_after_retention(tmp_path: Path) -> None:
+    h = Harness(tmp_path, retention=3600)
+    h.write(*keyed("a", 3))
+    h.settle_and_step()
+    assert len(h.rows()) == 3
+    h.clock.advance(3601 + 30)
+    h.step()
+    assert h.rows() == []

@@ -1,0 +1,92 @@
+"""One event per key in flight; a stopped key gives back the rest of its run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+
+from relay.records import ClaimedEvent
+from relay.sequencer import Sequencer
+
+TOKEN = uuid.uuid4()
+
+
+def ev(seq: int, key: str | None, token: uuid.UUID = TOKEN) -> ClaimedEvent:
+    return ClaimedEvent(
+        seq=seq,
+        id=uuid.uuid4(),
+        type="t",
+        key=key,
+        aggregate_type=None,
+        aggregate_id=None,
+        routing_key="t",
+        correlation_id=None,
+        version=1,
+        payload="{}",
+        headers=None,
+        occurred_at=dt.datetime.now(dt.UTC),
+        attempts=0,
+        token=token,
+    )
+
+
+def seqs(events: list[ClaimedEvent]) -> list[int]:
+    return [e.seq for e in events]
+
+
+def test_one_event_per_key_in_flight_and_keyless_are_free() -> None:
+    s = Sequencer(max_in_flight=100)
+    s.add([ev(1, "a"), ev(2, "a"), ev(3, "b"), ev(4, None), ev(5, None), ev(6, "a")])
+    assert sorted(seqs(s.take())) == [1, 3, 4, 5]
+    assert s.take() == []
+    s.confirmed(1)
+    assert seqs(s.take()) == [2]
+    s.confirmed(2)
+    s.confirmed(3)
+    assert seqs(s.take()) == [6]
+    for seq in (4, 5, 6):
+        s.confirmed(seq)
+    assert s.idle
+
+
+def test_in_flight_limit() -> None:
+    s = Sequencer(max_in_flight=2)
+    s.add([ev(1, "a"), ev(2, "b"), ev(3, "c")])
+    assert len(s.take()) == 2
+    assert s.take() == []
+    s.confirmed(1)
+    assert seqs(s.take()) == [3]
+
+
+def test_stopped_event_withdraws_the_rest_of_its_key_only() -> None:
+    s = Sequencer(max_in_flight=100)
+    s.add([ev(1, "a"), ev(2, "a"), ev(3, "a"), ev(4, "b"), ev(5, "b")])
+    s.take()
+    event, rest = s.stopped(1)
+    assert event is not None and event.seq == 1
+    assert seqs(rest) == [2, 3]
+    s.confirmed(4)
+    assert seqs(s.take()) == [5]
+    s.confirmed(5)
+    assert s.idle
+
+
+def test_withdraw_one_claim_keeps_the_others() -> None:
+    other = uuid.uuid4()
+    s = Sequencer(max_in_flight=100)
+    s.add([ev(1, "a"), ev(2, "a"), ev(3, "b", other), ev(4, "b", other), ev(5, None, other)])
+    assert sorted(seqs(s.take())) == [1, 3, 5]
+    assert sorted(seqs(s.withdraw(other))) == [4]
+    assert s.tokens() == {TOKEN, other}  # 3 and 5 still in flight
+    s.confirmed(1)
+    assert seqs(s.take()) == [2]
+    assert seqs(s.withdraw()) == []
+
+
+def test_out_of_order_add_is_a_bug() -> None:
+    s = Sequencer(max_in_flight=10)
+    s.add([ev(2, "a"), ev(3, "a")])
+    with pytest.raises(ValueError, match="out of order"):
+        s.add([ev(1, "a")])
