@@ -1,0 +1,198 @@
+"""Check a delivery history against what was committed, like Jepsen's total-queue checker.
+
+Fault tests cannot assert on "what the relay did" step by step: under crashes, broker
+restarts and killed connections the only trustworthy facts are what the application
+committed to the outbox and what a consumer finally observed. This module compares those
+two sets and names every way they can disagree (lost, unexpected, duplicated, reordered,
+inconsistent), so a test can state precisely which guarantees it expects: at-least-once
+delivery allows duplicates but never loss, per-key order forbids reordering within a key.
+
+Pure Python and O(n) so the same checker serves unit tests and million-message soak runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+#: How many items of each problem kind a failure message shows; the counts are always complete.
+_SHOWN = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message as the consumer received it, in arrival order.
+
+    ``key`` and ``seq`` come from the ``ordering-key`` and ``outbox-seq`` headers rather than
+    from the committed rows, because the checker must catch a relay that labels a message
+    with the wrong key or sequence number.
+    """
+
+    message_id: str
+    key: str | None
+    seq: int
+    redelivered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """One event the application committed: the ground truth deliveries are compared with."""
+
+    id: str
+    key: str | None
+    seq: int
+
+
+@dataclass(frozen=True)
+class HistoryReport:
+    """Everything that differs between the committed events and the deliveries.
+
+    Lists keep a deterministic order (``lost`` in commit order, the others in arrival order)
+    so that failure messages are reproducible and readable.
+    """
+
+    committed: int
+    delivered: int
+    lost: list[str]
+    unexpected: list[str]
+    duplicates: int
+    reordered: list[tuple[str, int, int]]
+    inconsistent: list[str]
+
+    def ok(self, max_duplicates: int | None = 0) -> bool:
+        """True when the history meets the guarantees; ``None`` allows any number of duplicates.
+
+        Duplicates are a separate knob because at-least-once delivery legitimately produces
+        them after a crash, while loss, phantom events, reordering and mislabelled messages
+        are never acceptable.
+        """
+        if self.lost or self.unexpected or self.reordered or self.inconsistent:
+            return False
+        return max_duplicates is None or self.duplicates <= max_duplicates
+
+    def summary(self) -> str:
+        """One line of counts, for logs and benchmark output."""
+        return (
+            f"committed={self.committed} delivered={self.delivered} lost={len(self.lost)} "
+            f"unexpected={len(self.unexpected)} duplicates={self.duplicates} "
+            f"reordered={len(self.reordered)}"
+        )
+
+    def assert_ok(self, max_duplicates: int | None = 0) -> None:
+        """Raise AssertionError naming the first few instances of every problem found."""
+        if self.ok(max_duplicates):
+            return
+        lines = [f"delivery history violates guarantees: {self.summary()}"]
+        if self.lost:
+            lines.append(f"  lost ({len(self.lost)}): {_head(self.lost)}")
+        if self.unexpected:
+            lines.append(
+                f"  unexpected, never committed ({len(self.unexpected)}): {_head(self.unexpected)}"
+            )
+        if max_duplicates is not None and self.duplicates > max_duplicates:
+            lines.append(f"  duplicates: {self.duplicates} > allowed {max_duplicates}")
+        if self.reordered:
+            shown = ", ".join(
+                f"key={key!r}: seq {later} arrived before seq {earlier}"
+                for key, earlier, later in self.reordered[:_SHOWN]
+            )
+            more = _more(self.reordered)
+            lines.append(f"  reordered ({len(self.reordered)}): {shown}{more}")
+        if self.inconsistent:
+            lines.append(
+                f"  inconsistent key/seq ({len(self.inconsistent)}): {_head(self.inconsistent)}"
+            )
+        raise AssertionError("\n".join(lines))
+
+
+def _more(items: list[str] | list[tuple[str, int, int]]) -> str:
+    return f" ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+
+
+def _head(items: list[str]) -> str:
+    return ", ".join(items[:_SHOWN]) + _more(items)
+
+
+def check_history(
+    committed: Iterable[Written],
+    deliveries: Iterable[Delivery],
+    rolled_back: Iterable[str] = (),
+) -> HistoryReport:
+    """Compare committed events with deliveries (given in arrival order).
+
+    * lost: committed, never delivered.
+    * unexpected: delivered, never committed (e.g. an event from a rolled-back transaction).
+    * duplicates: deliveries beyond the first of each id.
+    * inconsistent: ids where some delivery carried a different key or seq than the first
+      delivery, or where the first delivery disagrees with the committed event. Either means
+      the relay mislabelled a message, which would silently break per-key ordering.
+    * reordered: for every key except ``None``, the first deliveries must arrive in strictly
+      increasing ``seq`` (write order). Only first deliveries count, because a redelivery of
+      an old message after a crash is a duplicate, not a reordering. Each out-of-order arrival
+      is reported once, as ``(key, its seq, highest seq of that key already seen)``, which
+      keeps the check O(n) even for a fully reversed history. Order uses the committed key
+      and seq, so a mislabelled message is reported as inconsistent, not as reordered.
+
+    ``rolled_back`` lists ids the test knows were rolled back. Delivering them is reported
+    as unexpected like any other uncommitted id; the argument only guards against a broken
+    test that claims an id was both committed and rolled back (ValueError).
+    """
+    written: dict[str, Written] = {}
+    for event in committed:
+        if event.id in written:
+            raise ValueError(f"event {event.id} committed twice: the history is malformed")
+        written[event.id] = event
+    both = [event_id for event_id in rolled_back if event_id in written]
+    if both:
+        raise ValueError(f"ids both committed and rolled back: {both[:_SHOWN]}")
+
+    first: dict[str, Delivery] = {}
+    unexpected: list[str] = []
+    inconsistent: list[str] = []
+    inconsistent_seen: set[str] = set()
+    reordered: list[tuple[str, int, int]] = []
+    highest_seq: dict[str, int] = {}
+    duplicates = 0
+    delivered = 0
+
+    for delivery in deliveries:
+        delivered += 1
+        message_id = delivery.message_id
+        earlier = first.get(message_id)
+        if earlier is not None:
+            duplicates += 1
+            if (delivery.key != earlier.key or delivery.seq != earlier.seq) and (
+                message_id not in inconsistent_seen
+            ):
+                inconsistent_seen.add(message_id)
+                inconsistent.append(message_id)
+            continue
+        first[message_id] = delivery
+        truth = written.get(message_id)
+        if truth is None:
+            unexpected.append(message_id)
+            continue
+        if (delivery.key != truth.key or delivery.seq != truth.seq) and (
+            message_id not in inconsistent_seen
+        ):
+            inconsistent_seen.add(message_id)
+            inconsistent.append(message_id)
+        key = truth.key
+        if key is None:
+            continue
+        highest = highest_seq.get(key)
+        if highest is None or truth.seq > highest:
+            highest_seq[key] = truth.seq
+        else:
+            reordered.append((key, truth.seq, highest))
+
+    lost = [event_id for event_id in written if event_id not in first]
+    return HistoryReport(
+        committed=len(written),
+        delivered=delivered,
+        lost=lost,
+        unexpected=unexpected,
+        duplicates=duplicates,
+        reordered=reordered,
+        inconsistent=inconsistent,
+    )

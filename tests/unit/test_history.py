@@ -1,0 +1,276 @@
+"""The history checker is the oracle of every fault test, so each verdict is pinned here.
+
+Every test breaks exactly one thing in an otherwise clean history: a checker that blamed
+the wrong problem kind (or none) would let a broken relay pass the fault suite.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.support.history import Delivery, HistoryReport, Written, check_history
+
+
+def _events(keys: list[str | None]) -> list[Written]:
+    """Events with ids e1, e2, ... and seq 1, 2, ... in write order, keyed as given."""
+    return [Written(id=f"e{i}", key=key, seq=i) for i, key in enumerate(keys, start=1)]
+
+
+def _deliver(events: list[Written], order: list[int] | None = None) -> list[Delivery]:
+    """Deliveries of ``events`` (by 0-based index, default all in write order), headers intact."""
+    indexes = range(len(events)) if order is None else order
+    return [Delivery(events[i].id, events[i].key, events[i].seq) for i in indexes]
+
+
+EVENTS = _events(["a", "b", "a", None, "b", "a"])
+
+
+def _only_problem(report: HistoryReport, kind: str) -> None:
+    """Assert that ``kind`` is the single problem found, so no verdict hides behind another."""
+    problems = {
+        "lost": bool(report.lost),
+        "unexpected": bool(report.unexpected),
+        "duplicates": report.duplicates > 0,
+        "reordered": bool(report.reordered),
+        "inconsistent": bool(report.inconsistent),
+    }
+    assert {name for name, found in problems.items() if found} == {kind}
+    assert not report.ok()
+    with pytest.raises(AssertionError):
+        report.assert_ok()
+
+
+def test_clean_history_is_ok() -> None:
+    report = check_history(EVENTS, _deliver(EVENTS))
+
+    assert report == HistoryReport(
+        committed=6,
+        delivered=6,
+        lost=[],
+        unexpected=[],
+        duplicates=0,
+        reordered=[],
+        inconsistent=[],
+    )
+    assert report.ok()
+    report.assert_ok()
+    assert report.summary() == (
+        "committed=6 delivered=6 lost=0 unexpected=0 duplicates=0 reordered=0"
+    )
+
+
+def test_empty_history_is_ok() -> None:
+    assert check_history([], []).ok()
+
+
+def test_keys_may_interleave_in_any_order() -> None:
+    # Per-key order only: key b overtaking key a, and the unkeyed event anywhere, are fine.
+    report = check_history(EVENTS, _deliver(EVENTS, [1, 4, 3, 0, 2, 5]))
+
+    assert report.ok()
+
+
+def test_unkeyed_events_are_never_order_checked() -> None:
+    events = _events([None, None, None])
+
+    assert check_history(events, _deliver(events, [2, 0, 1])).ok()
+
+
+def test_lost_event() -> None:
+    report = check_history(EVENTS, _deliver(EVENTS, [0, 1, 2, 3, 5]))
+
+    _only_problem(report, "lost")
+    assert report.lost == ["e5"]
+    assert report.delivered == 5
+    # A gap in a key's sequence is loss, not reordering.
+    assert report.reordered == []
+
+
+def test_unexpected_event_from_rolled_back_transaction() -> None:
+    deliveries = _deliver(EVENTS)
+    deliveries.insert(2, Delivery("ghost", "a", 99))
+
+    report = check_history(EVENTS, deliveries, rolled_back=["ghost"])
+
+    _only_problem(report, "unexpected")
+    assert report.unexpected == ["ghost"]
+    assert report.delivered == 7
+
+
+def test_unexpected_event_never_mentioned_anywhere() -> None:
+    report = check_history(EVENTS[:-1], _deliver(EVENTS))
+
+    _only_problem(report, "unexpected")
+    assert report.unexpected == ["e6"]
+    assert report.committed == 5
+
+
+def test_duplicates_are_counted_and_tolerated_on_request() -> None:
+    deliveries = _deliver(EVENTS)
+    # A redelivery of old events after everything else: duplicates, not reordering.
+    deliveries += [
+        Delivery("e1", "a", 1, redelivered=True),
+        Delivery("e3", "a", 3),
+        Delivery("e1", "a", 1),
+    ]
+
+    report = check_history(EVENTS, deliveries)
+
+    _only_problem(report, "duplicates")
+    assert report.duplicates == 3
+    assert report.delivered == 9
+    assert report.ok(max_duplicates=3)
+    assert not report.ok(max_duplicates=2)
+    assert report.ok(max_duplicates=None)
+    report.assert_ok(max_duplicates=None)
+    with pytest.raises(AssertionError, match=r"duplicates: 3 > allowed 2"):
+        report.assert_ok(max_duplicates=2)
+
+
+def test_reordered_within_a_key() -> None:
+    # e3 (a, seq 3) arrives before e1 (a, seq 1); key b and the rest stay in order.
+    report = check_history(EVENTS, _deliver(EVENTS, [2, 1, 0, 3, 4, 5]))
+
+    _only_problem(report, "reordered")
+    assert report.reordered == [("a", 1, 3)]
+    assert not report.ok(max_duplicates=None)
+
+
+def test_reordering_is_judged_by_first_delivery_only() -> None:
+    # e1 is first delivered late (after e3), then redelivered: reordered once, duplicated once.
+    report = check_history(EVENTS, _deliver(EVENTS, [1, 2, 0, 3, 4, 5, 0]))
+
+    assert report.reordered == [("a", 1, 3)]
+    assert report.duplicates == 1
+    assert report.lost == report.unexpected == report.inconsistent == []
+
+
+def test_reversed_key_reports_each_late_arrival_against_the_highest_seen() -> None:
+    events = _events(["k"] * 4)
+
+    report = check_history(events, _deliver(events, [3, 2, 1, 0]))
+
+    assert report.reordered == [("k", 3, 4), ("k", 2, 4), ("k", 1, 4)]
+
+
+def test_equal_seqs_within_a_key_are_not_strictly_increasing() -> None:
+    events = [Written("x", "k", 7), Written("y", "k", 7)]
+
+    report = check_history(events, _deliver(events))
+
+    assert report.reordered == [("k", 7, 7)]
+
+
+def test_duplicate_with_different_headers_is_inconsistent() -> None:
+    deliveries = _deliver(EVENTS)
+    deliveries.append(Delivery("e2", "b", 7))
+
+    report = check_history(EVENTS, deliveries)
+
+    assert report.inconsistent == ["e2"]
+    assert report.duplicates == 1
+    assert report.lost == report.unexpected == []
+    assert report.reordered == []
+    assert not report.ok(max_duplicates=None)
+
+
+def test_duplicate_with_different_key_is_inconsistent() -> None:
+    deliveries = _deliver(EVENTS)
+    deliveries.append(Delivery("e4", "z", 4))
+
+    report = check_history(EVENTS, deliveries)
+
+    assert report.inconsistent == ["e4"]
+    assert not report.ok(max_duplicates=None)
+
+
+def test_first_delivery_disagreeing_with_commit_is_inconsistent() -> None:
+    deliveries = _deliver(EVENTS)
+    deliveries[1] = Delivery("e2", None, 2)  # relay dropped the ordering key
+
+    report = check_history(EVENTS, deliveries)
+
+    _only_problem(report, "inconsistent")
+    assert report.inconsistent == ["e2"]
+
+
+def test_order_uses_the_committed_key_not_the_header() -> None:
+    # e3 (committed key a) arrives labelled key b after e5 (b, seq 5): one mislabelled
+    # message, which must not also be blamed as a reordering of key b.
+    deliveries = _deliver(EVENTS, [0, 1, 3, 4, 2, 5])
+    deliveries[4] = Delivery("e3", "b", 3)
+
+    report = check_history(EVENTS, deliveries)
+
+    _only_problem(report, "inconsistent")
+    assert report.inconsistent == ["e3"]
+
+
+def test_inconsistent_id_is_listed_once() -> None:
+    deliveries = _deliver(EVENTS)
+    deliveries[0] = Delivery("e1", "a", 100)
+    deliveries += [Delivery("e1", "a", 1), Delivery("e1", "x", 1)]
+
+    report = check_history(EVENTS, deliveries)
+
+    assert report.inconsistent == ["e1"]
+    # Ordering uses committed seqs, so the mislabelled seq 100 does not look like a reorder.
+    assert report.reordered == []
+
+
+def test_assert_ok_message_names_problems_and_truncates() -> None:
+    events = _events(["k"] * 30)
+    deliveries = _deliver(events, list(range(15, 30)))
+    deliveries.append(Delivery("ghost", None, 0))
+
+    report = check_history(events, deliveries)
+
+    with pytest.raises(AssertionError) as raised:
+        report.assert_ok()
+    message = str(raised.value)
+    assert "lost=15" in message
+    assert "lost (15): e1, e2, e3, e4, e5, e6, e7, e8, e9, e10 ... and 5 more" in message
+    assert "e11" not in message
+    assert "unexpected, never committed (1): ghost" in message
+    assert "reordered" not in message.split("\n", 1)[1]
+
+
+def test_assert_ok_describes_reordering() -> None:
+    report = check_history(EVENTS, _deliver(EVENTS, [2, 0, 1, 3, 4, 5]))
+
+    with pytest.raises(AssertionError, match=r"key='a': seq 3 arrived before seq 1"):
+        report.assert_ok()
+
+
+def test_malformed_inputs_are_rejected() -> None:
+    with pytest.raises(ValueError, match="committed twice"):
+        check_history([EVENTS[0], EVENTS[0]], [])
+    with pytest.raises(ValueError, match="both committed and rolled back"):
+        check_history(EVENTS, [], rolled_back=["e2"])
+
+
+def test_accepts_one_shot_iterables() -> None:
+    report = check_history(iter(EVENTS), iter(_deliver(EVENTS)), rolled_back=iter(["x"]))
+
+    assert report.ok()
+    assert report.delivered == 6
+
+
+def test_large_history_is_linear() -> None:
+    # 200k keeps the unit suite fast yet is far out of reach of a quadratic checker
+    # (4e10 steps); 1M deliveries take about 2 s to check on a laptop.
+    n = 200_000
+    events = [Written(str(i), f"k{i % 1000}", i) for i in range(n)]
+    deliveries = [Delivery(e.id, e.key, e.seq) for e in events]
+    deliveries[10], deliveries[1010] = deliveries[1010], deliveries[10]  # both key k10
+
+    started = time.perf_counter()
+    report = check_history(events, deliveries)
+    elapsed = time.perf_counter() - started
+
+    assert report.reordered == [("k10", 10, 1010)]
+    assert report.delivered == n
+    # Generous bound for slow CI machines: a linear checker needs well under a second.
+    assert elapsed < 10, elapsed
