@@ -1,0 +1,706 @@
+"""Publishes outgoing messages to RabbitMQ with publisher confirms, from one I/O thread.
+
+pika is not thread-safe: the `SelectConnection` is created and driven by a single daemon
+thread, and every other thread talks to it only through `ioloop.add_callback_threadsafe`.
+Every message handed to `publish()` gets exactly one `PublishOutcome`, whatever happens to the
+connection: that is the base of the relay's at-least-once guarantee (an outcome that never
+arrives would leave an outbox row in flight forever; two would double-count attempts).
+
+Bookkeeping shared with other threads (readiness, messages waiting to be published, messages
+waiting for a confirm) lives under one lock, so that `stop()` can settle whatever an I/O thread
+that did not finish in time still holds, without a message being settled twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, cast
+
+import pika
+import pika.exceptions
+import tenacity
+from pika import spec
+from pika.adapters.select_connection import SelectConnection
+from pika.channel import Channel
+from pika.exchange_type import ExchangeType
+
+from relay.messages import (
+    BrokerStatus,
+    Outcome,
+    OutgoingMessage,
+    PublisherEvent,
+    PublishOutcome,
+    Sink,
+)
+from relay.urls import mask_text, mask_url
+
+logger = logging.getLogger("relay.publisher")
+
+_P = ParamSpec("_P")
+
+# (relay tag, message_id) of one message waiting for its confirm; None once settled out of
+# order (single acks in the middle of the window), so that the deque stays indexable by
+# `delivery_tag - first_tag`.
+_Entry = tuple[int, str]
+
+NOT_CONNECTED = "broker not connected"
+NACKED = "nacked by broker"
+
+# A channel the broker closes while we declare the exchange with this code means the exchange
+# exists with another type or other arguments: reconnecting cannot fix that.
+_PRECONDITION_FAILED = 406
+
+
+def describe_error(error: BaseException | str | None) -> str:
+    """A one-line, password-free description of a pika error for statuses and logs."""
+    if error is None:
+        return "unknown error"
+    if isinstance(error, str):
+        return mask_text(error)
+    if isinstance(error, pika.exceptions.ChannelClosed | pika.exceptions.ConnectionClosed):
+        text = f"{type(error).__name__}: {error.reply_code} {error.reply_text}"
+    else:
+        detail = str(error)
+        text = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+    return mask_text(text)
+
+
+class AmqpPublisher:
+    """`relay.messages.Publisher` on a pika `SelectConnection` in a dedicated daemon thread."""
+
+    def __init__(
+        self,
+        amqp_url: str,
+        sink: Sink,
+        *,
+        connection_name: str,
+        exchange: str,
+        exchange_type: str = "topic",
+        declare_exchange: bool = True,
+        heartbeat: int = 30,
+        blocked_connection_timeout: float = 30.0,
+        reconnect_wait_min: float = 0.5,
+        reconnect_wait_max: float = 10.0,
+    ) -> None:
+        params = pika.URLParameters(amqp_url)
+        params.client_properties = {"connection_name": connection_name}
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = blocked_connection_timeout
+        # The thread's own loop does the retrying (with backoff, interruptible by stop()).
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        self._params = params
+        self._url_for_logs = mask_url(amqp_url)
+        self._sink = sink
+        self._connection_name = connection_name
+        self._exchange = exchange
+        self._exchange_type = exchange_type
+        # The default exchange ("") always exists and cannot be declared.
+        self._declare_exchange = declare_exchange and exchange != ""
+
+        # `multiplier` rather than the `initial` alias, which tenacity 9 deprecates (and the
+        # test suite turns warnings into errors). Jitter spreads the reconnects of many relays
+        # that lost the same broker at the same moment.
+        self._wait = tenacity.wait_exponential_jitter(
+            multiplier=reconnect_wait_min, max=reconnect_wait_max, jitter=reconnect_wait_min
+        )
+        retrying = tenacity.Retrying(wait=self._wait)
+        self._connect_backoff = tenacity.RetryCallState(retrying, None, (), {})
+        self._channel_backoff = tenacity.RetryCallState(retrying, None, (), {})
+
+        self._lock = threading.Lock()
+        # -- guarded by _lock ---------------------------------------------------------------
+        self._thread: threading.Thread | None = None
+        self._connection: SelectConnection | None = None
+        self._loop_open = False  # add_callback_threadsafe on _connection.ioloop is safe
+        self._ready = False
+        self._stopping = False
+        self._books_closed = False  # stop() settled everything; late I/O events settle nothing
+        self._inbox: list[Sequence[OutgoingMessage]] = []
+        self._drain_scheduled = False
+        self._pending: collections.deque[_Entry | None] = collections.deque()
+        self._first_tag = 1  # delivery tag of _pending[0]
+        self._in_flight = 0
+        # -- I/O thread only ----------------------------------------------------------------
+        self._channel: Channel | None = None
+        self._declaring = False
+        self._fatal = False
+        self._lost_handled = True
+        self._abort_error: BaseException | None = None
+        # message_id -> errors of returned messages whose ack has not arrived yet (the broker
+        # sends basic.return before the ack of the same message).
+        self._returned: dict[str, collections.deque[str]] = {}
+        self._published_total = 0
+        self._wake = threading.Event()
+        self._publish_inbox_cb = self._guard(self._publish_inbox)
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def connection_name(self) -> str:
+        return self._connection_name
+
+    @property
+    def published_total(self) -> int:
+        """basic.publish frames sent since start, over all connections (confirmed or not)."""
+        return self._published_total
+
+    @property
+    def in_flight(self) -> int:
+        """Messages published and waiting for their confirm."""
+        return self._in_flight
+
+    def start(self) -> None:
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("an AmqpPublisher cannot be started again after stop()")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._run, name=f"amqp-publisher-{self._connection_name}", daemon=True
+            )
+            self._thread.start()
+
+    def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        if not messages:
+            return
+        with self._lock:
+            accepted = self._ready and self._loop_open and self._connection is not None
+            if accepted:
+                # A copy: the caller may reuse its list before the I/O thread gets to it.
+                self._inbox.append(tuple(messages))
+                if not self._drain_scheduled:
+                    assert self._connection is not None
+                    # One wake-up carries every batch handed over until the I/O thread runs.
+                    self._connection.ioloop.add_callback_threadsafe(self._publish_inbox_cb)
+                    self._drain_scheduled = True
+        if not accepted:
+            self._emit([PublishOutcome(m.tag, Outcome.UNKNOWN, NOT_CONNECTED) for m in messages])
+
+    def stop(self, timeout: float) -> None:
+        with self._lock:
+            self._stopping = True
+            self._ready = False
+            thread = self._thread
+            if self._loop_open and self._connection is not None:
+                self._connection.ioloop.add_callback_threadsafe(self._close_from_io)
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                logger.warning(
+                    "publisher %s: I/O thread did not finish within %.1f s; "
+                    "settling its in-flight messages as unknown",
+                    self._connection_name,
+                    timeout,
+                )
+        # Normally the I/O thread has settled everything; this catches a thread that did not
+        # finish in time, or messages handed over after it stopped looking.
+        with self._lock:
+            self._books_closed = True
+            entries = self._take_all_pending()
+            inbox = self._take_inbox()
+        events: list[PublisherEvent] = [
+            PublishOutcome(tag, Outcome.UNKNOWN, "publisher stopped") for tag, _ in entries
+        ]
+        events.extend(
+            PublishOutcome(m.tag, Outcome.UNKNOWN, "publisher stopped")
+            for batch in inbox
+            for m in batch
+        )
+        self._emit(events)
+
+    # -- I/O thread: connection lifecycle ----------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._stopping or self._fatal:
+                        break
+                self._run_connection()
+                with self._lock:
+                    if self._stopping or self._fatal:
+                        break
+                delay = self._wait(self._connect_backoff)
+                self._connect_backoff.attempt_number += 1
+                logger.info(
+                    "publisher %s: reconnecting to %s in %.2f s",
+                    self._connection_name,
+                    self._url_for_logs,
+                    delay,
+                )
+                self._wake.wait(delay)
+        except Exception:  # pragma: no cover - last resort; _run_connection catches
+            # publish() keeps answering UNKNOWN ("not connected"): _ready stays False.
+            logger.exception("publisher %s: I/O thread crashed", self._connection_name)
+        finally:
+            logger.info("publisher %s: I/O thread finished", self._connection_name)
+
+    def _run_connection(self) -> None:
+        """One connection, from opening until its I/O loop stops; every outcome settled."""
+        self._lost_handled = False
+        self._abort_error = None
+        try:
+            with self._lock:
+                if self._stopping:
+                    return
+                connection = SelectConnection(
+                    self._params,
+                    on_open_callback=self._guard(self._on_connection_open),
+                    on_open_error_callback=self._guard(self._on_connection_open_error),
+                    on_close_callback=self._guard(self._on_connection_closed),
+                )
+                self._connection = connection
+                self._loop_open = True
+        except Exception as exc:
+            logger.exception("publisher %s: cannot create a connection", self._connection_name)
+            self._on_connection_lost(exc)
+            return
+        try:
+            connection.ioloop.start()
+        except Exception as exc:
+            # An exception out of pika itself: its state is unknown, so treat the connection
+            # as lost and close it as well as we can.
+            logger.exception("publisher %s: I/O loop failed", self._connection_name)
+            self._on_connection_lost(exc)
+            self._close_after_crash(connection)
+        finally:
+            with self._lock:
+                self._loop_open = False
+                self._connection = None
+                self._ready = False
+            # Normally a no-op (the close callbacks already settled everything).
+            self._on_connection_lost(RuntimeError("I/O loop ended"))
+            self._channel = None
+            try:
+                connection.ioloop.close()
+            except Exception:
+                logger.debug("closing the I/O loop failed", exc_info=True)
+
+    def _close_after_crash(self, connection: SelectConnection) -> None:
+        try:
+            if not (connection.is_closing or connection.is_closed):
+                connection.close()
+            if not connection.is_closed:
+                # Bounded: a broken connection may never report its close.
+                connection.ioloop.call_later(2.0, connection.ioloop.stop)
+                connection.ioloop.start()
+        except Exception:
+            logger.debug("closing a crashed connection failed", exc_info=True)
+
+    def _on_connection_open(self, connection: Any) -> None:
+        logger.info("publisher %s: connected to %s", self._connection_name, self._url_for_logs)
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        self._open_channel()
+
+    def _on_blocked(self, connection: Any, frame: Any) -> None:
+        reason = getattr(frame.method, "reason", "")
+        logger.warning(
+            "publisher %s: broker blocked publishing (%s); connection closes after %s s",
+            self._connection_name,
+            reason,
+            self._params.blocked_connection_timeout,
+        )
+
+    def _on_unblocked(self, connection: Any, frame: Any) -> None:
+        logger.info("publisher %s: broker unblocked publishing", self._connection_name)
+
+    def _on_connection_open_error(self, connection: Any, error: BaseException | str) -> None:
+        try:
+            logger.warning(
+                "publisher %s: cannot connect to %s: %s",
+                self._connection_name,
+                self._url_for_logs,
+                describe_error(error),
+            )
+            self._on_connection_lost(error)
+        finally:
+            connection.ioloop.stop()
+
+    def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
+        try:
+            error = self._abort_error or reason
+            if not self._stopping:
+                logger.warning(
+                    "publisher %s: connection lost: %s",
+                    self._connection_name,
+                    describe_error(error),
+                )
+            self._on_connection_lost(error)
+        finally:
+            # Without this, ioloop.start() never returns and nothing reconnects.
+            connection.ioloop.stop()
+
+    def _on_connection_lost(self, error: BaseException | str) -> None:
+        """Settle everything of this connection (idempotent until the next connection)."""
+        if self._lost_handled:
+            return
+        self._lost_handled = True
+        with self._lock:
+            self._ready = False
+            entries = self._take_all_pending()
+            inbox = self._take_inbox()
+        description = "publisher stopped" if self._stopping else describe_error(error)
+        events: list[PublisherEvent] = []
+        for tag, message_id in entries:
+            returned = self._take_returned(message_id)
+            if returned is not None:
+                # The broker processed it and routed it nowhere: its fate is known.
+                events.append(PublishOutcome(tag, Outcome.REJECTED, returned))
+            else:
+                events.append(
+                    PublishOutcome(tag, Outcome.UNKNOWN, f"connection lost: {description}")
+                )
+        events.extend(
+            PublishOutcome(m.tag, Outcome.UNKNOWN, f"connection lost: {description}")
+            for batch in inbox
+            for m in batch
+        )
+        self._returned.clear()
+        self._channel = None
+        self._declaring = False
+        if not self._fatal:  # the fatal status was reported already
+            events.append(BrokerStatus(up=False, error=description))
+        self._emit(events)
+
+    def _close_from_io(self) -> None:
+        connection = self._connection
+        if connection is None:
+            return
+        try:
+            if connection.is_closed:
+                connection.ioloop.stop()
+            elif not connection.is_closing:
+                connection.close()
+        except Exception:
+            logger.exception("publisher %s: closing the connection failed", self._connection_name)
+            connection.ioloop.stop()
+
+    # -- I/O thread: channel lifecycle -------------------------------------------------------
+
+    def _open_channel(self) -> None:
+        connection = self._connection
+        if connection is None or not connection.is_open or self._stopping or self._fatal:
+            return
+        connection.channel(on_open_callback=self._guard(self._on_channel_open))
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._guard(self._on_channel_closed))
+        channel.add_on_return_callback(self._guard(self._on_return))
+        if self._declare_exchange:
+            self._declaring = True
+            channel.exchange_declare(
+                exchange=self._exchange,
+                # pika sends any string (plugins add exchange types); the stubs only name the
+                # built-in ones.
+                exchange_type=cast(ExchangeType, self._exchange_type),
+                durable=True,
+                callback=self._guard(functools.partial(self._on_exchange_declared, channel)),
+            )
+        else:
+            self._enable_confirms(channel)
+
+    def _on_exchange_declared(self, channel: Channel, frame: Any) -> None:
+        self._declaring = False
+        if channel is self._channel:
+            self._enable_confirms(channel)
+
+    def _enable_confirms(self, channel: Channel) -> None:
+        channel.confirm_delivery(
+            ack_nack_callback=self._guard(functools.partial(self._on_confirm, channel)),
+            callback=self._guard(functools.partial(self._on_select_ok, channel)),
+        )
+
+    def _on_select_ok(self, channel: Channel, frame: Any) -> None:
+        if channel is not self._channel:
+            return
+        with self._lock:
+            # Never non-empty (a closing channel settles its messages); settled defensively
+            # rather than dropped, because tags restart at 1 on every channel.
+            leftovers = self._take_all_pending()
+            self._first_tag = 1
+            self._ready = not self._stopping
+        if leftovers:
+            logger.error(
+                "publisher %s: %d unsettled messages from an old channel",
+                self._connection_name,
+                len(leftovers),
+            )
+            self._emit(
+                [PublishOutcome(tag, Outcome.UNKNOWN, "channel replaced") for tag, _ in leftovers]
+            )
+        self._connect_backoff.attempt_number = 1
+        self._channel_backoff.attempt_number = 1
+        logger.info(
+            "publisher %s: ready (confirms on, exchange %r)", self._connection_name, self._exchange
+        )
+        self._emit([BrokerStatus(up=True)])
+
+    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        if channel is not self._channel:
+            return
+        self._channel = None
+        declaring, self._declaring = self._declaring, False
+        connection = self._connection
+        if connection is None or not connection.is_open or self._stopping:
+            return  # part of a connection close: _on_connection_lost settles
+        by_broker = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
+        reply_code = (
+            reason.reply_code if isinstance(reason, pika.exceptions.ChannelClosedByBroker) else None
+        )
+        description = describe_error(reason)
+        logger.warning("publisher %s: channel closed: %s", self._connection_name, description)
+
+        if declaring and reply_code == _PRECONDITION_FAILED:
+            self._fatal = True
+            logger.error(
+                "publisher %s: exchange %r cannot be declared as durable %s: %s",
+                self._connection_name,
+                self._exchange,
+                self._exchange_type,
+                description,
+            )
+            with self._lock:
+                self._ready = False
+            self._emit([BrokerStatus(up=False, error=description, fatal=True)])
+            connection.close()
+            return
+
+        with self._lock:
+            was_ready = self._ready
+            self._ready = False
+            entries = self._take_all_pending()
+            inbox = self._take_inbox()
+        # The broker discards everything after the frame that closed the channel; it cannot
+        # say which message that was, so every unconfirmed one is refused.
+        outcome = Outcome.REJECTED if by_broker else Outcome.UNKNOWN
+        events: list[PublisherEvent] = []
+        for tag, message_id in entries:
+            returned = self._take_returned(message_id)
+            if returned is not None:
+                events.append(PublishOutcome(tag, Outcome.REJECTED, returned))
+            else:
+                events.append(PublishOutcome(tag, outcome, f"channel closed: {description}"))
+        events.extend(
+            PublishOutcome(m.tag, Outcome.UNKNOWN, f"channel closed: {description}")
+            for batch in inbox
+            for m in batch
+        )
+        self._returned.clear()
+        events.append(BrokerStatus(up=False, error=description))
+        self._emit(events)
+
+        # A channel that worked is replaced at once (one bad publish closed it); one that
+        # failed while being set up backs off, so that a broker refusing it is not hammered.
+        delay = 0.0
+        if not was_ready:
+            delay = self._wait(self._channel_backoff)
+            self._channel_backoff.attempt_number += 1
+        connection.ioloop.call_later(delay, self._guard(self._open_channel))
+
+    # -- I/O thread: publishing and confirms -------------------------------------------------
+
+    def _publish_inbox(self) -> None:
+        with self._lock:
+            batches = self._take_inbox()
+        if not batches:
+            return
+        channel = self._channel
+        usable = channel is not None and channel.is_open and self._ready and not self._stopping
+        refusal = "publisher stopped" if self._stopping else NOT_CONNECTED
+        published: list[_Entry] = []
+        events: list[PublisherEvent] = []
+        for batch in batches:
+            for message in batch:
+                if not usable or channel is None:
+                    events.append(PublishOutcome(message.tag, Outcome.UNKNOWN, refusal))
+                    continue
+                try:
+                    channel.basic_publish(
+                        exchange=message.exchange,
+                        routing_key=message.routing_key,
+                        body=message.body,
+                        properties=spec.BasicProperties(
+                            delivery_mode=2,  # persistent: an ack then means "on disk"
+                            message_id=message.message_id,
+                            type=message.type,
+                            timestamp=message.timestamp,
+                            headers=dict(message.headers),
+                            correlation_id=message.correlation_id,
+                            content_type=message.content_type,
+                            app_id=message.app_id,
+                        ),
+                        mandatory=True,  # without it an unroutable message is acked and lost
+                    )
+                except (pika.exceptions.AMQPChannelError, pika.exceptions.AMQPConnectionError):
+                    usable = False
+                    events.append(PublishOutcome(message.tag, Outcome.UNKNOWN, refusal))
+                    continue
+                except Exception as exc:
+                    # pika marshals all frames before writing any, so nothing was sent and the
+                    # channel is intact; the same message would fail again on any connection.
+                    logger.warning(
+                        "publisher %s: cannot encode message %s: %r",
+                        self._connection_name,
+                        message.message_id,
+                        exc,
+                    )
+                    events.append(
+                        PublishOutcome(
+                            message.tag, Outcome.REJECTED, f"cannot encode message: {exc!r}"
+                        )
+                    )
+                    continue
+                published.append((message.tag, message.message_id))
+        self._published_total += len(published)
+        with self._lock:
+            if self._books_closed:
+                events.extend(
+                    PublishOutcome(tag, Outcome.UNKNOWN, "publisher stopped")
+                    for tag, _ in published
+                )
+            else:
+                self._pending.extend(published)
+                self._in_flight += len(published)
+        if events:
+            self._emit(events)
+
+    def _on_return(
+        self, channel: Channel, method: Any, properties: spec.BasicProperties, body: bytes
+    ) -> None:
+        if channel is not self._channel or properties.message_id is None:
+            return
+        error = (
+            f"unroutable: {method.reply_code} {method.reply_text} "
+            f"(exchange={method.exchange}, routing_key={method.routing_key})"
+        )
+        self._returned.setdefault(properties.message_id, collections.deque()).append(error)
+
+    def _on_confirm(self, channel: Channel, frame: Any) -> None:
+        if channel is not self._channel:
+            return
+        method = frame.method
+        acked = isinstance(method, spec.Basic.Ack)
+        with self._lock:
+            entries = self._take_confirmed(int(method.delivery_tag), bool(method.multiple))
+        if not entries:
+            return
+        events: list[PublisherEvent] = []
+        for tag, message_id in entries:
+            returned = self._take_returned(message_id)
+            if not acked:
+                events.append(PublishOutcome(tag, Outcome.REJECTED, NACKED))
+            elif returned is not None:
+                events.append(PublishOutcome(tag, Outcome.REJECTED, returned))
+            else:
+                events.append(PublishOutcome(tag, Outcome.CONFIRMED))
+        self._emit(events)
+
+    # -- bookkeeping (callers hold _lock unless noted) ---------------------------------------
+
+    def _take_confirmed(self, delivery_tag: int, multiple: bool) -> list[_Entry]:
+        pending = self._pending
+        settled: list[_Entry] = []
+        if multiple:
+            # delivery_tag 0 with multiple means "everything outstanding" (AMQP 0-9-1).
+            count = len(pending) if delivery_tag == 0 else delivery_tag - self._first_tag + 1
+            count = max(0, min(count, len(pending)))
+            for _ in range(count):
+                entry = pending.popleft()
+                if entry is not None:
+                    settled.append(entry)
+            self._first_tag += count
+        else:
+            index = delivery_tag - self._first_tag
+            if 0 <= index < len(pending):
+                entry = pending[index]
+                if entry is not None:
+                    settled.append(entry)
+                    pending[index] = None
+        while pending and pending[0] is None:
+            pending.popleft()
+            self._first_tag += 1
+        self._in_flight -= len(settled)
+        return settled
+
+    def _take_all_pending(self) -> list[_Entry]:
+        entries = [entry for entry in self._pending if entry is not None]
+        self._first_tag += len(self._pending)
+        self._pending.clear()
+        self._in_flight = 0
+        return entries
+
+    def _take_inbox(self) -> list[Sequence[OutgoingMessage]]:
+        inbox, self._inbox = self._inbox, []
+        self._drain_scheduled = False
+        return inbox
+
+    def _take_returned(self, message_id: str) -> str | None:
+        """I/O thread only: the return error recorded for this message, consumed."""
+        errors = self._returned.get(message_id)
+        if not errors:
+            return None
+        error = errors.popleft()
+        if not errors:
+            del self._returned[message_id]
+        return error
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _emit(self, events: Sequence[PublisherEvent]) -> None:
+        if not events:
+            return
+        if self._books_closed:
+            # After stop() returned, the owner no longer listens for status changes.
+            events = [e for e in events if not isinstance(e, BrokerStatus)]
+            if not events:
+                return
+        try:
+            self._sink(events)
+        except Exception:
+            # Reconnecting would not repair the sink; the relay's lease reclaims the rows.
+            logger.exception(
+                "publisher %s: sink failed; %d events dropped", self._connection_name, len(events)
+            )
+
+    def _guard(self, callback: Callable[_P, None]) -> Callable[_P, None]:
+        """Wrap an I/O-thread callback: an exception is logged and ends the connection."""
+
+        @functools.wraps(callback)
+        def guarded(*args: _P.args, **kwargs: _P.kwargs) -> None:
+            try:
+                callback(*args, **kwargs)
+            except Exception as exc:
+                logger.exception(
+                    "publisher %s: error in I/O callback %s",
+                    self._connection_name,
+                    getattr(getattr(callback, "func", callback), "__name__", "callback"),
+                )
+                self._on_internal_error(exc)
+
+        return guarded
+
+    def _on_internal_error(self, error: BaseException) -> None:
+        connection = self._connection
+        if connection is not None and not (connection.is_closing or connection.is_closed):
+            # Outcomes are settled by the close callback, reported with the real cause.
+            self._abort_error = error
+            try:
+                connection.close()
+                return
+            except Exception:
+                logger.debug("closing after an internal error failed", exc_info=True)
+        self._on_connection_lost(error)
+        if connection is not None:
+            connection.ioloop.stop()
