@@ -40,6 +40,9 @@ HOUSEKEEPING_EVERY = 30.0
 PURGE_BATCH = 1000
 PURGE_BATCHES_PER_TICK = 10
 MAX_WAIT = 1.0
+# Confirmed results are written in batches: at most this late, or at once when a key's run is
+# done (its rows must be free in the table before the next claim can take the key again).
+FLUSH_INTERVAL = 0.02
 
 
 def utcnow() -> dt.datetime:
@@ -104,6 +107,8 @@ class Relay:
         self._broker_up = False
         self._stop_requested = threading.Event()
         self._last_claim_empty = False
+        self._unwritten_since: float | None = None
+        self._runs_finished = False  # a key's run ended: flush, then claim again
         self._started_at = clock()
         self._fatal: BaseException | None = None
 
@@ -182,11 +187,14 @@ class Relay:
         if self._fatal is not None:
             raise self._fatal
         self._expire_lost_leases()
+        # Hand out the next event of every confirmed key first: the database writes below
+        # then overlap with the broker's confirm round trip instead of adding to it.
+        self._publish(report)
         if self._monotonic() >= self._db_retry_at:
             try:
-                self._write_results(report)
+                if self._flush_due():
+                    self._write_results(report)
                 self._renew_if_due()
-                self._publish(report)
                 if self._claim_due():
                     self._claim(report)
                     self._publish(report)
@@ -194,14 +202,27 @@ class Relay:
                 self._database_ok()
             except DatabaseUnavailableError as exc:
                 self._database_down(exc)
-        self._publish(report)
         return report
+
+    def _flush_due(self) -> bool:
+        if not self._has_unwritten_results():
+            return False
+        return (
+            self._runs_finished
+            or self._stop_requested.is_set()
+            or bool(self._failures or self._releases)
+            or self._unwritten_since is None
+            or self._monotonic() - self._unwritten_since >= FLUSH_INTERVAL
+            or sum(len(seqs) for seqs in self._acked.values()) >= self.settings.batch_size
+        )
 
     def _wait_time(self) -> float:
         now = self._monotonic()
-        if now >= self._db_retry_at and self._has_unwritten_results():
-            return 0.0
         due = [self._next_renew, self._next_housekeeping, self._next_heartbeat]
+        if self._has_unwritten_results():
+            if now >= self._db_retry_at and self._flush_due():
+                return 0.0
+            due.append((self._unwritten_since or now) + FLUSH_INTERVAL)
         if self._claim_possible():
             due.append(self._next_claim)
         if now < self._db_retry_at:
@@ -240,6 +261,9 @@ class Relay:
                 return
             report.confirmed += 1
             self._acked[event.token].append(event.seq)
+            self._note_unwritten()
+            if event.key is None or not self.sequencer.has_queued(event.key):
+                self._runs_finished = True
             now = self._monotonic()
             self.metrics.published(
                 event.type,
@@ -250,6 +274,7 @@ class Relay:
         event, rest = self.sequencer.stopped(outcome.tag)
         if event is None:
             return
+        self._note_unwritten()
         for later in rest:
             self._releases[later.token].append(later.seq)
         if outcome.outcome is Outcome.UNKNOWN:
@@ -314,6 +339,12 @@ class Relay:
     def _give_back(self, events: Sequence[ClaimedEvent]) -> None:
         for event in events:
             self._releases[event.token].append(event.seq)
+        if events:
+            self._note_unwritten()
+
+    def _note_unwritten(self) -> None:
+        if self._unwritten_since is None:
+            self._unwritten_since = self._monotonic()
 
     # -- database work ---------------------------------------------------------------------
 
@@ -323,24 +354,24 @@ class Relay:
     def _write_results(self, report: StepReport) -> None:
         now = self._clock()
         delete = self.settings.retention == 0
-        freed = 0
         for token in list(self._acked):
             seqs = self._acked[token]
             owned = self.store.mark_published(token, seqs, now=now, delete=delete)
             del self._acked[token]
-            freed += owned
             self._fenced(len(seqs) - owned, report)
         for token in list(self._failures):
             failures = self._failures[token]
             owned = self.store.record_failures(token, failures, relay=self.settings.name, now=now)
             del self._failures[token]
             self._fenced(len(failures) - owned, report)
+        returned = bool(self._releases)
         for token in list(self._releases):
             self.store.release(token, self._releases[token])
             del self._releases[token]
-            freed += 1
-        if freed:
-            # Keys whose runs just finished can be claimed again.
+        self._unwritten_since = None
+        if self._runs_finished or returned:
+            # Keys whose runs just ended (or were given back) can be claimed again.
+            self._runs_finished = False
             self._next_claim = min(self._next_claim, self._monotonic())
 
     def _fenced(self, count: int, report: StepReport) -> None:
@@ -376,17 +407,20 @@ class Relay:
         )
         count = len(claim.events)
         self._last_claim_empty = count == 0
+        if count >= self.settings.batch_size:
+            self._poll_delay = MIN_POLL
+            self._next_claim = self._monotonic()  # there may be more right away
+        else:
+            # Nothing more is free now: look again when a run ends, a NOTIFY arrives, or the
+            # (backing-off) poll comes round.
+            self._poll_delay = min(self.settings.poll_interval, self._poll_delay * 2)
+            self._next_claim = self._monotonic() + self._poll_delay
         if count:
             # Measured from before the claim: the local view of the lease never outlives it.
             self._lease_deadline[claim.token] = started + self.settings.lease
             self.sequencer.add(claim.events)
             report.claimed += count
             self.metrics.claimed(count)
-            self._poll_delay = MIN_POLL
-            self._next_claim = self._monotonic()
-        else:
-            self._poll_delay = min(self.settings.poll_interval, self._poll_delay * 2)
-            self._next_claim = self._monotonic() + self._poll_delay
 
     def _publish(self, report: StepReport) -> None:
         if not (self._broker_up and self.publisher.ready):

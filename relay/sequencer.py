@@ -33,6 +33,9 @@ class Sequencer:
     def queued(self) -> int:
         return len(self._keyless) + sum(len(run) for run in self._runs.values())
 
+    def has_queued(self, key: str) -> bool:
+        return key in self._runs
+
     @property
     def idle(self) -> bool:
         return not self._in_flight and not self._keyless and not self._runs

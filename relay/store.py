@@ -28,8 +28,10 @@ from relay.urls import mask_text
 
 log = logging.getLogger("relay.store")
 
-# How far past the batch the claim scan may look: enough to skip rows beyond a key's run.
-SCAN_FACTOR = 4
+# The claim walks pending rows in windows of max(2 x batch, MIN_WINDOW) rows, at most
+# WINDOWS_PER_CLAIM of them: its cost is bounded whatever the backlog.
+MIN_WINDOW = 1000
+WINDOWS_PER_CLAIM = 4
 
 
 def create_engine(url: str, *, application_name: str, db_timeout: float) -> sa.Engine:
@@ -47,8 +49,13 @@ def create_engine(url: str, *, application_name: str, db_timeout: float) -> sa.E
             connect_args={
                 "application_name": application_name[:63],
                 "connect_timeout": max(1, int(db_timeout)),
+                # synchronous_commit=off: the relay's bookkeeping need not wait for the disk.
+                # A server crash can forget the last moments of marks and leases; that only
+                # makes those events go out again (same message_id), it never loses one.
+                # The application's own transactions are not affected.
                 "options": f"-c statement_timeout={timeout_ms} "
-                f"-c idle_in_transaction_session_timeout={timeout_ms * 2}",
+                f"-c idle_in_transaction_session_timeout={timeout_ms * 2} "
+                "-c synchronous_commit=off",
                 "keepalives": 1,
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
@@ -110,57 +117,82 @@ class Store:
     ) -> Claim:
         token = uuid.uuid4()
         t = self.outbox.events
-        busy_keys = sa.select(t.c.key).where(
-            t.c.status == PENDING,
-            t.c.key.is_not(None),
-            sa.or_(t.c.lease_until > now, t.c.next_attempt_at > now),
-        )
-        ready = [
-            t.c.status == PENDING,
-            sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now),
-            sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= now),
-            sa.or_(t.c.key.is_(None), t.c.key.not_in(busy_keys)),
-        ]
-        if dead_letters_hold_key:
-            dead = t.alias("dead")
-            ready.append(
-                sa.or_(
-                    t.c.key.is_(None),
-                    ~sa.exists().where(dead.c.status == DEAD, dead.c.key == t.c.key),
-                )
-            )
-        # Scan in write order first, bounded; only then number rows per key (a window function
-        # over every pending row would grow with the backlog).
-        scan = (
-            sa.select(t.c.seq, t.c.key)
-            .where(*ready)
-            .order_by(t.c.seq)
-            .limit(limit * SCAN_FACTOR)
-            .subquery("scan")
-        )
-        ranked = sa.select(
-            scan.c.seq,
-            scan.c.key,
-            sa.func.row_number().over(partition_by=scan.c.key, order_by=scan.c.seq).label("rn"),
-        ).subquery("ranked")
-        chosen = (
-            sa.select(ranked.c.seq)
-            .where(sa.or_(ranked.c.key.is_(None), ranked.c.rn <= run_length))
-            .order_by(ranked.c.seq)
-            .limit(limit)
-        )
-        statement = (
-            sa.update(t)
-            .where(t.c.seq.in_(chosen.scalar_subquery()), t.c.status == PENDING)
-            .values(claim_token=token, claimed_by=owner, lease_until=lease_until)
-            .returning(*t.c)
-        )
         with self.transaction() as conn:
             if self._postgres:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(self.outbox.claim_lock_id)))
-            rows = conn.execute(statement).mappings().all()
+            held: set[str] = set()
+            if dead_letters_hold_key:
+                held.update(conn.scalars(self._dead_keys()))
+            chosen = self._choose(conn, held, limit=limit, run_length=run_length, now=now)
+            if not chosen:
+                return Claim(token=token, events=(), lease_until=lease_until)
+            rows = (
+                conn.execute(
+                    sa.update(t)
+                    .where(t.c.seq.in_(chosen), t.c.status == PENDING)
+                    .values(claim_token=token, claimed_by=owner, lease_until=lease_until)
+                    .returning(*t.c)
+                )
+                .mappings()
+                .all()
+            )
         events = sorted((ClaimedEvent.from_row(row, token) for row in rows), key=lambda e: e.seq)
         return Claim(token=token, events=tuple(events), lease_until=lease_until)
+
+    def _dead_keys(self) -> sa.Select[Any]:
+        t = self.outbox.events
+        return sa.select(t.c.key).distinct().where(t.c.status == DEAD, t.c.key.is_not(None))
+
+    def _choose(
+        self, conn: Connection, held: set[str], *, limit: int, run_length: int, now: dt.datetime
+    ) -> list[int]:
+        """Walk pending rows in write order, window by window, and pick each free key's first
+        rows (at most `run_length`) and keyless rows, up to `limit`.
+
+        The walk is bounded in rows *visited*, not rows picked: rows of busy keys at the front
+        of the table cost one window each, never a scan of the whole backlog.
+
+        Why meeting a key's first pending row is enough to know whether the key is busy: the
+        rows of a key that are leased or waiting for a retry are always its first pending rows.
+        Leases are taken on a key's first rows and given back whole (the rest of a run is
+        released with, or after, the row that stopped it), and a row waiting for a retry is
+        its key's first pending row. So a key's rows are picked only from its head, as a
+        prefix, and never while an earlier row of the key is out.
+        """
+        t = self.outbox.events
+        window = max(2 * limit, MIN_WINDOW)
+        budget = window * WINDOWS_PER_CLAIM
+        chosen: list[int] = []
+        per_key: dict[str, int] = {}
+        after = -1
+        visited = 0
+        while visited < budget and len(chosen) < limit:
+            rows = conn.execute(
+                sa.select(t.c.seq, t.c.key, t.c.lease_until, t.c.next_attempt_at)
+                .where(t.c.status == PENDING, t.c.seq > after)
+                .order_by(t.c.seq)
+                .limit(window)
+            ).all()
+            for seq, key, leased_until, retry_at in rows:
+                if key is not None and key in held:
+                    continue
+                if not _free(leased_until, now) or not _due(retry_at, now):
+                    if key is not None:
+                        held.add(key)  # an unready row holds back the rest of its key
+                    continue
+                if key is not None:
+                    taken = per_key.get(key, 0)
+                    if taken >= run_length:
+                        continue
+                    per_key[key] = taken + 1
+                chosen.append(seq)
+                if len(chosen) >= limit:
+                    break
+            visited += len(rows)
+            if len(rows) < window:
+                break
+            after = rows[-1][0]
+        return chosen
 
     def has_ready(self, now: dt.datetime) -> bool:
         """A cheap look before a claim: is any pending row due and not leased?"""
@@ -321,6 +353,19 @@ class Store:
         """Raise unless the database answers and the outbox table exists."""
         with self.transaction() as conn:
             conn.execute(sa.select(self.outbox.events.c.seq).limit(1))
+
+
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    # SQLite hands timestamps back without a zone; the relay stores UTC only.
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _free(lease_until: dt.datetime | None, now: dt.datetime) -> bool:
+    return lease_until is None or _as_utc(lease_until) <= now
+
+
+def _due(next_attempt_at: dt.datetime | None, now: dt.datetime) -> bool:
+    return next_attempt_at is None or _as_utc(next_attempt_at) <= now
 
 
 def _socket_fd(conn: Connection) -> int | None:

@@ -1,0 +1,52 @@
+"""Wiring: builds a relay and its collaborators from settings. The only place that knows
+which concrete store, publisher and listener go together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from relay.deadline import Watchdog
+from relay.listener import Listener
+from relay.messages import Sink
+from relay.metrics import Metrics
+from relay.publisher import AmqpPublisher
+from relay.relay import Relay
+from relay.settings import RelaySettings
+from relay.store import Store, create_engine
+
+
+def build_store(settings: RelaySettings, *, watchdog: Watchdog | None = None) -> Store:
+    engine = create_engine(
+        settings.database_url,
+        application_name=f"outbox-relay:{settings.name}",
+        db_timeout=settings.db_timeout,
+    )
+    return Store(engine, settings.outbox(), db_timeout=settings.db_timeout, watchdog=watchdog)
+
+
+def build_relay(settings: RelaySettings, *, metrics: Metrics | None = None) -> Relay:
+    store = build_store(settings, watchdog=Watchdog())
+
+    def publisher(sink: Sink) -> AmqpPublisher:
+        return AmqpPublisher(
+            settings.amqp_url,
+            sink,
+            connection_name=f"outbox-relay:{settings.name}",
+            exchange=settings.exchange,
+            exchange_type=settings.exchange_type,
+            declare_exchange=settings.declare_exchange,
+        )
+
+    listener: Callable[[Callable[[], None]], object] | None = None
+    if settings.listen and store.engine.dialect.name == "postgresql":
+        channel = settings.outbox().channel
+
+        def listener(wake: Callable[[], None]) -> Listener:
+            return Listener(
+                settings.database_url,
+                channel,
+                wake,
+                application_name=f"outbox-relay:{settings.name}:listen",
+            )
+
+    return Relay(settings, store, publisher, listener_factory=listener, metrics=metrics)

@@ -1,0 +1,133 @@
+"""The claim on PostgreSQL: per-key prefixes, busy and held keys skipped, bounded walk."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import sqlalchemy as sa
+
+from outbox import Event, Outbox
+from relay.records import Claim
+from relay.store import MIN_WINDOW, Store
+from tests.support.relays import write_events
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+def claim(store: Store, *, limit: int = 100, run_length: int = 10, hold: bool = True) -> Claim:
+    return store.claim(
+        owner="test",
+        limit=limit,
+        run_length=run_length,
+        lease_until=NOW + dt.timedelta(seconds=30),
+        now=NOW,
+        dead_letters_hold_key=hold,
+    )
+
+
+def keys_and_seqs(c: Claim) -> list[tuple[str | None, int]]:
+    return [(e.key, e.seq) for e in c.events]
+
+
+def test_claims_each_keys_first_rows_up_to_the_run_length(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    write_events(
+        pg_engine,
+        outbox_schema,
+        [Event(type="t", key=k) for k in "aabababbbb"] + [Event(type="t") for _ in range(3)],
+    )
+    first = claim(store, run_length=3)
+    by_key: dict[str | None, list[int]] = {}
+    for key, seq in keys_and_seqs(first):
+        by_key.setdefault(key, []).append(seq)
+    assert len(by_key["a"]) == 3  # a has 3 rows
+    assert len(by_key["b"]) == 3  # b has 7, capped at the run length
+    assert len(by_key[None]) == 3  # keyless rows are never capped or held
+    # While those are leased, the keys are busy: nothing more of a or b.
+    assert claim(store, run_length=3).events == ()
+
+
+def test_retry_waiting_and_dead_rows_hold_their_key_only(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=k) for k in "rrddff"])
+    t = outbox_schema.events
+    with pg_engine.begin() as conn:
+        seqs = list(conn.scalars(sa.select(t.c.seq).order_by(t.c.seq)))
+        conn.execute(
+            sa.update(t)
+            .where(t.c.seq == seqs[0])
+            .values(next_attempt_at=NOW + dt.timedelta(hours=1))
+        )
+        conn.execute(sa.update(t).where(t.c.seq == seqs[2]).values(status="dead"))
+    got = claim(store)
+    assert {k for k, _ in keys_and_seqs(got)} == {"f"}
+    # With dead letters not holding their key, d's later row may go.
+    store2 = Store(pg_engine, outbox_schema, db_timeout=10)
+    assert {k for k, _ in keys_and_seqs(claim(store2, hold=False))} == {"d"}
+
+
+def test_busy_key_at_the_front_does_not_starve_other_keys(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """More rows of one busy key than a window holds, then another key: still found."""
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    write_events(
+        pg_engine,
+        outbox_schema,
+        [Event(type="t", key="busy") for _ in range(MIN_WINDOW + 200)]
+        + [Event(type="t", key="other")],
+    )
+    first = claim(store, limit=10, run_length=10)
+    assert {k for k, _ in keys_and_seqs(first)} == {"busy"}
+    second = claim(store, limit=10, run_length=10)
+    assert [k for k, _ in keys_and_seqs(second)] == ["other"]
+
+
+def test_expired_lease_is_taken_over_from_the_keys_first_row(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="k") for _ in range(4)])
+    crashed = store.claim(
+        owner="crashed",
+        limit=10,
+        run_length=2,
+        now=NOW - dt.timedelta(minutes=5),
+        lease_until=NOW - dt.timedelta(minutes=4),
+        dead_letters_hold_key=True,
+    )
+    assert len(crashed.events) == 2
+    takeover = claim(store, run_length=10)
+    assert [s for _, s in keys_and_seqs(takeover)] == [e.seq for e in crashed.events] + [
+        s for _, s in keys_and_seqs(takeover)
+    ][2:]
+    assert len(takeover.events) == 4
+
+
+def test_concurrent_claims_never_share_a_row(pg_engine: sa.Engine, outbox_schema: Outbox) -> None:
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i % 50}") for i in range(2000)])
+    claims: list[Claim] = []
+    lock = threading.Lock()
+
+    def claimer() -> None:
+        store = Store(pg_engine, outbox_schema, db_timeout=10)
+        for _ in range(10):
+            c = claim(store, limit=50, run_length=5)
+            with lock:
+                claims.append(c)
+
+    threads = [threading.Thread(target=claimer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    seqs = [e.seq for c in claims for e in c.events]
+    assert len(seqs) == len(set(seqs))
+    # Oldest first: the first claim takes each key's first row; then every key is busy.
+    keys = [e.key for c in claims for e in c.events]
+    assert sorted(keys) == sorted(f"k{i}" for i in range(50))
