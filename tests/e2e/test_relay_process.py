@@ -1,0 +1,149 @@
+"""`outbox-relay run` as real processes: several at once, killed, stopped."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import sqlalchemy as sa
+
+from outbox import Outbox
+from tests.support.history import Delivery, check_history
+from tests.support.rabbit import QueueTap, unique_name
+from tests.support.relays import (
+    interleaved_events,
+    start_relay_process,
+    stop_process,
+    write_events,
+    written,
+)
+
+FAST = ["--poll-interval", "0.2s", "--lease", "3s"]
+
+
+def _drain_unique(tap: QueueTap, count: int, timeout: float) -> list[Delivery]:
+    """Drain until `count` distinct message ids arrived (duplicates do not count)."""
+    deadline = time.monotonic() + timeout
+    deliveries = tap.drain(expected=count, timeout=5)
+    while len({d.message_id for d in deliveries}) < count and time.monotonic() < deadline:
+        missing = count - len({d.message_id for d in deliveries})
+        deliveries = tap.drain(expected=len(deliveries) + missing, timeout=5)
+    return deliveries
+
+
+def _leased(engine: sa.Engine, box: Outbox) -> int:
+    t = box.events
+    with engine.connect() as conn:
+        return int(conn.scalar(sa.select(sa.func.count()).where(t.c.claim_token.is_not(None))) or 0)
+
+
+def _by_status(engine: sa.Engine, box: Outbox) -> dict[str, int]:
+    t = box.events
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)).all())  # type: ignore[arg-type]
+
+
+def test_two_relay_processes_share_the_work_and_keep_key_order(
+    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+) -> None:
+    assert outbox_schema.schema is not None
+    with QueueTap(amqp_url) as tap:
+        exchange = tap.declare_exchange(unique_name("ex"))
+        tap.bind(exchange)
+        write_events(pg_engine, outbox_schema, interleaved_events(10_000, keys=100))
+        names = [unique_name("relay-a"), unique_name("relay-b")]
+        relays = [
+            start_relay_process(
+                database_url=pg_url,
+                amqp_url=amqp_url,
+                schema=outbox_schema.schema,
+                exchange=exchange,
+                name=name,
+                # Small claims, so that both relays find free keys.
+                extra=[*FAST, "--batch-size", "100", "--run-length", "10"],
+            )
+            for name in names
+        ]
+        try:
+            deliveries = tap.drain(expected=10_000, timeout=30)
+        finally:
+            results = [stop_process(p) for p in relays]
+        for code, output in results:
+            assert code == 0, output
+        check_history(written(pg_engine, outbox_schema), deliveries).assert_ok()
+        t = outbox_schema.events
+        with pg_engine.connect() as conn:
+            workers = set(conn.scalars(sa.select(t.c.claimed_by).distinct()))
+        assert workers == set(names)  # both relays published events
+        assert _by_status(pg_engine, outbox_schema) == {"published": 10_000}
+
+
+def test_sigkilled_relay_loses_nothing_after_restart(
+    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+) -> None:
+    assert outbox_schema.schema is not None
+    with QueueTap(amqp_url) as tap:
+        exchange = tap.declare_exchange(unique_name("ex"))
+        tap.bind(exchange)
+        write_events(pg_engine, outbox_schema, interleaved_events(6_000, keys=100))
+        first = start_relay_process(
+            database_url=pg_url,
+            amqp_url=amqp_url,
+            schema=outbox_schema.schema,
+            exchange=exchange,
+            name=unique_name("doomed"),
+            extra=FAST,
+        )
+        tap.drain(expected=1_500, timeout=30)
+        first.send_signal(signal.SIGKILL)  # mid-batch: rows leased, confirms in flight
+        first.wait(10)
+        stop_process(first)  # collects its output and closes the pipe
+        assert _leased(pg_engine, outbox_schema) > 0
+        second = start_relay_process(
+            database_url=pg_url,
+            amqp_url=amqp_url,
+            schema=outbox_schema.schema,
+            exchange=exchange,
+            name=unique_name("successor"),
+            extra=FAST,
+        )
+        try:
+            # The killed relay's leased rows come back once its lease (3 s) runs out.
+            deliveries = _drain_unique(tap, 6_000, timeout=60)
+        finally:
+            code, output = stop_process(second)
+        assert code == 0, output
+        report = check_history(written(pg_engine, outbox_schema), deliveries)
+        report.assert_ok(max_duplicates=1000)  # at most the killed relay's in-flight window
+        assert _by_status(pg_engine, outbox_schema) == {"published": 6_000}
+
+
+def test_sigterm_drains_and_exits_0_with_nothing_left_in_flight(
+    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+) -> None:
+    assert outbox_schema.schema is not None
+    with QueueTap(amqp_url) as tap:
+        exchange = tap.declare_exchange(unique_name("ex"))
+        tap.bind(exchange)
+        write_events(pg_engine, outbox_schema, interleaved_events(20_000, keys=100))
+        relay = start_relay_process(
+            database_url=pg_url,
+            amqp_url=amqp_url,
+            schema=outbox_schema.schema,
+            exchange=exchange,
+            name=unique_name("term"),
+            extra=FAST,
+        )
+        tap.drain(expected=1_000, timeout=30)
+        started = time.monotonic()
+        code, output = stop_process(relay)
+        assert code == 0, output
+        assert time.monotonic() - started < 15
+        assert "draining" in output
+        # Nothing stays leased: what was confirmed is recorded, the rest given back.
+        assert _leased(pg_engine, outbox_schema) == 0
+        deliveries = tap.drain(expected=20_001, timeout=2)
+        published = _by_status(pg_engine, outbox_schema).get("published", 0)
+        # Every confirmed event was recorded as published, and nothing else was.
+        assert published == len({d.message_id for d in deliveries})
+        assert published < 20_000
