@@ -1,4 +1,9 @@
-"""Exponential backoff with jitter, for rows waiting to be retried and for outages."""
+"""Exponential backoff with jitter, for rows waiting to be retried and for outages.
+
+Calls retried in place (the publisher's reconnect loop) use tenacity. Rows and outages are
+not retried in place: the relay *schedules* them and goes on with other work, so the delay is
+computed here, from a random source that tests can seed.
+"""
 
 from __future__ import annotations
 

@@ -8,9 +8,10 @@ import time
 import sqlalchemy as sa
 
 from outbox import Outbox
-from tests.support.history import Delivery, check_history
+from tests.support.history import check_history
 from tests.support.rabbit import QueueTap, unique_name
 from tests.support.relays import (
+    drain_distinct,
     interleaved_events,
     start_relay_process,
     stop_process,
@@ -19,16 +20,6 @@ from tests.support.relays import (
 )
 
 FAST = ["--poll-interval", "0.2s", "--lease", "3s"]
-
-
-def _drain_unique(tap: QueueTap, count: int, timeout: float) -> list[Delivery]:
-    """Drain until `count` distinct message ids arrived (duplicates do not count)."""
-    deadline = time.monotonic() + timeout
-    deliveries = tap.drain(expected=count, timeout=5)
-    while len({d.message_id for d in deliveries}) < count and time.monotonic() < deadline:
-        missing = count - len({d.message_id for d in deliveries})
-        deliveries = tap.drain(expected=len(deliveries) + missing, timeout=5)
-    return deliveries
 
 
 def _leased(engine: sa.Engine, box: Outbox) -> int:
@@ -109,7 +100,7 @@ def test_sigkilled_relay_loses_nothing_after_restart(
         )
         try:
             # The killed relay's leased rows come back once its lease (3 s) runs out.
-            deliveries = _drain_unique(tap, 6_000, timeout=60)
+            deliveries = drain_distinct(tap, 6_000, timeout=60)
         finally:
             code, output = stop_process(second)
         assert code == 0, output

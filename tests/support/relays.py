@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from outbox import Event, Outbox
 from relay.app import build_relay
 from relay.relay import Relay
 from relay.settings import RelaySettings
-from tests.support.history import Written
+from tests.support.history import Delivery, Written
+from tests.support.rabbit import QueueTap
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,6 +42,19 @@ def written(engine: sa.Engine, box: Outbox) -> list[Written]:
     with engine.connect() as conn:
         rows = conn.execute(sa.select(t.c.id, t.c.key, t.c.seq).order_by(t.c.seq))
         return [Written(id=str(r.id), key=r.key, seq=r.seq) for r in rows]
+
+
+def drain_distinct(tap: QueueTap, count: int, timeout: float) -> list[Delivery]:
+    """Drain until `count` distinct message ids arrived: duplicates do not count towards it.
+
+    `timeout` bounds the whole wait; each drain round gives up after 5 s without a message.
+    """
+    deadline = time.monotonic() + timeout
+    deliveries = tap.drain(expected=count, timeout=5)
+    while len({d.message_id for d in deliveries}) < count and time.monotonic() < deadline:
+        missing = count - len({d.message_id for d in deliveries})
+        deliveries = tap.drain(expected=len(deliveries) + missing, timeout=5)
+    return deliveries
 
 
 @contextlib.contextmanager

@@ -1,0 +1,628 @@
+"""Operator queries: what the CLI's `status`, `dead ...`, `purge` and `health` commands run.
+
+Every statement is SQLAlchemy Core and dialect-neutral (PostgreSQL and SQLite). Reads are one
+query each; repairs touching many rows work in bounded batches (`batch_size` rows per
+transaction) in write order, so a requeue or purge of a million dead letters never holds a
+long transaction, and report progress through a callback. A repair that names events by id is
+all or nothing: one unknown or non-dead id and nothing changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
+from relay.errors import ConfigError, NotFoundError, RelayError
+from relay.store import translate_db_error
+
+BATCH_SIZE = 1000
+ACTIVE_RELAY_WINDOW = 30.0
+"""A relay whose heartbeat is older than this many seconds is not listed as active."""
+
+Progress = Callable[[int], None]
+"""Called after each committed batch with the number of rows it changed."""
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite keeps no time zone: the relay and the writer store UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    aware = as_utc(value)
+    return aware.isoformat() if aware is not None else None
+
+
+# -- values ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ActiveRelay:
+    name: str
+    host: str
+    pid: int
+    started_at: dt.datetime
+    heartbeat_at: dt.datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "host": self.host,
+            "pid": self.pid,
+            "started_at": iso(self.started_at),
+            "heartbeat_at": iso(self.heartbeat_at),
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboxGauges:
+    """The cheap numbers a metrics scrape needs (one query)."""
+
+    pending: int
+    dead: int
+    oldest_pending_age: float | None  # seconds; None when nothing is pending
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    table: str
+    checked_at: dt.datetime
+    pending: int  # every pending row, including the two below
+    in_flight: int  # pending and leased by a relay
+    waiting_retry: int  # pending, not leased, next attempt in the future
+    dead: int
+    published: int  # kept for retention
+    oldest_pending_age: float | None
+    keys_held_back: int  # keys whose later rows wait behind a dead or retry-waiting row
+    relays: tuple[ActiveRelay, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "checked_at": iso(self.checked_at),
+            "pending": self.pending,
+            "in_flight": self.in_flight,
+            "waiting_retry": self.waiting_retry,
+            "dead": self.dead,
+            "published": self.published,
+            "oldest_pending_age_seconds": self.oldest_pending_age,
+            "keys_held_back": self.keys_held_back,
+            "active_relays": [relay.to_json() for relay in self.relays],
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Selector:
+    """Which dead letters an operator means: ids, everything, or filters (combined with AND)."""
+
+    ids: tuple[uuid.UUID, ...] = ()
+    everything: bool = False
+    type: str | None = None
+    key: str | None = None
+    since: dt.datetime | None = None  # last failure at or after this time
+
+    def __post_init__(self) -> None:
+        filters = self.type is not None or self.key is not None or self.since is not None
+        if self.ids and (self.everything or filters):
+            raise ConfigError("event ids cannot be combined with --all, --type, --key or --since")
+        if self.everything and filters:
+            raise ConfigError("--all cannot be combined with --type, --key or --since")
+        if not (self.ids or self.everything or filters):
+            raise ConfigError(
+                "say which dead letters: event ids, --all, or --type/--key/--since filters"
+            )
+        object.__setattr__(self, "ids", tuple(dict.fromkeys(self.ids)))
+
+    @classmethod
+    def filters(
+        cls,
+        *,
+        type: str | None = None,
+        key: str | None = None,
+        since: dt.datetime | None = None,
+    ) -> Selector | None:
+        """A selector for listing: None (no filter) when nothing is given."""
+        if type is None and key is None and since is None:
+            return None
+        return cls(type=type, key=key, since=since)
+
+    def describe(self) -> str:
+        if self.ids:
+            return f"{len(self.ids)} named dead letter{'s' if len(self.ids) != 1 else ''}"
+        if self.everything:
+            return "all dead letters"
+        parts = []
+        if self.type is not None:
+            parts.append(f"type {self.type!r}")
+        if self.key is not None:
+            parts.append(f"key {self.key!r}")
+        if self.since is not None:
+            parts.append(f"last failure since {iso(self.since)}")
+        return "dead letters with " + " and ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    seq: int
+    id: uuid.UUID
+    type: str
+    key: str | None
+    routing_key: str
+    attempts: int
+    last_error: str | None
+    occurred_at: dt.datetime
+    last_failed_at: dt.datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "seq": self.seq,
+            "type": self.type,
+            "key": self.key,
+            "routing_key": self.routing_key,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "occurred_at": iso(self.occurred_at),
+            "last_failed_at": iso(self.last_failed_at),
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FailureRecord:
+    attempt: int
+    failed_at: dt.datetime
+    relay: str | None
+    error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt,
+            "failed_at": iso(self.failed_at),
+            "relay": self.relay,
+            "error": self.error,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EventDetail:
+    """One outbox row in full, with its failure history (oldest first)."""
+
+    row: dict[str, Any]
+    failures: tuple[FailureRecord, ...]
+
+    @property
+    def id(self) -> uuid.UUID:
+        value: uuid.UUID = self.row["id"]
+        return value
+
+    @property
+    def status(self) -> str:
+        return str(self.row["status"])
+
+    def to_json(self) -> dict[str, Any]:
+        row = self.row
+        out: dict[str, Any] = {}
+        for name, value in row.items():
+            if name in ("claim_token",):
+                continue
+            if isinstance(value, dt.datetime):
+                out[name] = iso(value)
+            elif isinstance(value, uuid.UUID):
+                out[name] = str(value)
+            else:
+                out[name] = value
+        out["payload"] = _json_or_text(row["payload"])
+        out["headers"] = _json_or_text(row["headers"]) if row["headers"] else {}
+        out["failures"] = [failure.to_json() for failure in self.failures]
+        return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """What a requeue or purge would touch, counted before anything changes.
+
+    The repair stops at `last_seq`: rows that die after the operator confirmed are left alone.
+    """
+
+    selector: Selector
+    count: int
+    keys: int
+    last_seq: int | None
+
+
+def _json_or_text(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+# -- the queries -------------------------------------------------------------------------------
+
+
+class Admin:
+    """Operator queries on one outbox. `engine` may be shared with a running relay."""
+
+    def __init__(self, engine: sa.Engine, outbox: Outbox, *, batch_size: int = BATCH_SIZE) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be 1 or more, got {batch_size}")
+        self.engine = engine
+        self.outbox = outbox
+        self.batch_size = batch_size
+        self._postgres = engine.dialect.name == "postgresql"
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except sa.exc.DBAPIError as exc:
+            error = translate_db_error(exc)
+            if isinstance(error, RelayError):
+                raise error from exc
+            raise
+
+    def create_tables(self) -> None:
+        """Create what is missing of the outbox (tables, indexes, triggers); idempotent."""
+        try:
+            self.outbox.create(self.engine)
+        except sa.exc.DBAPIError as exc:
+            error = translate_db_error(exc)
+            if isinstance(error, RelayError):
+                raise error from exc
+            raise
+
+    def check(self) -> None:
+        """Raise unless the database answers and the outbox tables exist."""
+        with self._transaction() as conn:
+            conn.execute(sa.select(self.outbox.events.c.seq).limit(1))
+            conn.execute(sa.select(self.outbox.failures.c.id).limit(1))
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def gauges(self, now: dt.datetime | None = None) -> OutboxGauges:
+        """Pending and dead counts and the oldest pending event's age, in one query that only
+        reads pending and dead rows (their partial indexes), never the published ones."""
+        now = now or utcnow()
+        t = self.outbox.events
+        pending = t.c.status == PENDING
+        query = sa.select(
+            sa.func.count().filter(pending),
+            sa.func.count().filter(t.c.status == DEAD),
+            sa.func.min(t.c.occurred_at).filter(pending),
+        ).where(sa.or_(t.c.status == PENDING, t.c.status == DEAD))
+        with self._transaction() as conn:
+            row = conn.execute(query).one()
+        return OutboxGauges(pending=row[0], dead=row[1], oldest_pending_age=_age(now, row[2]))
+
+    def status(self, now: dt.datetime | None = None) -> OutboxStatus:
+        now = now or utcnow()
+        t = self.outbox.events
+        pending = t.c.status == PENDING
+        leased = sa.and_(pending, t.c.lease_until > now)
+        not_leased = sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now)
+        waiting = sa.and_(pending, not_leased, t.c.next_attempt_at > now)
+        counts = sa.select(
+            sa.func.count().filter(pending),
+            sa.func.count().filter(leased),
+            sa.func.count().filter(waiting),
+            sa.func.count().filter(t.c.status == DEAD),
+            sa.func.count().filter(t.c.status == PUBLISHED),
+            sa.func.min(t.c.occurred_at).filter(pending),
+        )
+        blocker, later = t.alias("blocker"), t.alias("later")
+        held = sa.select(sa.func.count(sa.distinct(blocker.c.key))).where(
+            blocker.c.key.is_not(None),
+            sa.or_(
+                blocker.c.status == DEAD,
+                sa.and_(blocker.c.status == PENDING, blocker.c.next_attempt_at > now),
+            ),
+            sa.exists().where(
+                later.c.key == blocker.c.key,
+                later.c.status == PENDING,
+                later.c.seq > blocker.c.seq,
+            ),
+        )
+        r = self.outbox.relays
+        relays = (
+            sa.select(r)
+            .where(r.c.heartbeat_at >= now - dt.timedelta(seconds=ACTIVE_RELAY_WINDOW))
+            .order_by(r.c.name)
+        )
+        with self._transaction() as conn:
+            row = conn.execute(counts).one()
+            keys_held = conn.execute(held).scalar_one()
+            active = conn.execute(relays).mappings().all()
+        return OutboxStatus(
+            table=self.outbox.qualified_name,
+            checked_at=now,
+            pending=row[0],
+            in_flight=row[1],
+            waiting_retry=row[2],
+            dead=row[3],
+            published=row[4],
+            oldest_pending_age=_age(now, row[5]),
+            keys_held_back=keys_held,
+            relays=tuple(
+                ActiveRelay(
+                    name=a["name"],
+                    host=a["host"],
+                    pid=a["pid"],
+                    started_at=a["started_at"],
+                    heartbeat_at=a["heartbeat_at"],
+                )
+                for a in active
+            ),
+        )
+
+    def dead_letters(self, selector: Selector | None = None, *, limit: int) -> list[DeadLetter]:
+        """Dead letters in write order (the order they would be published again)."""
+        t, f = self.outbox.events, self.outbox.failures
+        last_failed = (
+            sa.select(sa.func.max(f.c.failed_at))
+            .where(f.c.event_id == t.c.id)
+            .scalar_subquery()
+            .label("last_failed_at")
+        )
+        query = (
+            sa.select(
+                t.c.seq,
+                t.c.id,
+                t.c.type,
+                t.c.key,
+                t.c.routing_key,
+                t.c.attempts,
+                t.c.last_error,
+                t.c.occurred_at,
+                last_failed,
+            )
+            .where(*self._dead_filters(selector))
+            .order_by(t.c.seq)
+            .limit(limit)
+        )
+        with self._transaction() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [
+            DeadLetter(
+                seq=row["seq"],
+                id=row["id"],
+                type=row["type"],
+                key=row["key"],
+                routing_key=row["routing_key"],
+                attempts=row["attempts"],
+                last_error=row["last_error"],
+                occurred_at=row["occurred_at"],
+                last_failed_at=_datetime(row["last_failed_at"]),
+            )
+            for row in rows
+        ]
+
+    def event(self, event_id: uuid.UUID) -> EventDetail:
+        """One event in full (whatever its status) with its failure history."""
+        t, f = self.outbox.events, self.outbox.failures
+        with self._transaction() as conn:
+            row = conn.execute(sa.select(t).where(t.c.id == event_id)).mappings().first()
+            if row is None:
+                raise NotFoundError(
+                    f"event {event_id} does not exist (outbox table {self.outbox.qualified_name})"
+                )
+            failures = conn.execute(
+                sa.select(f).where(f.c.event_id == event_id).order_by(f.c.failed_at, f.c.id)
+            ).mappings()
+            history = tuple(
+                FailureRecord(
+                    attempt=h["attempt"],
+                    failed_at=h["failed_at"],
+                    relay=h["relay"],
+                    error=h["error"],
+                )
+                for h in failures
+            )
+        return EventDetail(row=dict(row), failures=history)
+
+    def plan(self, selector: Selector) -> Plan:
+        """Count what `selector` names; for ids, raise NotFoundError unless every one is dead."""
+        t = self.outbox.events
+        with self._transaction() as conn:
+            if selector.ids:
+                rows = self._check_ids(conn, selector.ids, lock=False)
+                return Plan(
+                    selector=selector,
+                    count=len(rows),
+                    keys=len({row.key for row in rows if row.key is not None}),
+                    last_seq=max(row.seq for row in rows),
+                )
+            row = conn.execute(
+                sa.select(
+                    sa.func.count(), sa.func.count(sa.distinct(t.c.key)), sa.func.max(t.c.seq)
+                ).where(*self._dead_filters(selector))
+            ).one()
+        return Plan(selector=selector, count=row[0], keys=row[1], last_seq=row[2])
+
+    # -- repairs -------------------------------------------------------------------------------
+
+    def requeue(self, plan: Plan, progress: Progress | None = None) -> int:
+        """Make the planned dead letters pending again: same id, same seq (so the same place in
+        their key's order), attempts 0, no retry time, no lease. Returns how many."""
+        t = self.outbox.events
+        values = {
+            "status": PENDING,
+            "attempts": 0,
+            "next_attempt_at": None,
+            "claim_token": None,
+            "claimed_by": None,
+            "lease_until": None,
+        }
+
+        def apply(conn: Connection, rows: Sequence[Any]) -> int:
+            seqs = [row.seq for row in rows]
+            changed = conn.execute(
+                sa.update(t).where(t.c.seq.in_(seqs), t.c.status == DEAD).values(values)
+            ).rowcount
+            if self._postgres and changed:
+                # The insert trigger is what normally wakes relays; an update does not fire it.
+                conn.execute(sa.select(sa.func.pg_notify(self.outbox.channel, "")))
+            return int(changed)
+
+        return self._in_batches(plan, apply, progress)
+
+    def purge_dead(self, plan: Plan, progress: Progress | None = None) -> int:
+        """Delete the planned dead letters and their failure history. Returns how many."""
+        t, f = self.outbox.events, self.outbox.failures
+
+        def apply(conn: Connection, rows: Sequence[Any]) -> int:
+            seqs = [row.seq for row in rows]
+            ids = [row.id for row in rows]
+            deleted = conn.execute(
+                sa.delete(t).where(t.c.seq.in_(seqs), t.c.status == DEAD)
+            ).rowcount
+            conn.execute(sa.delete(f).where(f.c.event_id.in_(ids)))
+            return int(deleted)
+
+        return self._in_batches(plan, apply, progress)
+
+    def count_published(self, before: dt.datetime) -> int:
+        t = self.outbox.events
+        with self._transaction() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(
+                        t.c.status == PUBLISHED, t.c.published_at < before
+                    )
+                ).scalar_one()
+            )
+
+    def purge_published(self, before: dt.datetime, progress: Progress | None = None) -> int:
+        """Delete rows published before `before` (and any failure history), in batches."""
+        t, f = self.outbox.events, self.outbox.failures
+        total = 0
+        while True:
+            with self._transaction() as conn:
+                rows = conn.execute(
+                    sa.select(t.c.seq, t.c.id)
+                    .where(t.c.status == PUBLISHED, t.c.published_at < before)
+                    .order_by(t.c.seq)
+                    .limit(self.batch_size)
+                ).all()
+                if not rows:
+                    break
+                deleted = conn.execute(
+                    sa.delete(t).where(
+                        t.c.seq.in_([row.seq for row in rows]), t.c.status == PUBLISHED
+                    )
+                ).rowcount
+                conn.execute(sa.delete(f).where(f.c.event_id.in_([row.id for row in rows])))
+            total += int(deleted)
+            if progress is not None:
+                progress(int(deleted))
+            if len(rows) < self.batch_size:
+                break
+        return total
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _dead_filters(self, selector: Selector | None) -> list[sa.ColumnElement[bool]]:
+        t, f = self.outbox.events, self.outbox.failures
+        conditions: list[sa.ColumnElement[bool]] = [t.c.status == DEAD]
+        if selector is None:
+            return conditions
+        if selector.ids:
+            conditions.append(t.c.id.in_(selector.ids))
+        if selector.type is not None:
+            conditions.append(t.c.type == selector.type)
+        if selector.key is not None:
+            conditions.append(t.c.key == selector.key)
+        if selector.since is not None:
+            conditions.append(
+                sa.exists().where(f.c.event_id == t.c.id, f.c.failed_at >= selector.since)
+            )
+        return conditions
+
+    def _check_ids(self, conn: Connection, ids: Sequence[uuid.UUID], *, lock: bool) -> list[Any]:
+        t = self.outbox.events
+        query = sa.select(t.c.seq, t.c.id, t.c.key, t.c.status).where(t.c.id.in_(ids))
+        if lock:
+            query = query.order_by(t.c.seq).with_for_update()
+        rows = conn.execute(query).all()
+        found = {row.id: row for row in rows}
+        problems = [f"event {i} does not exist" for i in ids if i not in found]
+        problems += [
+            f"event {row.id} is {row.status}, not dead" for row in rows if row.status != DEAD
+        ]
+        if problems:
+            raise NotFoundError("; ".join(problems) + ": nothing was changed")
+        return sorted(rows, key=lambda row: row.seq)
+
+    def _in_batches(
+        self,
+        plan: Plan,
+        apply: Callable[[Connection, Sequence[Any]], int],
+        progress: Progress | None,
+    ) -> int:
+        t = self.outbox.events
+        if plan.count == 0 or plan.last_seq is None:
+            return 0
+        if plan.selector.ids:
+            # Named rows: all or nothing, in one transaction, checked again under a row lock.
+            with self._transaction() as conn:
+                rows: Sequence[Any] = self._check_ids(conn, plan.selector.ids, lock=True)
+                done = apply(conn, rows)
+            if progress is not None:
+                progress(done)
+            return done
+        total, after = 0, None
+        while True:
+            conditions = [*self._dead_filters(plan.selector), t.c.seq <= plan.last_seq]
+            if after is not None:
+                # Walk forward in write order: a row that dies again meanwhile is not revisited.
+                conditions.append(t.c.seq > after)
+            with self._transaction() as conn:
+                rows = conn.execute(
+                    sa.select(t.c.seq, t.c.id)
+                    .where(*conditions)
+                    .order_by(t.c.seq)
+                    .limit(self.batch_size)
+                ).all()
+                if not rows:
+                    break
+                done = apply(conn, rows)
+            total += done
+            after = rows[-1].seq
+            if progress is not None:
+                progress(done)
+            if len(rows) < self.batch_size:
+                break
+        return total
+
+
+def _datetime(value: Any) -> dt.datetime | None:
+    """A scalar subquery loses the column type on SQLite, which then returns text."""
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromisoformat(str(value))
+
+
+def _age(now: dt.datetime, oldest: Any) -> float | None:
+    moment = as_utc(_datetime(oldest))
+    if moment is None:
+        return None
+    return max(0.0, (now - moment).total_seconds())

@@ -1,0 +1,178 @@
+"""`outbox-relay` as real processes on the real PostgreSQL and RabbitMQ: a dead letter made by
+an unroutable routing key is listed, shown, requeued once the queue is bound, and arrives with
+its original message_id; the demo passes; startup errors exit with their documented codes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+
+import pika
+import pika.exceptions
+import pytest
+import sqlalchemy as sa
+
+from outbox import Event, Outbox
+from tests.support.rabbit import QueueTap, unique_name
+from tests.support.relays import relay_env, start_relay_process, stop_process, write_events
+
+pytestmark = pytest.mark.slow
+
+
+def outbox_relay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay.cli", *args],
+        env=relay_env(env or {}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def dead_count(engine: sa.Engine, box: Outbox) -> int:
+    t = box.events
+    with engine.connect() as conn:
+        query = sa.select(sa.func.count()).where(t.c.status == "dead")
+        return int(conn.execute(query).scalar_one())
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def test_unroutable_event_dies_is_requeued_after_binding_and_arrives_with_its_id(
+    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+) -> None:
+    assert outbox_schema.schema is not None
+    env = {"OUTBOX_DATABASE_URL": pg_url, "OUTBOX_SCHEMA": outbox_schema.schema}
+    order = Event(type="order.placed", key="order:1", payload={"total": "9.99"})
+    invoice = Event(type="invoice.created", key="invoice:1", payload={"order": 1})
+    port = free_port()
+    with QueueTap(amqp_url) as tap:
+        # Given: a relay process, and a queue bound to order events only.
+        exchange = tap.declare_exchange(unique_name("ex"))
+        tap.bind(exchange, "order.#")
+        relay = start_relay_process(
+            database_url=pg_url,
+            amqp_url=amqp_url,
+            schema=outbox_schema.schema,
+            exchange=exchange,
+            name=unique_name("relay"),
+            extra=[
+                *("--max-attempts", "2", "--retry-min", "0.05s", "--retry-max", "0.1s"),
+                *("--lease", "5s", "--poll-interval", "0.2s"),
+                *("--metrics-port", str(port), "--metrics-address", "127.0.0.1"),
+            ],
+        )
+        try:
+            # When: an order event and an unroutable invoice event are committed.
+            write_events(pg_engine, outbox_schema, [order, invoice])
+            first = tap.drain(expected=1, timeout=15)
+            assert [d.message_id for d in first] == [str(order.id)]
+            wait_for(lambda: dead_count(pg_engine, outbox_schema) == 1, 15, "the dead letter")
+
+            # Then: it is listed, and shown with its error history.
+            listed = outbox_relay("dead", "list", "--json", env=env)
+            assert listed.returncode == 0, listed.stderr
+            (letter,) = json.loads(listed.stdout)
+            assert letter["id"] == str(invoice.id) and letter["attempts"] == 2
+            assert "unroutable" in letter["last_error"]
+            shown = outbox_relay("dead", "show", str(invoice.id), "--json", env=env)
+            assert shown.returncode == 0, shown.stderr
+            detail = json.loads(shown.stdout)
+            assert detail["payload"] == {"order": 1}
+            assert [f["attempt"] for f in detail["failures"]] == [1, 2]
+            status = json.loads(outbox_relay("status", "--json", env=env).stdout)
+            assert status["dead"] == 1 and len(status["active_relays"]) == 1
+
+            metrics = scrape(port)
+            assert (
+                'outbox_relay_events_dead_lettered_total{event_type="invoice.created"} 1.0'
+                in metrics
+            )
+            assert 'outbox_relay_events_published_total{event_type="order.placed"} 1.0' in metrics
+            assert "outbox_relay_dead_events 1.0" in metrics
+
+            # When: the queue is bound for invoices and the dead letter is requeued.
+            tap.bind(exchange, "invoice.#")
+            requeued = outbox_relay("dead", "requeue", str(invoice.id), "--yes", env=env)
+            assert requeued.returncode == 0, requeued.stderr
+            assert "requeued 1 dead letter" in requeued.stdout
+
+            # Then: it arrives, with its original message_id.
+            deliveries = tap.drain(expected=2, timeout=15)
+        finally:
+            code, output = stop_process(relay)
+    assert [d.message_id for d in deliveries] == [str(order.id), str(invoice.id)]
+    _, properties, body = tap.raw[1]
+    assert properties.message_id == str(invoice.id)
+    assert properties.headers["ordering-key"] == "invoice:1"
+    assert json.loads(body) == {"order": 1}
+    assert dead_count(pg_engine, outbox_schema) == 0
+    assert code == 0, output
+
+
+def test_requeue_of_an_unknown_id_exits_1_and_changes_nothing(
+    pg_url: str, outbox_schema: Outbox
+) -> None:
+    assert outbox_schema.schema is not None
+    env = {"OUTBOX_DATABASE_URL": pg_url, "OUTBOX_SCHEMA": outbox_schema.schema}
+    result = outbox_relay("dead", "requeue", "0190a6c2-0000-7000-8000-000000000000", env=env)
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr and "nothing was changed" in result.stderr
+
+
+def test_demo_delivers_every_committed_event_in_order_and_cleans_up(
+    pg_url: str, amqp_url: str, schema_name: str
+) -> None:
+    result = outbox_relay(
+        "demo", "--database-url", pg_url, "--amqp-url", amqp_url, "--schema", schema_name
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "result       OK" in result.stdout
+    assert "rolled back  1 event (not delivered, as it must be)" in result.stdout
+    assert "written      15 events committed" in result.stdout
+    assert "duplicates   0" in result.stdout
+    # The demo's exchange is gone (it deleted what it created, nothing else).
+    exchange = result.stdout.split("exchange ", 1)[1].split()[0]
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as error:
+            connection.channel().exchange_declare(exchange, passive=True)
+        assert error.value.reply_code == 404
+    finally:
+        connection.close()
+
+
+def test_run_exits_with_documented_codes_on_startup_errors(amqp_url: str) -> None:
+    env = {
+        "OUTBOX_AMQP_URL": amqp_url,
+        "OUTBOX_DATABASE_URL": "postgresql://u:s3cret@127.0.0.1:1/x",
+    }
+    unreachable = outbox_relay("run", env=env)
+    assert unreachable.returncode == 3
+    assert "postgresql://u:***@127.0.0.1:1/x" in unreachable.stderr
+    assert "OUTBOX_DATABASE_URL" in unreachable.stderr and "s3cret" not in unreachable.stderr
+    bad = outbox_relay("run", "--lease", "1s", env=env)
+    assert bad.returncode == 2 and "--lease must be at least 2 seconds" in bad.stderr
