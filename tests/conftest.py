@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from outbox import Outbox
+from tests.support.rabbit import QueueTap, unique_name
 
 PG_ADMIN_DSN = os.environ.get(
     "OUTBOX_TEST_PG_ADMIN_DSN", "host=127.0.0.1 user=root dbname=postgres"
@@ -67,6 +68,15 @@ def outbox_schema(pg_engine: sa.Engine, schema_name: str) -> Outbox:
     outbox = Outbox(schema=schema_name)
     outbox.create(pg_engine)
     return outbox
+
+
+@pytest.fixture
+def tapped_exchange(amqp_url: str) -> Iterator[tuple[QueueTap, str]]:
+    """A fresh topic exchange with a tap queue bound to all of it (both deleted afterwards)."""
+    with QueueTap(amqp_url) as tap:
+        exchange = tap.declare_exchange(unique_name("ex"))
+        tap.bind(exchange)
+        yield tap, exchange
 
 
 @pytest.fixture

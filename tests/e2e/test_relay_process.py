@@ -35,106 +35,112 @@ def _by_status(engine: sa.Engine, box: Outbox) -> dict[str, int]:
 
 
 def test_two_relay_processes_share_the_work_and_keep_key_order(
-    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+    pg_engine: sa.Engine,
+    pg_url: str,
+    amqp_url: str,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
 ) -> None:
     assert outbox_schema.schema is not None
-    with QueueTap(amqp_url) as tap:
-        exchange = tap.declare_exchange(unique_name("ex"))
-        tap.bind(exchange)
-        write_events(pg_engine, outbox_schema, interleaved_events(10_000, keys=100))
-        names = [unique_name("relay-a"), unique_name("relay-b")]
-        relays = [
-            start_relay_process(
-                database_url=pg_url,
-                amqp_url=amqp_url,
-                schema=outbox_schema.schema,
-                exchange=exchange,
-                name=name,
-                # Small claims, so that both relays find free keys.
-                extra=[*FAST, "--batch-size", "100", "--run-length", "10"],
-            )
-            for name in names
-        ]
-        try:
-            deliveries = tap.drain(expected=10_000, timeout=30)
-        finally:
-            results = [stop_process(p) for p in relays]
-        for code, output in results:
-            assert code == 0, output
-        check_history(written(pg_engine, outbox_schema), deliveries).assert_ok()
-        t = outbox_schema.events
-        with pg_engine.connect() as conn:
-            workers = set(conn.scalars(sa.select(t.c.claimed_by).distinct()))
-        assert workers == set(names)  # both relays published events
-        assert _by_status(pg_engine, outbox_schema) == {"published": 10_000}
+    tap, exchange = tapped_exchange
+    write_events(pg_engine, outbox_schema, interleaved_events(10_000, keys=100))
+    names = [unique_name("relay-a"), unique_name("relay-b")]
+    relays = [
+        start_relay_process(
+            database_url=pg_url,
+            amqp_url=amqp_url,
+            schema=outbox_schema.schema,
+            exchange=exchange,
+            name=name,
+            # Small claims, so that both relays find free keys.
+            extra=[*FAST, "--batch-size", "100", "--run-length", "10"],
+        )
+        for name in names
+    ]
+    try:
+        deliveries = tap.drain(expected=10_000, timeout=30)
+    finally:
+        results = [stop_process(p) for p in relays]
+    for code, output in results:
+        assert code == 0, output
+    check_history(written(pg_engine, outbox_schema), deliveries).assert_ok()
+    t = outbox_schema.events
+    with pg_engine.connect() as conn:
+        workers = set(conn.scalars(sa.select(t.c.claimed_by).distinct()))
+    assert workers == set(names)  # both relays published events
+    assert _by_status(pg_engine, outbox_schema) == {"published": 10_000}
 
 
 def test_sigkilled_relay_loses_nothing_after_restart(
-    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+    pg_engine: sa.Engine,
+    pg_url: str,
+    amqp_url: str,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
 ) -> None:
     assert outbox_schema.schema is not None
-    with QueueTap(amqp_url) as tap:
-        exchange = tap.declare_exchange(unique_name("ex"))
-        tap.bind(exchange)
-        write_events(pg_engine, outbox_schema, interleaved_events(6_000, keys=100))
-        first = start_relay_process(
-            database_url=pg_url,
-            amqp_url=amqp_url,
-            schema=outbox_schema.schema,
-            exchange=exchange,
-            name=unique_name("doomed"),
-            extra=FAST,
-        )
-        tap.drain(expected=1_500, timeout=30)
-        first.send_signal(signal.SIGKILL)  # mid-batch: rows leased, confirms in flight
-        first.wait(10)
-        stop_process(first)  # collects its output and closes the pipe
-        assert _leased(pg_engine, outbox_schema) > 0
-        second = start_relay_process(
-            database_url=pg_url,
-            amqp_url=amqp_url,
-            schema=outbox_schema.schema,
-            exchange=exchange,
-            name=unique_name("successor"),
-            extra=FAST,
-        )
-        try:
-            # The killed relay's leased rows come back once its lease (3 s) runs out.
-            deliveries = drain_distinct(tap, 6_000, timeout=60)
-        finally:
-            code, output = stop_process(second)
-        assert code == 0, output
-        report = check_history(written(pg_engine, outbox_schema), deliveries)
-        report.assert_ok(max_duplicates=1000)  # at most the killed relay's in-flight window
-        assert _by_status(pg_engine, outbox_schema) == {"published": 6_000}
+    tap, exchange = tapped_exchange
+    write_events(pg_engine, outbox_schema, interleaved_events(6_000, keys=100))
+    first = start_relay_process(
+        database_url=pg_url,
+        amqp_url=amqp_url,
+        schema=outbox_schema.schema,
+        exchange=exchange,
+        name=unique_name("doomed"),
+        extra=FAST,
+    )
+    tap.drain(expected=1_500, timeout=30)
+    first.send_signal(signal.SIGKILL)  # mid-batch: rows leased, confirms in flight
+    first.wait(10)
+    stop_process(first)  # collects its output and closes the pipe
+    assert _leased(pg_engine, outbox_schema) > 0
+    second = start_relay_process(
+        database_url=pg_url,
+        amqp_url=amqp_url,
+        schema=outbox_schema.schema,
+        exchange=exchange,
+        name=unique_name("successor"),
+        extra=FAST,
+    )
+    try:
+        # The killed relay's leased rows come back once its lease (3 s) runs out.
+        deliveries = drain_distinct(tap, 6_000, timeout=60)
+    finally:
+        code, output = stop_process(second)
+    assert code == 0, output
+    report = check_history(written(pg_engine, outbox_schema), deliveries)
+    report.assert_ok(max_duplicates=1000)  # at most the killed relay's in-flight window
+    assert _by_status(pg_engine, outbox_schema) == {"published": 6_000}
 
 
 def test_sigterm_drains_and_exits_0_with_nothing_left_in_flight(
-    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+    pg_engine: sa.Engine,
+    pg_url: str,
+    amqp_url: str,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
 ) -> None:
     assert outbox_schema.schema is not None
-    with QueueTap(amqp_url) as tap:
-        exchange = tap.declare_exchange(unique_name("ex"))
-        tap.bind(exchange)
-        write_events(pg_engine, outbox_schema, interleaved_events(20_000, keys=100))
-        relay = start_relay_process(
-            database_url=pg_url,
-            amqp_url=amqp_url,
-            schema=outbox_schema.schema,
-            exchange=exchange,
-            name=unique_name("term"),
-            extra=FAST,
-        )
-        tap.drain(expected=1_000, timeout=30)
-        started = time.monotonic()
-        code, output = stop_process(relay)
-        assert code == 0, output
-        assert time.monotonic() - started < 15
-        assert "draining" in output
-        # Nothing stays leased: what was confirmed is recorded, the rest given back.
-        assert _leased(pg_engine, outbox_schema) == 0
-        deliveries = tap.drain(expected=20_001, timeout=2)
-        published = _by_status(pg_engine, outbox_schema).get("published", 0)
-        # Every confirmed event was recorded as published, and nothing else was.
-        assert published == len({d.message_id for d in deliveries})
-        assert published < 20_000
+    tap, exchange = tapped_exchange
+    write_events(pg_engine, outbox_schema, interleaved_events(20_000, keys=100))
+    relay = start_relay_process(
+        database_url=pg_url,
+        amqp_url=amqp_url,
+        schema=outbox_schema.schema,
+        exchange=exchange,
+        name=unique_name("term"),
+        extra=FAST,
+    )
+    tap.drain(expected=1_000, timeout=30)
+    started = time.monotonic()
+    code, output = stop_process(relay)
+    assert code == 0, output
+    assert time.monotonic() - started < 15
+    assert "draining" in output
+    # Nothing stays leased: what was confirmed is recorded, the rest given back.
+    assert _leased(pg_engine, outbox_schema) == 0
+    deliveries = tap.drain(expected=20_001, timeout=2)
+    published = _by_status(pg_engine, outbox_schema).get("published", 0)
+    # Every confirmed event was recorded as published, and nothing else was.
+    assert published == len({d.message_id for d in deliveries})
+    assert published < 20_000

@@ -44,21 +44,27 @@ def statuses(engine: sa.Engine, box: Outbox) -> dict[str, int]:
 
 
 def test_20000_events_over_100_keys_arrive_once_in_key_order(
-    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+    pg_engine: sa.Engine,
+    pg_url: str,
+    amqp_url: str,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
 ) -> None:
-    with QueueTap(amqp_url) as tap:
-        exchange = tap.declare_exchange(unique_name("ex"))
-        tap.bind(exchange)
-        write_events(pg_engine, outbox_schema, interleaved_events(20_000, keys=100))
-        with relay_thread(settings_for(pg_url, amqp_url, outbox_schema, exchange)):
-            deliveries = tap.drain(expected=20_000, timeout=20)
-        report = check_history(written(pg_engine, outbox_schema), deliveries)
-        report.assert_ok(max_duplicates=0)
-        assert statuses(pg_engine, outbox_schema) == {"published": 20_000}
+    tap, exchange = tapped_exchange
+    write_events(pg_engine, outbox_schema, interleaved_events(20_000, keys=100))
+    with relay_thread(settings_for(pg_url, amqp_url, outbox_schema, exchange)):
+        deliveries = tap.drain(expected=20_000, timeout=20)
+    report = check_history(written(pg_engine, outbox_schema), deliveries)
+    report.assert_ok(max_duplicates=0)
+    assert statuses(pg_engine, outbox_schema) == {"published": 20_000}
 
 
 def test_message_properties_on_the_wire(
-    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+    pg_engine: sa.Engine,
+    pg_url: str,
+    amqp_url: str,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
 ) -> None:
     event = Event(
         type="order.placed",
@@ -69,12 +75,10 @@ def test_message_properties_on_the_wire(
         correlation_id="req-1",
         version=2,
     )
-    with QueueTap(amqp_url) as tap:
-        exchange = tap.declare_exchange(unique_name("ex"))
-        tap.bind(exchange)
-        write_events(pg_engine, outbox_schema, [event])
-        with relay_thread(settings_for(pg_url, amqp_url, outbox_schema, exchange)):
-            tap.drain(expected=1, timeout=10)
+    tap, exchange = tapped_exchange
+    write_events(pg_engine, outbox_schema, [event])
+    with relay_thread(settings_for(pg_url, amqp_url, outbox_schema, exchange)):
+        tap.drain(expected=1, timeout=10)
     ((method, props, body),) = tap.raw
     assert method.routing_key == "order.placed"
     assert props.message_id == str(event.id)
@@ -92,50 +96,54 @@ def test_message_properties_on_the_wire(
 
 
 def test_late_commit_is_delivered_in_write_order(
-    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+    pg_engine: sa.Engine,
+    pg_url: str,
+    amqp_url: str,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
 ) -> None:
     """T1 writes the first event of key k and commits late; T2 writes the second meanwhile.
     The relay runs all along; k's events still arrive in write order."""
-    with QueueTap(amqp_url) as tap:
-        exchange = tap.declare_exchange(unique_name("ex"))
-        tap.bind(exchange)
-        with relay_thread(settings_for(pg_url, amqp_url, outbox_schema, exchange)):
-            first = pg_engine.connect()
-            first_event = Event(type="x.first", key="k")
-            outbox.write(first, first_event, outbox=outbox_schema)
-            second_event = Event(type="x.second", key="k")
+    tap, exchange = tapped_exchange
+    with relay_thread(settings_for(pg_url, amqp_url, outbox_schema, exchange)):
+        first = pg_engine.connect()
+        first_event = Event(type="x.first", key="k")
+        outbox.write(first, first_event, outbox=outbox_schema)
+        second_event = Event(type="x.second", key="k")
 
-            def second_writer() -> None:
-                with pg_engine.begin() as conn:
-                    outbox.write(conn, second_event, outbox=outbox_schema)
+        def second_writer() -> None:
+            with pg_engine.begin() as conn:
+                outbox.write(conn, second_event, outbox=outbox_schema)
 
-            writer = threading.Thread(target=second_writer)
-            writer.start()
-            # Other keys flow while T1 is open.
-            write_events(pg_engine, outbox_schema, [Event(type="x.other", key="other")])
-            assert len(tap.drain(expected=1, timeout=10)) == 1
-            time.sleep(0.3)  # give the relay every chance to (wrongly) publish k's second
-            first.commit()
-            first.close()
-            writer.join(10)
-            deliveries = tap.drain(expected=3, timeout=10)
+        writer = threading.Thread(target=second_writer)
+        writer.start()
+        # Other keys flow while T1 is open.
+        write_events(pg_engine, outbox_schema, [Event(type="x.other", key="other")])
+        assert len(tap.drain(expected=1, timeout=10)) == 1
+        time.sleep(0.3)  # give the relay every chance to (wrongly) publish k's second
+        first.commit()
+        first.close()
+        writer.join(10)
+        deliveries = tap.drain(expected=3, timeout=10)
     k = [d.message_id for d in deliveries if d.key == "k"]
     assert k == [str(first_event.id), str(second_event.id)]
     check_history(written(pg_engine, outbox_schema), deliveries).assert_ok()
 
 
 def test_rolled_back_events_are_never_published(
-    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+    pg_engine: sa.Engine,
+    pg_url: str,
+    amqp_url: str,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
 ) -> None:
-    with QueueTap(amqp_url) as tap:
-        exchange = tap.declare_exchange(unique_name("ex"))
-        tap.bind(exchange)
-        with relay_thread(settings_for(pg_url, amqp_url, outbox_schema, exchange)):
-            with pg_engine.connect() as conn:
-                doomed = outbox.write(conn, Event(type="x.doomed", key="k"), outbox=outbox_schema)
-                conn.rollback()
-            write_events(pg_engine, outbox_schema, [Event(type="x.kept", key="k")])
-            deliveries = tap.drain(expected=2, timeout=3)
+    tap, exchange = tapped_exchange
+    with relay_thread(settings_for(pg_url, amqp_url, outbox_schema, exchange)):
+        with pg_engine.connect() as conn:
+            doomed = outbox.write(conn, Event(type="x.doomed", key="k"), outbox=outbox_schema)
+            conn.rollback()
+        write_events(pg_engine, outbox_schema, [Event(type="x.kept", key="k")])
+        deliveries = tap.drain(expected=2, timeout=3)
     report = check_history(
         written(pg_engine, outbox_schema), deliveries, rolled_back=[str(i) for i in doomed]
     )
@@ -144,42 +152,46 @@ def test_rolled_back_events_are_never_published(
 
 
 def test_broker_connection_closed_mid_run_loses_nothing_and_keeps_order(
-    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+    pg_engine: sa.Engine,
+    pg_url: str,
+    amqp_url: str,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
 ) -> None:
-    with QueueTap(amqp_url) as tap:
-        exchange = tap.declare_exchange(unique_name("ex"))
-        tap.bind(exchange)
-        settings = settings_for(pg_url, amqp_url, outbox_schema, exchange)
-        write_events(pg_engine, outbox_schema, interleaved_events(10_000, keys=100))
-        with relay_thread(settings):
-            tap.drain(expected=2_000, timeout=20)
-            closed = 0
-            deadline = time.monotonic() + 10
-            while not closed and time.monotonic() < deadline:
-                closed = close_connection_named(f"outbox-relay:{settings.name}")
-            assert closed == 1
-            deliveries = drain_distinct(tap, 10_000, timeout=60)
-        report = check_history(written(pg_engine, outbox_schema), deliveries)
-        # A cut connection may duplicate what was in flight; never more than the window.
-        report.assert_ok(max_duplicates=settings.max_in_flight)
-        assert statuses(pg_engine, outbox_schema) == {"published": 10_000}
+    tap, exchange = tapped_exchange
+    settings = settings_for(pg_url, amqp_url, outbox_schema, exchange)
+    write_events(pg_engine, outbox_schema, interleaved_events(10_000, keys=100))
+    with relay_thread(settings):
+        tap.drain(expected=2_000, timeout=20)
+        closed = 0
+        deadline = time.monotonic() + 10
+        while not closed and time.monotonic() < deadline:
+            closed = close_connection_named(f"outbox-relay:{settings.name}")
+        assert closed == 1
+        deliveries = drain_distinct(tap, 10_000, timeout=60)
+    report = check_history(written(pg_engine, outbox_schema), deliveries)
+    # A cut connection may duplicate what was in flight; never more than the window.
+    report.assert_ok(max_duplicates=settings.max_in_flight)
+    assert statuses(pg_engine, outbox_schema) == {"published": 10_000}
 
 
 def test_events_written_while_running_arrive_quickly(
-    pg_engine: sa.Engine, pg_url: str, amqp_url: str, outbox_schema: Outbox
+    pg_engine: sa.Engine,
+    pg_url: str,
+    amqp_url: str,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
 ) -> None:
     """LISTEN/NOTIFY: an idle relay (long poll interval) wakes at commit."""
-    with QueueTap(amqp_url) as tap:
-        exchange = tap.declare_exchange(unique_name("ex"))
-        tap.bind(exchange)
-        settings = settings_for(pg_url, amqp_url, outbox_schema, exchange, poll_interval=30.0)
-        with relay_thread(settings) as relay:
-            # Idle polls back off 10 ms, 20 ms, ... : after 4 s the next look is over a second
-            # away, so a delivery within a second can only come from the notification.
-            time.sleep(4.0)
-            started = time.monotonic()
-            write_events(pg_engine, outbox_schema, [Event(type="x.y", key="k")])
-            assert len(tap.drain(expected=1, timeout=5)) == 1
-            assert time.monotonic() - started < 1.0
-            assert relay._listener is not None
-            assert relay._listener.notifications_total >= 1  # type: ignore[attr-defined]
+    tap, exchange = tapped_exchange
+    settings = settings_for(pg_url, amqp_url, outbox_schema, exchange, poll_interval=30.0)
+    with relay_thread(settings) as relay:
+        # Idle polls back off 10 ms, 20 ms, ... : after 4 s the next look is over a second
+        # away, so a delivery within a second can only come from the notification.
+        time.sleep(4.0)
+        started = time.monotonic()
+        write_events(pg_engine, outbox_schema, [Event(type="x.y", key="k")])
+        assert len(tap.drain(expected=1, timeout=5)) == 1
+        assert time.monotonic() - started < 1.0
+        assert relay._listener is not None
+        assert relay._listener.notifications_total >= 1  # type: ignore[attr-defined]
