@@ -131,7 +131,9 @@ class Outbox:
             elements.append(sa.schema.CreateSchema(self.schema, if_not_exists=True))
         for table in self.tables:
             elements.append(CreateTable(table, if_not_exists=True))
-            elements.extend(CreateIndex(index, if_not_exists=True) for index in table.indexes)
+            # Sorted: table.indexes is a set, and the DDL text should not change between runs.
+            indexes = sorted(table.indexes, key=lambda index: str(index.name))
+            elements.extend(CreateIndex(index, if_not_exists=True) for index in indexes)
         statements = [str(element.compile(dialect=dialect)).strip() for element in elements]
         return statements + self._postgres_trigger_ddl(dialect)
 

@@ -27,10 +27,11 @@ from relay.backoff import backoff_delay
 from relay.errors import BrokerConfigError, DatabaseUnavailableError
 from relay.messages import BrokerStatus, Outcome, Publisher, PublisherEvent, PublishOutcome, Sink
 from relay.metrics import Metrics
-from relay.records import ClaimedEvent, Failure
+from relay.records import Claim, ClaimedEvent, Failure
 from relay.sequencer import Sequencer
 from relay.settings import RelaySettings
 from relay.store import Store
+from relay.worker import Completion, ThreadWorker, Worker
 
 log = logging.getLogger("relay")
 
@@ -79,6 +80,7 @@ class Relay:
         clock: Callable[[], dt.datetime] = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        worker_factory: Callable[[Callable[[Completion], None]], Worker] = ThreadWorker,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -86,8 +88,12 @@ class Relay:
         self._clock = clock
         self._monotonic = monotonic
         self._rng = rng or random.Random()
-        self._inbox: queue.SimpleQueue[Sequence[PublisherEvent] | _Wake] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Sequence[PublisherEvent] | _Wake | Completion] = (
+            queue.SimpleQueue()
+        )
         self.publisher = publisher_factory(self._inbox.put)
+        self._worker = worker_factory(self._inbox.put)
+        self._db_busy = False  # a database job is on its way: one at a time, in order
         self._listener = listener_factory(self.wake) if listener_factory else None
         self.sequencer = Sequencer(settings.max_in_flight)
         # Results waiting to be written, by claim token (writes are fenced by the token).
@@ -111,6 +117,7 @@ class Relay:
         self._runs_finished = False  # a key's run ended: flush, then claim again
         self._started_at = clock()
         self._fatal: BaseException | None = None
+        self._report = StepReport()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -148,6 +155,7 @@ class Relay:
             self._last_claim_empty
             and self.sequencer.idle
             and not self._has_unwritten_results()
+            and not self._db_busy
             and self._db_failures == 0
         )
 
@@ -158,9 +166,13 @@ class Relay:
         self._give_back(self.sequencer.withdraw())
         deadline = self._monotonic() + self.settings.stop_timeout
         while self._monotonic() < deadline and (
-            self.sequencer.in_flight or self._has_unwritten_results()
+            self.sequencer.in_flight or self._has_unwritten_results() or self._db_busy
         ):
-            if not self.sequencer.in_flight and self._monotonic() < self._db_retry_at:
+            if (
+                not self.sequencer.in_flight
+                and not self._db_busy
+                and self._monotonic() < self._db_retry_at
+            ):
                 break  # only writes remain and the database is down: nothing to wait for
             self.run_once(timeout=min(0.2, max(0.0, deadline - self._monotonic())))
         leftover = self.sequencer.in_flight_events()
@@ -173,8 +185,10 @@ class Relay:
         self.publisher.stop(timeout=5.0)
         if self._listener is not None:
             self._listener.stop()  # type: ignore[attr-defined]
+        self._worker.stop(timeout=self.settings.db_timeout)
         try:
-            self._write_results(StepReport())
+            if not self._db_busy:  # a job still running owns its results: leave them to it
+                self._write(self._acked, self._failures, self._releases)
             self.store.unregister(self.settings.name)
         except DatabaseUnavailableError as exc:
             log.warning("could not record final results (%s); their leases will expire", exc)
@@ -182,27 +196,52 @@ class Relay:
     # -- one step --------------------------------------------------------------------------
 
     def run_once(self, timeout: float | None = None) -> StepReport:
-        report = StepReport()
-        self._collect(self._wait_time() if timeout is None else timeout, report)
+        report = self._report = StepReport()
+        self._collect(self._wait_time() if timeout is None else timeout)
         if self._fatal is not None:
             raise self._fatal
         self._expire_lost_leases()
-        # Hand out the next event of every confirmed key first: the database writes below
-        # then overlap with the broker's confirm round trip instead of adding to it.
-        self._publish(report)
-        if self._monotonic() >= self._db_retry_at:
-            try:
-                if self._flush_due():
-                    self._write_results(report)
-                self._renew_if_due()
-                if self._claim_due():
-                    self._claim(report)
-                    self._publish(report)
-                self._housekeeping_if_due()
-                self._database_ok()
-            except DatabaseUnavailableError as exc:
-                self._database_down(exc)
+        # Hand out the next event of every confirmed key first, then give the database its
+        # work: the database runs on its own thread while confirms keep coming in here.
+        self._publish()
+        self._schedule_database_work()
+        self._publish()
         return report
+
+    def _schedule_database_work(self) -> None:
+        """Submit the next due database job, unless one is on its way. (A worker that runs
+        jobs inline finishes each at once, so then every due job runs in this step.)"""
+        for submit in (
+            self._submit_writes,
+            self._submit_renewal,
+            self._submit_claim,
+            self._submit_housekeeping,
+        ):
+            if self._db_busy or self._monotonic() < self._db_retry_at:
+                return
+            submit()
+
+    def _run_job(
+        self,
+        job: Callable[[], object],
+        done: Callable[[object], None],
+        *,
+        on_error: Callable[[object, BaseException | None], None] | None = None,
+    ) -> None:
+        def finished(result: object, error: BaseException | None) -> None:
+            self._db_busy = False
+            if error is not None and on_error is not None:
+                on_error(result, error)
+            if error is None:
+                self._database_ok()
+                done(result)
+            elif isinstance(error, DatabaseUnavailableError):
+                self._database_down(error)
+            else:
+                self._fatal = error
+
+        self._db_busy = True
+        self._worker.submit(job, finished)
 
     def _flush_due(self) -> bool:
         if not self._has_unwritten_results():
@@ -217,6 +256,8 @@ class Relay:
         )
 
     def _wait_time(self) -> float:
+        if self._db_busy:
+            return MAX_WAIT  # the job's completion wakes the loop
         now = self._monotonic()
         due = [self._next_renew, self._next_housekeeping, self._next_heartbeat]
         if self._has_unwritten_results():
@@ -229,27 +270,30 @@ class Relay:
             due.append(self._db_retry_at)
         return min(MAX_WAIT, max(0.0, min(due) - now))
 
-    def _collect(self, wait: float, report: StepReport) -> None:
+    def _collect(self, wait: float) -> None:
         """Take everything in the inbox; wait up to `wait` for the first item."""
         try:
             item = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
-            self._handle(item, report)
+            self._handle(item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def _handle(self, item: Sequence[PublisherEvent] | _Wake, report: StepReport) -> None:
+    def _handle(self, item: Sequence[PublisherEvent] | _Wake | Completion) -> None:
+        if isinstance(item, Completion):
+            item.deliver()
+            return
         if isinstance(item, _Wake):
             self._next_claim = self._monotonic()
             self._poll_delay = MIN_POLL
             return
         for event in item:
             if isinstance(event, PublishOutcome):
-                self._outcome(event, report)
+                self._outcome(event, self._report)
             else:
                 self._broker_status(event)
 
@@ -351,28 +395,68 @@ class Relay:
     def _has_unwritten_results(self) -> bool:
         return bool(self._acked or self._failures or self._releases)
 
-    def _write_results(self, report: StepReport) -> None:
+    def _submit_writes(self) -> None:
+        if not self._flush_due():
+            return
+        # The job owns these until it completes; new results collect in fresh containers.
+        acked, failures, releases = self._acked, self._failures, self._releases
+        self._acked, self._failures, self._releases = (
+            defaultdict(list),
+            defaultdict(list),
+            defaultdict(list),
+        )
+        runs_finished, self._runs_finished = self._runs_finished, False
+        returned = bool(releases)
+        self._unwritten_since = None
+
+        def done(fenced: object) -> None:
+            self._fenced(int(fenced), self._report)  # type: ignore[call-overload]
+            if runs_finished or returned:
+                # Keys whose runs just ended (or were given back) can be claimed again.
+                self._next_claim = min(self._next_claim, self._monotonic())
+
+        def failed_too(result: object, error: BaseException | None) -> None:
+            if error is not None:
+                # Keep what was not written, for the next try.
+                for token, seqs in acked.items():
+                    self._acked[token][:0] = seqs
+                for token, items in failures.items():
+                    self._failures[token][:0] = items
+                for token, seqs in releases.items():
+                    self._releases[token][:0] = seqs
+                self._runs_finished = self._runs_finished or runs_finished
+                self._note_unwritten()
+
+        self._run_job(
+            lambda: self._write(acked, failures, releases),
+            done,
+            on_error=failed_too,
+        )
+
+    def _write(
+        self,
+        acked: dict[uuid.UUID, list[int]],
+        failures: dict[uuid.UUID, list[Failure]],
+        releases: dict[uuid.UUID, list[int]],
+    ) -> int:
+        """Write results, emptying the containers as it goes (what is left on an error is
+        exactly what was not written). Returns how many results were fenced off."""
         now = self._clock()
         delete = self.settings.retention == 0
-        for token in list(self._acked):
-            seqs = self._acked[token]
-            owned = self.store.mark_published(token, seqs, now=now, delete=delete)
-            del self._acked[token]
-            self._fenced(len(seqs) - owned, report)
-        for token in list(self._failures):
-            failures = self._failures[token]
-            owned = self.store.record_failures(token, failures, relay=self.settings.name, now=now)
-            del self._failures[token]
-            self._fenced(len(failures) - owned, report)
-        returned = bool(self._releases)
-        for token in list(self._releases):
-            self.store.release(token, self._releases[token])
-            del self._releases[token]
-        self._unwritten_since = None
-        if self._runs_finished or returned:
-            # Keys whose runs just ended (or were given back) can be claimed again.
-            self._runs_finished = False
-            self._next_claim = min(self._next_claim, self._monotonic())
+        fenced = 0
+        for token in list(acked):
+            seqs = acked[token]
+            fenced += len(seqs) - self.store.mark_published(token, seqs, now=now, delete=delete)
+            del acked[token]
+        for token in list(failures):
+            items = failures[token]
+            owned = self.store.record_failures(token, items, relay=self.settings.name, now=now)
+            fenced += len(items) - owned
+            del failures[token]
+        for token in list(releases):
+            self.store.release(token, releases[token])
+            del releases[token]
+        return fenced
 
     def _fenced(self, count: int, report: StepReport) -> None:
         if count > 0:
@@ -394,17 +478,26 @@ class Relay:
     def _claim_due(self) -> bool:
         return self._claim_possible() and self._monotonic() >= self._next_claim
 
-    def _claim(self, report: StepReport) -> None:
+    def _submit_claim(self) -> None:
+        if not self._claim_due():
+            return
         started = self._monotonic()
         now = self._clock()
-        claim = self.store.claim(
-            owner=self.settings.name,
-            limit=self.settings.batch_size,
-            run_length=self.settings.run_length,
-            lease_until=now + dt.timedelta(seconds=self.settings.lease),
-            now=now,
-            dead_letters_hold_key=self.settings.dead_letters_hold_key,
-        )
+        self._next_claim = started + self.settings.poll_interval  # until the claim answers
+
+        def claim() -> Claim:
+            return self.store.claim(
+                owner=self.settings.name,
+                limit=self.settings.batch_size,
+                run_length=self.settings.run_length,
+                lease_until=now + dt.timedelta(seconds=self.settings.lease),
+                now=now,
+                dead_letters_hold_key=self.settings.dead_letters_hold_key,
+            )
+
+        self._run_job(claim, lambda claim: self._claimed(claim, started))  # type: ignore[arg-type]
+
+    def _claimed(self, claim: Claim, started: float) -> None:
         count = len(claim.events)
         self._last_claim_empty = count == 0
         if count >= self.settings.batch_size:
@@ -415,14 +508,18 @@ class Relay:
             # (backing-off) poll comes round.
             self._poll_delay = min(self.settings.poll_interval, self._poll_delay * 2)
             self._next_claim = self._monotonic() + self._poll_delay
-        if count:
-            # Measured from before the claim: the local view of the lease never outlives it.
-            self._lease_deadline[claim.token] = started + self.settings.lease
-            self.sequencer.add(claim.events)
-            report.claimed += count
-            self.metrics.claimed(count)
+        if not count:
+            return
+        if self._stop_requested.is_set() or not self._broker_up:
+            self._give_back(claim.events)  # claimed while stopping or losing the broker
+            return
+        # Measured from before the claim: the local view of the lease never outlives it.
+        self._lease_deadline[claim.token] = started + self.settings.lease
+        self.sequencer.add(claim.events)
+        self._report.claimed += count
+        self.metrics.claimed(count)
 
-    def _publish(self, report: StepReport) -> None:
+    def _publish(self) -> None:
         if not (self._broker_up and self.publisher.ready):
             return
         events = self.sequencer.take()
@@ -432,9 +529,9 @@ class Relay:
         for event in events:
             self._published_at[event.seq] = now
         self.publisher.publish([event.message(self.settings.exchange) for event in events])
-        report.published += len(events)
+        self._report.published += len(events)
 
-    def _renew_if_due(self) -> None:
+    def _submit_renewal(self) -> None:
         now = self._monotonic()
         if now < self._next_renew:
             return
@@ -443,12 +540,16 @@ class Relay:
         self._forget_finished_claims(tokens)
         if not tokens:
             return
-        held = self.store.renew(tokens, self._clock() + dt.timedelta(seconds=self.settings.lease))
-        for token in tokens:
-            if token in held:
-                self._lease_deadline[token] = now + self.settings.lease
-            else:
-                self._lease_lost(token)
+        until = self._clock() + dt.timedelta(seconds=self.settings.lease)
+
+        def renewed(held: object) -> None:
+            for token in tokens:
+                if token in held:  # type: ignore[operator]
+                    self._lease_deadline[token] = now + self.settings.lease
+                else:
+                    self._lease_lost(token)
+
+        self._run_job(lambda: self.store.renew(tokens, until), renewed)
 
     def _forget_finished_claims(self, live: set[uuid.UUID]) -> None:
         for token in list(self._lease_deadline):
@@ -474,31 +575,41 @@ class Relay:
             )
             self._give_back(withdrawn)  # fenced: harmless if another relay owns them
 
-    def _housekeeping_if_due(self) -> None:
+    def _submit_housekeeping(self) -> None:
         now = self._monotonic()
-        if now >= self._next_heartbeat:
+        heartbeat = now >= self._next_heartbeat
+        purge = now >= self._next_housekeeping and self.settings.retention > 0
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + HOUSEKEEPING_EVERY
+        if not (heartbeat or purge):
+            return
+        if heartbeat:
             self._next_heartbeat = now + HEARTBEAT_EVERY
-            self.store.heartbeat(
-                name=self.settings.name,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                started_at=self._started_at,
-                now=self._clock(),
-            )
-        if now < self._next_housekeeping:
-            return
-        self._next_housekeeping = now + HOUSEKEEPING_EVERY
-        if self.settings.retention <= 0:
-            return
-        cutoff = self._clock() - dt.timedelta(seconds=self.settings.retention)
-        purged = 0
-        for _ in range(PURGE_BATCHES_PER_TICK):
-            deleted = self.store.purge_published(cutoff, limit=PURGE_BATCH)
-            purged += deleted
-            if deleted < PURGE_BATCH:
-                break
-        if purged:
-            log.info("purged %d published events older than the retention", purged)
+        wall = self._clock()
+        cutoff = wall - dt.timedelta(seconds=self.settings.retention)
+
+        def housekeeping() -> int:
+            if heartbeat:
+                self.store.heartbeat(
+                    name=self.settings.name,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    started_at=self._started_at,
+                    now=wall,
+                )
+            purged = 0
+            for _ in range(PURGE_BATCHES_PER_TICK if purge else 0):
+                deleted = self.store.purge_published(cutoff, limit=PURGE_BATCH)
+                purged += deleted
+                if deleted < PURGE_BATCH:
+                    break
+            return purged
+
+        def done(purged: object) -> None:
+            if purged:
+                log.info("purged %d published events older than the retention", purged)
+
+        self._run_job(housekeeping, done)
 
     def _database_ok(self) -> None:
         if self._db_failures:

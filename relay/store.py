@@ -18,6 +18,7 @@ from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
@@ -45,7 +46,8 @@ def create_engine(url: str, *, application_name: str, db_timeout: float) -> sa.E
             sa_url,
             pool_size=3,
             max_overflow=2,
-            pool_pre_ping=True,
+            # No pre-ping round trip per transaction: a broken connection fails the call,
+            # which the relay treats as an outage (it retries with backoff).
             connect_args={
                 "application_name": application_name[:63],
                 "connect_timeout": max(1, int(db_timeout)),
@@ -79,6 +81,7 @@ class Store:
         self.db_timeout = db_timeout
         self._watchdog = watchdog
         self._postgres = engine.dialect.name == "postgresql"
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.queries_total = 0
         sa.event.listen(engine, "before_cursor_execute", self._count_query)
 
@@ -93,6 +96,24 @@ class Store:
                 yield conn
         except sa.exc.DBAPIError as exc:
             raise translate_db_error(exc) from exc
+
+    def _execute_alone(self, statement: sa.Executable) -> sa.CursorResult[Any]:
+        """A single statement in autocommit: one round trip, no BEGIN and COMMIT."""
+        try:
+            with self._autocommit.connect() as conn, self._deadline(conn):
+                return conn.execute(statement)
+        except sa.exc.DBAPIError as exc:
+            raise translate_db_error(exc) from exc
+
+    def _one_of(
+        self, column: sa.ColumnElement[Any], values: Collection[Any]
+    ) -> sa.ColumnElement[bool]:
+        """`column IN values`. On PostgreSQL one array parameter, so the statement text (and
+        its prepared plan) is the same whatever the number of values."""
+        if self._postgres:
+            array = postgresql.ARRAY(column.type)
+            return column == sa.any_(sa.bindparam(None, list(values), type_=array))
+        return column.in_(list(values))
 
     @contextlib.contextmanager
     def _deadline(self, conn: Connection) -> Iterator[None]:
@@ -120,10 +141,13 @@ class Store:
         with self.transaction() as conn:
             if self._postgres:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(self.outbox.claim_lock_id)))
-            held: set[str] = set()
-            if dead_letters_hold_key:
-                held.update(conn.scalars(self._dead_keys()))
-            chosen = self._choose(conn, held, limit=limit, run_length=run_length, now=now)
+            chosen = self._choose(
+                conn,
+                limit=limit,
+                run_length=run_length,
+                now=now,
+                dead_letters_hold_key=dead_letters_hold_key,
+            )
             if not chosen:
                 return Claim(token=token, events=(), lease_until=lease_until)
             rows = (
@@ -139,12 +163,14 @@ class Store:
         events = sorted((ClaimedEvent.from_row(row, token) for row in rows), key=lambda e: e.seq)
         return Claim(token=token, events=tuple(events), lease_until=lease_until)
 
-    def _dead_keys(self) -> sa.Select[Any]:
-        t = self.outbox.events
-        return sa.select(t.c.key).distinct().where(t.c.status == DEAD, t.c.key.is_not(None))
-
     def _choose(
-        self, conn: Connection, held: set[str], *, limit: int, run_length: int, now: dt.datetime
+        self,
+        conn: Connection,
+        *,
+        limit: int,
+        run_length: int,
+        now: dt.datetime,
+        dead_letters_hold_key: bool,
     ) -> list[int]:
         """Walk pending rows in write order, window by window, and pick each free key's first
         rows (at most `run_length`) and keyless rows, up to `limit`.
@@ -160,6 +186,11 @@ class Store:
         prefix, and never while an earlier row of the key is out.
         """
         t = self.outbox.events
+        held_by_dead: sa.ColumnElement[bool] = sa.false()
+        if dead_letters_hold_key:
+            dead_keys = sa.select(t.c.key).where(t.c.status == DEAD, t.c.key.is_not(None))
+            held_by_dead = t.c.key.in_(dead_keys.scalar_subquery())
+        held: set[str] = set()
         window = max(2 * limit, MIN_WINDOW)
         budget = window * WINDOWS_PER_CLAIM
         chosen: list[int] = []
@@ -168,13 +199,13 @@ class Store:
         visited = 0
         while visited < budget and len(chosen) < limit:
             rows = conn.execute(
-                sa.select(t.c.seq, t.c.key, t.c.lease_until, t.c.next_attempt_at)
+                sa.select(t.c.seq, t.c.key, t.c.lease_until, t.c.next_attempt_at, held_by_dead)
                 .where(t.c.status == PENDING, t.c.seq > after)
                 .order_by(t.c.seq)
                 .limit(window)
             ).all()
-            for seq, key, leased_until, retry_at in rows:
-                if key is not None and key in held:
+            for seq, key, leased_until, retry_at, dead_ahead in rows:
+                if key is not None and (dead_ahead or key in held):
                     continue
                 if not _free(leased_until, now) or not _due(retry_at, now):
                     if key is not None:
@@ -207,8 +238,7 @@ class Store:
             .order_by(t.c.seq)
             .limit(1)
         )
-        with self.transaction() as conn:
-            return conn.execute(probe).first() is not None
+        return self._execute_alone(probe).first() is not None
 
     # -- results ---------------------------------------------------------------------------
 
@@ -219,7 +249,7 @@ class Store:
         if not seqs:
             return 0
         t = self.outbox.events
-        owned = [t.c.seq.in_(list(seqs)), t.c.claim_token == token]
+        owned = [self._one_of(t.c.seq, seqs), t.c.claim_token == token]
         statement: sa.Delete | sa.Update
         if delete:
             statement = sa.delete(t).where(*owned)
@@ -235,8 +265,7 @@ class Store:
                     next_attempt_at=None,
                 )
             )
-        with self.transaction() as conn:
-            return int(conn.execute(statement).rowcount)
+        return int(self._execute_alone(statement).rowcount)
 
     def record_failures(
         self, token: uuid.UUID, failures: Sequence[Failure], *, relay: str, now: dt.datetime
@@ -289,11 +318,10 @@ class Store:
         t = self.outbox.events
         statement = (
             sa.update(t)
-            .where(t.c.seq.in_(list(seqs)), t.c.claim_token == token, t.c.status == PENDING)
+            .where(self._one_of(t.c.seq, seqs), t.c.claim_token == token, t.c.status == PENDING)
             .values(claim_token=None, lease_until=None)
         )
-        with self.transaction() as conn:
-            return int(conn.execute(statement).rowcount)
+        return int(self._execute_alone(statement).rowcount)
 
     def renew(self, tokens: Collection[uuid.UUID], lease_until: dt.datetime) -> set[uuid.UUID]:
         """Extend the leases of `tokens`; returns the tokens that still hold rows."""
@@ -302,12 +330,11 @@ class Store:
         t = self.outbox.events
         statement = (
             sa.update(t)
-            .where(t.c.claim_token.in_(list(tokens)), t.c.status == PENDING)
+            .where(self._one_of(t.c.claim_token, tokens), t.c.status == PENDING)
             .values(lease_until=lease_until)
             .returning(t.c.claim_token)
         )
-        with self.transaction() as conn:
-            return set(conn.scalars(statement))
+        return set(self._execute_alone(statement).scalars())
 
     # -- housekeeping ----------------------------------------------------------------------
 

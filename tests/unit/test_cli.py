@@ -21,7 +21,11 @@ from click.testing import CliRunner, Result
 import outbox
 from outbox import Event, Outbox
 from relay.admin import Admin, Selector
-from relay.cli import EXIT_CODES_HELP, format_age, main, option_error, progress_bar, run
+from relay.cli import main
+from relay.cli.exits import EXIT_CODES_HELP
+from relay.cli.render import format_age
+from relay.cli.run import option_error, run
+from relay.cli.terminal import progress_bar
 from relay.errors import ConfigError, NotFoundError
 
 

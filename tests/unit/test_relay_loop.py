@@ -17,6 +17,7 @@ from relay.messages import Outcome, OutgoingMessage
 from relay.relay import Relay
 from relay.settings import RelaySettings
 from relay.store import Store
+from relay.worker import InlineWorker
 
 from .fakes import FakePublisher
 
@@ -57,6 +58,7 @@ class Harness:
             clock=self.clock.now,
             monotonic=self.clock.monotonic,
             rng=random.Random(1),
+            worker_factory=lambda post: InlineWorker(),
         )
         self.publisher: FakePublisher = self.relay.publisher  # type: ignore[assignment]
         self.relay.start()

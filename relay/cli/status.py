@@ -1,0 +1,44 @@
+"""`outbox-relay status`: backlog, dead letters, held keys and active relays."""
+
+from __future__ import annotations
+
+import click
+
+from relay.cli.database import open_admin
+from relay.cli.exits import EXIT_CODES_HELP
+from relay.cli.options import database_options, json_option
+from relay.cli.render import emit_json, render_status
+
+
+@click.command(
+    epilog="""\b
+--json prints one object:
+  {"table": str, "checked_at": ISO time,
+   "pending": int        every pending row, including the next two,
+   "in_flight": int      pending and leased by a relay,
+   "waiting_retry": int  pending, waiting for its next attempt,
+   "dead": int, "published": int (rows kept for retention),
+   "oldest_pending_age_seconds": float or null,
+   "keys_held_back": int keys whose later rows wait behind a dead or retrying row
+                         (counted as if dead letters hold their key, the default),
+   "active_relays": [{"name", "host", "pid", "started_at", "heartbeat_at"}]}
+
+"""
+    + EXIT_CODES_HELP
+)
+@database_options
+@json_option
+def status(database_url: str, table: str, schema: str | None, as_json: bool) -> None:
+    """Show the backlog, dead letters, held keys and active relays.
+
+    Counts pending (and of those, in flight and waiting for retry), dead and published
+    events, the age of the oldest pending event, the keys held back behind a dead or retrying
+    event, and the relays whose heartbeat is less than 30 s old.
+    """
+    with open_admin(database_url, table, schema, "status") as admin:
+        result = admin.status()
+    if as_json:
+        emit_json(result.to_json())
+        return
+    for line in render_status(result):
+        click.echo(line)
