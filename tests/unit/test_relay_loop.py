@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 import outbox
 from outbox import Event, Outbox
+from relay.errors import DatabaseUnavailableError
 from relay.messages import Outcome, OutgoingMessage
 from relay.relay import Relay
 from relay.settings import RelaySettings
@@ -309,3 +310,37 @@ def test_published_rows_are_purged_after_retention(tmp_path: Path) -> None:
     h.clock.advance(3601 + 30)
     h.step()
     assert h.rows() == []
+
+
+def test_database_outage_keeps_results_and_writes_them_once_it_is_back(h: Harness) -> None:
+    h.write(*keyed("a", 2), *keyed("b", 2))
+    real = h.store.mark_published
+    calls = {"failing": 3}
+
+    def flaky(*args: object, **kwargs: object) -> int:
+        if calls["failing"]:
+            calls["failing"] -= 1
+            raise DatabaseUnavailableError("database unavailable: connection refused")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    h.store.mark_published = flaky  # type: ignore[method-assign]
+    h.step()
+    h.publisher.settle()  # a1 and b1 confirmed; writing them fails for a while
+    for _ in range(5):
+        h.step()
+        h.clock.advance(10)  # past the flush interval, then past each outage backoff
+    h.settle_and_step()
+    assert calls["failing"] == 0
+    assert {r.status for r in h.rows()} == {"published"}
+    assert len(h.publisher.published) == 4  # nothing was published twice meanwhile
+
+
+def test_unexpected_database_error_stops_the_relay_loudly(h: Harness) -> None:
+    h.write(*keyed("a", 1))
+
+    def broken(**kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    h.store.claim = broken  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="bug"):
+        h.step(2)
