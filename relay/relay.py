@@ -178,14 +178,15 @@ class Relay:
         leftover = self.sequencer.in_flight_events()
         if leftover:
             log.warning(
-                "stopping with %d events unconfirmed: they stay leased and will be "
-                "published again (same message_id) once the lease expires",
+                "stopping with %d events unconfirmed: they are given back and will be "
+                "published again (same message_id)",
                 len(leftover),
             )
-        self.publisher.stop(timeout=5.0)
+        self.publisher.stop(timeout=5.0)  # what was in flight comes back as UNKNOWN
         if self._listener is not None:
             self._listener.stop()  # type: ignore[attr-defined]
         self._worker.stop(timeout=self.settings.db_timeout)
+        self._collect(0)  # take in what the publisher and the worker still had to say
         try:
             if not self._db_busy:  # a job still running owns its results: leave them to it
                 self._write(self._acked, self._failures, self._releases)

@@ -51,5 +51,12 @@ class FakePublisher:
         self.sink([BrokerStatus(up=True)])
 
     def stop(self, timeout: float) -> None:
+        """Like the real publisher: whatever is unconfirmed comes back as UNKNOWN."""
         self.stopped = True
         self.ready = False
+        lost = [
+            PublishOutcome(m.tag, Outcome.UNKNOWN, "publisher stopped") for m in self.outstanding
+        ]
+        self.outstanding = []
+        if lost:
+            self.sink(lost)

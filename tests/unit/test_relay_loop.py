@@ -27,11 +27,13 @@ class Clock:
     def __init__(self) -> None:
         self.wall = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
         self.mono = 1000.0
+        self.tick = 0.0  # advance on every reading (lets bounded waits run out)
 
     def now(self) -> dt.datetime:
         return self.wall
 
     def monotonic(self) -> float:
+        self.advance(self.tick)
         return self.mono
 
     def advance(self, seconds: float) -> None:
@@ -344,3 +346,15 @@ def test_unexpected_database_error_stops_the_relay_loudly(h: Harness) -> None:
     h.store.claim = broken  # type: ignore[assignment]
     with pytest.raises(RuntimeError, match="bug"):
         h.step(2)
+
+
+def test_stop_with_unconfirmed_events_gives_everything_back(h: Harness) -> None:
+    h.write(*keyed("a", 3), *keyed("b", 3))
+    h.step()
+    assert len(h.publisher.outstanding) == 2  # never confirmed
+    h.relay.request_stop()
+    h.clock.tick = 0.5  # the drain waits (bounded) for confirms that never come
+    h.relay.shutdown()
+    rows = h.rows()
+    assert all(r.status == "pending" and r.claim_token is None for r in rows)
+    assert all(r.attempts == 0 for r in rows)
