@@ -375,7 +375,7 @@ class Relay:
             self._broker_up = True
             self._next_claim = self._monotonic()
             return
-        if self._broker_up:
+        if self._broker_up and not self._stop_requested.is_set():
             log.warning("broker connection lost: %s; reconnecting", status.error)
         self._broker_up = False
         # Queued events go back to the table; in-flight ones come back as UNKNOWN outcomes.
