@@ -118,6 +118,7 @@ class Relay:
         self._started_at = clock()
         self._fatal: BaseException | None = None
         self._report = StepReport()
+        self._wakes = 0  # NOTIFYs (and stop requests) seen so far
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -289,6 +290,7 @@ class Relay:
             item.deliver()
             return
         if isinstance(item, _Wake):
+            self._wakes += 1
             self._next_claim = self._monotonic()
             self._poll_delay = MIN_POLL
             return
@@ -486,7 +488,13 @@ class Relay:
         now = self._clock()
         self._next_claim = started + self.settings.poll_interval  # until the claim answers
 
+        probe_first = self._last_claim_empty
+        wakes_before = self._wakes
+
         def claim() -> Claim:
+            if probe_first and not self.store.has_ready(now):
+                # An idle table costs one cheap query per poll, not a whole claim.
+                return Claim(token=uuid.uuid4(), events=(), lease_until=now)
             return self.store.claim(
                 owner=self.settings.name,
                 limit=self.settings.batch_size,
@@ -496,12 +504,13 @@ class Relay:
                 dead_letters_hold_key=self.settings.dead_letters_hold_key,
             )
 
-        self._run_job(claim, lambda claim: self._claimed(claim, started))  # type: ignore[arg-type]
+        self._run_job(claim, lambda claim: self._claimed(claim, started, wakes_before))  # type: ignore[arg-type]
 
-    def _claimed(self, claim: Claim, started: float) -> None:
+    def _claimed(self, claim: Claim, started: float, wakes_before: int) -> None:
         count = len(claim.events)
         self._last_claim_empty = count == 0
-        if count >= self.settings.batch_size:
+        if count >= self.settings.batch_size or self._wakes != wakes_before:
+            # Full, or a NOTIFY came while the claim ran: its events may not be in this claim.
             self._poll_delay = MIN_POLL
             self._next_claim = self._monotonic()  # there may be more right away
         else:

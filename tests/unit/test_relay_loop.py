@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from relay.messages import Outcome, OutgoingMessage
 from relay.relay import Relay
 from relay.settings import RelaySettings
 from relay.store import Store
-from relay.worker import InlineWorker
+from relay.worker import Completion, Done, InlineWorker
 
 from .fakes import FakePublisher
 
@@ -42,7 +42,12 @@ class Clock:
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, **overrides: object) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        worker: Callable[[Callable[[Completion], None]], object] | None = None,
+        **overrides: object,
+    ) -> None:
         self.engine = sa.create_engine(f"sqlite:///{tmp_path}/relay.db")
         self.box = Outbox()
         self.box.create(self.engine)
@@ -61,7 +66,7 @@ class Harness:
             clock=self.clock.now,
             monotonic=self.clock.monotonic,
             rng=random.Random(1),
-            worker_factory=lambda post: InlineWorker(),
+            worker_factory=worker or (lambda post: InlineWorker()),  # type: ignore[arg-type]
         )
         self.publisher: FakePublisher = self.relay.publisher  # type: ignore[assignment]
         self.relay.start()
@@ -358,3 +363,71 @@ def test_stop_with_unconfirmed_events_gives_everything_back(h: Harness) -> None:
     rows = h.rows()
     assert all(r.status == "pending" and r.claim_token is None for r in rows)
     assert all(r.attempts == 0 for r in rows)
+
+
+def test_an_idle_relay_does_not_hammer_the_database(h: Harness) -> None:
+    calls = {"claim": 0, "has_ready": 0}
+    for name in calls:
+        real = getattr(h.store, name)
+
+        def counted(*args: object, _real: object = real, _name: str = name, **kw: object) -> object:
+            calls[_name] += 1
+            return _real(*args, **kw)  # type: ignore[operator]
+
+        setattr(h.store, name, counted)
+    for _ in range(600):  # one simulated minute, in steps of 0.1 s
+        h.step()
+        h.clock.advance(0.1)
+    # Polls back off to poll_interval (1 s); after the first empty claim each is one probe.
+    assert calls["claim"] <= 2
+    assert calls["has_ready"] <= 70
+    h.write(*keyed("a", 1))  # and it still notices new events at the next poll
+    h.clock.advance(1.1)
+    h.settle_and_step()
+    assert {r.status for r in h.rows()} == {"published"}
+
+
+class ManualWorker:
+    """Runs jobs and hands their completions back only when the test says so."""
+
+    def __init__(self, post: Callable[[Completion], None]) -> None:
+        self.post = post
+        self.jobs: list[tuple[Callable[[], object], Done]] = []
+        self.finished: list[Completion] = []
+
+    def submit(self, job: Callable[[], object], done: Done) -> None:
+        self.jobs.append((job, done))
+
+    def run_jobs(self) -> None:
+        while self.jobs:
+            job, done = self.jobs.pop(0)
+            self.finished.append(Completion(done, job(), None))
+
+    def deliver(self) -> None:
+        while self.finished:
+            self.post(self.finished.pop(0))
+
+    def stop(self, timeout: float) -> None:
+        pass
+
+
+def test_notify_during_a_claim_is_not_lost_to_the_poll_backoff(tmp_path: Path) -> None:
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
+    worker: ManualWorker = h.relay._worker  # type: ignore[assignment]
+    for _ in range(8):  # idle: the poll backs off towards 30 s
+        h.step()
+        worker.run_jobs()
+        worker.deliver()
+        h.step()
+        h.clock.advance(3)
+    h.relay.wake()
+    h.step()  # a claim is submitted...
+    worker.run_jobs()  # ...and runs before the next commit
+    h.write(*keyed("a", 1))
+    h.relay.wake()  # that commit's NOTIFY arrives before the claim's answer
+    worker.deliver()
+    for _ in range(3):  # no clock advance: only an immediate re-claim finds the event
+        h.step()
+        worker.run_jobs()
+        worker.deliver()
+    assert len(h.publisher.published) == 1
