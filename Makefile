@@ -41,7 +41,7 @@ bench: $(STAMP) services
 	$(PY) -m bench
 
 soak: $(STAMP) services
-	$(PY) -m pytest tests/faults -m soak --timeout=1800 -p no:randomly
+	OUTBOX_SOAK=1 $(PY) -m pytest tests/faults -m soak --timeout=1800
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

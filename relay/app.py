@@ -20,6 +20,7 @@ def build_store(settings: RelaySettings, *, watchdog: Watchdog | None = None) ->
         settings.database_url,
         application_name=f"outbox-relay:{settings.name}",
         db_timeout=settings.db_timeout,
+        idle_in_transaction_timeout=max(1.0, min(settings.db_timeout, settings.lease / 4)),
     )
     return Store(engine, settings.outbox(), db_timeout=settings.db_timeout, watchdog=watchdog)
 

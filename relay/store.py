@@ -35,13 +35,23 @@ MIN_WINDOW = 1000
 WINDOWS_PER_CLAIM = 4
 
 
-def create_engine(url: str, *, application_name: str, db_timeout: float) -> sa.Engine:
+def create_engine(
+    url: str,
+    *,
+    application_name: str,
+    db_timeout: float,
+    idle_in_transaction_timeout: float | None = None,
+) -> sa.Engine:
     """An engine for the relay: bounded waits, and a name operators can find in pg_stat_activity."""
     sa_url = sa.make_url(url)
     if sa_url.drivername in ("postgresql", "postgres"):
         sa_url = sa_url.set(drivername="postgresql+psycopg")
     if sa_url.get_backend_name() == "postgresql":
         timeout_ms = int(db_timeout * 1000)
+        # The relay's transactions are never idle for more than moments. One that is (its
+        # relay froze mid-claim) holds the claim lock and stops every relay from claiming:
+        # the server ends it after this long.
+        idle_ms = int((idle_in_transaction_timeout or 2 * db_timeout) * 1000)
         return sa.create_engine(
             sa_url,
             pool_size=3,
@@ -56,7 +66,7 @@ def create_engine(url: str, *, application_name: str, db_timeout: float) -> sa.E
                 # makes those events go out again (same message_id), it never loses one.
                 # The application's own transactions are not affected.
                 "options": f"-c statement_timeout={timeout_ms} "
-                f"-c idle_in_transaction_session_timeout={timeout_ms * 2} "
+                f"-c idle_in_transaction_session_timeout={idle_ms} "
                 "-c synchronous_commit=off",
                 "keepalives": 1,
                 "keepalives_idle": 10,
@@ -92,7 +102,8 @@ class Store:
     def transaction(self) -> Iterator[Connection]:
         """One transaction with a deadline; driver errors become RelayErrors."""
         try:
-            with self.engine.begin() as conn, self._deadline(conn):
+            # The deadline spans the COMMIT too: its answer can be lost like any other.
+            with self.engine.connect() as conn, self._deadline(conn), conn.begin():
                 yield conn
         except sa.exc.DBAPIError as exc:
             raise translate_db_error(exc) from exc

@@ -1,0 +1,141 @@
+"""Application writers for fault tests: threads committing (and rolling back) outbox events.
+
+Each thread writes small transactions of its own, the way request handlers do, on keys shared
+with the other threads, so that per-key order is decided by commit order across threads (the
+outbox's key lock; a transaction takes its keys' locks in key order, see `_run`). Some
+transactions roll back: their events must never be delivered. Writers
+talk to PostgreSQL directly, never through a fault proxy: the faults are the relay's.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+
+import sqlalchemy as sa
+
+import outbox
+from outbox import Event, Outbox
+
+#: Events per transaction, drawn uniformly from this range.
+TRANSACTION_SIZE = (1, 8)
+
+
+def order_event(rng: random.Random, number: int, keys: int) -> Event:
+    return Event(type="order.placed", key=f"k{rng.randrange(keys)}", payload={"n": number})
+
+
+class Writers:
+    """`threads` writers that together write `total` events (committed or rolled back).
+
+    `rate` (events per second over all threads) spreads the writes over time, so that they
+    overlap the faults of a test; None writes as fast as the database takes them.
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        box: Outbox,
+        *,
+        total: int,
+        keys: int,
+        threads: int = 4,
+        rate: float | None = None,
+        rollback_share: float = 0.0,
+        seed: int = 0,
+        make_event: Callable[[random.Random, int, int], Event] = order_event,
+    ) -> None:
+        self.engine = engine
+        self.box = box
+        self.total = total
+        self.keys = keys
+        self.rate = rate
+        self.rollback_share = rollback_share
+        self.make_event = make_event
+        self.committed = 0
+        self.rolled_back: list[str] = []
+        self.errors: list[BaseException] = []
+        self._allocated = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._started_at = 0.0
+        self._threads = [
+            threading.Thread(
+                target=self._run, args=(random.Random(seed * 1000 + i),), name=f"writer-{i}"
+            )
+            for i in range(threads)
+        ]
+
+    def __enter__(self) -> Writers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop writing now (a transaction under way still ends) and wait for the threads."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def start(self) -> None:
+        self._started_at = time.monotonic()
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def done(self) -> bool:
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def join(self, timeout: float = 120.0) -> None:
+        """Wait for every writer; re-raise the first error one of them met."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self.errors:
+            raise self.errors[0]
+        assert self.done, f"writers did not finish within {timeout} s"
+
+    def _allocate(self, rng: random.Random) -> tuple[int, int] | None:
+        with self._lock:
+            if self._allocated >= self.total:
+                return None
+            size = min(rng.randint(*TRANSACTION_SIZE), self.total - self._allocated)
+            first = self._allocated
+            self._allocated += size
+            return first, size
+
+    def _run(self, rng: random.Random) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = self._allocate(rng)
+                if batch is None:
+                    return
+                first, size = batch
+                if self.rate:
+                    # Pacing, not synchronisation: event `first` is due at first / rate.
+                    delay = self._started_at + first / self.rate - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        return
+                events = [self.make_event(rng, first + i, self.keys) for i in range(size)]
+                # Rows are inserted in key order (stable: a key's own events keep theirs): the
+                # outbox's per-key locks, taken in different orders by two transactions,
+                # deadlock (PostgreSQL then aborts one of them).
+                events.sort(key=lambda event: event.key or "")
+                rollback = rng.random() < self.rollback_share
+                with self.engine.connect() as conn:
+                    ids = outbox.write(conn, *events, outbox=self.box)
+                    if rollback:
+                        conn.rollback()
+                    else:
+                        conn.commit()
+                with self._lock:
+                    if rollback:
+                        self.rolled_back.extend(str(i) for i in ids)
+                    else:
+                        self.committed += size
+        except BaseException as exc:  # surfaced by join(), not lost in the thread
+            self.errors.append(exc)

@@ -1,0 +1,82 @@
+"""Relay processes for fault tests: started with short leases, killed, frozen, restarted."""
+
+from __future__ import annotations
+
+import random
+
+from tests.faults.invariants import RECOVERY_LIMIT, ScenarioResult, verify
+from tests.faults.load import Writers
+from tests.faults.rig import Rig
+from tests.faults.runners import RelayProcess
+from tests.support.rabbit import unique_name
+
+MAX_IN_FLIGHT = 100
+BATCH_SIZE = 100
+# Short leases and waits, so that a killed or paused relay's rows are taken over in seconds.
+PROCESS_OPTIONS = (
+    "--lease=2s",
+    "--poll-interval=200ms",
+    "--retry-min=200ms",
+    "--retry-max=1s",
+    f"--max-in-flight={MAX_IN_FLIGHT}",
+    f"--batch-size={BATCH_SIZE}",
+)
+# What a relay that dies (or is frozen past its lease) may have published without recording
+# it: the messages waiting for their confirm, and confirmed results not yet written (they are
+# written in batches of up to BATCH_SIZE).
+DUPLICATES_PER_CRASH = MAX_IN_FLIGHT + BATCH_SIZE
+
+
+def start_relay(rig: Rig, prefix: str = "relay") -> RelayProcess:
+    return RelayProcess(
+        database_url=rig.pg_url,
+        amqp_url=rig.amqp_url,
+        schema=rig.schema,
+        exchange=rig.exchange,
+        name=unique_name(prefix),
+        extra=PROCESS_OPTIONS,
+    )
+
+
+def kill_rounds(rig: Rig, rounds: int, rng: random.Random) -> list[float | None]:
+    """Start a relay, let it deliver for a random moment, SIGKILL it; `rounds` times.
+    Returns, per round, the seconds from the start to the new relay's first delivery."""
+    recoveries: list[float | None] = []
+    for _ in range(rounds):
+        relay = start_relay(rig, "killed")
+        try:
+            # The killed predecessor's leases must run out before its keys move again.
+            recovery = rig.observer.seconds_to_next_delivery(relay.started_at, 2 * RECOVERY_LIMIT)
+            recoveries.append(recovery)
+            assert recovery is not None, f"relay {relay.name} delivered nothing:\n{relay.output}"
+            rig.observer.watch(rng.uniform(0.05, 1.0))
+            relay.assert_running()
+        finally:
+            relay.kill()
+    return recoveries
+
+
+def sigkill_scenario(rig: Rig, rounds: int, seed: int) -> ScenarioResult:
+    """Writers commit while relays are SIGKILLed `rounds` times; a clean relay drains."""
+    rng = random.Random(seed)
+    with Writers(rig.engine, rig.box, total=10**9, keys=50, rate=250, seed=seed) as writers:
+        recoveries = kill_rounds(rig, rounds, rng)
+        writers.stop()
+    final = start_relay(rig, "final")
+    try:
+        rig.deliver_everything(final.assert_running)
+    finally:
+        code = final.stop()
+    assert code == 0, f"the final relay exited with {code}:\n{final.output}"
+    return verify(
+        rig.engine,
+        rig.box,
+        rig.observer.settle(),
+        scenario=f"7 SIGKILL x{rounds} + restart",
+        started=rig.started,
+        record=rig.record,
+        max_duplicates=rounds * DUPLICATES_PER_CRASH,
+        recoveries=recoveries,
+        rolled_back=writers.rolled_back,
+        notes=f"seed={seed}",
+    )
