@@ -6,13 +6,23 @@ done with nothing else: same message shape, same confirm window, same broker. Th
 is that baseline. It uses SelectConnection (asynchronous) with a window of unconfirmed
 messages, because publishing one message and waiting for its confirm measures latency, not
 throughput, and would make any relay look fast.
+
+Two entry points:
+
+* ``raw_pika_throughput``: publishes relay-like messages it makes up itself (a rate).
+* ``publish_messages``: publishes exactly the ``OutgoingMessage``s the relay would send (built
+  from the same outbox rows), with the properties ``relay.publisher`` sets, and returns a
+  ``BaselineRun`` with the time from connecting to the last confirm (like a relay run, which
+  also starts unconnected) and from the first publish to the last confirm.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 import uuid
+from collections.abc import Sequence
 
 import pika
 import pika.channel
@@ -21,11 +31,51 @@ import pika.frame
 import pika.spec
 from pika.adapters.select_connection import SelectConnection
 
+from relay.messages import OutgoingMessage
+
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+# One message ready to go: exchange, routing key, body, properties.
+Prepared = tuple[str, str, bytes, pika.BasicProperties]
 
 
 class BaselineError(RuntimeError):
     """The baseline run did not get every message confirmed and routed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineRun:
+    """One baseline run: every message confirmed and routed (or BaselineError was raised)."""
+
+    messages: int
+    window: int
+    total_seconds: float  # from opening the connection to the last confirm
+    publish_seconds: float  # from the first publish to the last confirm
+    broker_blocked: bool  # the broker blocked publishers during the run (a disturbed run)
+
+    @property
+    def rate(self) -> float:
+        """Messages per second, connection set-up included (comparable with a relay run)."""
+        return self.messages / self.total_seconds if self.total_seconds > 0 else float("inf")
+
+    @property
+    def publish_rate(self) -> float:
+        """Messages per second from the first publish on."""
+        return self.messages / self.publish_seconds if self.publish_seconds > 0 else float("inf")
+
+
+def properties_of(message: OutgoingMessage) -> pika.BasicProperties:
+    """The AMQP properties `relay.publisher.AmqpPublisher` sends for `message`."""
+    return pika.BasicProperties(
+        delivery_mode=2,
+        message_id=message.message_id,
+        type=message.type,
+        timestamp=message.timestamp,
+        headers=dict(message.headers),
+        correlation_id=message.correlation_id,
+        content_type=message.content_type,
+        app_id=message.app_id,
+    )
 
 
 class _WindowedPublisher:
@@ -42,13 +92,15 @@ class _WindowedPublisher:
         body_size: int,
         amqp_url: str,
         timeout: float,
+        prepared: Sequence[Prepared] | None = None,
     ) -> None:
-        self._n = n
+        self._n = n if prepared is None else len(prepared)
         self._keys = keys
         self._queue = queue
         self._exchange = exchange
         self._window = window
         self._body_size = body_size
+        self._prepared = prepared
         self._params = pika.URLParameters(amqp_url)
         self._params.client_properties = {
             "connection_name": f"bench-baseline-{uuid.uuid4().hex[:8]}"
@@ -65,12 +117,21 @@ class _WindowedPublisher:
         # acks O(1) amortised regardless of the window size.
         self._outstanding: collections.deque[int] = collections.deque()
         self._early: set[int] = set()
+        self._started = 0.0
         self._first_publish = 0.0
         self._last_confirm = 0.0
         self._error: str | None = None
         self._done = False
+        self.blocked = False
 
     def run(self) -> float:
+        """Publish everything; return messages per second from the first publish on."""
+        self.run_timed()
+        elapsed = self._last_confirm - self._first_publish
+        return self._n / elapsed if elapsed > 0 else float("inf")
+
+    def run_timed(self) -> BaselineRun:
+        self._started = time.perf_counter()
         self._connection = SelectConnection(
             self._params,
             on_open_callback=self._on_connection_open,
@@ -95,13 +156,22 @@ class _WindowedPublisher:
                 f"{self._nacked} of {self._n} messages nacked and {self._returned} returned "
                 f"unroutable (exchange={self._exchange!r}, routing key={self._queue!r})"
             )
-        elapsed = self._last_confirm - self._first_publish
-        return self._n / elapsed if elapsed > 0 else float("inf")
+        return BaselineRun(
+            messages=self._n,
+            window=self._window,
+            total_seconds=self._last_confirm - self._started,
+            publish_seconds=self._last_confirm - self._first_publish,
+            broker_blocked=self.blocked,
+        )
 
     # -- connection and channel lifecycle ---------------------------------------------------
 
     def _on_connection_open(self, connection: pika.connection.Connection) -> None:
+        connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_blocked(self, connection: pika.connection.Connection, frame: object) -> None:
+        self.blocked = True
 
     def _on_connection_open_error(
         self, connection: pika.connection.Connection, error: str | Exception
@@ -154,6 +224,9 @@ class _WindowedPublisher:
         self._publish_more()
 
     def _publish_more(self) -> None:
+        if self._prepared is not None:
+            self._publish_prepared(self._prepared)
+            return
         channel = self._channel
         assert channel is not None
         filler = "x" * self._body_size
@@ -173,6 +246,15 @@ class _WindowedPublisher:
             )
             self._published += 1
             self._outstanding.append(self._published)  # delivery tags count from 1
+
+    def _publish_prepared(self, prepared: Sequence[Prepared]) -> None:
+        channel = self._channel
+        assert channel is not None
+        while self._published < self._n and len(self._outstanding) < self._window:
+            exchange, routing_key, body, properties = prepared[self._published]
+            channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+            self._published += 1
+            self._outstanding.append(self._published)
 
     def _on_return(
         self,
@@ -257,3 +339,43 @@ def raw_pika_throughput(
         timeout=timeout,
     )
     return publisher.run()
+
+
+def publish_messages(
+    messages: Sequence[OutgoingMessage],
+    *,
+    window: int,
+    exchange: str | None = None,
+    amqp_url: str = DEFAULT_AMQP_URL,
+    timeout: float = 300.0,
+) -> BaselineRun:
+    """Publish exactly these relay messages (persistent, mandatory, with confirms).
+
+    The properties are those `relay.publisher` sets; ``exchange`` overrides each message's
+    exchange (to aim the same messages at a baseline queue). Properties are built before the
+    clock starts, so this is the ceiling for publishing these messages on one channel with
+    ``window`` unconfirmed at a time. Raises BaselineError as `raw_pika_throughput` does.
+    """
+    if not messages or window < 1:
+        raise ValueError(f"need messages and a positive window, got {len(messages)}, {window=}")
+    prepared = [
+        (
+            message.exchange if exchange is None else exchange,
+            message.routing_key,
+            message.body,
+            properties_of(message),
+        )
+        for message in messages
+    ]
+    publisher = _WindowedPublisher(
+        n=len(prepared),
+        keys=1,
+        queue=prepared[0][1],
+        exchange=prepared[0][0],
+        window=window,
+        body_size=0,
+        amqp_url=amqp_url,
+        timeout=timeout,
+        prepared=prepared,
+    )
+    return publisher.run_timed()

@@ -34,7 +34,7 @@ class Listener:
         wake: Callable[[], None],
         *,
         application_name: str,
-        check_every: float = 1.0,
+        check_every: float = 0.25,
     ) -> None:
         self._dsn = psycopg_dsn(database_url)
         self._channel = channel

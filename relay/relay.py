@@ -194,6 +194,8 @@ class Relay:
             self.store.unregister(self.settings.name)
         except DatabaseUnavailableError as exc:
             log.warning("could not record final results (%s); their leases will expire", exc)
+        finally:
+            self.store.close()
 
     # -- one step --------------------------------------------------------------------------
 

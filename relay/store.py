@@ -387,6 +387,12 @@ class Store:
         with self.transaction() as conn:
             conn.execute(sa.delete(r).where(r.c.name == name))
 
+    def close(self) -> None:
+        """Stop the deadline watchdog and close pooled connections (the engine stays usable)."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        self.engine.dispose()
+
     def check(self) -> None:
         """Raise unless the database answers and the outbox table exists."""
         with self.transaction() as conn:

@@ -1,0 +1,83 @@
+"""What the benchmarks run with: one frozen object, made by the CLI (full or --quick)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from relay.urls import mask_url
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://root@127.0.0.1:5432/outbox_test"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+BENCHMARKS = ("throughput", "latency", "backlog", "writer")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    database_url: str = DEFAULT_DATABASE_URL
+    amqp_url: str = DEFAULT_AMQP_URL
+    quick: bool = False
+    repeat: int = 3
+    body_size: int = 200  # bytes of JSON payload, the message body
+    # -- throughput: N committed events over K keys, relay vs raw pika --------------------
+    n: int = 20_000
+    keys: tuple[int, ...] = (1, 10, 100, 1000)
+    window: int = 1000  # the raw pika baseline's confirm window
+    # The window=K baseline publishes at most this many messages: one in flight per key is
+    # slow for small K, and its rate does not depend on the count.
+    window_k_max_messages: int = 5000
+    # -- latency: steady writers, commit-to-delivery ----------------------------------------
+    rates: tuple[int, ...] = (200, 1000, 3000)
+    latency_seconds: float = 10.0
+    latency_warmup: float = 1.0  # events committed in the first seconds are not counted
+    latency_keys: int = 100
+    per_writer_rate: int = 400  # one writer process per this many events/s
+    idle_warmup: float = 3.0
+    idle_seconds: float = 10.0
+    # -- backlog: the same pending events in a small and a big table --------------------------
+    backlog_pending: int = 10_000
+    backlog_small_rows: int = 10_000
+    backlog_big_rows: int = 1_000_000
+    backlog_keys: int = 100
+    # -- writer cost: an application transaction with and without its event ----------------
+    writer_transactions: int = 2000
+    writer_block: int = 50  # transactions of one kind in a row; the kinds take turns
+    writer_many_events: int = 10
+
+    def __post_init__(self) -> None:
+        if self.repeat < 1:
+            raise ValueError(f"--repeat must be 1 or more, got {self.repeat}")
+        if self.n < 1:
+            raise ValueError(f"-n must be 1 or more, got {self.n}")
+        if self.backlog_small_rows < self.backlog_pending:
+            raise ValueError("the small backlog table must hold at least the pending events")
+        if self.backlog_big_rows < self.backlog_pending:
+            raise ValueError("the big backlog table must hold at least the pending events")
+
+    @classmethod
+    def quick_config(cls, **changes: Any) -> BenchConfig:
+        """Tiny sizes: every benchmark in a few seconds (the smoke test)."""
+        quick: dict[str, Any] = {
+            "quick": True,
+            "n": 200,
+            "keys": (1, 100),
+            "window_k_max_messages": 200,
+            "rates": (200,),
+            "latency_seconds": 1.0,
+            "latency_warmup": 0.2,
+            "idle_warmup": 0.3,
+            "idle_seconds": 1.5,
+            "backlog_pending": 1000,
+            "backlog_small_rows": 1000,
+            "backlog_big_rows": 100_000,
+            "writer_transactions": 200,
+            "writer_block": 20,
+        }
+        quick.update(changes)
+        return cls(**quick)
+
+    def as_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["database_url"] = mask_url(self.database_url)
+        values["amqp_url"] = mask_url(self.amqp_url)
+        return values

@@ -1,0 +1,294 @@
+"""The targets of issue 6 and the tables printed at the end of a benchmark run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+PASS = "PASS"
+MISS = "MISS"
+FAIL = "FAIL"
+NOT_RUN = "n/a"
+
+THROUGHPUT_KEYS = 100
+THROUGHPUT_MIN_RATIO = 0.8
+LATENCY_RATE = 1000
+LATENCY_MAX_P99_MS = 25.0
+IDLE_MAX_QPS = 2.0
+BACKLOG_MIN_RATIO = 0.85
+WRITER_MAX_OVERHEAD = 0.25
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its measured value and PASS / MISS (n/a when not measured)."""
+    rows = []
+    throughput = results.get("throughput")
+    ratio = None
+    if throughput is not None:
+        for row in throughput["per_keys"]:
+            if row["keys"] == THROUGHPUT_KEYS:
+                ratio = row["ratio"]
+    rows.append(
+        _target(
+            f"throughput K={THROUGHPUT_KEYS} / raw pika (window 1000)",
+            f">= {THROUGHPUT_MIN_RATIO:.2f}x",
+            ratio,
+            None if ratio is None else ratio >= THROUGHPUT_MIN_RATIO,
+            "{:.2f}x",
+        )
+    )
+    latency = results.get("latency")
+    p99 = None
+    if latency is not None:
+        for row in latency["rates"]:
+            if row["rate"] == LATENCY_RATE:
+                p99 = row["p99_ms"]
+    rows.append(
+        _target(
+            f"commit-to-delivery p99 at {LATENCY_RATE}/s",
+            f"< {LATENCY_MAX_P99_MS:.0f} ms",
+            p99,
+            None if p99 is None else p99 < LATENCY_MAX_P99_MS,
+            "{:.1f} ms",
+        )
+    )
+    idle = None if latency is None else latency["idle_queries_per_second"]
+    rows.append(
+        _target(
+            "idle relay database queries",
+            f"< {IDLE_MAX_QPS:.0f} /s",
+            idle,
+            None if idle is None else idle < IDLE_MAX_QPS,
+            "{:.2f} /s",
+        )
+    )
+    backlog = results.get("backlog")
+    backlog_ratio = None if backlog is None else backlog["ratio"]
+    rows.append(
+        _target(
+            "backlog: big table / small table",
+            f">= {BACKLOG_MIN_RATIO:.2f}x",
+            backlog_ratio,
+            None if backlog_ratio is None else backlog_ratio >= BACKLOG_MIN_RATIO,
+            "{:.2f}x",
+        )
+    )
+    writer = results.get("writer")
+    overhead = None if writer is None else writer["one_event_ratio"] - 1
+    rows.append(
+        _target(
+            "writer: one event adds to a transaction",
+            f"< {WRITER_MAX_OVERHEAD:.0%}",
+            overhead,
+            None if overhead is None else overhead < WRITER_MAX_OVERHEAD,
+            "{:+.1%}",
+        )
+    )
+    checked: list[dict[str, Any]] = []
+    if "throughput" in results:
+        checked += [row["correctness"] for row in results["throughput"]["per_keys"]]
+    checked += [results[name]["correctness"] for name in ("latency", "backlog") if name in results]
+    if checked:
+        bad = {
+            kind: sum(c.get(kind, 0) for c in checked)
+            for kind in ("lost", "unexpected", "duplicates", "reordered", "inconsistent")
+        }
+        ok = all(c["ok"] for c in checked) and all(c.get("body_sizes_ok", True) for c in checked)
+        rows.append(
+            {
+                "name": "every relayed event delivered once, in key order",
+                "goal": "0 lost/dup/reordered",
+                "value": bad,
+                "shown": " ".join(f"{k}={v}" for k, v in bad.items() if k != "inconsistent"),
+                "status": PASS if ok else FAIL,
+            }
+        )
+    return rows
+
+
+def _target(name: str, goal: str, value: float | None, ok: bool | None, fmt: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "goal": goal,
+        "value": value,
+        "shown": "-" if value is None else fmt.format(value),
+        "status": NOT_RUN if ok is None else PASS if ok else MISS,
+    }
+
+
+def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if "throughput" in results:
+        lines += _throughput(results["throughput"], meta)
+    if "latency" in results:
+        lines += _latency(results["latency"])
+    if "backlog" in results:
+        lines += _backlog(results["backlog"])
+    if "writer" in results:
+        lines += _writer(results["writer"])
+    lines += ["", "Targets"]
+    lines += _table(
+        ["target", "goal", "measured", "status"],
+        [[t["name"], t["goal"], t["shown"], t["status"]] for t in meta["targets"]],
+    )
+    start, end = meta["loadavg_start"], meta["loadavg_end"]
+    lines += [
+        "",
+        f"repeats {meta['config']['repeat']} (medians); {meta['cpus']} CPUs; load average "
+        f"{_load(start)} at start, {_load(end)} at end; {meta['elapsed_seconds']:.0f} s in all",
+    ]
+    return "\n".join(lines)
+
+
+def _load(values: Sequence[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
+
+
+def _throughput(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"Throughput: {result['n']:,} committed events, {result['body_size']} B bodies; "
+        "events/s from start to the last confirm",
+    ]
+    rows = []
+    for row in result["per_keys"]:
+        c = row["correctness"]
+        rows.append(
+            [
+                str(row["keys"]),
+                _num(row["relay_rate"]),
+                _num(row["relay_wall_rate"]),
+                _num(row["baseline_rate"]),
+                _ratio(row["ratio"]),
+                _ratio(row["ratio_wall"]),
+                f"{_num(row['baseline_k_rate'])} (w={row['baseline_k_window']})",
+                _ratio(row["ratio_vs_window_k"]),
+                f"{c['lost']}/{c['duplicates']}/{c['reordered']}",
+            ]
+        )
+    lines += _table(
+        [
+            "K",
+            "relay",
+            "relay run()",
+            "raw pika w=1000",
+            "ratio",
+            "ratio run()",
+            "raw pika w=K",
+            "relay/w=K",
+            "lost/dup/reord",
+        ],
+        rows,
+    )
+    return lines
+
+
+def _latency(result: dict[str, Any]) -> list[str]:
+    lines = ["", "Latency: commit -> consumer arrival, one event per transaction, 100 keys"]
+    rows = [
+        [
+            _num(r["rate"]),
+            _num(r["achieved_rate"]),
+            str(r["writers"]),
+            _ms(r["p50_ms"]),
+            _ms(r["p95_ms"]),
+            _ms(r["p99_ms"]),
+            _ms(r["max_ms"]),
+            _num(r["samples"]),
+            f"{r['relay_queries_per_event']:.2f}",
+        ]
+        for r in result["rates"]
+    ]
+    lines += _table(
+        [
+            "rate/s",
+            "achieved/s",
+            "writers",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "max ms",
+            "samples",
+            "relay queries/event",
+        ],
+        rows,
+    )
+    c = result["correctness"]
+    idle = result["runs"][-1]["idle"]
+    lines.append(
+        f"lost/dup/reordered {c['lost']}/{c['duplicates']}/{c['reordered']}; idle relay: "
+        f"{result['idle_queries_per_second']:.2f} queries/s (median), in the last run "
+        f"{idle['transactions_per_second']:.2f} transactions/s, "
+        f"{idle['pool_checkouts_per_second']:.2f} pool checkouts/s, statements:"
+    )
+    by_statement: dict[str, int] = idle["by_statement"]
+    seconds = idle["seconds"]
+    for statement, count in by_statement.items():
+        lines.append(f"  {count / seconds:5.2f}/s  {statement}")
+    return lines
+
+
+def _backlog(result: dict[str, Any]) -> list[str]:
+    c = result["correctness"]
+    return [
+        "",
+        f"Backlog: {result['pending']:,} pending events over {result['keys']} keys, in a table "
+        f"of {result['small_rows']:,} rows vs {result['big_rows']:,} rows "
+        f"(set up in {result['setup_seconds']:.0f} s)",
+        *_table(
+            ["small table", "big table", "ratio", "lost/dup/reord"],
+            [
+                [
+                    f"{_num(result['small_rate'])}/s",
+                    f"{_num(result['big_rate'])}/s",
+                    _ratio(result["ratio"]),
+                    f"{c['lost']}/{c['duplicates']}/{c['reordered']}",
+                ]
+            ],
+        ),
+    ]
+
+
+def _writer(result: dict[str, Any]) -> list[str]:
+    return [
+        "",
+        f"Writer: one order per transaction, median of {result['transactions']:,} transactions",
+        *_table(
+            ["no event", "one event", "ratio", f"{result['many_events']} events", "ratio"],
+            [
+                [
+                    f"{result['no_event_median_us']:.0f} us",
+                    f"{result['one_event_median_us']:.0f} us",
+                    _ratio(result["one_event_ratio"]),
+                    f"{result['many_events_median_us']:.0f} us",
+                    _ratio(result["many_events_ratio"]),
+                ]
+            ],
+        ),
+    ]
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  " + "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
