@@ -16,6 +16,7 @@ from relay.cli.options import DURATION, amqp_option, database_options
 from relay.errors import ConfigError
 from relay.settings import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_DB_TIMEOUT,
     DEFAULT_EXCHANGE,
     DEFAULT_EXCHANGE_TYPE,
     DEFAULT_LEASE,
@@ -141,6 +142,16 @@ log = logging.getLogger("relay.cli")
     type=DURATION,
     help="How long claimed events stay reserved without renewal; a crashed relay's "
     "events are taken over after it.",
+)
+@click.option(
+    "--db-timeout",
+    envvar="OUTBOX_DB_TIMEOUT",
+    show_envvar=True,
+    default=f"{DEFAULT_DB_TIMEOUT:g}s",
+    show_default=True,
+    type=DURATION,
+    help="Longest wait for one database call; past it the connection is dropped and the "
+    "relay retries (a silent network link would otherwise hang it).",
 )
 @click.option(
     "--retention",
