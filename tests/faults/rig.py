@@ -28,6 +28,8 @@ FAULT_SETTINGS: dict[str, Any] = {
     "retry_max": 1.0,
     "max_attempts": 5,
     "max_in_flight": 200,
+    # Many small claims: faults hit claims often, and duplicate bounds stay tight.
+    "batch_size": 100,
     "stop_timeout": 5.0,
 }
 
