@@ -11,6 +11,7 @@ from outbox import Outbox
 from tests.support.history import check_history
 from tests.support.rabbit import QueueTap, unique_name
 from tests.support.relays import (
+    count_by_status,
     drain_distinct,
     interleaved_events,
     start_relay_process,
@@ -26,12 +27,6 @@ def _leased(engine: sa.Engine, box: Outbox) -> int:
     t = box.events
     with engine.connect() as conn:
         return int(conn.scalar(sa.select(sa.func.count()).where(t.c.claim_token.is_not(None))) or 0)
-
-
-def _by_status(engine: sa.Engine, box: Outbox) -> dict[str, int]:
-    t = box.events
-    with engine.connect() as conn:
-        return dict(conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)).all())  # type: ignore[arg-type]
 
 
 def test_two_relay_processes_share_the_work_and_keep_key_order(
@@ -68,7 +63,7 @@ def test_two_relay_processes_share_the_work_and_keep_key_order(
     with pg_engine.connect() as conn:
         workers = set(conn.scalars(sa.select(t.c.claimed_by).distinct()))
     assert workers == set(names)  # both relays published events
-    assert _by_status(pg_engine, outbox_schema) == {"published": 10_000}
+    assert count_by_status(pg_engine, outbox_schema) == {"published": 10_000}
 
 
 def test_sigkilled_relay_loses_nothing_after_restart(
@@ -110,7 +105,7 @@ def test_sigkilled_relay_loses_nothing_after_restart(
     assert code == 0, output
     report = check_history(written(pg_engine, outbox_schema), deliveries)
     report.assert_ok(max_duplicates=1000)  # at most the killed relay's in-flight window
-    assert _by_status(pg_engine, outbox_schema) == {"published": 6_000}
+    assert count_by_status(pg_engine, outbox_schema) == {"published": 6_000}
 
 
 def test_sigterm_drains_and_exits_0_with_nothing_left_in_flight(
@@ -140,7 +135,7 @@ def test_sigterm_drains_and_exits_0_with_nothing_left_in_flight(
     # Nothing stays leased: what was confirmed is recorded, the rest given back.
     assert _leased(pg_engine, outbox_schema) == 0
     deliveries = tap.drain(expected=20_001, timeout=2)
-    published = _by_status(pg_engine, outbox_schema).get("published", 0)
+    published = count_by_status(pg_engine, outbox_schema).get("published", 0)
     # Every confirmed event was recorded as published, and nothing else was.
     assert published == len({d.message_id for d in deliveries})
     assert published < 20_000

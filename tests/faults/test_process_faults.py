@@ -15,7 +15,7 @@ from tests.faults.runners import leased_by
 
 pytestmark = pytest.mark.slow
 
-KILL_ROUNDS = 6  # make soak runs 20 and more
+KILL_ROUNDS = 20  # make soak runs OUTBOX_SOAK_ROUNDS (30 by default)
 PAUSE = 4.0  # seconds frozen: twice the lease
 
 

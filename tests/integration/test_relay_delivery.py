@@ -15,6 +15,7 @@ from relay.settings import RelaySettings
 from tests.support.history import check_history
 from tests.support.rabbit import QueueTap, close_connection_named, unique_name
 from tests.support.relays import (
+    count_by_status,
     drain_distinct,
     interleaved_events,
     relay_thread,
@@ -36,13 +37,6 @@ def settings_for(
     )
 
 
-def statuses(engine: sa.Engine, box: Outbox) -> dict[str, int]:
-    t = box.events
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status))
-        return {r[0]: r[1] for r in rows}
-
-
 def test_20000_events_over_100_keys_arrive_once_in_key_order(
     pg_engine: sa.Engine,
     pg_url: str,
@@ -56,7 +50,7 @@ def test_20000_events_over_100_keys_arrive_once_in_key_order(
         deliveries = tap.drain(expected=20_000, timeout=20)
     report = check_history(written(pg_engine, outbox_schema), deliveries)
     report.assert_ok(max_duplicates=0)
-    assert statuses(pg_engine, outbox_schema) == {"published": 20_000}
+    assert count_by_status(pg_engine, outbox_schema) == {"published": 20_000}
 
 
 def test_message_properties_on_the_wire(
@@ -172,7 +166,7 @@ def test_broker_connection_closed_mid_run_loses_nothing_and_keeps_order(
     report = check_history(written(pg_engine, outbox_schema), deliveries)
     # A cut connection may duplicate what was in flight; never more than the window.
     report.assert_ok(max_duplicates=settings.max_in_flight)
-    assert statuses(pg_engine, outbox_schema) == {"published": 10_000}
+    assert count_by_status(pg_engine, outbox_schema) == {"published": 10_000}
 
 
 def test_events_written_while_running_arrive_quickly(

@@ -44,6 +44,14 @@ def written(engine: sa.Engine, box: Outbox) -> list[Written]:
         return [Written(id=str(r.id), key=r.key, seq=r.seq) for r in rows]
 
 
+def count_by_status(engine: sa.Engine, box: Outbox) -> dict[str, int]:
+    """How many outbox rows are pending, published and dead."""
+    t = box.events
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status))
+        return {status: count for status, count in rows}
+
+
 def drain_distinct(tap: QueueTap, count: int, timeout: float) -> list[Delivery]:
     """Drain until `count` distinct message ids arrived: duplicates do not count towards it.
 
