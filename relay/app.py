@@ -38,7 +38,7 @@ def build_relay(settings: RelaySettings, *, metrics: Metrics | None = None) -> R
             declare_exchange=settings.declare_exchange,
         )
 
-    listener: Callable[[Callable[[], None]], object] | None = None
+    listener: Callable[[Callable[[], None]], Listener] | None = None
     if settings.listen and store.engine.dialect.name == "postgresql":
         channel = settings.outbox().channel
 

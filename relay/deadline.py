@@ -26,7 +26,6 @@ class Watchdog:
         self._armed: dict[int, tuple[float, int]] = {}  # guard id -> (deadline, fd)
         self._next_id = 0
         self._stopped = False
-        self.expired_total = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -57,7 +56,6 @@ class Watchdog:
                 for guard_id, (deadline, fd) in list(self._armed.items()):
                     if deadline <= now:
                         del self._armed[guard_id]
-                        self.expired_total += 1
                         _shutdown(fd)
                 wait = min((d for d, _ in self._armed.values()), default=now + 3600) - now
                 self._lock.wait(timeout=max(wait, 0.01))

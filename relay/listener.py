@@ -43,7 +43,6 @@ class Listener:
         self._check_every = check_every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-listener", daemon=True)
-        self.connected = False
         self.notifications_total = 0
 
     def start(self) -> None:
@@ -64,7 +63,6 @@ class Listener:
                     connect_timeout=5,
                 ) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
-                    self.connected = True
                     failures = 0
                     self._wake()  # whatever was committed while we were not listening
                     while not self._stop.is_set():
@@ -80,6 +78,4 @@ class Listener:
                         "listener connection lost (%s); polling covers the gap",
                         mask_text(str(exc)).strip(),
                     )
-            finally:
-                self.connected = False
             self._stop.wait(backoff_delay(failures, initial=0.5, maximum=10.0))

@@ -80,7 +80,6 @@ class OutboxCollector:
     ) -> None:
         self.source = source
         self.refresh_every = refresh_every
-        self.refreshes = 0
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._values: OutboxGauges | None = None
@@ -102,7 +101,6 @@ class OutboxCollector:
             self._next_refresh = now + self.refresh_every
             try:
                 self._values = self.source()
-                self.refreshes += 1
                 if self._failing:
                     log.info("outbox gauges: database answers again")
                 self._failing = False

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from relay.backoff import backoff_delay
 from relay.errors import BrokerConfigError, DatabaseUnavailableError
@@ -50,6 +51,14 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class Background(Protocol):
+    """A helper thread the relay starts and stops with itself (the LISTEN listener)."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = ...) -> None: ...
+
+
 class _Wake:
     """Inbox item: look for new events now (a NOTIFY arrived, or stop was requested)."""
 
@@ -75,7 +84,7 @@ class Relay:
         store: Store,
         publisher_factory: Callable[[Sink], Publisher],
         *,
-        listener_factory: Callable[[Callable[[], None]], object] | None = None,
+        listener_factory: Callable[[Callable[[], None]], Background] | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
@@ -125,7 +134,7 @@ class Relay:
     def start(self) -> None:
         self.publisher.start()
         if self._listener is not None:
-            self._listener.start()  # type: ignore[attr-defined]
+            self._listener.start()
 
     def wake(self) -> None:
         """Thread-safe: look for new events now."""
@@ -185,7 +194,7 @@ class Relay:
             )
         self.publisher.stop(timeout=5.0)  # what was in flight comes back as UNKNOWN
         if self._listener is not None:
-            self._listener.stop()  # type: ignore[attr-defined]
+            self._listener.stop()
         self._worker.stop(timeout=self.settings.db_timeout)
         self._collect(0)  # take in what the publisher and the worker still had to say
         try:
@@ -227,15 +236,17 @@ class Relay:
 
     def _run_job(
         self,
-        job: Callable[[], object],
-        done: Callable[[object], None],
+        job: Callable[[], Any],
+        done: Callable[[Any], None],
         *,
-        on_error: Callable[[object, BaseException | None], None] | None = None,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
-        def finished(result: object, error: BaseException | None) -> None:
+        """Submit `job`; `done(result)` runs on success, `on_error()` on any failure."""
+
+        def finished(result: Any, error: BaseException | None) -> None:
             self._db_busy = False
             if error is not None and on_error is not None:
-                on_error(result, error)
+                on_error()
             if error is None:
                 self._database_ok()
                 done(result)
@@ -298,11 +309,12 @@ class Relay:
             return
         for event in item:
             if isinstance(event, PublishOutcome):
-                self._outcome(event, self._report)
+                self._outcome(event)
             else:
                 self._broker_status(event)
 
-    def _outcome(self, outcome: PublishOutcome, report: StepReport) -> None:
+    def _outcome(self, outcome: PublishOutcome) -> None:
+        report = self._report
         sent_at = self._published_at.pop(outcome.tag, None)
         if outcome.outcome is Outcome.CONFIRMED:
             event = self.sequencer.confirmed(outcome.tag)
@@ -414,28 +426,27 @@ class Relay:
         returned = bool(releases)
         self._unwritten_since = None
 
-        def done(fenced: object) -> None:
-            self._fenced(int(fenced), self._report)  # type: ignore[call-overload]
+        def done(fenced: int) -> None:
+            self._fenced(fenced)
             if runs_finished or returned:
                 # Keys whose runs just ended (or were given back) can be claimed again.
                 self._next_claim = min(self._next_claim, self._monotonic())
 
-        def failed_too(result: object, error: BaseException | None) -> None:
-            if error is not None:
-                # Keep what was not written, for the next try.
-                for token, seqs in acked.items():
-                    self._acked[token][:0] = seqs
-                for token, items in failures.items():
-                    self._failures[token][:0] = items
-                for token, seqs in releases.items():
-                    self._releases[token][:0] = seqs
-                self._runs_finished = self._runs_finished or runs_finished
-                self._note_unwritten()
+        def keep_unwritten() -> None:
+            # _write() emptied the containers as it went: what is left was not written.
+            for token, seqs in acked.items():
+                self._acked[token][:0] = seqs
+            for token, items in failures.items():
+                self._failures[token][:0] = items
+            for token, seqs in releases.items():
+                self._releases[token][:0] = seqs
+            self._runs_finished = self._runs_finished or runs_finished
+            self._note_unwritten()
 
         self._run_job(
             lambda: self._write(acked, failures, releases),
             done,
-            on_error=failed_too,
+            on_error=keep_unwritten,
         )
 
     def _write(
@@ -463,9 +474,9 @@ class Relay:
             del releases[token]
         return fenced
 
-    def _fenced(self, count: int, report: StepReport) -> None:
+    def _fenced(self, count: int) -> None:
         if count > 0:
-            report.fenced += count
+            self._report.fenced += count
             self.metrics.lease_lost(count)
             log.warning(
                 "%d results were not recorded: the lease had passed to another relay", count
@@ -506,7 +517,7 @@ class Relay:
                 dead_letters_hold_key=self.settings.dead_letters_hold_key,
             )
 
-        self._run_job(claim, lambda claim: self._claimed(claim, started, wakes_before))  # type: ignore[arg-type]
+        self._run_job(claim, lambda claim: self._claimed(claim, started, wakes_before))
 
     def _claimed(self, claim: Claim, started: float, wakes_before: int) -> None:
         count = len(claim.events)
@@ -554,9 +565,9 @@ class Relay:
             return
         until = self._clock() + dt.timedelta(seconds=self.settings.lease)
 
-        def renewed(held: object) -> None:
+        def renewed(held: set[uuid.UUID]) -> None:
             for token in tokens:
-                if token in held:  # type: ignore[operator]
+                if token in held:
                     self._lease_deadline[token] = now + self.settings.lease
                 else:
                     self._lease_lost(token)
