@@ -210,15 +210,15 @@ class Store:
         visited = 0
         while visited < budget and len(chosen) < limit:
             rows = conn.execute(
-                sa.select(t.c.seq, t.c.key, t.c.lease_until, t.c.next_attempt_at, held_by_dead)
+                sa.select(t.c.seq, t.c.key, self._free_and_due(now), held_by_dead)
                 .where(t.c.status == PENDING, t.c.seq > after)
                 .order_by(t.c.seq)
                 .limit(window)
             ).all()
-            for seq, key, leased_until, retry_at, dead_ahead in rows:
+            for seq, key, ready, dead_ahead in rows:
                 if key is not None and (dead_ahead or key in held):
                     continue
-                if not _free(leased_until, now) or not _due(retry_at, now):
+                if not ready:
                     if key is not None:
                         held.add(key)  # an unready row holds back the rest of its key
                     continue
@@ -236,16 +236,20 @@ class Store:
             after = rows[-1][0]
         return chosen
 
+    def _free_and_due(self, now: dt.datetime) -> sa.ColumnElement[bool]:
+        """A row no relay holds a valid lease on, and not waiting for a retry."""
+        t = self.outbox.events
+        return sa.and_(
+            sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now),
+            sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= now),
+        )
+
     def has_ready(self, now: dt.datetime) -> bool:
         """A cheap look before a claim: is any pending row due and not leased?"""
         t = self.outbox.events
         probe = (
             sa.select(t.c.seq)
-            .where(
-                t.c.status == PENDING,
-                sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now),
-                sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= now),
-            )
+            .where(t.c.status == PENDING, self._free_and_due(now))
             .order_by(t.c.seq)
             .limit(1)
         )
@@ -397,19 +401,6 @@ class Store:
         """Raise unless the database answers and the outbox table exists."""
         with self.transaction() as conn:
             conn.execute(sa.select(self.outbox.events.c.seq).limit(1))
-
-
-def _as_utc(value: dt.datetime) -> dt.datetime:
-    # SQLite hands timestamps back without a zone; the relay stores UTC only.
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
-
-def _free(lease_until: dt.datetime | None, now: dt.datetime) -> bool:
-    return lease_until is None or _as_utc(lease_until) <= now
-
-
-def _due(next_attempt_at: dt.datetime | None, now: dt.datetime) -> bool:
-    return next_attempt_at is None or _as_utc(next_attempt_at) <= now
 
 
 def _socket_fd(conn: Connection) -> int | None:
