@@ -29,6 +29,8 @@ import sqlalchemy as sa
 from bench import backlog, latency, report, throughput, writer_cost
 from bench.baseline import BaselineError
 from bench.config import BENCHMARKS, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, BenchConfig
+from relay.demo import ensure_database
+from relay.errors import RelayError
 
 EXIT_OK = 0
 EXIT_INCORRECT = 1
@@ -60,6 +62,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=None, help="runs per measurement (default 3)")
     parser.add_argument("-n", type=int, default=None, help="events per throughput run (20000)")
     parser.add_argument(
+        "--keys",
+        type=int,
+        action="append",
+        default=None,
+        metavar="K",
+        help="ordering keys of a throughput run (repeatable; default 1, 10, 100 and 1000)",
+    )
+    parser.add_argument(
         "--database-url",
         default=os.environ.get("OUTBOX_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL),
         help="PostgreSQL (env OUTBOX_BENCH_DATABASE_URL); each run uses a schema of its own",
@@ -83,6 +93,8 @@ def make_config(args: argparse.Namespace) -> BenchConfig:
         changes["repeat"] = 1
     if args.n is not None:
         changes["n"] = args.n
+    if args.keys:
+        changes["keys"] = tuple(args.keys)
     if args.quick:
         return BenchConfig.quick_config(**changes)
     return BenchConfig(**changes)
@@ -103,11 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     code_at_start = code_fingerprint()
     results: dict[str, Any] = {}
     try:
+        ensure_database(config.database_url)
         for name in selected:
             began = time.monotonic()
             results[name] = RUNNERS[name](config)
             results[name]["seconds"] = round(time.monotonic() - began, 1)
-    except (sa.exc.OperationalError, pika.exceptions.AMQPConnectionError, BaselineError) as exc:
+    except (
+        sa.exc.OperationalError,
+        pika.exceptions.AMQPConnectionError,
+        BaselineError,
+        RelayError,
+    ) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print("is PostgreSQL / RabbitMQ running? (make services)", file=sys.stderr)
         return EXIT_USAGE

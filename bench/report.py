@@ -250,19 +250,39 @@ def _backlog(result: dict[str, Any]) -> list[str]:
 
 
 def _writer(result: dict[str, Any]) -> list[str]:
+    def us(kind: str) -> str:
+        return f"{result[f'{kind}_median_us']:.0f} us"
+
     return [
         "",
         f"Writer: one order per transaction, median of {result['transactions']:,} transactions",
         *_table(
-            ["no event", "one event", "ratio", f"{result['many_events']} events", "ratio"],
+            ["transaction", "no event", "with", "ratio"],
             [
                 [
-                    f"{result['no_event_median_us']:.0f} us",
-                    f"{result['one_event_median_us']:.0f} us",
+                    "Core, one event",
+                    us("no_event"),
+                    us("one_event"),
                     _ratio(result["one_event_ratio"]),
-                    f"{result['many_events_median_us']:.0f} us",
+                ],
+                [
+                    f"Core, {result['many_events']} events",
+                    us("no_event"),
+                    us("many_events"),
                     _ratio(result["many_events_ratio"]),
-                ]
+                ],
+                [
+                    "Core, SELECT 1 instead (one round trip)",
+                    us("no_event"),
+                    us("round_trip"),
+                    _ratio(result["round_trip_ratio"]),
+                ],
+                [
+                    "ORM aggregate, one recorded event",
+                    us("orm_no_event"),
+                    us("orm_one_event"),
+                    _ratio(result["orm_one_event_ratio"]),
+                ],
             ],
         ),
     ]

@@ -60,7 +60,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "n": config.n,
         "body_size": config.body_size,
         "window": config.window,
-        "window_k_max_messages": config.window_k_max_messages,
+        "window_k_messages_per_slot": config.window_k_messages_per_slot,
         "per_keys": per_k,
     }
 
@@ -91,7 +91,7 @@ def _for_keys(config: BenchConfig, engine: sa.Engine, keys: int) -> dict[str, An
                 elif which == "baseline":
                     results["baseline"] = _baseline_trial(config, messages, config.window)
                 elif not same_window:
-                    limit = min(len(messages), config.window_k_max_messages)
+                    limit = min(len(messages), config.window_k_messages_per_slot * keys)
                     results["baseline_k"] = _baseline_trial(config, messages[:limit], keys)
         relay_run = results["relay"]
         base: BaselineRun = results["baseline"]

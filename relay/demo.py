@@ -204,7 +204,7 @@ def ensure_database(database_url: str) -> None:
         raise DatabaseUnavailableError(f"database unavailable: {lines[0]}") from exc
     except psycopg.Error as exc:
         raise RelayError(
-            f"cannot create the demo database {url.database!r}: {mask_text(str(exc)).strip()}; "
+            f"cannot create the database {url.database!r}: {mask_text(str(exc)).strip()}; "
             "create it yourself or pass --database-url"
         ) from exc
 

@@ -122,12 +122,14 @@ def test_backlog_relays_the_same_events_from_a_small_and_a_big_table(
     assert_correct(result["correctness"], committed=runs * config["backlog_pending"])
 
 
-def test_writer_cost_times_the_three_kinds_of_transaction(quick: dict[str, Any]) -> None:
+def test_writer_cost_times_every_kind_of_transaction(quick: dict[str, Any]) -> None:
     result = quick["results"]["writer"]
-    for kind in ("no_event", "one_event", "many_events"):
+    kinds = ("no_event", "one_event", "many_events", "round_trip", "orm_no_event", "orm_one_event")
+    for kind in kinds:
         assert result[f"{kind}_median_us"] > 0
-    assert result["one_event_ratio"] > 0
-    assert result["many_events_ratio"] > 0
+    for ratio in ("one_event", "many_events", "round_trip", "orm_one_event"):
+        assert result[f"{ratio}_ratio"] > 0
+    assert result["events_written_ok"], result["runs"]
 
 
 def test_every_target_is_judged_and_printed(quick: dict[str, Any]) -> None:
