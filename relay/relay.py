@@ -20,7 +20,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -29,6 +28,7 @@ from relay.errors import BrokerConfigError, DatabaseUnavailableError
 from relay.messages import BrokerStatus, Outcome, Publisher, PublisherEvent, PublishOutcome, Sink
 from relay.metrics import Metrics
 from relay.records import Claim, ClaimedEvent, Failure
+from relay.results import PendingResults, ResultBatch
 from relay.sequencer import Sequencer
 from relay.settings import RelaySettings
 from relay.store import Store
@@ -42,9 +42,6 @@ HOUSEKEEPING_EVERY = 30.0
 PURGE_BATCH = 1000
 PURGE_BATCHES_PER_TICK = 10
 MAX_WAIT = 1.0
-# Confirmed results are written in batches: at most this late, or at once when a key's run is
-# done (its rows must be free in the table before the next claim can take the key again).
-FLUSH_INTERVAL = 0.02
 
 
 def utcnow() -> dt.datetime:
@@ -105,10 +102,7 @@ class Relay:
         self._db_busy = False  # a database job is on its way: one at a time, in order
         self._listener = listener_factory(self.wake) if listener_factory else None
         self.sequencer = Sequencer(settings.max_in_flight)
-        # Results waiting to be written, by claim token (writes are fenced by the token).
-        self._acked: dict[uuid.UUID, list[int]] = defaultdict(list)
-        self._failures: dict[uuid.UUID, list[Failure]] = defaultdict(list)
-        self._releases: dict[uuid.UUID, list[int]] = defaultdict(list)
+        self._results = PendingResults(monotonic, batch_size=settings.batch_size)
         self._lease_deadline: dict[uuid.UUID, float] = {}
         self._published_at: dict[int, float] = {}
         now = self._monotonic()
@@ -122,8 +116,6 @@ class Relay:
         self._broker_up = False
         self._stop_requested = threading.Event()
         self._last_claim_empty = False
-        self._unwritten_since: float | None = None
-        self._runs_finished = False  # a key's run ended: flush, then claim again
         self._started_at = clock()
         self._fatal: BaseException | None = None
         self._report = StepReport()
@@ -164,7 +156,7 @@ class Relay:
         return (
             self._last_claim_empty
             and self.sequencer.idle
-            and not self._has_unwritten_results()
+            and not self._results
             and not self._db_busy
             and self._db_failures == 0
         )
@@ -176,7 +168,7 @@ class Relay:
         self._give_back(self.sequencer.withdraw())
         deadline = self._monotonic() + self.settings.stop_timeout
         while self._monotonic() < deadline and (
-            self.sequencer.in_flight or self._has_unwritten_results() or self._db_busy
+            self.sequencer.in_flight or self._results or self._db_busy
         ):
             if (
                 not self.sequencer.in_flight
@@ -199,7 +191,7 @@ class Relay:
         self._collect(0)  # take in what the publisher and the worker still had to say
         try:
             if not self._db_busy:  # a job still running owns its results: leave them to it
-                self._write(self._acked, self._failures, self._releases)
+                self._write(self._results.take())
             self.store.unregister(self.settings.name)
         except DatabaseUnavailableError as exc:
             log.warning("could not record final results (%s); their leases will expire", exc)
@@ -258,27 +250,16 @@ class Relay:
         self._db_busy = True
         self._worker.submit(job, finished)
 
-    def _flush_due(self) -> bool:
-        if not self._has_unwritten_results():
-            return False
-        return (
-            self._runs_finished
-            or self._stop_requested.is_set()
-            or bool(self._failures or self._releases)
-            or self._unwritten_since is None
-            or self._monotonic() - self._unwritten_since >= FLUSH_INTERVAL
-            or sum(len(seqs) for seqs in self._acked.values()) >= self.settings.batch_size
-        )
-
     def _wait_time(self) -> float:
         if self._db_busy:
             return MAX_WAIT  # the job's completion wakes the loop
         now = self._monotonic()
         due = [self._next_renew, self._next_housekeeping, self._next_heartbeat]
-        if self._has_unwritten_results():
-            if now >= self._db_retry_at and self._flush_due():
+        flush_at = self._results.due_at()
+        if flush_at is not None:
+            if now >= self._db_retry_at and self._results.due(stopping=self.stop_requested):
                 return 0.0
-            due.append((self._unwritten_since or now) + FLUSH_INTERVAL)
+            due.append(flush_at)
         if self._claim_possible():
             due.append(self._next_claim)
         if now < self._db_retry_at:
@@ -321,10 +302,8 @@ class Relay:
             if event is None:
                 return
             report.confirmed += 1
-            self._acked[event.token].append(event.seq)
-            self._note_unwritten()
-            if event.key is None or not self.sequencer.has_queued(event.key):
-                self._runs_finished = True
+            run_finished = event.key is None or not self.sequencer.has_queued(event.key)
+            self._results.confirmed(event, run_finished=run_finished)
             now = self._monotonic()
             self.metrics.published(
                 event.type,
@@ -335,13 +314,11 @@ class Relay:
         event, rest = self.sequencer.stopped(outcome.tag)
         if event is None:
             return
-        self._note_unwritten()
-        for later in rest:
-            self._releases[later.token].append(later.seq)
+        self._results.give_back(rest)
         if outcome.outcome is Outcome.UNKNOWN:
             # Fate unknown (connection lost): publish again, without spending an attempt.
             report.unknown += 1
-            self._releases[event.token].append(event.seq)
+            self._results.give_back([event])
             return
         report.rejected += 1
         failure = self._failure(event, outcome.error or "rejected by broker")
@@ -367,7 +344,7 @@ class Relay:
                 failure.error,
             )
         self.metrics.failed(event.type, dead=failure.next_attempt_at is None)
-        self._failures[event.token].append(failure)
+        self._results.failed(failure)
 
     def _failure(self, event: ClaimedEvent, error: str) -> Failure:
         attempt = event.attempts + 1
@@ -398,81 +375,35 @@ class Relay:
         self._give_back(self.sequencer.withdraw())
 
     def _give_back(self, events: Sequence[ClaimedEvent]) -> None:
-        for event in events:
-            self._releases[event.token].append(event.seq)
-        if events:
-            self._note_unwritten()
-
-    def _note_unwritten(self) -> None:
-        if self._unwritten_since is None:
-            self._unwritten_since = self._monotonic()
+        self._results.give_back(events)
 
     # -- database work ---------------------------------------------------------------------
 
-    def _has_unwritten_results(self) -> bool:
-        return bool(self._acked or self._failures or self._releases)
-
     def _submit_writes(self) -> None:
-        if not self._flush_due():
+        if not self._results.due(stopping=self.stop_requested):
             return
-        # The job owns these until it completes; new results collect in fresh containers.
-        acked, failures, releases = self._acked, self._failures, self._releases
-        self._acked, self._failures, self._releases = (
-            defaultdict(list),
-            defaultdict(list),
-            defaultdict(list),
-        )
-        runs_finished, self._runs_finished = self._runs_finished, False
-        returned = bool(releases)
-        self._unwritten_since = None
+        # The job owns the batch until it completes; new results collect in a fresh one.
+        batch = self._results.take()
 
         def done(fenced: int) -> None:
             self._fenced(fenced)
-            if runs_finished or returned:
+            if batch.gives_keys_back:
                 # Keys whose runs just ended (or were given back) can be claimed again.
                 self._next_claim = min(self._next_claim, self._monotonic())
 
-        def keep_unwritten() -> None:
-            # _write() emptied the containers as it went: what is left was not written.
-            for token, seqs in acked.items():
-                self._acked[token][:0] = seqs
-            for token, items in failures.items():
-                self._failures[token][:0] = items
-            for token, seqs in releases.items():
-                self._releases[token][:0] = seqs
-            self._runs_finished = self._runs_finished or runs_finished
-            self._note_unwritten()
-
         self._run_job(
-            lambda: self._write(acked, failures, releases),
+            lambda: self._write(batch),
             done,
-            on_error=keep_unwritten,
+            on_error=lambda: self._results.put_back(batch),
         )
 
-    def _write(
-        self,
-        acked: dict[uuid.UUID, list[int]],
-        failures: dict[uuid.UUID, list[Failure]],
-        releases: dict[uuid.UUID, list[int]],
-    ) -> int:
-        """Write results, emptying the containers as it goes (what is left on an error is
-        exactly what was not written). Returns how many results were fenced off."""
-        now = self._clock()
-        delete = self.settings.retention == 0
-        fenced = 0
-        for token in list(acked):
-            seqs = acked[token]
-            fenced += len(seqs) - self.store.mark_published(token, seqs, now=now, delete=delete)
-            del acked[token]
-        for token in list(failures):
-            items = failures[token]
-            owned = self.store.record_failures(token, items, relay=self.settings.name, now=now)
-            fenced += len(items) - owned
-            del failures[token]
-        for token in list(releases):
-            self.store.release(token, releases[token])
-            del releases[token]
-        return fenced
+    def _write(self, batch: ResultBatch) -> int:
+        return batch.write(
+            self.store,
+            relay=self.settings.name,
+            now=self._clock(),
+            delete=self.settings.retention == 0,
+        )
 
     def _fenced(self, count: int) -> None:
         if count > 0:
@@ -575,8 +506,9 @@ class Relay:
         self._run_job(lambda: self.store.renew(tokens, until), renewed)
 
     def _forget_finished_claims(self, live: set[uuid.UUID]) -> None:
+        unwritten = self._results.tokens()
         for token in list(self._lease_deadline):
-            if token not in live and token not in self._acked and token not in self._failures:
+            if token not in live and token not in unwritten:
                 del self._lease_deadline[token]
 
     def _expire_lost_leases(self) -> None:

@@ -1,0 +1,61 @@
+"""Results waiting to be written: when they are due, and nothing lost when a write fails."""
+
+from __future__ import annotations
+
+import uuid
+
+from relay.records import Failure
+from relay.results import FLUSH_INTERVAL, PendingResults
+
+from .test_sequencer import TOKEN, ev
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_confirms_wait_for_the_interval_or_a_full_batch() -> None:
+    clock = Clock()
+    results = PendingResults(clock, batch_size=3)
+    assert not results.due(stopping=False) and results.due_at() is None
+    results.confirmed(ev(1, "a"), run_finished=False)
+    assert not results.due(stopping=False)
+    assert results.due_at() == 100.0 + FLUSH_INTERVAL
+    assert results.due(stopping=True)  # a stopping relay writes at once
+    clock.now += FLUSH_INTERVAL * 1.01
+    assert results.due(stopping=False)
+    clock.now = 100.0
+    results.confirmed(ev(2, "b"), run_finished=False)
+    results.confirmed(ev(3, "c"), run_finished=False)
+    assert results.due(stopping=False)  # a batch's worth
+
+
+def test_failures_give_backs_and_finished_runs_are_due_at_once() -> None:
+    for record in (
+        lambda r: r.failed(Failure(event=ev(1, "a"), error="no", next_attempt_at=None)),
+        lambda r: r.give_back([ev(1, "a")]),
+        lambda r: r.confirmed(ev(1, "a"), run_finished=True),
+    ):
+        results = PendingResults(Clock(), batch_size=100)
+        record(results)
+        assert results.due(stopping=False)
+
+
+def test_a_failed_write_puts_its_rest_back_in_front() -> None:
+    other = uuid.uuid4()
+    results = PendingResults(Clock(), batch_size=100)
+    results.confirmed(ev(1, "a"), run_finished=True)
+    results.give_back([ev(2, "a"), ev(7, "b", other)])
+    batch = results.take()
+    assert not results and batch.gives_keys_back
+    results.confirmed(ev(3, "c"), run_finished=False)  # arrives while the write runs
+    results.put_back(batch)
+    again = results.take()
+    assert again.acked == {TOKEN: [1, 3]}
+    assert again.releases == {TOKEN: [2], other: [7]}
+    assert again.runs_finished
+    assert results.tokens() == set()
