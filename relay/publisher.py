@@ -28,6 +28,7 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
+from relay.confirms import ConfirmWindow, Entry
 from relay.messages import (
     BrokerStatus,
     Outcome,
@@ -41,11 +42,6 @@ from relay.urls import mask_text, mask_url
 logger = logging.getLogger("relay.publisher")
 
 _P = ParamSpec("_P")
-
-# (relay tag, message_id) of one message waiting for its confirm; None once settled out of
-# order (single acks in the middle of the window), so that the deque stays indexable by
-# `delivery_tag - first_tag`.
-_Entry = tuple[int, str]
 
 NOT_CONNECTED = "broker not connected"
 NACKED = "nacked by broker"
@@ -122,9 +118,7 @@ class AmqpPublisher:
         self._books_closed = False  # stop() settled everything; late I/O events settle nothing
         self._inbox: list[Sequence[OutgoingMessage]] = []
         self._drain_scheduled = False
-        self._pending: collections.deque[_Entry | None] = collections.deque()
-        self._first_tag = 1  # delivery tag of _pending[0]
-        self._in_flight = 0
+        self._confirms = ConfirmWindow()
         # -- I/O thread only ----------------------------------------------------------------
         self._channel: Channel | None = None
         self._declaring = False
@@ -156,7 +150,7 @@ class AmqpPublisher:
     @property
     def in_flight(self) -> int:
         """Messages published and waiting for their confirm."""
-        return self._in_flight
+        return len(self._confirms)
 
     def start(self) -> None:
         with self._lock:
@@ -206,17 +200,13 @@ class AmqpPublisher:
         # finish in time, or messages handed over after it stopped looking.
         with self._lock:
             self._books_closed = True
-            entries = self._take_all_pending()
+            entries = self._confirms.take_all()
             inbox = self._take_inbox()
-        events: list[PublisherEvent] = [
-            PublishOutcome(tag, Outcome.UNKNOWN, "publisher stopped") for tag, _ in entries
-        ]
-        events.extend(
-            PublishOutcome(m.tag, Outcome.UNKNOWN, "publisher stopped")
-            for batch in inbox
-            for m in batch
+        self._emit(
+            self._settle_all(
+                entries, inbox, Outcome.UNKNOWN, "publisher stopped", use_returns=False
+            )
         )
-        self._emit(events)
 
     # -- I/O thread: connection lifecycle ----------------------------------------------------
 
@@ -348,25 +338,12 @@ class AmqpPublisher:
         self._lost_handled = True
         with self._lock:
             self._ready = False
-            entries = self._take_all_pending()
+            entries = self._confirms.take_all()
             inbox = self._take_inbox()
         description = "publisher stopped" if self._stopping else describe_error(error)
-        events: list[PublisherEvent] = []
-        for tag, message_id in entries:
-            returned = self._take_returned(message_id)
-            if returned is not None:
-                # The broker processed it and routed it nowhere: its fate is known.
-                events.append(PublishOutcome(tag, Outcome.REJECTED, returned))
-            else:
-                events.append(
-                    PublishOutcome(tag, Outcome.UNKNOWN, f"connection lost: {description}")
-                )
-        events.extend(
-            PublishOutcome(m.tag, Outcome.UNKNOWN, f"connection lost: {description}")
-            for batch in inbox
-            for m in batch
+        events = self._settle_all(
+            entries, inbox, Outcome.UNKNOWN, f"connection lost: {description}"
         )
-        self._returned.clear()
         self._channel = None
         self._declaring = False
         if not self._fatal:  # the fatal status was reported already
@@ -428,8 +405,7 @@ class AmqpPublisher:
         with self._lock:
             # Never non-empty (a closing channel settles its messages); settled defensively
             # rather than dropped, because tags restart at 1 on every channel.
-            leftovers = self._take_all_pending()
-            self._first_tag = 1
+            leftovers = self._confirms.new_channel()
             self._ready = not self._stopping
         if leftovers:
             logger.error(
@@ -480,24 +456,12 @@ class AmqpPublisher:
         with self._lock:
             was_ready = self._ready
             self._ready = False
-            entries = self._take_all_pending()
+            entries = self._confirms.take_all()
             inbox = self._take_inbox()
         # The broker discards everything after the frame that closed the channel; it cannot
         # say which message that was, so every unconfirmed one is refused.
         outcome = Outcome.REJECTED if by_broker else Outcome.UNKNOWN
-        events: list[PublisherEvent] = []
-        for tag, message_id in entries:
-            returned = self._take_returned(message_id)
-            if returned is not None:
-                events.append(PublishOutcome(tag, Outcome.REJECTED, returned))
-            else:
-                events.append(PublishOutcome(tag, outcome, f"channel closed: {description}"))
-        events.extend(
-            PublishOutcome(m.tag, Outcome.UNKNOWN, f"channel closed: {description}")
-            for batch in inbox
-            for m in batch
-        )
-        self._returned.clear()
+        events = self._settle_all(entries, inbox, outcome, f"channel closed: {description}")
         events.append(BrokerStatus(up=False, error=description))
         self._emit(events)
 
@@ -519,7 +483,7 @@ class AmqpPublisher:
         channel = self._channel
         usable = channel is not None and channel.is_open and self._ready and not self._stopping
         refusal = "publisher stopped" if self._stopping else NOT_CONNECTED
-        published: list[_Entry] = []
+        published: list[Entry] = []
         events: list[PublisherEvent] = []
         for batch in batches:
             for message in batch:
@@ -571,8 +535,7 @@ class AmqpPublisher:
                     for tag, _ in published
                 )
             else:
-                self._pending.extend(published)
-                self._in_flight += len(published)
+                self._confirms.published(published)
         if events:
             self._emit(events)
 
@@ -593,7 +556,7 @@ class AmqpPublisher:
         method = frame.method
         acked = isinstance(method, spec.Basic.Ack)
         with self._lock:
-            entries = self._take_confirmed(int(method.delivery_tag), bool(method.multiple))
+            entries = self._confirms.settle(int(method.delivery_tag), bool(method.multiple))
         if not entries:
             return
         events: list[PublisherEvent] = []
@@ -609,42 +572,36 @@ class AmqpPublisher:
 
     # -- bookkeeping (callers hold _lock unless noted) ---------------------------------------
 
-    def _take_confirmed(self, delivery_tag: int, multiple: bool) -> list[_Entry]:
-        pending = self._pending
-        settled: list[_Entry] = []
-        if multiple:
-            # delivery_tag 0 with multiple means "everything outstanding" (AMQP 0-9-1).
-            count = len(pending) if delivery_tag == 0 else delivery_tag - self._first_tag + 1
-            count = max(0, min(count, len(pending)))
-            for _ in range(count):
-                entry = pending.popleft()
-                if entry is not None:
-                    settled.append(entry)
-            self._first_tag += count
-        else:
-            index = delivery_tag - self._first_tag
-            if 0 <= index < len(pending):
-                entry = pending[index]
-                if entry is not None:
-                    settled.append(entry)
-                    pending[index] = None
-        while pending and pending[0] is None:
-            pending.popleft()
-            self._first_tag += 1
-        self._in_flight -= len(settled)
-        return settled
-
-    def _take_all_pending(self) -> list[_Entry]:
-        entries = [entry for entry in self._pending if entry is not None]
-        self._first_tag += len(self._pending)
-        self._pending.clear()
-        self._in_flight = 0
-        return entries
-
     def _take_inbox(self) -> list[Sequence[OutgoingMessage]]:
         inbox, self._inbox = self._inbox, []
         self._drain_scheduled = False
         return inbox
+
+    def _settle_all(
+        self,
+        entries: Sequence[Entry],
+        inbox: Sequence[Sequence[OutgoingMessage]],
+        outcome: Outcome,
+        error: str,
+        *,
+        use_returns: bool = True,
+    ) -> list[PublisherEvent]:
+        """Outcomes for messages the channel or connection can no longer confirm: `outcome`,
+        except a message the broker returned (routed nowhere: its fate is known); those not
+        yet published are UNKNOWN. With `use_returns`, I/O thread only."""
+        events: list[PublisherEvent] = []
+        for tag, message_id in entries:
+            returned = self._take_returned(message_id) if use_returns else None
+            if returned is not None:
+                events.append(PublishOutcome(tag, Outcome.REJECTED, returned))
+            else:
+                events.append(PublishOutcome(tag, outcome, error))
+        events.extend(
+            PublishOutcome(m.tag, Outcome.UNKNOWN, error) for batch in inbox for m in batch
+        )
+        if use_returns:
+            self._returned.clear()
+        return events
 
     def _take_returned(self, message_id: str) -> str | None:
         """I/O thread only: the return error recorded for this message, consumed."""
