@@ -31,7 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from relay.admin import OutboxGauges
+from relay.admin_records import OutboxGauges
 from relay.metrics import Metrics
 
 log = logging.getLogger("relay.prometheus")

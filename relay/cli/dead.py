@@ -15,7 +15,8 @@ from relay.cli.render import emit_json, plural, render_dead_letters, render_even
 from relay.cli.terminal import confirm, progress_bar
 
 if TYPE_CHECKING:
-    from relay.admin import Admin, Plan, Selector
+    from relay.admin import Admin
+    from relay.admin_records import Plan, Selector
 
 SHOWN_IN_DRY_RUN = 20
 
@@ -71,7 +72,7 @@ def dead_list(
     limit: int,
 ) -> None:
     """List dead letters in write order, with their attempts and last error."""
-    from relay.admin import Selector
+    from relay.admin_records import Selector
 
     selector = Selector.filters(type=type_, key=key, since=since)
     with open_admin(database_url, table, schema, "dead-list") as admin:
@@ -232,6 +233,6 @@ def make_selector(
     key: str | None,
     since: dt.datetime | None,
 ) -> Selector:
-    from relay.admin import Selector
+    from relay.admin_records import Selector
 
     return Selector(ids=ids, everything=everything, type=type_, key=key, since=since)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from relay.admin import DeadLetter, EventDetail, OutboxStatus
+    from relay.admin_records import DeadLetter, EventDetail, OutboxStatus
 
 LAST_ERROR_WIDTH = 70
 
@@ -45,7 +45,7 @@ def format_age(seconds: float | None) -> str:
 
 
 def format_time(value: dt.datetime | None) -> str:
-    from relay.admin import as_utc
+    from relay.admin_records import as_utc
 
     moment = as_utc(value)
     return moment.strftime("%Y-%m-%d %H:%M:%SZ") if moment is not None else "-"

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from outbox import Event, Outbox
-from relay.admin import Admin, Selector
+from relay.admin import Admin
+from relay.admin_records import Selector
 from relay.cli import main
 from relay.prometheus import PrometheusMetrics
 from relay.settings import RelaySettings

@@ -20,7 +20,8 @@ from click.testing import CliRunner, Result
 
 import outbox
 from outbox import Event, Outbox
-from relay.admin import Admin, Selector
+from relay.admin import Admin
+from relay.admin_records import Selector
 from relay.cli import main
 from relay.cli.exits import EXIT_CODES_HELP
 from relay.cli.render import format_age

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from relay.admin import OutboxGauges
+from relay.admin_records import OutboxGauges
 from relay.prometheus import PrometheusMetrics
 
 
