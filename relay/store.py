@@ -65,9 +65,14 @@ def create_engine(
                 # A server crash can forget the last moments of marks and leases; that only
                 # makes those events go out again (same message_id), it never loses one.
                 # The application's own transactions are not affected.
+                # enable_bitmapscan=off: every row that leaves "pending" leaves a dead entry in
+                # the pending index until vacuum comes by. A bitmap scan visits every one of
+                # them, on every claim (measured: 3 ms instead of 0.1 ms for a claim of 20
+                # rows after 20,000 were published); a plain index scan marks them dead the
+                # first time and skips them from then on. The relay's queries all go by index.
                 "options": f"-c statement_timeout={timeout_ms} "
                 f"-c idle_in_transaction_session_timeout={idle_ms} "
-                "-c synchronous_commit=off",
+                "-c synchronous_commit=off -c enable_bitmapscan=off",
                 "keepalives": 1,
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from outbox import Event, Outbox
 from relay.records import Claim
-from relay.store import MIN_WINDOW, Store
+from relay.store import MIN_WINDOW, Store, create_engine
 from tests.support.relays import write_events
 
 NOW = dt.datetime.now(dt.UTC)
@@ -131,3 +131,30 @@ def test_concurrent_claims_never_share_a_row(pg_engine: sa.Engine, outbox_schema
     # Oldest first: the first claim takes each key's first row; then every key is busy.
     keys = [e.key for c in claims for e in c.events]
     assert sorted(keys) == sorted(f"k{i}" for i in range(50))
+
+
+def test_relay_sessions_scan_the_pending_index_past_rows_that_left_it(
+    pg_url: str, pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """Published rows leave dead entries in the pending index until vacuum. A bitmap scan
+    would visit all of them on every claim; the relay's sessions use plain index scans, which
+    mark them dead once and skip them afterwards."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i % 10}") for i in range(2000)])
+    t = outbox_schema.events
+    with pg_engine.begin() as conn:
+        conn.execute(sa.update(t).values(status="published"))
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="new")])
+    engine = create_engine(pg_url, application_name="outbox-relay:test", db_timeout=10)
+    window = (
+        sa.select(t.c.seq, t.c.key).where(t.c.status == "pending").order_by(t.c.seq).limit(4000)
+    )
+    sql = str(window.compile(engine, compile_kwargs={"literal_binds": True}))
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW enable_bitmapscan").scalar_one() == "off"
+            plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}"))
+    finally:
+        engine.dispose()
+    assert "Bitmap" not in plan and "Index Scan using" in plan, plan
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    assert [k for k, _ in keys_and_seqs(claim(store))] == ["new"]
