@@ -5,9 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
+import pytest
 import sqlalchemy as sa
 
 from outbox import Event, Outbox
+from relay.errors import DatabaseUnavailableError
 from relay.records import Claim
 from relay.store import MIN_WINDOW, Store, create_engine
 from tests.support.relays import write_events
@@ -158,3 +160,23 @@ def test_relay_sessions_scan_the_pending_index_past_rows_that_left_it(
     assert "Bitmap" not in plan and "Index Scan using" in plan, plan
     store = Store(pg_engine, outbox_schema, db_timeout=10)
     assert [k for k, _ in keys_and_seqs(claim(store))] == ["new"]
+
+
+def test_a_claim_on_a_killed_session_fails_as_an_outage_and_the_next_one_reconnects(
+    pg_url: str, pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    # The error must read as an outage, and the dead connection must not go back to the
+    # pool, or every later claim would fail on it too.
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
+    engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
+    store = Store(engine, outbox_schema, db_timeout=10)
+    try:
+        with engine.connect() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with pg_engine.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        with pytest.raises(DatabaseUnavailableError):
+            claim(store)
+        assert [k for k, _ in keys_and_seqs(claim(store))] == ["k"]
+    finally:
+        engine.dispose()
