@@ -7,7 +7,7 @@ import logging
 import re
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -31,6 +31,9 @@ from relay.settings import (
     RelaySettings,
 )
 from relay.urls import mask_url
+
+if TYPE_CHECKING:
+    from relay.relay import Relay
 
 log = logging.getLogger("relay.cli")
 
@@ -223,11 +226,24 @@ def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
         settings = RelaySettings(**options)
     except ConfigError as exc:
         raise option_error(exc) from None
-    metrics = PrometheusMetrics() if metrics_port else None
-    relay = build_relay(settings, metrics=metrics)
+    # Handlers first: a SIGTERM while the relay is still starting (connecting, checking the
+    # schema) must end in a clean exit 0 too, not in death by the default handler.
+    stopping: list[int] = []
+    relays: list[Relay] = []  # the relay, once built
+
+    def stop(signum: int, frame: object) -> None:
+        log.info("received %s: draining", signal.Signals(signum).name)
+        stopping.append(signum)
+        for built in relays:
+            built.request_stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop_metrics: Callable[[], None] | None = None
-    previous: dict[signal.Signals, Any] = {}
+    relay: Relay | None = None
     try:
+        metrics = PrometheusMetrics() if metrics_port else None
+        relay = build_relay(settings, metrics=metrics)
+        relays.append(relay)
         relay.store.check()
         if metrics is not None:
             metrics.watch_outbox(Admin(relay.store.engine, relay.store.outbox).gauges)
@@ -239,12 +255,9 @@ def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
                     f"{exc.strerror or exc}"
                 ) from exc
             log.info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)
-
-        def stop(signum: int, frame: object) -> None:
-            log.info("received %s: draining", signal.Signals(signum).name)
-            relay.request_stop()
-
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        if stopping:
+            log.info("relay %s stopped before it started", settings.name)
+            return
         log.info(
             "relay %s starting: database %s, broker %s, exchange %r",
             settings.name,
@@ -259,7 +272,8 @@ def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
             signal.signal(sig, handler)
         if stop_metrics is not None:
             stop_metrics()
-        relay.store.engine.dispose()
+        if relay is not None:
+            relay.store.engine.dispose()
 
 
 def option_error(exc: ConfigError) -> ConfigError:

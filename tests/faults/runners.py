@@ -190,6 +190,9 @@ class RelayProcess:
         """SIGTERM (graceful drain); returns the exit code. SIGKILL after `timeout`."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)  # a paused relay cannot drain
+            # A relay restarted a moment ago may still be loading Python: a SIGTERM before
+            # the CLI runs meets no handler at all. Stop what is running, as an operator does.
+            self._wait_for_start(timeout)
             self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout)
@@ -197,6 +200,15 @@ class RelayProcess:
             self.process.kill()
         self._finish(10.0)
         return self.process.returncode
+
+    def _wait_for_start(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (
+            "starting:" not in self.output
+            and self.process.poll() is None
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
 
     def _finish(self, timeout: float) -> None:
         self.process.wait(timeout)

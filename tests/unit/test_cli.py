@@ -530,3 +530,37 @@ def test_long_repairs_show_progress_only_on_a_terminal(monkeypatch: pytest.Monke
 )
 def test_ages_read_like_a_person_would_say_them(seconds: float | None, text: str) -> None:
     assert format_age(seconds) == text
+
+
+def test_run_stopped_while_starting_exits_0_without_starting(
+    db: tuple[str, sa.Engine, Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGTERM during start-up (here: while the relay is being built) is handled like any
+    # other: exit 0, nothing claimed, the process's own handler restored afterwards.
+    import os
+    import signal
+
+    import relay.app
+
+    url, _, _ = db
+    real_build = relay.app.build_relay
+    built = []
+
+    def build_and_get_stopped(*args: object, **kwargs: object) -> object:
+        built.append(real_build(*args, **kwargs))  # type: ignore[arg-type]
+        os.kill(os.getpid(), signal.SIGTERM)
+        return built[-1]
+
+    def outside(signum: int, frame: object) -> None:
+        raise AssertionError("SIGTERM during start-up came before run installed its handler")
+
+    monkeypatch.setattr(relay.app, "build_relay", build_and_get_stopped)
+    before = signal.signal(signal.SIGTERM, outside)
+    try:
+        result = cli(url, "run", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/")
+        assert signal.getsignal(signal.SIGTERM) is outside  # restored
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 0, result.output
+    assert "stopped before it started" in result.stderr
+    assert built and not built[0].publisher.ready  # never connected, never claimed
