@@ -114,6 +114,7 @@ def _for_keys(config: BenchConfig, engine: sa.Engine, keys: int) -> dict[str, An
         "relay_rate": median([r["rate"] for r in relay_runs]),
         "relay_wall_rate": median([r["wall_rate"] for r in relay_runs]),
         "relay_shutdown_seconds": median([r["shutdown_seconds"] for r in relay_runs]),
+        "relay_cpu_us_per_event": median([r["cpu_us_per_event"] for r in relay_runs]),
         "baseline_rate": median([r["rate"] for r in base_runs]),
         "baseline_k_window": min(keys, config.window),
         "baseline_k_rate": median([r["rate"] for r in base_k_runs]),

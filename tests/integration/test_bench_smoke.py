@@ -89,6 +89,7 @@ def test_throughput_compares_the_relay_with_both_baselines(quick: dict[str, Any]
         for run in row["runs"]["relay"]:
             assert run["events"] == config["n"]
             assert run["confirm_seconds"] <= run["wall_seconds"]
+            assert run["cpu_seconds"] > 0 and run["cpu_us_per_event"] > 0
         assert row["correctness"]["body_sizes_ok"] is True
         assert_correct(row["correctness"], committed=config["n"] * config["repeat"])
 
