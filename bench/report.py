@@ -163,7 +163,7 @@ def _throughput(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
                 _ratio(row["ratio_wall"]),
                 f"{_num(row['baseline_k_rate'])} (w={row['baseline_k_window']})",
                 _ratio(row["ratio_vs_window_k"]),
-                _num(row.get("relay_cpu_us_per_event")),
+                _num(row["relay_cpu_us_per_event"]),
                 f"{c['lost']}/{c['duplicates']}/{c['reordered']}",
             ]
         )

@@ -99,17 +99,17 @@ def _one_run(
     outbox.install(sessions, outbox=box)
     try:
         work = _kinds(config, box, orders)
-        session = sessions()
-        for kind in KINDS:
-            _time_transactions(engine, session, work[kind], WARMUP)
-        times: dict[str, list[float]] = {kind: [] for kind in KINDS}
-        block = 0
-        while len(times["no_event"]) < config.writer_transactions:
-            size = min(config.writer_block, config.writer_transactions - len(times["no_event"]))
-            for kind in rotate(KINDS, block):
-                times[kind].extend(_time_transactions(engine, session, work[kind], size))
-            block += 1
-        session.close()
+        with sessions() as session:
+            for kind in KINDS:
+                _time_transactions(engine, session, work[kind], WARMUP)
+            times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+            block = 0
+            while len(times["no_event"]) < config.writer_transactions:
+                left = config.writer_transactions - len(times["no_event"])
+                size = min(config.writer_block, left)
+                for kind in rotate(KINDS, block):
+                    times[kind].extend(_time_transactions(engine, session, work[kind], size))
+                block += 1
     finally:
         mapper.dispose()
     # Every transaction with events really wrote them (the ORM ones through the flush hook).

@@ -165,7 +165,7 @@ class Relay:
         """Graceful stop: claim nothing more, wait (bounded) for outstanding confirms, record
         them, give back what was never published, close the connections."""
         self._stop_requested.set()
-        self._give_back(self.sequencer.withdraw())
+        self._results.give_back(self.sequencer.withdraw())
         deadline = self._monotonic() + self.settings.stop_timeout
         while self._monotonic() < deadline and (
             self.sequencer.in_flight or self._results or self._db_busy
@@ -372,10 +372,7 @@ class Relay:
             log.warning("broker connection lost: %s; reconnecting", status.error)
         self._broker_up = False
         # Queued events go back to the table; in-flight ones come back as UNKNOWN outcomes.
-        self._give_back(self.sequencer.withdraw())
-
-    def _give_back(self, events: Sequence[ClaimedEvent]) -> None:
-        self._results.give_back(events)
+        self._results.give_back(self.sequencer.withdraw())
 
     # -- database work ---------------------------------------------------------------------
 
@@ -465,7 +462,7 @@ class Relay:
         if not count:
             return
         if self._stop_requested.is_set() or not self._broker_up:
-            self._give_back(claim.events)  # claimed while stopping or losing the broker
+            self._results.give_back(claim.events)  # claimed while stopping or losing the broker
             return
         # Measured from before the claim: the local view of the lease never outlives it.
         self._lease_deadline[claim.token] = started + self.settings.lease
@@ -528,7 +525,7 @@ class Relay:
                 "leaving them to whichever relay claims them next",
                 len(withdrawn),
             )
-            self._give_back(withdrawn)  # fenced: harmless if another relay owns them
+            self._results.give_back(withdrawn)  # fenced: harmless if another relay owns them
 
     def _submit_housekeeping(self) -> None:
         now = self._monotonic()

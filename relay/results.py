@@ -69,7 +69,8 @@ class PendingResults:
         self._monotonic = monotonic
         self._batch_size = batch_size
         self._batch = ResultBatch()
-        self._since: float | None = None  # when the oldest unwritten result arrived
+        # When the oldest unwritten result arrived; None exactly while nothing is waiting.
+        self._since: float | None = None
 
     def __bool__(self) -> bool:
         return bool(self._batch)
@@ -95,22 +96,19 @@ class PendingResults:
     def due(self, *, stopping: bool) -> bool:
         """Write now? Failures, give-backs and finished runs at once; confirms in batches."""
         batch = self._batch
-        if not batch:
+        if self._since is None:
             return False
         return (
             stopping
             or batch.runs_finished
             or bool(batch.failures or batch.releases)
-            or self._since is None
             or self._monotonic() - self._since >= FLUSH_INTERVAL
             or sum(len(seqs) for seqs in batch.acked.values()) >= self._batch_size
         )
 
     def due_at(self) -> float | None:
         """When the batch interval runs out (None if nothing is waiting)."""
-        if not self._batch:
-            return None
-        return (self._since if self._since is not None else self._monotonic()) + FLUSH_INTERVAL
+        return None if self._since is None else self._since + FLUSH_INTERVAL
 
     def take(self) -> ResultBatch:
         """Everything waiting, for one write; new results collect in a fresh batch."""
