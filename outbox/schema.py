@@ -1,61 +1,48 @@
 """The outbox tables as SQLAlchemy Core, on the application's own `MetaData`.
 
-Defining the tables on the caller's metadata lets Alembic autogenerate see them. PostgreSQL
-also gets a trigger (see `_POSTGRES_TRIGGERS`): Alembic does not see triggers, so migrations
-should run `Outbox.ddl_statements()` or `outbox-relay init-db --sql` output once.
+Defining the tables on the caller's metadata lets Alembic autogenerate see them. The triggers
+that number rows per key and track which keys have pending events are not tables: `create()`
+(or `outbox-relay init-db`, or the SQL of `ddl_statements()`) installs them, and the relay
+refuses to run on a table without them (see `outbox.ddl`).
 
-Why a trigger: a sequence hands out numbers at insert, not at commit. If transaction T1
-inserts row 1 of key K and commits after T2 inserted and committed row 2 of K, a relay would
-see row 2 first and publish it before row 1. The trigger takes a transaction-scoped advisory
-lock on the key before it numbers the row, so writers of one key number their rows in commit
-order and the committed rows of a key are always a gap-free prefix of its order. Writers of
-different keys never wait for each other; rows without a key take no lock.
+Tables:
+- `<table>`: the events, in write order (`seq`). A row is written by the application once
+  (INSERT) and by a relay once more when it is published (UPDATE, or DELETE without retention).
+- `<table>_key`: one row per ordering key that has (or may have) pending events: its place in
+  the relays' round-robin, its lease, its retry time, and whether a dead event holds it. Keys
+  are what relays claim (`FOR UPDATE SKIP LOCKED`), so leases cost one write per key and run,
+  not one per event.
+- `<table>_failure`: the history of failed attempts.
+- `<table>_relay`: live relays and their heartbeats.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.schema import CreateIndex, CreateTable, DDLElement
 
 from outbox.errors import OutboxError
+
+if TYPE_CHECKING:
+    from outbox.ddl import SchemaReport
 
 DEFAULT_TABLE = "outbox"
 PENDING = "pending"
 PUBLISHED = "published"
 DEAD = "dead"
 STATUSES = (PENDING, PUBLISHED, DEAD)
+SCHEMA_VERSION = 2
+
+# A key row's `available_at` for keys nobody has served yet on SQLite (PostgreSQL uses the
+# insert time): new keys take their turn first.
+NEVER_SERVED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")
-
-_POSTGRES_TRIGGERS = """
-CREATE OR REPLACE FUNCTION {fn_order}() RETURNS trigger LANGUAGE plpgsql AS $fn$
-BEGIN
-    IF NEW.key IS NOT NULL THEN
-        -- Writers of one key queue here, so they number their rows in commit order.
-        PERFORM pg_advisory_xact_lock(hashtextextended(NEW.key, {lock_seed}));
-        NEW.seq := nextval('{sequence}');
-    END IF;
-    RETURN NEW;
-END
-$fn$;
-DROP TRIGGER IF EXISTS {name}_order_by_key ON {table};
-CREATE TRIGGER {name}_order_by_key BEFORE INSERT ON {table}
-    FOR EACH ROW EXECUTE FUNCTION {fn_order}();
-CREATE OR REPLACE FUNCTION {fn_notify}() RETURNS trigger LANGUAGE plpgsql AS $fn$
-BEGIN
-    -- Delivered at commit, and only if the transaction commits: the relay wakes at once.
-    PERFORM pg_notify('{channel}', '');
-    RETURN NULL;
-END
-$fn$;
-DROP TRIGGER IF EXISTS {name}_notify ON {table};
-CREATE TRIGGER {name}_notify AFTER INSERT ON {table}
-    FOR EACH STATEMENT EXECUTE FUNCTION {fn_notify}();
-"""
 
 
 def _stable_int63(text: str) -> int:
@@ -64,7 +51,7 @@ def _stable_int63(text: str) -> int:
 
 
 class Outbox:
-    """The outbox tables of one application: events, their failure history, live relays.
+    """The outbox tables of one application: events, keys, failure history, live relays.
 
     >>> metadata = sa.MetaData()
     >>> outbox = Outbox(metadata)                    # table "outbox"
@@ -91,26 +78,29 @@ class Outbox:
         # LISTEN/NOTIFY channel; also namespaces this outbox's advisory locks.
         self.channel = self.qualified_name
         self.events = _events_table(self.metadata, table, schema)
+        self.keys = _keys_table(self.metadata, table, schema)
         self.failures = _failures_table(self.metadata, table, schema)
         self.relays = _relays_table(self.metadata, table, schema)
-        self.claim_lock_id = _stable_int63(f"outbox-claim:{self.qualified_name}")
-        self._key_lock_seed = _stable_int63(f"outbox-key:{self.qualified_name}")
+        # Writers take this (transaction-scoped) per key before numbering a row; relays take
+        # it before removing a key's row, so the two never race (see outbox.ddl).
+        self.key_lock_seed = _stable_int63(f"outbox-key:{self.qualified_name}")
 
     @property
     def tables(self) -> list[sa.Table]:
-        return [self.events, self.failures, self.relays]
+        return [self.events, self.keys, self.failures, self.relays]
 
-    def create(self, bind: sa.Engine | Connection) -> None:
-        """Create what is missing (tables, sequence, indexes, triggers); safe to run again."""
+    def create(self, bind: sa.Engine | Connection) -> SchemaReport:
+        """Create what is missing (tables, indexes, triggers), or upgrade an outbox made by an
+        older version in place; safe to run again. Returns what it changed.
+
+        With an `AsyncEngine`: `await conn.run_sync(outbox.create)`.
+        """
+        from outbox.ddl import create
+
         if isinstance(bind, sa.Engine):
             with bind.begin() as connection:
-                self.create(connection)
-            return
-        if self.schema and bind.dialect.name == "postgresql":
-            bind.execute(sa.schema.CreateSchema(self.schema, if_not_exists=True))
-        self.metadata.create_all(bind, tables=self.tables, checkfirst=True)
-        for statement in self._postgres_trigger_ddl(bind.dialect):
-            bind.exec_driver_sql(statement)
+                return create(self, connection)
+        return create(self, bind)
 
     def drop(self, bind: sa.Engine | Connection) -> None:
         """Drop the outbox tables and sequence (tests and teardown only)."""
@@ -121,50 +111,15 @@ class Outbox:
         self.metadata.drop_all(bind, tables=self.tables, checkfirst=True)
 
     def ddl_statements(self, dialect: Dialect | None = None) -> list[str]:
-        """The DDL `create()` would run, as SQL text, for teams that apply migrations themselves."""
+        """The DDL `create()` would run on an empty database, as SQL text, for teams that apply
+        migrations themselves. It also upgrades an outbox of an older version in place."""
+        from outbox.ddl import ddl_statements
+
         if dialect is None:
             from sqlalchemy.dialects import postgresql
 
             dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
-        elements: list[DDLElement] = []
-        if dialect.name == "postgresql" and self.schema:
-            elements.append(sa.schema.CreateSchema(self.schema, if_not_exists=True))
-        for table in self.tables:
-            elements.append(CreateTable(table, if_not_exists=True))
-            # Sorted: table.indexes is a set, and the DDL text should not change between runs.
-            indexes = sorted(table.indexes, key=lambda index: str(index.name))
-            elements.extend(CreateIndex(index, if_not_exists=True) for index in indexes)
-        statements = [str(element.compile(dialect=dialect)).strip() for element in elements]
-        return statements + self._postgres_trigger_ddl(dialect)
-
-    def _postgres_trigger_ddl(self, dialect: Dialect) -> list[str]:
-        if dialect.name != "postgresql":
-            return []
-        prefix = f"{self.schema}." if self.schema else ""
-        script = _POSTGRES_TRIGGERS.format(
-            name=self.name,
-            table=self.qualified_name,
-            # PostgreSQL's name for the identity sequence of column "seq".
-            sequence=f"{prefix}{self.name}_seq_seq",
-            fn_order=f"{prefix}{self.name}_order_by_key",
-            fn_notify=f"{prefix}{self.name}_notify",
-            channel=self.channel,
-            lock_seed=self._key_lock_seed,
-        )
-        return _split_sql(script)
-
-
-def _split_sql(script: str) -> list[str]:
-    """Split on statement ends outside dollar-quoted function bodies."""
-    statements, current, in_body = [], [], False
-    for line in script.strip().splitlines():
-        current.append(line)
-        if line.count("$fn$") % 2:
-            in_body = not in_body
-        if not in_body and line.rstrip().endswith(";"):
-            statements.append("\n".join(current).rstrip().rstrip(";"))
-            current = []
-    return statements
+        return ddl_statements(self, dialect)
 
 
 def _events_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Table:
@@ -189,22 +144,29 @@ def _events_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Ta
         sa.Column("payload", sa.Text(), nullable=False),
         sa.Column("headers", sa.Text()),
         sa.Column("occurred_at", ts, nullable=False),
-        # Relay state.
+        # Relay state of the event itself.
         sa.Column("status", sa.String(16), nullable=False, server_default=PENDING),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("next_attempt_at", ts),
         sa.Column("last_error", sa.Text()),
         sa.Column("published_at", ts),
+        # Which relay published it (or holds it, for an event without a key).
         sa.Column("claimed_by", sa.Text()),
+        # Only events without a key are leased row by row; a keyed event's lease is its key's.
         sa.Column("claim_token", sa.Uuid()),
         sa.Column("lease_until", ts),
         sa.CheckConstraint(
             "status IN (" + ", ".join(f"'{s}'" for s in STATUSES) + ")",
             name=f"{name}_status_valid",
         ),
-        # The claim scans pending rows in write order: small however large the table grows.
+        # Relays of schema 1 leased keyed rows one by one; this refuses them (see outbox.ddl).
+        sa.CheckConstraint("key IS NULL OR claim_token IS NULL", name=f"{name}_lease_v2"),
+        # A key's pending rows in write order: what a claim reads for each key it leases, and
+        # (key IS NULL) the events without a key. The only index of pending rows: one ordered
+        # by seq alone would tempt the planner to walk every pending row to find one key's.
         sa.Index(
-            f"{name}_pending_idx",
+            f"{name}_bykey_idx",
+            "key",
             "seq",
             postgresql_where=pending,
             sqlite_where=pending,
@@ -225,6 +187,36 @@ def _events_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Ta
         schema=schema,
         # Never reuse a purged rowid: write order must only grow.
         sqlite_autoincrement=True,
+    )
+
+
+def _keys_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Table:
+    ts = sa.DateTime(timezone=True)
+    return sa.Table(
+        f"{name}_key",
+        metadata,
+        sa.Column("key", sa.Text(), primary_key=True),
+        # When a relay may next claim the key. Its meaning follows the key's state: free, the
+        # moment it was freed (oldest first: round-robin); leased, the lease's expiry; waiting
+        # for a retry, the retry time. Claims take keys with `available_at <= now` in this order.
+        sa.Column("available_at", ts, nullable=False),
+        # A dead event holds the key's later events until it is requeued or purged.
+        sa.Column("held", sa.Boolean(), nullable=False, server_default=sa.false()),
+        sa.Column("lease_token", sa.Uuid()),
+        sa.Column("leased_by", sa.Text()),
+        sa.Index(
+            f"{name}_key_ready",
+            "available_at",
+            postgresql_where=sa.text("NOT held"),
+            sqlite_where=sa.text("NOT held"),
+        ),
+        sa.Index(
+            f"{name}_key_token",
+            "lease_token",
+            postgresql_where=sa.text("lease_token IS NOT NULL"),
+            sqlite_where=sa.text("lease_token IS NOT NULL"),
+        ),
+        schema=schema,
     )
 
 

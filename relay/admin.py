@@ -16,8 +16,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from outbox.ddl import SchemaCheck, SchemaReport
+from outbox.ddl import check as schema_check
 from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
 from relay.admin_records import (
     ActiveRelay,
@@ -30,7 +33,7 @@ from relay.admin_records import (
     Selector,
     as_utc,
 )
-from relay.errors import ConfigError, NotFoundError, RelayError
+from relay.errors import ConfigError, NotFoundError, RelayError, SchemaMissingError
 from relay.store import translate_db_error
 
 BATCH_SIZE = 1000
@@ -70,65 +73,100 @@ class Admin:
                 raise error from exc
             raise
 
-    def create_tables(self) -> None:
-        """Create what is missing of the outbox (tables, indexes, triggers); idempotent."""
+    def create_tables(self) -> SchemaReport:
+        """Create what is missing of the outbox (tables, indexes, triggers), or upgrade an
+        outbox of an earlier version in place; idempotent. Returns what changed."""
         try:
-            self.outbox.create(self.engine)
+            return self.outbox.create(self.engine)
         except sa.exc.DBAPIError as exc:
             error = translate_db_error(exc)
             if isinstance(error, RelayError):
                 raise error from exc
             raise
 
-    def check(self) -> None:
-        """Raise unless the database answers and the outbox tables exist."""
+    def check(self) -> SchemaCheck:
+        """Raise unless the database answers and the outbox tables exist; report what is
+        missing or off (an older schema, a missing trigger, a cached sequence)."""
         with self._transaction() as conn:
-            conn.execute(sa.select(self.outbox.events.c.seq).limit(1))
-            conn.execute(sa.select(self.outbox.failures.c.id).limit(1))
+            result = schema_check(self.outbox, conn)
+        if result.tables_missing:
+            raise SchemaMissingError(result.errors[0])
+        return result
 
     # -- reads ---------------------------------------------------------------------------------
 
     def gauges(self, now: dt.datetime | None = None) -> OutboxGauges:
-        """Pending and dead counts and the oldest pending event's age, in one query that only
-        reads pending and dead rows (their partial indexes), never the published ones."""
+        """Pending and dead counts and the oldest pending event's age. They read the partial
+        indexes of pending and dead rows, never the published rows: the oldest pending event
+        is the oldest of the keys' heads (one index probe per key with pending events)."""
         now = now or utcnow()
         t = self.outbox.events
-        pending = t.c.status == PENDING
-        query = sa.select(
-            sa.func.count().filter(pending),
-            sa.func.count().filter(t.c.status == DEAD),
-            sa.func.min(t.c.occurred_at).filter(pending),
-        ).where(sa.or_(t.c.status == PENDING, t.c.status == DEAD))
+        pending = sa.select(sa.func.count()).where(t.c.status == PENDING).scalar_subquery()
+        dead = sa.select(sa.func.count()).where(t.c.status == DEAD).scalar_subquery()
         with self._transaction() as conn:
-            row = conn.execute(query).one()
-        return OutboxGauges(pending=row[0], dead=row[1], oldest_pending_age=_age(now, row[2]))
+            row = conn.execute(sa.select(pending, dead)).one()
+            oldest = self._oldest_pending(conn)
+        return OutboxGauges(pending=row[0], dead=row[1], oldest_pending_age=_age(now, oldest))
+
+    def _oldest_pending(self, conn: Connection) -> Any:
+        """The oldest of every key's first pending event and the first event without a key."""
+        t, k = self.outbox.events, self.outbox.keys
+
+        def first(condition: sa.ColumnElement[bool]) -> sa.ScalarSelect[Any]:
+            return (
+                sa.select(t.c.occurred_at)
+                .where(condition, t.c.status == PENDING)
+                .order_by(t.c.seq)
+                .limit(1)
+                .scalar_subquery()
+            )
+
+        heads = conn.execute(
+            sa.select(
+                sa.select(sa.func.min(first(t.c.key == k.c.key))).scalar_subquery(),
+                first(t.c.key.is_(None)),
+            )
+        ).one()
+        moments = [moment for value in heads if (moment := as_utc(_datetime(value))) is not None]
+        return min(moments, default=None)
 
     def status(self, now: dt.datetime | None = None) -> OutboxStatus:
         now = now or utcnow()
-        t = self.outbox.events
+        t, k = self.outbox.events, self.outbox.keys
         pending = t.c.status == PENDING
-        leased = sa.and_(pending, t.c.lease_until > now)
-        not_leased = sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now)
-        waiting = sa.and_(pending, not_leased, t.c.next_attempt_at > now)
+        key_leased = sa.and_(k.c.lease_token.is_not(None), k.c.available_at > now)
+        key_waiting = sa.and_(k.c.lease_token.is_(None), ~k.c.held, k.c.available_at > now)
+        row_leased = sa.and_(t.c.key.is_(None), t.c.lease_until > now)
+        row_waiting = sa.and_(
+            t.c.key.is_(None),
+            sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now),
+            t.c.next_attempt_at > now,
+        )
+        of_leased_key = sa.exists().where(k.c.key == t.c.key, key_leased)
         counts = sa.select(
             sa.func.count().filter(pending),
-            sa.func.count().filter(leased),
-            sa.func.count().filter(waiting),
+            sa.func.count().filter(pending, sa.or_(row_leased, of_leased_key)),
+            sa.func.count().filter(pending, row_waiting),
             sa.func.count().filter(t.c.status == DEAD),
             sa.func.count().filter(t.c.status == PUBLISHED),
             sa.func.min(t.c.occurred_at).filter(pending),
         )
-        blocker, later = t.alias("blocker"), t.alias("later")
-        held = sa.select(sa.func.count(sa.distinct(blocker.c.key))).where(
-            blocker.c.key.is_not(None),
-            sa.or_(
-                blocker.c.status == DEAD,
-                sa.and_(blocker.c.status == PENDING, blocker.c.next_attempt_at > now),
-            ),
-            sa.exists().where(
-                later.c.key == blocker.c.key,
-                later.c.status == PENDING,
-                later.c.seq > blocker.c.seq,
+        later = t.alias("later")
+        behind_head = (
+            sa.select(sa.func.count())
+            .select_from(
+                sa.select(later.c.seq)
+                .where(later.c.key == k.c.key, later.c.status == PENDING)
+                .limit(2)
+                .subquery()
+            )
+            .scalar_subquery()
+        )
+        any_pending = sa.exists().where(later.c.key == k.c.key, later.c.status == PENDING)
+        keys = sa.select(
+            sa.func.count().filter(key_waiting),
+            sa.func.count().filter(
+                sa.or_(sa.and_(k.c.held, any_pending), sa.and_(key_waiting, behind_head > 1))
             ),
         )
         r = self.outbox.relays
@@ -138,15 +176,16 @@ class Admin:
             .order_by(r.c.name)
         )
         with self._transaction() as conn:
+            schema = schema_check(self.outbox, conn)
             row = conn.execute(counts).one()
-            keys_held = conn.execute(held).scalar_one()
+            keys_waiting, keys_held = conn.execute(keys).one()
             active = conn.execute(relays).mappings().all()
         return OutboxStatus(
             table=self.outbox.qualified_name,
             checked_at=now,
             pending=row[0],
             in_flight=row[1],
-            waiting_retry=row[2],
+            waiting_retry=row[2] + keys_waiting,
             dead=row[3],
             published=row[4],
             oldest_pending_age=_age(now, row[5]),
@@ -161,6 +200,7 @@ class Admin:
                 )
                 for a in active
             ),
+            schema_problems=schema.errors + schema.warnings,
         )
 
     def dead_letters(self, selector: Selector | None = None, *, limit: int) -> list[DeadLetter]:
@@ -251,7 +291,11 @@ class Admin:
 
     def requeue(self, plan: Plan, progress: Progress | None = None) -> int:
         """Make the planned dead letters pending again: same id, same seq (so the same place in
-        their key's order), attempts 0, no retry time, no lease. Returns how many."""
+        their key's order), attempts 0, no retry time, no lease. Returns how many.
+
+        Each batch takes its keys' advisory locks (as writers do) before it makes rows pending
+        and makes sure their key rows exist, so a relay removing a drained key can never
+        remove one that a requeue is filling again (see `relay.store`)."""
         t = self.outbox.events
         values = {
             "status": PENDING,
@@ -264,9 +308,14 @@ class Admin:
 
         def apply(conn: Connection, rows: Sequence[Any]) -> int:
             seqs = [row.seq for row in rows]
+            keys = sorted({row.key for row in rows if row.key is not None})
+            self._lock_keys(conn, keys)
             changed = conn.execute(
                 sa.update(t).where(t.c.seq.in_(seqs), t.c.status == DEAD).values(values)
             ).rowcount
+            if keys:
+                self._track_keys(conn, keys)
+                self._release_holds(conn, keys)
             if self._postgres and changed:
                 # The insert trigger is what normally wakes relays; an update does not fire it.
                 conn.execute(sa.select(sa.func.pg_notify(self.outbox.channel, "")))
@@ -285,9 +334,40 @@ class Admin:
                 sa.delete(t).where(t.c.seq.in_(seqs), t.c.status == DEAD)
             ).rowcount
             conn.execute(sa.delete(f).where(f.c.event_id.in_(ids)))
+            keys = sorted({row.key for row in rows if row.key is not None})
+            if keys:
+                self._release_holds(conn, keys)
             return int(deleted)
 
         return self._in_batches(plan, apply, progress)
+
+    def _lock_keys(self, conn: Connection, keys: Sequence[str]) -> None:
+        """Take the writers' per-key advisory locks, in key order (PostgreSQL)."""
+        if not self._postgres or not keys:
+            return
+        for key in keys:
+            conn.execute(
+                sa.select(
+                    sa.func.pg_advisory_xact_lock(
+                        sa.func.hashtextextended(key, self.outbox.key_lock_seed)
+                    )
+                )
+            )
+
+    def _track_keys(self, conn: Connection, keys: Sequence[str]) -> None:
+        """Make sure each key has its row (a drained key's row may be gone)."""
+        k = self.outbox.keys
+        insert = postgresql.insert(k) if self._postgres else sqlite.insert(k)
+        conn.execute(
+            insert.on_conflict_do_nothing(index_elements=["key"]),
+            [{"key": key, "available_at": utcnow(), "held": False} for key in keys],
+        )
+
+    def _release_holds(self, conn: Connection, keys: Sequence[str]) -> None:
+        """Keys held by a dead letter stop being held once no dead event of theirs is left."""
+        t, k = self.outbox.events, self.outbox.keys
+        dead_left = sa.exists().where(t.c.key == k.c.key, t.c.status == DEAD)
+        conn.execute(sa.update(k).where(k.c.key.in_(keys), k.c.held, ~dead_left).values(held=False))
 
     def count_published(self, before: dt.datetime) -> int:
         t = self.outbox.events
@@ -386,7 +466,7 @@ class Admin:
                 conditions.append(t.c.seq > after)
             with self._transaction() as conn:
                 rows = conn.execute(
-                    sa.select(t.c.seq, t.c.id)
+                    sa.select(t.c.seq, t.c.id, t.c.key)
                     .where(*conditions)
                     .order_by(t.c.seq)
                     .limit(self.batch_size)

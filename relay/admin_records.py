@@ -67,6 +67,7 @@ class OutboxStatus:
     oldest_pending_age: float | None
     keys_held_back: int  # keys whose later rows wait behind a dead or retry-waiting row
     relays: tuple[ActiveRelay, ...]
+    schema_problems: tuple[str, ...] = ()  # what `outbox-relay init-db` would fix
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +81,7 @@ class OutboxStatus:
             "oldest_pending_age_seconds": self.oldest_pending_age,
             "keys_held_back": self.keys_held_back,
             "active_relays": [relay.to_json() for relay in self.relays],
+            "schema_problems": list(self.schema_problems),
         }
 
 

@@ -92,7 +92,9 @@ class Order(DemoBase, AggregateRoot):
         return self.record("order.cancelled", {"reason": "changed their mind"})
 
 
-DEMO_TABLES = frozenset({"outbox", "outbox_failure", "outbox_relay", Order.__tablename__})
+DEMO_TABLES = frozenset(
+    {"outbox", "outbox_key", "outbox_failure", "outbox_relay", Order.__tablename__}
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

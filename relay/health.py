@@ -13,7 +13,12 @@ import pika
 import pika.exceptions
 
 from relay.admin import Admin
-from relay.errors import BrokerUnavailableError, DatabaseUnavailableError, RelayError
+from relay.errors import (
+    BrokerUnavailableError,
+    DatabaseUnavailableError,
+    RelayError,
+    SchemaMissingError,
+)
 from relay.urls import mask_text, mask_url
 
 BROKER_TIMEOUT = 5.0
@@ -81,12 +86,16 @@ def _quiet_pika() -> Iterator[None]:
 def check_database(admin: Admin, database_url: str) -> Check:
     where = f"{mask_url(database_url)}, table {admin.outbox.qualified_name}"
     try:
-        admin.check()
+        schema = admin.check()
     except RelayError as exc:
         if isinstance(exc, DatabaseUnavailableError):
             where += "; set by --database-url / OUTBOX_DATABASE_URL"
         return Check("database", False, f"{exc} ({where})", exc)
-    return Check("database", True, f"ok ({where})")
+    if not schema.ok:
+        error = SchemaMissingError("; ".join(schema.errors))
+        return Check("database", False, f"{error} ({where})", error)
+    warnings = "".join(f"; warning: {w}" for w in schema.warnings)
+    return Check("database", True, f"ok ({where}){warnings}")
 
 
 def check_broker(amqp_url: str, *, timeout: float = BROKER_TIMEOUT) -> Check:

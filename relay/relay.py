@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from relay.backoff import backoff_delay
+from relay.dead_letter_log import DeadLetterLog
 from relay.errors import BrokerConfigError, DatabaseUnavailableError
 from relay.messages import BrokerStatus, Outcome, Publisher, PublisherEvent, PublishOutcome, Sink
 from relay.metrics import Metrics
@@ -120,6 +121,7 @@ class Relay:
         self._fatal: BaseException | None = None
         self._report = StepReport()
         self._wakes = 0  # NOTIFYs (and stop requests) seen so far
+        self._dead_letters = DeadLetterLog(log, monotonic)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class Relay:
         """Graceful stop: claim nothing more, wait (bounded) for outstanding confirms, record
         them, give back what was never published, close the connections."""
         self._stop_requested.set()
-        self._results.give_back(self.sequencer.withdraw())
+        self._give_back(self.sequencer.withdraw())
         deadline = self._monotonic() + self.settings.stop_timeout
         while self._monotonic() < deadline and (
             self.sequencer.in_flight or self._results or self._db_busy
@@ -206,6 +208,7 @@ class Relay:
         if self._fatal is not None:
             raise self._fatal
         self._expire_lost_leases()
+        self._dead_letters.flush()
         # Hand out the next event of every confirmed key first, then give the database its
         # work: the database runs on its own thread while confirms keep coming in here.
         self._publish()
@@ -314,24 +317,19 @@ class Relay:
         event, rest = self.sequencer.stopped(outcome.tag)
         if event is None:
             return
-        self._results.give_back(rest)
         if outcome.outcome is Outcome.UNKNOWN:
             # Fate unknown (connection lost): publish again, without spending an attempt.
             report.unknown += 1
-            self._results.give_back([event])
+            self._give_back([event, *rest])
             return
+        # The failure ends the key's lease (until its retry, or held if dead); the rest of
+        # the run goes back unattempted.
+        self._give_back(rest)
         report.rejected += 1
         failure = self._failure(event, outcome.error or "rejected by broker")
         if failure.next_attempt_at is None:
             report.dead += 1
-            log.error(
-                "event %s (%s, key %s) is dead after %d attempts: %s",
-                event.id,
-                event.type,
-                event.key,
-                failure.attempt,
-                failure.error,
-            )
+            self._dead_letters.dead(failure)
         else:
             log.warning(
                 "publish of event %s (%s, key %s) failed, attempt %d of %d, retry at %s: %s",
@@ -345,6 +343,10 @@ class Relay:
             )
         self.metrics.failed(event.type, dead=failure.next_attempt_at is None)
         self._results.failed(failure)
+
+    def _give_back(self, events: Sequence[ClaimedEvent]) -> None:
+        """Hand events back unattempted; their keys are freed unless still in flight here."""
+        self._results.give_back(events, busy=self.sequencer.busy)
 
     def _failure(self, event: ClaimedEvent, error: str) -> Failure:
         attempt = event.attempts + 1
@@ -372,7 +374,7 @@ class Relay:
             log.warning("broker connection lost: %s; reconnecting", status.error)
         self._broker_up = False
         # Queued events go back to the table; in-flight ones come back as UNKNOWN outcomes.
-        self._results.give_back(self.sequencer.withdraw())
+        self._give_back(self.sequencer.withdraw())
 
     # -- database work ---------------------------------------------------------------------
 
@@ -381,10 +383,11 @@ class Relay:
             return
         # The job owns the batch until it completes; new results collect in a fresh one.
         batch = self._results.take()
+        frees_keys = batch.gives_keys_back  # known now: writing empties the batch
 
         def done(fenced: int) -> None:
             self._fenced(fenced)
-            if batch.gives_keys_back:
+            if frees_keys:
                 # Keys whose runs just ended (or were given back) can be claimed again.
                 self._next_claim = min(self._next_claim, self._monotonic())
 
@@ -400,6 +403,7 @@ class Relay:
             relay=self.settings.name,
             now=self._clock(),
             delete=self.settings.retention == 0,
+            hold_key=self.settings.dead_letters_hold_key,
         )
 
     def _fenced(self, count: int) -> None:
@@ -442,7 +446,6 @@ class Relay:
                 run_length=self.settings.run_length,
                 lease_until=now + dt.timedelta(seconds=self.settings.lease),
                 now=now,
-                dead_letters_hold_key=self.settings.dead_letters_hold_key,
             )
 
         self._run_job(claim, lambda claim: self._claimed(claim, started, wakes_before))
@@ -462,11 +465,18 @@ class Relay:
         if not count:
             return
         if self._stop_requested.is_set() or not self._broker_up:
-            self._results.give_back(claim.events)  # claimed while stopping or losing the broker
+            self._give_back(claim.events)  # claimed while stopping or losing the broker
             return
         # Measured from before the claim: the local view of the lease never outlives it.
         self._lease_deadline[claim.token] = started + self.settings.lease
-        self.sequencer.add(claim.events)
+        stale = self.sequencer.add(claim.events)
+        if stale:
+            log.warning(
+                "a claim returned %d keys this relay still held under an expired lease; "
+                "their older queued events (%d) are dropped, the new claim goes on",
+                len({e.key for e in stale}),
+                len(stale),
+            )
         self._report.claimed += count
         self.metrics.claimed(count)
 
@@ -500,7 +510,8 @@ class Relay:
                 else:
                     self._lease_lost(token)
 
-        self._run_job(lambda: self.store.renew(tokens, until), renewed)
+        keyless = self.sequencer.keyless_seqs()
+        self._run_job(lambda: self.store.renew(tokens, until, keyless=keyless), renewed)
 
     def _forget_finished_claims(self, live: set[uuid.UUID]) -> None:
         unwritten = self._results.tokens()
@@ -525,7 +536,7 @@ class Relay:
                 "leaving them to whichever relay claims them next",
                 len(withdrawn),
             )
-            self._results.give_back(withdrawn)  # fenced: harmless if another relay owns them
+            self._give_back(withdrawn)  # fenced: harmless if another relay owns them
 
     def _submit_housekeeping(self) -> None:
         now = self._monotonic()

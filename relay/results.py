@@ -1,10 +1,11 @@
-"""Publish outcomes waiting to be written to the outbox table, and writing them.
+"""Publish outcomes waiting to be written to the outbox tables, and writing them.
 
 The relay learns outcomes one by one from the broker and records them in batches: confirmed
-rows are marked published, rejected ones get a retry time (or die), and rows given back
-unattempted lose their lease. Every write is fenced by the claim's token, so results are kept
-by token. A batch is taken whole for a database job; if the job fails, what it had not
-written goes back in front of whatever arrived meanwhile.
+rows are marked published, rejected ones get a retry time (or die), keys whose runs are done
+are freed, and events without a key that were given back lose their row lease. Every write is
+fenced by the claim's token, so results are kept by token. A batch is taken whole for a
+database job; if the job fails, what it had not written goes back in front of whatever arrived
+meanwhile.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from relay.records import ClaimedEvent, Failure
 from relay.store import Store
 
 # Confirmed results are written in batches: at most this late, or at once when a key's run is
-# done (its rows must be free in the table before the next claim can take the key again).
+# done (its key must be free in the table before the next claim can take it again).
 FLUSH_INTERVAL = 0.02
 
 
@@ -32,33 +33,45 @@ class ResultBatch:
     failures: dict[uuid.UUID, list[Failure]] = dataclasses.field(
         default_factory=lambda: defaultdict(list)
     )
+    # Events without a key given back unattempted: their row leases end.
     releases: dict[uuid.UUID, list[int]] = dataclasses.field(
         default_factory=lambda: defaultdict(list)
     )
-    runs_finished: bool = False  # a key's run ended: its key can be claimed once written
+    # Keys this relay is done with (run finished, or given back): their leases end.
+    freed: dict[uuid.UUID, set[str]] = dataclasses.field(default_factory=lambda: defaultdict(set))
 
     def __bool__(self) -> bool:
-        return bool(self.acked or self.failures or self.releases)
+        return bool(self.acked or self.failures or self.releases or self.freed)
 
     @property
     def gives_keys_back(self) -> bool:
-        """Writing this batch frees keys for the next claim."""
-        return self.runs_finished or bool(self.releases)
+        """Writing this batch frees keys (or rows) for the next claim."""
+        return bool(self.freed or self.releases or self.failures)
 
-    def write(self, store: Store, *, relay: str, now: dt.datetime, delete: bool) -> int:
-        """Write every result; returns how many were fenced off (the lease had passed on)."""
+    def write(
+        self, store: Store, *, relay: str, now: dt.datetime, delete: bool, hold_key: bool
+    ) -> int:
+        """Write every result; returns how many were fenced off (the lease had passed on).
+
+        Order matters: a key is freed only after its events' marks are written, or the next
+        claim of the key would publish them again."""
         fenced = 0
         for token in list(self.acked):
             seqs = self.acked[token]
-            fenced += len(seqs) - store.mark_published(token, seqs, now=now, delete=delete)
+            owned = store.mark_published(token, seqs, now=now, delete=delete, relay=relay)
+            fenced += len(seqs) - owned
             del self.acked[token]
         for token in list(self.failures):
             items = self.failures[token]
-            fenced += len(items) - store.record_failures(token, items, relay=relay, now=now)
+            recorded = store.record_failures(token, items, relay=relay, now=now, hold_key=hold_key)
+            fenced += len(items) - recorded
             del self.failures[token]
         for token in list(self.releases):
-            store.release(token, self.releases[token])
+            store.release(token, self.releases[token], now=now)
             del self.releases[token]
+        for token in list(self.freed):
+            store.free_keys(token, self.freed[token], now=now)
+            del self.freed[token]
         return fenced
 
 
@@ -77,21 +90,29 @@ class PendingResults:
 
     def confirmed(self, event: ClaimedEvent, *, run_finished: bool) -> None:
         self._batch.acked[event.token].append(event.seq)
-        self._batch.runs_finished = self._batch.runs_finished or run_finished
+        if run_finished and event.key is not None:
+            self._batch.freed[event.token].add(event.key)
         self._note()
 
     def failed(self, failure: Failure) -> None:
         self._batch.failures[failure.event.token].append(failure)
         self._note()
 
-    def give_back(self, events: Iterable[ClaimedEvent]) -> None:
+    def give_back(
+        self, events: Iterable[ClaimedEvent], *, busy: Callable[[str], bool] = lambda key: False
+    ) -> None:
+        """Events handed back unattempted. Their keys are freed, except `busy` ones (an event
+        of the key is still in flight: its outcome frees the key)."""
         for event in events:
-            self._batch.releases[event.token].append(event.seq)
+            if event.key is None:
+                self._batch.releases[event.token].append(event.seq)
+            elif not busy(event.key):
+                self._batch.freed[event.token].add(event.key)
             self._note()
 
     def tokens(self) -> set[uuid.UUID]:
         """Claims with confirms or failures still to write (their leases still matter)."""
-        return set(self._batch.acked) | set(self._batch.failures)
+        return set(self._batch.acked) | set(self._batch.failures) | set(self._batch.freed)
 
     def due(self, *, stopping: bool) -> bool:
         """Write now? Failures, give-backs and finished runs at once; confirms in batches."""
@@ -100,8 +121,7 @@ class PendingResults:
             return False
         return (
             stopping
-            or batch.runs_finished
-            or bool(batch.failures or batch.releases)
+            or batch.gives_keys_back
             or self._monotonic() - self._since >= FLUSH_INTERVAL
             or sum(len(seqs) for seqs in batch.acked.values()) >= self._batch_size
         )
@@ -124,7 +144,8 @@ class PendingResults:
             self._batch.failures[token][:0] = items
         for token, seqs in batch.releases.items():
             self._batch.releases[token][:0] = seqs
-        self._batch.runs_finished = self._batch.runs_finished or batch.runs_finished
+        for token, keys in batch.freed.items():
+            self._batch.freed[token].update(keys)
         if self._batch:
             self._note()
 

@@ -48,13 +48,29 @@ class Sequencer:
             tokens.update(e.token for e in run)
         return tokens
 
-    def add(self, events: Iterable[ClaimedEvent]) -> None:
-        """Queue claimed events; within a key they must come in write order."""
+    def busy(self, key: str) -> bool:
+        """An event of `key` is in flight here."""
+        return key in self._busy_keys
+
+    def add(self, events: Iterable[ClaimedEvent]) -> list[ClaimedEvent]:
+        """Queue claimed events; within a key they must come in write order.
+
+        A claim can return a key this relay still has queued under an older claim: that
+        claim's lease ran out in the database while the relay still held it (a lost commit,
+        a clock that jumped, a pause). The older run is stale (its writes are fenced by the
+        token) and is replaced by the new one, which queues behind whatever of the key is
+        still in flight, so one event per key stays in flight. Returns the stale events
+        dropped from the queue.
+        """
+        stale: list[ClaimedEvent] = []
         for event in events:
             if event.key is None:
                 self._keyless.append(event)
                 continue
             run = self._runs.get(event.key)
+            if run and run[0].token != event.token:
+                stale.extend(run)
+                run.clear()
             if run is None:
                 run = self._runs[event.key] = deque()
                 if event.key not in self._busy_keys:
@@ -62,6 +78,7 @@ class Sequencer:
             elif run and run[-1].seq >= event.seq:
                 raise ValueError(f"event {event.seq} of key {event.key!r} added out of order")
             run.append(event)
+        return stale
 
     def take(self, limit: int | None = None) -> list[ClaimedEvent]:
         """Hand out what may be published now, within the in-flight limit."""
@@ -120,6 +137,12 @@ class Sequencer:
                 del self._runs[key]
         self._ready_keys = deque(k for k in self._ready_keys if k in self._runs)
         return withdrawn
+
+    def keyless_seqs(self) -> list[int]:
+        """Events without a key queued or in flight here: their rows carry their own lease."""
+        seqs = [e.seq for e in self._keyless]
+        seqs.extend(e.seq for e in self._in_flight.values() if e.key is None)
+        return seqs
 
     def in_flight_events(self) -> list[ClaimedEvent]:
         return list(self._in_flight.values())

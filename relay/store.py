@@ -1,10 +1,11 @@
 """The relay's database side: every statement the relay loop runs against the outbox.
 
-Concurrency model. Claims are serialised by a transaction-scoped advisory lock (PostgreSQL;
-SQLite serialises writers anyway), so each claim sees every lease committed before it. A claim
-leases *runs*: for each ordering key, its oldest pending rows in write order, skipping keys that
-have a row leased by any relay, waiting for a retry, or (if dead letters hold their key) dead.
-Every later write about a claimed row is fenced by the claim's token: a relay that lost its
+Concurrency model. Relays claim *keys*, not rows: each ordering key with pending events has a
+row in `<table>_key` holding its lease (owner, token, expiry), its retry time and whether a dead
+event holds it. A claim locks ready key rows with `FOR UPDATE SKIP LOCKED`, so several relays
+claim disjoint keys at the same time and never wait for each other, then reads each key's first
+pending rows in write order. Events without a key keep no order and are leased row by row.
+Every later write about a claimed event is fenced by the claim's token: a relay that lost its
 lease (it paused past the lease, another relay took over) changes nothing.
 """
 
@@ -19,8 +20,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, RowMapping
 
+from outbox.ddl import check as schema_check
 from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
 from relay.deadline import Watchdog
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
@@ -28,11 +30,6 @@ from relay.records import Claim, ClaimedEvent, Failure
 from relay.urls import mask_text
 
 log = logging.getLogger("relay.store")
-
-# The claim walks pending rows in windows of max(2 x batch, MIN_WINDOW) rows, at most
-# WINDOWS_PER_CLAIM of them: its cost is bounded whatever the backlog.
-MIN_WINDOW = 1000
-WINDOWS_PER_CLAIM = 4
 
 
 def create_engine(
@@ -65,14 +62,9 @@ def create_engine(
                 # A server crash can forget the last moments of marks and leases; that only
                 # makes those events go out again (same message_id), it never loses one.
                 # The application's own transactions are not affected.
-                # enable_bitmapscan=off: every row that leaves "pending" leaves a dead entry in
-                # the pending index until vacuum comes by. A bitmap scan visits every one of
-                # them, on every claim (measured: 3 ms instead of 0.1 ms for a claim of 20
-                # rows after 20,000 were published); a plain index scan marks them dead the
-                # first time and skips them from then on. The relay's queries all go by index.
                 "options": f"-c statement_timeout={timeout_ms} "
                 f"-c idle_in_transaction_session_timeout={idle_ms} "
-                "-c synchronous_commit=off -c enable_bitmapscan=off",
+                "-c synchronous_commit=off",
                 "keepalives": 1,
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
@@ -150,126 +142,292 @@ class Store:
         run_length: int,
         lease_until: dt.datetime,
         now: dt.datetime,
-        dead_letters_hold_key: bool,
     ) -> Claim:
-        token = uuid.uuid4()
-        t = self.outbox.events
-        with self.transaction() as conn:
-            if self._postgres:
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(self.outbox.claim_lock_id)))
-            chosen = self._choose(
-                conn,
-                limit=limit,
-                run_length=run_length,
-                now=now,
-                dead_letters_hold_key=dead_letters_hold_key,
-            )
-            if not chosen:
-                return Claim(token=token, events=(), lease_until=lease_until)
-            rows = (
-                conn.execute(
-                    sa.update(t)
-                    .where(t.c.seq.in_(chosen), t.c.status == PENDING)
-                    .values(claim_token=token, claimed_by=owner, lease_until=lease_until)
-                    .returning(*t.c)
-                )
-                .mappings()
-                .all()
-            )
-        events = sorted((ClaimedEvent.from_row(row, token) for row in rows), key=lambda e: e.seq)
-        return Claim(token=token, events=tuple(events), lease_until=lease_until)
+        """Lease up to `limit` events: for each ready key, in round-robin order, its first
+        pending rows (at most `run_length`), and events without a key.
 
-    def _choose(
+        Why each key's rows are a gap-free prefix of its pending rows, in write order:
+        1. The key rows are locked (`FOR UPDATE SKIP LOCKED`) *before* the statement that reads
+           their events starts, so that statement's snapshot sees every lease, hold and
+           requeue committed before the lock, and nothing can change them until this claim
+           commits (requeue and purge lock the key row too; see `relay.admin`).
+        2. A key is only ready when no relay holds a lease on it, its head is not waiting for
+           a retry, and no dead event holds it: all of that is the key row's state, checked
+           on the locked row (PostgreSQL re-checks the WHERE clause of a locked row that
+           changed meanwhile).
+        3. Writers number a key's rows in commit order (see `outbox.ddl`), so what one
+           snapshot sees of a key is a prefix of its order; a row committing later has a
+           larger seq and comes after.
+        Keys that are locked by another claim right now are skipped, never waited for: claims
+        of several relays take disjoint keys at the same moment, and a relay frozen inside
+        its claim only keeps the keys it had locked.
+
+        Why a held or busy key never delays another: held keys are not in the index claims
+        read (`NOT held`), leased and retrying keys sort after `now`, and every key gets at
+        most `run_length` rows per claim and then goes to the back of the line (its
+        `available_at` becomes the time it is freed). A claim reads at most `limit` key rows
+        and `limit` event rows, whatever the backlog.
+        """
+        token = uuid.uuid4()
+        with self.transaction() as conn:
+            keys = self._lock_ready_keys(conn, limit=limit, now=now)
+            if self._postgres:
+                statement = self._claim_statement(
+                    keys,
+                    token=token,
+                    owner=owner,
+                    limit=limit,
+                    run_length=run_length,
+                    lease_until=lease_until,
+                    now=now,
+                )
+                rows = list(conn.execute(statement).mappings())
+            else:
+                rows = self._claim_sqlite(
+                    conn,
+                    keys,
+                    token=token,
+                    owner=owner,
+                    limit=limit,
+                    run_length=run_length,
+                    lease_until=lease_until,
+                    now=now,
+                )
+            # Keys before the last one served that gave no rows are empty: drop them. Keys
+            # after it were cut by `limit`; their locks simply end with this transaction.
+            served = {row["key"] for row in rows if row["key"] is not None}
+            last = max((keys.index(key) for key in served), default=len(keys) - 1)
+            empty = [key for key in keys[: last + 1] if key not in served]
+            if empty:
+                self._drop_empty_keys(conn, empty, now=now)
+        events = (ClaimedEvent.from_row(row, token) for row in rows)
+        return Claim(
+            token=token,
+            events=tuple(sorted(events, key=lambda e: e.seq)),
+            lease_until=lease_until,
+        )
+
+    def _ready_now(self, now: dt.datetime) -> sa.ColumnElement[Any]:
+        """The moment a key must have reached to be claimed: the later of the relay's clock
+        and the server's, so a relay whose clock runs behind still sees new keys at once."""
+        moment = sa.bindparam(None, now, type_=sa.DateTime(timezone=True))
+        if self._postgres:
+            return sa.func.greatest(moment, sa.func.statement_timestamp())
+        return moment
+
+    def _lock_ready_keys(self, conn: Connection, *, limit: int, now: dt.datetime) -> list[str]:
+        k = self.outbox.keys
+        query = (
+            sa.select(k.c.key)
+            .where(~k.c.held, k.c.available_at <= self._ready_now(now))
+            .order_by(k.c.available_at)
+            .limit(limit)
+        )
+        if self._postgres:
+            query = query.with_for_update(skip_locked=True)
+        return list(conn.scalars(query))
+
+    def _claim_statement(
         self,
-        conn: Connection,
+        keys: Sequence[str],
         *,
+        token: uuid.UUID,
+        owner: str,
         limit: int,
         run_length: int,
+        lease_until: dt.datetime,
         now: dt.datetime,
-        dead_letters_hold_key: bool,
-    ) -> list[int]:
-        """Walk pending rows in write order, window by window, and pick each free key's first
-        rows (at most `run_length`) and keyless rows, up to `limit`.
+    ) -> sa.Select[Any]:
+        """PostgreSQL: one statement (one snapshot, one round trip) that leases events without
+        a key (up to half of `limit`), reads each locked key's first pending rows (at most
+        `run_length`, keys in the order they were locked, `limit` rows in all) and leases the
+        keys that gave rows. Every read goes by index, in index order: no bitmap scan, which
+        would visit every dead index entry that published rows leave until vacuum runs."""
+        t, k = self.outbox.events, self.outbox.keys
+        free = (
+            sa.select(t.c.seq)
+            .where(t.c.key.is_(None), t.c.status == PENDING, *self._row_free(now))
+            .order_by(t.c.seq)
+            .limit(max(1, limit // 2))
+            .with_for_update(skip_locked=True)
+        )
+        keyless = (
+            sa.update(t)
+            .where(t.c.seq.in_(free.scalar_subquery()))
+            .values(claim_token=token, claimed_by=owner, lease_until=lease_until)
+            .returning(*t.c)
+            .cte("keyless")
+        )
+        picked = (
+            sa.func.unnest(sa.bindparam("keys", list(keys), type_=postgresql.ARRAY(sa.Text())))
+            .table_valued("key", with_ordinality="ord")
+            .render_derived()
+        )
+        first_rows = (
+            sa.select(t)
+            .where(t.c.key == picked.c.key, t.c.status == PENDING)
+            .order_by(t.c.seq)
+            .limit(run_length)
+            .lateral("first_rows")
+        )
+        room = sa.select(limit - sa.func.count()).select_from(keyless).scalar_subquery()
+        keyed = (
+            sa.select(first_rows)
+            .select_from(picked)
+            .join(first_rows, sa.true())
+            .order_by(picked.c.ord, first_rows.c.seq)
+            .limit(room)
+            .cte("keyed")
+        )
+        leased = (
+            sa.update(k)
+            .where(k.c.key.in_(sa.select(keyed.c.key)))
+            .values(lease_token=token, leased_by=owner, available_at=lease_until)
+            .returning(k.c.key)
+            .cte("leased")
+        )
+        return (
+            sa.select(keyed)
+            .union_all(sa.select(keyless))
+            .subquery("claimed")
+            .select()
+            .add_cte(leased)
+        )
 
-        The walk is bounded in rows *visited*, not rows picked: rows of busy keys at the front
-        of the table cost one window each, never a scan of the whole backlog.
-
-        Why meeting a key's first pending row is enough to know whether the key is busy: the
-        rows of a key that are leased or waiting for a retry are always its first pending rows.
-        Leases are taken on a key's first rows and given back whole (the rest of a run is
-        released with, or after, the row that stopped it), and a row waiting for a retry is
-        its key's first pending row. So a key's rows are picked only from its head, as a
-        prefix, and never while an earlier row of the key is out.
-        """
-        t = self.outbox.events
-        held_by_dead: sa.ColumnElement[bool] = sa.false()
-        if dead_letters_hold_key:
-            dead_keys = sa.select(t.c.key).where(t.c.status == DEAD, t.c.key.is_not(None))
-            held_by_dead = t.c.key.in_(dead_keys.scalar_subquery())
-        held: set[str] = set()
-        window = max(2 * limit, MIN_WINDOW)
-        budget = window * WINDOWS_PER_CLAIM
-        chosen: list[int] = []
-        per_key: dict[str, int] = {}
-        after = -1
-        visited = 0
-        while visited < budget and len(chosen) < limit:
-            rows = conn.execute(
-                sa.select(t.c.seq, t.c.key, self._free_and_due(now), held_by_dead)
-                .where(t.c.status == PENDING, t.c.seq > after)
-                .order_by(t.c.seq)
-                .limit(window)
-            ).all()
-            for seq, key, ready, dead_ahead in rows:
-                if key is not None and (dead_ahead or key in held):
-                    continue
-                if not ready:
-                    if key is not None:
-                        held.add(key)  # an unready row holds back the rest of its key
-                    continue
-                if key is not None:
-                    taken = per_key.get(key, 0)
-                    if taken >= run_length:
-                        continue
-                    per_key[key] = taken + 1
-                chosen.append(seq)
-                if len(chosen) >= limit:
-                    break
-            visited += len(rows)
-            if len(rows) < window:
+    def _claim_sqlite(
+        self,
+        conn: Connection,
+        keys: Sequence[str],
+        *,
+        token: uuid.UUID,
+        owner: str,
+        limit: int,
+        run_length: int,
+        lease_until: dt.datetime,
+        now: dt.datetime,
+    ) -> list[RowMapping]:
+        """The same claim in several statements: SQLite has one writer (one relay) and a
+        transaction's reads share one snapshot anyway."""
+        t, k = self.outbox.events, self.outbox.keys
+        free = (
+            sa.select(t.c.seq)
+            .where(t.c.key.is_(None), t.c.status == PENDING, *self._row_free(now))
+            .order_by(t.c.seq)
+            .limit(max(1, limit // 2))
+        )
+        rows = list(
+            conn.execute(
+                sa.update(t)
+                .where(t.c.seq.in_(free.scalar_subquery()))
+                .values(claim_token=token, claimed_by=owner, lease_until=lease_until)
+                .returning(*t.c)
+            ).mappings()
+        )
+        leased: list[str] = []
+        for key in keys:
+            if len(rows) >= limit:
                 break
-            after = rows[-1][0]
-        return chosen
+            first = (
+                sa.select(t)
+                .where(t.c.key == key, t.c.status == PENDING)
+                .order_by(t.c.seq)
+                .limit(min(run_length, limit - len(rows)))
+            )
+            found = list(conn.execute(first).mappings())
+            if found:
+                leased.append(key)
+            rows.extend(found)
+        if leased:
+            conn.execute(
+                sa.update(k)
+                .where(k.c.key.in_(leased))
+                .values(lease_token=token, leased_by=owner, available_at=lease_until)
+            )
+        return rows
 
-    def _free_and_due(self, now: dt.datetime) -> sa.ColumnElement[bool]:
-        """A row no relay holds a valid lease on, and not waiting for a retry."""
+    def _row_free(self, now: dt.datetime) -> tuple[sa.ColumnElement[bool], ...]:
+        """An event without a key that no relay holds and that is not waiting for a retry."""
         t = self.outbox.events
-        return sa.and_(
+        return (
             sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now),
             sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= now),
         )
 
+    def _drop_empty_keys(
+        self, conn: Connection, keys: Collection[str], *, now: dt.datetime
+    ) -> set[str]:
+        """Delete the rows of `keys` that have no pending event and hold nothing; the others go
+        to the back of the line. Returns the keys deleted.
+
+        Why a writer can never lose its key row to this: a writer holds its key's advisory
+        lock from numbering its row until it commits (`outbox.ddl`). A key whose lock this
+        transaction cannot take has a writer in progress, and is kept. For the others the lock
+        is taken first, in its own statement, so the DELETE's snapshot (a later statement)
+        sees every row committed by writers before it; a writer that comes later waits for
+        the lock and, after this commits, finds no key row and inserts it again.
+        """
+        k, t = self.outbox.keys, self.outbox.events
+        candidates = list(keys)
+        if self._postgres:
+            lock = sa.func.pg_try_advisory_xact_lock(
+                sa.func.hashtextextended(k.c.key, self.outbox.key_lock_seed)
+            )
+            candidates = list(
+                conn.scalars(sa.select(k.c.key).where(self._one_of(k.c.key, keys), lock))
+            )
+        deleted: set[str] = set()
+        if candidates:
+            pending = sa.exists().where(t.c.key == k.c.key, t.c.status == PENDING)
+            deleted = set(
+                conn.scalars(
+                    sa.delete(k)
+                    .where(self._one_of(k.c.key, candidates), ~k.c.held, ~pending)
+                    .returning(k.c.key)
+                )
+            )
+        kept = [key for key in keys if key not in deleted]
+        if kept:
+            conn.execute(
+                sa.update(k)
+                .where(self._one_of(k.c.key, kept), k.c.lease_token.is_(None))
+                .values(available_at=now)
+            )
+        return deleted
+
     def has_ready(self, now: dt.datetime) -> bool:
-        """A cheap look before a claim: is any pending row due and not leased?"""
-        t = self.outbox.events
-        probe = (
-            sa.select(t.c.seq)
-            .where(t.c.status == PENDING, self._free_and_due(now))
-            .order_by(t.c.seq)
-            .limit(1)
+        """A cheap look before a claim: is any key ready, or any event without a key?"""
+        k, t = self.outbox.keys, self.outbox.events
+        key_ready = sa.exists().where(~k.c.held, k.c.available_at <= self._ready_now(now))
+        keyless_ready = sa.exists().where(
+            t.c.key.is_(None), t.c.status == PENDING, *self._row_free(now)
         )
-        return self._execute_alone(probe).first() is not None
+        return bool(self._execute_alone(sa.select(sa.or_(key_ready, keyless_ready))).scalar())
 
     # -- results ---------------------------------------------------------------------------
 
+    def _owned(self, token: uuid.UUID) -> sa.ColumnElement[bool]:
+        """An event this claim still owns: its key's lease, or (without a key) its own."""
+        t, k = self.outbox.events, self.outbox.keys
+        return sa.or_(
+            t.c.claim_token == token,
+            sa.exists().where(k.c.key == t.c.key, k.c.lease_token == token),
+        )
+
     def mark_published(
-        self, token: uuid.UUID, seqs: Collection[int], *, now: dt.datetime, delete: bool
+        self,
+        token: uuid.UUID,
+        seqs: Collection[int],
+        *,
+        now: dt.datetime,
+        delete: bool,
+        relay: str | None = None,
     ) -> int:
-        """Record confirmed rows; returns how many this claim still owned."""
+        """Record confirmed rows; returns how many this claim still owned. The only write to
+        an event row between its insert and its deletion by the retention purge."""
         if not seqs:
             return 0
         t = self.outbox.events
-        owned = [self._one_of(t.c.seq, seqs), t.c.claim_token == token]
+        owned = [self._one_of(t.c.seq, seqs), t.c.status == PENDING, self._owned(token)]
         statement: sa.Delete | sa.Update
         if delete:
             statement = sa.delete(t).where(*owned)
@@ -280,6 +438,7 @@ class Store:
                 .values(
                     status=PUBLISHED,
                     published_at=now,
+                    claimed_by=relay,
                     claim_token=None,
                     lease_until=None,
                     next_attempt_at=None,
@@ -288,24 +447,54 @@ class Store:
         return int(self._execute_alone(statement).rowcount)
 
     def record_failures(
-        self, token: uuid.UUID, failures: Sequence[Failure], *, relay: str, now: dt.datetime
+        self,
+        token: uuid.UUID,
+        failures: Sequence[Failure],
+        *,
+        relay: str,
+        now: dt.datetime,
+        hold_key: bool = True,
     ) -> int:
-        """Schedule each failed row's retry or make it dead, and keep the error history."""
+        """Schedule each failed event's retry or make it dead, keep the error history, and end
+        the lease of its key: until the retry time, or (a dead event, with `hold_key`) until
+        an operator requeues or purges it. Returns how many this claim still owned."""
         if not failures:
             return 0
-        t = self.outbox.events
-        by_seq = {f.event.seq: f for f in failures}
+        t, k = self.outbox.events, self.outbox.keys
         with self.transaction() as conn:
-            owned = conn.scalars(
-                sa.select(t.c.seq)
-                .where(t.c.seq.in_(list(by_seq)), t.c.claim_token == token)
-                .with_for_update()
-            ).all()
-            mine = [by_seq[seq] for seq in owned]
+            keys = {f.event.key for f in failures if f.event.key is not None}
+            owned_keys = set(
+                conn.scalars(
+                    sa.select(k.c.key)
+                    .where(self._one_of(k.c.key, keys), k.c.lease_token == token)
+                    .with_for_update()
+                )
+                if keys
+                else ()
+            )
+            keyless = [f.event.seq for f in failures if f.event.key is None]
+            owned_rows = set(
+                conn.scalars(
+                    sa.select(t.c.seq)
+                    .where(self._one_of(t.c.seq, keyless), t.c.claim_token == token)
+                    .with_for_update()
+                )
+                if keyless
+                else ()
+            )
+            mine = [
+                f
+                for f in failures
+                if (
+                    f.event.key in owned_keys
+                    if f.event.key is not None
+                    else f.event.seq in owned_rows
+                )
+            ]
             for failure in mine:
                 conn.execute(
                     sa.update(t)
-                    .where(t.c.seq == failure.event.seq)
+                    .where(t.c.seq == failure.event.seq, t.c.status == PENDING)
                     .values(
                         status=PENDING if failure.next_attempt_at else DEAD,
                         attempts=failure.attempt,
@@ -313,6 +502,19 @@ class Store:
                         last_error=failure.error,
                         claim_token=None,
                         lease_until=None,
+                    )
+                )
+                if failure.event.key is None:
+                    continue
+                dead = failure.next_attempt_at is None
+                conn.execute(
+                    sa.update(k)
+                    .where(k.c.key == failure.event.key, k.c.lease_token == token)
+                    .values(
+                        lease_token=None,
+                        leased_by=None,
+                        held=dead and hold_key,
+                        available_at=failure.next_attempt_at or now,
                     )
                 )
             if mine:
@@ -331,30 +533,95 @@ class Store:
                 )
         return len(mine)
 
-    def release(self, token: uuid.UUID, seqs: Collection[int]) -> int:
-        """Give rows back unattempted (connection lost, run cut short, graceful stop)."""
+    def release(
+        self, token: uuid.UUID, seqs: Collection[int], *, now: dt.datetime | None = None
+    ) -> int:
+        """Give rows back unattempted (connection lost, run cut short, graceful stop): events
+        without a key lose their own lease, the keys of the others are freed. Returns how many
+        rows this claim still owned."""
         if not seqs:
             return 0
         t = self.outbox.events
-        statement = (
-            sa.update(t)
-            .where(self._one_of(t.c.seq, seqs), t.c.claim_token == token, t.c.status == PENDING)
-            .values(claim_token=None, lease_until=None)
-        )
-        return int(self._execute_alone(statement).rowcount)
+        with self.transaction() as conn:
+            rows = conn.execute(
+                sa.select(t.c.seq, t.c.key).where(
+                    self._one_of(t.c.seq, seqs), t.c.status == PENDING, self._owned(token)
+                )
+            ).all()
+            keyless = [row.seq for row in rows if row.key is None]
+            if keyless:
+                conn.execute(
+                    sa.update(t)
+                    .where(self._one_of(t.c.seq, keyless), t.c.claim_token == token)
+                    .values(claim_token=None, lease_until=None)
+                )
+            keys = {row.key for row in rows if row.key is not None}
+            if keys:
+                self._free_keys(conn, token, keys, now=now or _utcnow())
+        return len(rows)
 
-    def renew(self, tokens: Collection[uuid.UUID], lease_until: dt.datetime) -> set[uuid.UUID]:
-        """Extend the leases of `tokens`; returns the tokens that still hold rows."""
+    def free_keys(self, token: uuid.UUID, keys: Collection[str], *, now: dt.datetime) -> int:
+        """End this claim's lease on `keys` (their runs are done); drained keys are deleted.
+        Returns how many keys the claim still held."""
+        if not keys:
+            return 0
+        with self.transaction() as conn:
+            return self._free_keys(conn, token, keys, now=now)
+
+    def _free_keys(
+        self, conn: Connection, token: uuid.UUID, keys: Collection[str], *, now: dt.datetime
+    ) -> int:
+        k = self.outbox.keys
+        held = list(
+            conn.scalars(
+                sa.select(k.c.key)
+                .where(self._one_of(k.c.key, keys), k.c.lease_token == token)
+                .with_for_update()
+            )
+        )
+        if held:
+            conn.execute(
+                sa.update(k)
+                .where(self._one_of(k.c.key, held))
+                .values(lease_token=None, leased_by=None)
+            )
+            self._drop_empty_keys(conn, held, now=now)
+        return len(held)
+
+    def renew(
+        self,
+        tokens: Collection[uuid.UUID],
+        lease_until: dt.datetime,
+        *,
+        keyless: Collection[int] = (),
+    ) -> set[uuid.UUID]:
+        """Extend the leases of `tokens` (their keys, and the rows `keyless` of events without
+        a key); returns the tokens that still hold something."""
         if not tokens:
             return set()
-        t = self.outbox.events
-        statement = (
-            sa.update(t)
-            .where(self._one_of(t.c.claim_token, tokens), t.c.status == PENDING)
-            .values(lease_until=lease_until)
-            .returning(t.c.claim_token)
+        k, t = self.outbox.keys, self.outbox.events
+        renewed = set(
+            self._execute_alone(
+                sa.update(k)
+                .where(self._one_of(k.c.lease_token, tokens))
+                .values(available_at=lease_until)
+                .returning(k.c.lease_token)
+            ).scalars()
         )
-        return set(self._execute_alone(statement).scalars())
+        if keyless:
+            renewed.update(
+                self._execute_alone(
+                    sa.update(t)
+                    .where(
+                        self._one_of(t.c.seq, keyless),
+                        self._one_of(t.c.claim_token, tokens),
+                        t.c.status == PENDING,
+                    )
+                    .values(lease_until=lease_until)
+                    .returning(t.c.claim_token)
+                ).scalars()
+            )
+        return renewed
 
     # -- housekeeping ----------------------------------------------------------------------
 
@@ -403,9 +670,17 @@ class Store:
         self.engine.dispose()
 
     def check(self) -> None:
-        """Raise unless the database answers and the outbox table exists."""
+        """Raise unless the database answers and holds a complete outbox of this version."""
         with self.transaction() as conn:
-            conn.execute(sa.select(self.outbox.events.c.seq).limit(1))
+            result = schema_check(self.outbox, conn)
+        if not result.ok:
+            raise SchemaMissingError("; ".join(result.errors))
+        for warning in result.warnings:
+            log.warning("%s", warning)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def _socket_fd(conn: Connection) -> int | None:

@@ -18,17 +18,21 @@ from relay.urls import mask_url
 @database_options
 @click.option("--sql", "print_sql", is_flag=True, help="Print the DDL instead of running it.")
 def init_db(database_url: str, table: str, schema: str | None, print_sql: bool) -> None:
-    """Create the outbox tables, indexes and triggers.
+    """Create the outbox tables, indexes and triggers, or upgrade an outbox made by an
+    earlier version in place.
 
-    Idempotent: creates only what is missing. With --sql, prints the DDL for teams that apply
-    migrations themselves.
+    Idempotent: creates only what is missing, and says what it changed. With --sql, prints
+    the DDL for teams that apply migrations themselves (on PostgreSQL it upgrades in place
+    too).
     """
     with open_admin(database_url, table, schema, "init-db") as admin:
         if print_sql:
             for statement in admin.outbox.ddl_statements(admin.engine.dialect):
                 click.echo(f"{statement};\n")
             return
-        admin.create_tables()
+        report = admin.create_tables()
+    for change in report.changes:
+        click.echo(change)
     click.echo(f"outbox tables ready: {admin.outbox.qualified_name} ({mask_url(database_url)})")
 
 

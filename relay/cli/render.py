@@ -75,6 +75,9 @@ def render_status(s: OutboxStatus) -> list[str]:
     ]
     lines = [f"outbox {s.table} at {format_time(s.checked_at)}", ""]
     lines += format_table(["", "", ""], rows)[1:]
+    if s.schema_problems:
+        lines.append("")
+        lines += [f"warning: {problem}" for problem in s.schema_problems]
     if s.relays:
         lines.append("")
         lines += [

@@ -19,9 +19,9 @@ from relay.cli.render import emit_json, render_status
    "waiting_retry": int  pending, waiting for its next attempt,
    "dead": int, "published": int (rows kept for retention),
    "oldest_pending_age_seconds": float or null,
-   "keys_held_back": int keys whose later rows wait behind a dead or retrying row
-                         (counted as if dead letters hold their key, the default),
-   "active_relays": [{"name", "host", "pid", "started_at", "heartbeat_at"}]}
+   "keys_held_back": int keys whose later rows wait behind a dead or retrying row,
+   "active_relays": [{"name", "host", "pid", "started_at", "heartbeat_at"}],
+   "schema_problems": [str]  what `outbox-relay init-db` would fix (empty when none)}
 
 """
     + EXIT_CODES_HELP

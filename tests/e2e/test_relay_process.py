@@ -24,9 +24,10 @@ FAST = ["--poll-interval", "0.2s", "--lease", "3s"]
 
 
 def _leased(engine: sa.Engine, box: Outbox) -> int:
-    t = box.events
+    """Keys leased by a relay."""
+    k = box.keys
     with engine.connect() as conn:
-        return int(conn.scalar(sa.select(sa.func.count()).where(t.c.claim_token.is_not(None))) or 0)
+        return int(conn.scalar(sa.select(sa.func.count()).where(k.c.lease_token.is_not(None))) or 0)
 
 
 def test_two_relay_processes_share_the_work_and_keep_key_order(

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy as sa
 
+from outbox import Outbox
 from relay.app import build_relay
 from relay.relay import Relay
 from relay.settings import RelaySettings
@@ -236,11 +237,13 @@ class KilledSession:
     def doing(self) -> str:
         """What the session was doing, from its (last) statement: claim, mark, renew, other."""
         query = self.query.lower()
-        if "claimed_by" in query or "pg_advisory" in query or "status = 'dead'" in query:
+        if "skip locked" in query or "first_rows" in query or "enable_bitmapscan" in query:
             return "claim"
         if "published_at" in query or "outbox_failure" in query or "last_error" in query:
             return "mark"
-        if "lease_until" in query:
+        if "pg_try_advisory" in query or "lease_token is null" in query:
+            return "free"
+        if "available_at" in query or "lease_until" in query:
             return "renew"
         return "other"
 
@@ -294,16 +297,18 @@ def terminate_busy_session(
     return terminate_relay_sessions(engine, relay_name)
 
 
-def leased_by(engine: sa.Engine, table: sa.Table, relay_name: str) -> set[str]:
-    """Ids of the rows `relay_name` holds a lease on right now."""
-    t = table
+def leased_by(engine: sa.Engine, box: Outbox, relay_name: str) -> set[str]:
+    """Ids of the pending events whose keys `relay_name` holds a lease on right now."""
+    t, k = box.events, box.keys
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(t.c.id).where(
+            sa.select(t.c.id)
+            .join(k, k.c.key == t.c.key)
+            .where(
                 t.c.status == "pending",
-                t.c.claimed_by == relay_name,
-                t.c.claim_token.is_not(None),
-                t.c.lease_until > sa.func.now(),
+                k.c.leased_by == relay_name,
+                k.c.lease_token.is_not(None),
+                k.c.available_at > sa.func.now(),
             )
         )
         return {str(r[0]) for r in rows}

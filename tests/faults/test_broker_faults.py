@@ -9,6 +9,8 @@ import pytest
 import sqlalchemy as sa
 
 from outbox import Event
+from relay.admin import Admin
+from relay.admin_records import Selector
 from tests.faults.invariants import RECOVERY_LIMIT, verify, wait_until_finished
 from tests.faults.load import Writers
 from tests.faults.observe import Observer
@@ -159,18 +161,8 @@ def test_unroutable_events_die_hold_their_key_and_arrive_after_requeue(rig: Rig)
 
             # When: the bad events become routable and the dead rows are requeued.
             tap.bind(exchange, "bad.#")
-            with rig.engine.begin() as conn:
-                conn.execute(
-                    sa.update(t)
-                    .where(t.c.status == "dead")
-                    .values(
-                        status="pending",
-                        attempts=0,
-                        next_attempt_at=None,
-                        claim_token=None,
-                        lease_until=None,
-                    )
-                )
+            admin = Admin(rig.engine, rig.box)
+            assert admin.requeue(admin.plan(Selector(everything=True))) == bad_keys
             requeued_at = time.monotonic()
             recovery = observer.seconds_to_next_delivery(requeued_at, 2 * RECOVERY_LIMIT)
             observer.wait_for_ids(rig.committed_ids(), idle_timeout=20)

@@ -38,7 +38,7 @@ def test_paused_relay_is_fenced_off_after_its_lease(rig: Rig) -> None:
         try:
             rig.observer.wait_for_count(500, timeout=30)
             deadline = time.monotonic() + 10
-            while not (leased := leased_by(rig.engine, rig.box.events, frozen.name)):
+            while not (leased := leased_by(rig.engine, rig.box, frozen.name)):
                 assert time.monotonic() < deadline, "the relay to freeze never held a lease"
                 rig.observer.step()
             frozen.pause()

@@ -48,11 +48,15 @@ def cli(pg_url: str, box: Outbox, *args: str, input: str | None = None) -> Resul
 
 def kill(engine: sa.Engine, box: Outbox, *ids: uuid.UUID, error: str = "unroutable") -> None:
     """Make rows dead the way the relay does: attempts spent, a failure recorded."""
-    t = box.events
+    t, k = box.events, box.keys
     with engine.begin() as conn:
-        conn.execute(
-            sa.update(t).where(t.c.id.in_(ids)).values(status="dead", attempts=2, last_error=error)
-        )
+        keys = conn.scalars(
+            sa.update(t)
+            .where(t.c.id.in_(ids))
+            .values(status="dead", attempts=2, last_error=error)
+            .returning(t.c.key)
+        ).all()
+        conn.execute(sa.update(k).where(k.c.key.in_(keys)).values(held=True))
         conn.execute(
             sa.insert(box.failures),
             [
@@ -109,17 +113,21 @@ def test_status_and_gauges_on_postgres(
     events = [Event(type="a", key=key) for key in ("x", "x", "y", "y", "z")]
     write_events(pg_engine, outbox_schema, events)
     kill(pg_engine, outbox_schema, events[0].id)
-    t = outbox_schema.events
+    t, k = outbox_schema.events, outbox_schema.keys
     with pg_engine.begin() as conn:
+        # y's head waits for a retry, z is leased by a relay (as the relay records them).
         conn.execute(
             sa.update(t)
             .where(t.c.id == events[2].id)
             .values(next_attempt_at=now() + dt.timedelta(minutes=1), attempts=1)
         )
         conn.execute(
-            sa.update(t)
-            .where(t.c.id == events[4].id)
-            .values(lease_until=now() + dt.timedelta(minutes=1), claim_token=uuid.uuid4())
+            sa.update(k).where(k.c.key == "y").values(available_at=now() + dt.timedelta(minutes=1))
+        )
+        conn.execute(
+            sa.update(k)
+            .where(k.c.key == "z")
+            .values(available_at=now() + dt.timedelta(minutes=1), lease_token=uuid.uuid4())
         )
     status = json.loads(cli(pg_url, outbox_schema, "status", "--json").output)
     assert status["table"] == outbox_schema.qualified_name

@@ -69,16 +69,17 @@ def seed(
     written = [
         Event(type=type_, key=key, payload={"n": n}) for n, (type_, key, _) in enumerate(events)
     ]
-    t, f = box.events, box.failures
+    t, f, k = box.events, box.failures, box.keys
     with engine.begin() as conn:
         outbox.write(conn, *written, outbox=box)
-        for event, (_, _, status) in zip(written, events, strict=True):
+        for event, (_, key, status) in zip(written, events, strict=True):
             if status == "dead":
                 conn.execute(
                     sa.update(t)
                     .where(t.c.id == event.id)
                     .values(status="dead", attempts=2, last_error="unroutable: 312 NO_ROUTE")
                 )
+                conn.execute(sa.update(k).where(k.c.key == key).values(held=True))
                 conn.execute(
                     sa.insert(f),
                     [
@@ -104,14 +105,19 @@ def seed(
                     .where(t.c.id == event.id)
                     .values(attempts=1, next_attempt_at=now() + dt.timedelta(minutes=5))
                 )
+                conn.execute(
+                    sa.update(k)
+                    .where(k.c.key == key)
+                    .values(available_at=now() + dt.timedelta(minutes=5))
+                )
             elif status == "leased":
                 conn.execute(
-                    sa.update(t)
-                    .where(t.c.id == event.id)
+                    sa.update(k)
+                    .where(k.c.key == key)
                     .values(
-                        claim_token=uuid.uuid4(),
-                        claimed_by="r1",
-                        lease_until=now() + dt.timedelta(minutes=5),
+                        lease_token=uuid.uuid4(),
+                        leased_by="r1",
+                        available_at=now() + dt.timedelta(minutes=5),
                     )
                 )
     return [event.id for event in written]

@@ -89,6 +89,13 @@ class Harness:
         with self.engine.connect() as conn:
             return list(conn.execute(sa.select(self.box.events).order_by("seq")))
 
+    def key_rows(self) -> list[sa.Row[tuple[object, ...]]]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(self.box.keys).order_by("key")))
+
+    def leased_keys(self) -> list[object]:
+        return [k.key for k in self.key_rows() if k.lease_token is not None]
+
     def failures(self) -> list[sa.Row[tuple[object, ...]]]:
         with self.engine.connect() as conn:
             return list(conn.execute(sa.select(self.box.failures).order_by("id")))
@@ -117,6 +124,7 @@ def test_publishes_every_event_in_key_order_and_marks_it_published(h: Harness) -
     assert len(h.publisher.published) == 11
     assert {r.status for r in h.rows()} == {"published"}
     assert all(r.claim_token is None for r in h.rows())
+    assert h.key_rows() == []  # drained keys are removed
 
 
 def test_message_carries_dedup_id_and_envelope(h: Harness) -> None:
@@ -215,7 +223,8 @@ def test_broker_loss_gives_rows_back_without_spending_attempts(h: Harness) -> No
     assert len(h.publisher.outstanding) == 2
     h.publisher.go_down()
     h.step()
-    assert all(r.claim_token is None and r.attempts == 0 for r in h.rows())
+    assert h.leased_keys() == []
+    assert all(r.attempts == 0 for r in h.rows())
     h.publisher.come_up()
     h.settle_and_step()
     assert {r.status for r in h.rows()} == {"published"}
@@ -227,9 +236,9 @@ def test_broker_loss_gives_rows_back_without_spending_attempts(h: Harness) -> No
 def test_results_of_a_lost_lease_are_fenced_off(h: Harness) -> None:
     h.write(*keyed("a", 1))
     h.step()
-    # Another relay takes the row over (our lease expired while we were paused).
+    # Another relay takes the key over (our lease expired while we were paused).
     with h.engine.begin() as conn:
-        conn.execute(sa.update(h.box.events).values(claim_token=None, lease_until=None))
+        conn.execute(sa.update(h.box.keys).values(available_at=h.clock.now()))
     other = Store(h.engine, h.box, db_timeout=5)
     takeover = other.claim(
         owner="relay-2",
@@ -237,14 +246,14 @@ def test_results_of_a_lost_lease_are_fenced_off(h: Harness) -> None:
         run_length=10,
         now=h.clock.now(),
         lease_until=h.clock.now() + dt.timedelta(seconds=30),
-        dead_letters_hold_key=True,
     )
     assert len(takeover.events) == 1
     h.publisher.settle()
     report = h.relay.run_once(timeout=0)
     assert report.fenced == 1
     (row,) = h.rows()
-    assert row.status == "pending" and row.claim_token == takeover.token
+    (key,) = h.key_rows()
+    assert row.status == "pending" and key.lease_token == takeover.token
 
 
 def test_paused_relay_stops_publishing_a_claim_whose_lease_ran_out(h: Harness) -> None:
@@ -259,22 +268,21 @@ def test_paused_relay_stops_publishing_a_claim_whose_lease_ran_out(h: Harness) -
         run_length=10,
         now=h.clock.now(),
         lease_until=h.clock.now() + dt.timedelta(seconds=30),
-        dead_letters_hold_key=True,
     )
     assert len(takeover.events) == 3
     h.publisher.settle()
     h.step(3)
     assert len(h.publisher.published) == 1  # the rest of our run was not published
-    assert {r.claim_token for r in h.rows()} == {takeover.token}
+    assert {key.lease_token for key in h.key_rows()} == {takeover.token}
 
 
 def test_leases_are_renewed_while_a_claim_is_worked_on(h: Harness) -> None:
     h.write(*keyed("a", 2))
     h.step()
-    before = h.rows()[1].lease_until
+    before = h.key_rows()[0].available_at
     h.clock.advance(11)  # past lease/3
     h.step()
-    assert h.rows()[1].lease_until > before
+    assert h.key_rows()[0].available_at > before
     h.clock.advance(25)  # 36 s after the claim: alive thanks to the renewal
     h.publisher.settle()
     h.step(2)
@@ -298,7 +306,7 @@ def test_graceful_stop_records_confirms_and_gives_back_the_rest(h: Harness) -> N
     h.relay.shutdown()
     statuses = [r.status for r in h.rows()]
     assert statuses.count("published") == 2
-    assert all(r.claim_token is None for r in h.rows())
+    assert h.leased_keys() == []
 
 
 def test_retention_zero_deletes_published_rows(tmp_path: Path) -> None:
@@ -361,7 +369,8 @@ def test_stop_with_unconfirmed_events_gives_everything_back(h: Harness) -> None:
     h.clock.tick = 0.5  # the drain waits (bounded) for confirms that never come
     h.relay.shutdown()
     rows = h.rows()
-    assert all(r.status == "pending" and r.claim_token is None for r in rows)
+    assert all(r.status == "pending" for r in rows)
+    assert h.leased_keys() == []
     assert all(r.attempts == 0 for r in rows)
 
 

@@ -49,13 +49,28 @@ def test_a_failed_write_puts_its_rest_back_in_front() -> None:
     other = uuid.uuid4()
     results = PendingResults(Clock(), batch_size=100)
     results.confirmed(ev(1, "a"), run_finished=True)
-    results.give_back([ev(2, "a"), ev(7, "b", other)])
+    results.give_back([ev(2, "a"), ev(7, "b", other), ev(8, None, other)])
     batch = results.take()
     assert not results and batch.gives_keys_back
     results.confirmed(ev(3, "c"), run_finished=False)  # arrives while the write runs
     results.put_back(batch)
     again = results.take()
     assert again.acked == {TOKEN: [1, 3]}
-    assert again.releases == {TOKEN: [2], other: [7]}
-    assert again.runs_finished
+    assert again.releases == {other: [8]}  # only events without a key have row leases
+    assert again.freed == {TOKEN: {"a"}, other: {"b"}}
     assert results.tokens() == set()
+
+
+def test_a_given_back_event_frees_its_key_unless_the_key_is_still_in_flight() -> None:
+    results = PendingResults(Clock(), batch_size=100)
+    results.give_back([ev(2, "a"), ev(5, "b")], busy=lambda key: key == "b")
+    assert results.take().freed == {TOKEN: {"a"}}
+
+
+def test_a_confirm_frees_its_key_only_when_the_run_is_finished() -> None:
+    results = PendingResults(Clock(), batch_size=100)
+    results.confirmed(ev(1, "a"), run_finished=False)
+    results.confirmed(ev(2, "b"), run_finished=True)
+    batch = results.take()
+    assert batch.freed == {TOKEN: {"b"}}
+    assert batch.acked == {TOKEN: [1, 2]}

@@ -90,3 +90,21 @@ def test_out_of_order_add_is_a_bug() -> None:
     s.add([ev(2, "a"), ev(3, "a")])
     with pytest.raises(ValueError, match="out of order"):
         s.add([ev(1, "a")])
+
+
+def test_a_claim_of_a_key_still_queued_under_an_older_lease_replaces_the_stale_run() -> None:
+    """A claim can return a key this relay still holds under an expired lease (a lost
+    commit, a clock step): the old run is dropped, not a crash, and order holds."""
+    old, new = uuid.uuid4(), uuid.uuid4()
+    seq = Sequencer(max_in_flight=10)
+    seq.add([ev(1, "a", old), ev(2, "a", old), ev(3, "a", old)])
+    (first,) = seq.take()
+    assert first.seq == 1
+    stale = seq.add([ev(1, "a", new), ev(2, "a", new)])
+    assert [(e.seq, e.token) for e in stale] == [(2, old), (3, old)]
+    assert seq.take() == []  # the old event 1 is still in flight: one per key
+    seq.confirmed(1)
+    taken = seq.take()
+    assert [(e.seq, e.token) for e in taken] == [(1, new)]
+    seq.confirmed(1)
+    assert [(e.seq, e.token) for e in seq.take()] == [(2, new)]
