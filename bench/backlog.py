@@ -176,6 +176,7 @@ def _republish(engine: sa.Engine, box: Outbox, after_seq: int) -> None:
                 lease_until=None,
             )
         )
+    box.create(engine)  # gives the keys of the pending rows their rows again
 
 
 def _max_seq(engine: sa.Engine, box: Outbox) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 import pika.exceptions
 import sqlalchemy as sa
 
-from bench import backlog, latency, report, throughput, writer_cost
+from bench import backlog, claims, latency, report, throughput, writer_cost
 from bench.baseline import BaselineError
 from bench.config import BENCHMARKS, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, BenchConfig
 from relay.demo import ensure_database
@@ -43,6 +43,7 @@ RUNNERS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
     "latency": latency.run,
     "backlog": backlog.run,
     "writer": writer_cost.run,
+    "claims": claims.run,
 }
 
 

@@ -9,7 +9,7 @@ from relay.urls import mask_url
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://root@127.0.0.1:5432/outbox_bench"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-BENCHMARKS = ("throughput", "latency", "backlog", "writer")
+BENCHMARKS = ("throughput", "latency", "backlog", "writer", "claims")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +45,13 @@ class BenchConfig:
     writer_transactions: int = 2000
     writer_block: int = 50  # transactions of one kind in a row; the kinds take turns
     writer_many_events: int = 10
+    # -- claims: fairness behind a big key, work per event, claims with several relays --------
+    fairness_backlog: int = 100_000
+    work_keys: int = 100
+    claimers: tuple[int, ...] = (1, 2, 4)
+    claim_backlog: int = 100_000
+    claim_keys: int = 20_000
+    claim_seconds: float = 3.0
 
     def __post_init__(self) -> None:
         if self.repeat < 1:
@@ -76,6 +83,11 @@ class BenchConfig:
             "backlog_big_rows": 100_000,
             "writer_transactions": 200,
             "writer_block": 20,
+            "fairness_backlog": 2000,
+            "claim_backlog": 5000,
+            "claim_keys": 1000,
+            "claim_seconds": 0.5,
+            "claimers": (1, 2),
         }
         quick.update(changes)
         return cls(**quick)

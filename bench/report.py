@@ -17,6 +17,8 @@ LATENCY_MAX_P99_MS = 25.0
 IDLE_MAX_QPS = 2.0
 BACKLOG_MIN_RATIO = 0.85
 WRITER_MAX_OVERHEAD = 0.25
+FAIRNESS_MAX_RATIO = 2.0
+WORK_MAX_TUPLES_PER_EVENT = 1.2
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -84,6 +86,28 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "{:+.1%}",
         )
     )
+    claims = results.get("claims")
+    for shape, label in (("busy", "a busy key"), ("dead_head", "a busy key with a dead head")):
+        fair = None if claims is None else claims["fairness"][shape]["ratio"]
+        rows.append(
+            _target(
+                f"fairness: p99 of 50 keys behind {label} / alone",
+                f"<= {FAIRNESS_MAX_RATIO:.1f}x",
+                fair,
+                None if fair is None else fair <= FAIRNESS_MAX_RATIO,
+                "{:.2f}x",
+            )
+        )
+    work = None if claims is None else claims["work_per_event"]["per_event"]
+    rows.append(
+        _target(
+            "tuples the relay writes per event (100 keys)",
+            f"<= {WORK_MAX_TUPLES_PER_EVENT:.1f}",
+            work,
+            None if work is None else work <= WORK_MAX_TUPLES_PER_EVENT,
+            "{:.3f}",
+        )
+    )
     checked: list[dict[str, Any]] = []
     if "throughput" in results:
         checked += [row["correctness"] for row in results["throughput"]["per_keys"]]
@@ -126,6 +150,8 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += _backlog(results["backlog"])
     if "writer" in results:
         lines += _writer(results["writer"])
+    if "claims" in results:
+        lines += _claims(results["claims"])
     lines += ["", "Targets"]
     lines += _table(
         ["target", "goal", "measured", "status"],
@@ -246,6 +272,37 @@ def _backlog(result: dict[str, Any]) -> list[str]:
                     _ratio(result["ratio"]),
                     f"{c['lost']}/{c['duplicates']}/{c['reordered']}",
                 ]
+            ],
+        ),
+    ]
+
+
+def _claims(result: dict[str, Any]) -> list[str]:
+    fair = result["fairness"]
+    scaling = result["claims_with_relays"]
+    return [
+        "",
+        f"Claims: fairness, 50 keys written behind {fair['busy']['backlog']:,} events of one key",
+        *_table(
+            ["busy key", "p99 alone", "p99 behind it", "ratio"],
+            [
+                [
+                    shape.replace("_", " "),
+                    _ms(fair[shape]["p99_alone"] * 1000),
+                    _ms(fair[shape]["p99_behind_backlog"] * 1000),
+                    _ratio(fair[shape]["ratio"]),
+                ]
+                for shape in ("busy", "dead_head")
+            ],
+        ),
+        f"work per event: {result['work_per_event']['per_event']:.3f} tuples written by the "
+        f"relay per delivered event ({result['work_per_event']['keys']} keys)",
+        f"claims with several relays ({scaling['backlog']:,} events over {scaling['keys']:,} keys)",
+        *_table(
+            ["relays", "claims/s", "vs 1 relay"],
+            [
+                [n, _num(rate), _ratio(scaling["ratio_to_one"][n])]
+                for n, rate in scaling["claims_per_second"].items()
             ],
         ),
     ]

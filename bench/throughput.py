@@ -158,6 +158,7 @@ def _republish_all(config: BenchConfig, box: Outbox) -> None:
                     lease_until=None,
                 )
             )
+        box.create(engine)  # gives the keys of the pending rows their rows again
     finally:
         engine.dispose()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
 import sqlalchemy as sa
 
 from outbox import Outbox
@@ -30,7 +31,8 @@ def _leased(engine: sa.Engine, box: Outbox) -> int:
         return int(conn.scalar(sa.select(sa.func.count()).where(k.c.lease_token.is_not(None))) or 0)
 
 
-def test_two_relay_processes_share_the_work_and_keep_key_order(
+@pytest.mark.timeout(180)
+def test_four_relay_processes_share_the_work_and_keep_key_order(
     pg_engine: sa.Engine,
     pg_url: str,
     amqp_url: str,
@@ -39,8 +41,8 @@ def test_two_relay_processes_share_the_work_and_keep_key_order(
 ) -> None:
     assert outbox_schema.schema is not None
     tap, exchange = tapped_exchange
-    write_events(pg_engine, outbox_schema, interleaved_events(10_000, keys=100))
-    names = [unique_name("relay-a"), unique_name("relay-b")]
+    write_events(pg_engine, outbox_schema, interleaved_events(20_000, keys=100))
+    names = [unique_name(f"relay-{n}") for n in "abcd"]
     relays = [
         start_relay_process(
             database_url=pg_url,
@@ -54,7 +56,7 @@ def test_two_relay_processes_share_the_work_and_keep_key_order(
         for name in names
     ]
     try:
-        deliveries = tap.drain(expected=10_000, timeout=30)
+        deliveries = tap.drain(expected=20_000, timeout=60)
     finally:
         results = [stop_process(p) for p in relays]
     for code, output in results:
@@ -63,8 +65,8 @@ def test_two_relay_processes_share_the_work_and_keep_key_order(
     t = outbox_schema.events
     with pg_engine.connect() as conn:
         workers = set(conn.scalars(sa.select(t.c.claimed_by).distinct()))
-    assert workers == set(names)  # both relays published events
-    assert count_by_status(pg_engine, outbox_schema) == {"published": 10_000}
+    assert workers == set(names)  # every relay published events
+    assert count_by_status(pg_engine, outbox_schema) == {"published": 20_000}
 
 
 def test_sigkilled_relay_loses_nothing_after_restart(

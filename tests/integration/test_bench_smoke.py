@@ -20,7 +20,7 @@ from bench.cli import EXIT_USAGE, main
 from tests.support.relays import REPO
 
 QUICK_RUN_TIMEOUT = 50
-BENCHMARKS = ("throughput", "latency", "backlog", "writer")
+BENCHMARKS = ("throughput", "latency", "backlog", "writer", "claims")
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +133,26 @@ def test_writer_cost_times_every_kind_of_transaction(quick: dict[str, Any]) -> N
     assert result["events_written_ok"], result["runs"]
 
 
+def test_claims_measure_fairness_work_per_event_and_claims_with_relays(
+    quick: dict[str, Any],
+) -> None:
+    result = quick["results"]["claims"]
+    for shape in ("busy", "dead_head"):
+        fair = result["fairness"][shape]
+        assert fair["p99_alone"] > 0 and fair["p99_behind_backlog"] > 0 and fair["ratio"] > 0
+    work = result["work_per_event"]
+    assert work["per_event"] > 0
+    assert all(run["events"] == quick["config"]["n"] for run in work["runs"])
+    rates = result["claims_with_relays"]["claims_per_second"]
+    assert set(rates) == {str(n) for n in quick["config"]["claimers"]}
+    assert all(rate > 0 for rate in rates.values())
+    assert "Claims: fairness" in quick["stdout"]["claims"]
+
+
 def test_every_target_is_judged_and_printed(quick: dict[str, Any]) -> None:
     targets = quick["targets"]
     statuses = {name: t["status"] for name, t in targets.items()}
-    assert len(statuses) == 6
+    assert len(statuses) == 9
     assert set(statuses.values()) <= {"PASS", "MISS", "n/a"}
     # --quick runs no 1000/s writer: that target is not judged rather than judged on nothing.
     assert statuses["commit-to-delivery p99 at 1000/s"] == "n/a"

@@ -19,8 +19,6 @@ from relay.store import Store
 from tests.conftest import PG_URL
 
 V1_DDL = (Path(__file__).parent / "schema_v1.sql").read_text()
-NOW = dt.datetime.now(dt.UTC)
-LATER = NOW + dt.timedelta(minutes=10)
 
 
 def install_v1(engine: sa.Engine, schema: str) -> None:
@@ -42,21 +40,22 @@ def _split(script: str) -> list[str]:
     return [s for s in statements if s]
 
 
-def populate_v1(engine: sa.Engine, schema: str) -> dict[str, list[int]]:
+def populate_v1(engine: sa.Engine, schema: str, start: dt.datetime) -> dict[str, list[int]]:
     """Rows as a schema-1 relay leaves them: pending, leased, retrying, dead, published."""
+    later = start + dt.timedelta(minutes=10)
     table = f'"{schema}".outbox'
     rows = [
         ("a", {}),
         ("a", {}),
-        ("leased", {"claim_token": str(uuid.uuid4()), "lease_until": LATER}),
+        ("leased", {"claim_token": str(uuid.uuid4()), "lease_until": later}),
         ("leased", {}),
-        ("retry", {"attempts": 1, "next_attempt_at": LATER}),
+        ("retry", {"attempts": 1, "next_attempt_at": later}),
         ("retry", {}),
         ("dead", {"status": "dead", "attempts": 10}),
         ("dead", {}),
-        ("done", {"status": "published", "published_at": NOW}),
+        ("done", {"status": "published", "published_at": start}),
         (None, {}),
-        (None, {"claim_token": str(uuid.uuid4()), "lease_until": LATER}),
+        (None, {"claim_token": str(uuid.uuid4()), "lease_until": later}),
     ]
     seqs: dict[str, list[int]] = {}
     with engine.begin() as conn:
@@ -84,7 +83,7 @@ def v1_schema(pg_engine: sa.Engine) -> Iterator[str]:
         conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
-def keys(engine: sa.Engine, box: Outbox) -> dict[str, tuple[bool, bool, bool]]:
+def keys(engine: sa.Engine, box: Outbox, start: dt.datetime) -> dict[str, tuple[bool, bool, bool]]:
     """key -> (held, waiting until later, ready now)."""
     k = box.keys
     with engine.connect() as conn:
@@ -93,18 +92,20 @@ def keys(engine: sa.Engine, box: Outbox) -> dict[str, tuple[bool, bool, bool]]:
     return {
         row.key: (
             row.held,
-            row.available_at > NOW + dt.timedelta(minutes=5),
+            row.available_at > start + dt.timedelta(minutes=5),
             row.available_at <= moment,
         )
         for row in rows
     }
 
 
-def assert_upgraded(engine: sa.Engine, box: Outbox, seqs: dict[str, list[int]]) -> None:
+def assert_upgraded(
+    engine: sa.Engine, box: Outbox, seqs: dict[str, list[int]], start: dt.datetime
+) -> None:
     with engine.connect() as conn:
         result = check(box, conn)
     assert result.ok, result.errors
-    assert keys(engine, box) == {
+    assert keys(engine, box, start) == {
         "a": (False, False, True),
         "leased": (False, True, False),  # its old lease still counts
         "retry": (False, True, False),  # waits for its retry time
@@ -122,14 +123,14 @@ def assert_upgraded(engine: sa.Engine, box: Outbox, seqs: dict[str, list[int]]) 
         owner="new",
         limit=100,
         run_length=10,
-        lease_until=NOW + dt.timedelta(hours=2),
+        lease_until=start + dt.timedelta(hours=2),
         now=dt.datetime.now(dt.UTC),
     )
     assert sorted((e.key or "", e.seq) for e in first.events) == [
         ("", seqs[""][0]),
         *(("a", s) for s in seqs["a"]),
     ]
-    much_later = NOW + dt.timedelta(hours=1)
+    much_later = start + dt.timedelta(hours=1)
     second = store.claim(
         owner="new", limit=100, run_length=10, lease_until=much_later, now=much_later
     )
@@ -142,30 +143,32 @@ def assert_upgraded(engine: sa.Engine, box: Outbox, seqs: dict[str, list[int]]) 
 def test_create_upgrades_a_populated_schema_1_outbox_in_place(
     pg_engine: sa.Engine, v1_schema: str
 ) -> None:
-    seqs = populate_v1(pg_engine, v1_schema)
+    start = dt.datetime.now(dt.UTC)
+    seqs = populate_v1(pg_engine, v1_schema, start)
     box = Outbox(schema=v1_schema)
     with pg_engine.connect() as conn:
         before = check(box, conn)
     assert not before.ok and "earlier version" in before.errors[0]
     report = box.create(pg_engine)
     assert any("upgraded" in change and "4 keys" in change for change in report.changes)
-    assert_upgraded(pg_engine, box, seqs)
+    assert_upgraded(pg_engine, box, seqs, start)
     assert box.create(pg_engine).changes == ("nothing to do: the outbox is complete",)
 
 
 def test_the_sql_of_init_db_upgrades_in_place_too(pg_engine: sa.Engine, v1_schema: str) -> None:
-    seqs = populate_v1(pg_engine, v1_schema)
+    start = dt.datetime.now(dt.UTC)
+    seqs = populate_v1(pg_engine, v1_schema, start)
     box = Outbox(schema=v1_schema)
     with pg_engine.begin() as conn:
         for statement in box.ddl_statements():
             conn.exec_driver_sql(statement)
-    assert_upgraded(pg_engine, box, seqs)
+    assert_upgraded(pg_engine, box, seqs, start)
 
 
 def test_init_db_says_what_it_changed_and_run_refuses_an_old_schema(
     pg_engine: sa.Engine, v1_schema: str
 ) -> None:
-    populate_v1(pg_engine, v1_schema)
+    populate_v1(pg_engine, v1_schema, dt.datetime.now(dt.UTC))
     runner = CliRunner()
     url = ["--database-url", PG_URL, "--schema", v1_schema]
     health = runner.invoke(main, ["health", *url, "--amqp-url", "amqp://guest:guest@127.0.0.1/"])
