@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from relay.cli.exits import EXIT_CODES_HELP, EXIT_ERROR, META_DATABASE_URL, fail
-from relay.cli.options import amqp_option, remember_url
+from relay.cli.options import amqp_option, checked_url
 from relay.urls import mask_url
 
 
@@ -16,7 +16,7 @@ from relay.urls import mask_url
     show_envvar=True,
     default="postgresql+psycopg://root@127.0.0.1:5432/outbox_demo",
     show_default=True,
-    callback=remember_url(META_DATABASE_URL),
+    callback=checked_url(META_DATABASE_URL),
     help="PostgreSQL database for the demo (created if missing).",
 )
 @amqp_option(default="amqp://guest:guest@127.0.0.1:5672/%2F")

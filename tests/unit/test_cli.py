@@ -177,6 +177,109 @@ def test_bad_option_values_say_which_and_why(db: tuple[str, sa.Engine, Outbox]) 
     assert result.exit_code == 2 and "not a plain SQL identifier" in result.stderr
 
 
+COMMANDS_WITH_A_DATABASE = [
+    ["run"],
+    ["health"],
+    ["status"],
+    ["init-db"],
+    ["purge", "--older-than", "1d"],
+    ["dead", "list"],
+    ["dead", "show", str(uuid.UUID(int=1))],
+    ["dead", "requeue", "--all"],
+    ["dead", "purge", "--all"],
+]
+NEEDS_A_BROKER = (["run"], ["health"])
+NO_OUTBOX_ENV = {name: None for name in ("OUTBOX_DATABASE_URL", "OUTBOX_AMQP_URL")}
+
+
+def invoke(args: Sequence[str], env: dict[str, str | None] | None = None) -> Result:
+    return CliRunner(env={**NO_OUTBOX_ENV, **(env or {})}).invoke(
+        main, list(args), catch_exceptions=False, prog_name="outbox-relay"
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS_WITH_A_DATABASE)
+def test_required_options_are_required_also_when_their_variable_is_empty(
+    command: list[str], sqlite_url: str
+) -> None:
+    for env in ({}, {"OUTBOX_DATABASE_URL": ""}):
+        result = invoke(command, {**env, "OUTBOX_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"})
+        assert result.exit_code == 2, result.output
+        assert "Missing option '--database-url'" in result.stderr
+    if command in NEEDS_A_BROKER:
+        for env in ({}, {"OUTBOX_AMQP_URL": ""}):
+            result = invoke(command, {**env, "OUTBOX_DATABASE_URL": sqlite_url})
+            assert result.exit_code == 2, result.output
+            assert "Missing option '--amqp-url'" in result.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS_WITH_A_DATABASE)
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://root@db/app", "postgresql+psycopg2://db/app", "postgresql+asyncpg://db/app", "x y"],
+)
+def test_one_database_url_check_for_every_command(command: list[str], url: str) -> None:
+    broker = ["--amqp-url", "amqp://g:g@127.0.0.1:1/"] if command in NEEDS_A_BROKER else []
+    result = invoke([*command, "--database-url", url, *broker])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.stderr.split())
+    assert "--database-url" in text and "postgresql+psycopg://" in text and "sqlite:///" in text
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", NEEDS_A_BROKER)
+@pytest.mark.parametrize("password", ["se#cret", "se?cret", "se/cret", "s#e?c/ret"])
+def test_a_broker_password_with_url_characters_is_refused_without_showing_it(
+    command: list[str], password: str, sqlite_url: str
+) -> None:
+    url = f"amqp://guest:{password}@127.0.0.1:1/%2F"
+    result = invoke([*command, "--database-url", sqlite_url, "--amqp-url", url])
+    assert result.exit_code == 2, result.output
+    assert "percent-encode" in result.stderr
+    assert "cret" not in result.output
+
+
+@pytest.mark.parametrize("command", [["run"], ["status"], ["health"]])
+def test_an_encoded_password_is_never_shown_in_errors(command: list[str]) -> None:
+    database = "postgresql://root:p%40ss%2Fw%23rd@127.0.0.1:1/app"
+    amqp = "amqp://guest:p%23ss@127.0.0.1:1/%2F,amqp://bob:bob%3Fsecret@127.0.0.1:1/%2F"
+    broker = ["--amqp-url", amqp] if command in NEEDS_A_BROKER else []
+    result = invoke([*command, "--database-url", database, *broker])
+    assert result.exit_code == 3, result.output
+    assert "root:***@127.0.0.1:1/app" in result.stderr + result.stdout
+    for secret in ("p%40ss", "w%23rd", "p%23ss", "secret", "ss%2F"):
+        assert secret not in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--log-format", "json", "--log-level", "DEBUG", "status"],
+        ["status", "--log-format", "json", "--log-level", "DEBUG"],
+        ["--log-format", "text", "status", "--log-format", "json", "--log-level", "debug"],
+    ],
+)
+def test_logging_options_work_before_and_after_the_command(
+    args: list[str], db: tuple[str, sa.Engine, Outbox]
+) -> None:
+    url, _, _ = db
+    result = invoke(args, {"OUTBOX_DATABASE_URL": url})
+    assert result.exit_code == 0, result.output
+    root = logging.getLogger()
+    assert root.level == logging.DEBUG
+    record = logging.LogRecord("relay", logging.INFO, __file__, 1, "to amqp://u:pw@h/", (), None)
+    assert json.loads(root.handlers[0].format(record))["message"] == "to amqp://u:***@h/"
+    assert "--log-format" in invoke(["run", "--help"]).output
+    assert "--log-format" in invoke(["dead", "list", "--help"]).output
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = invoke(["--version"])
+    assert result.exit_code == 0 and version("outbox-relay") in result.output
+
+
 # -- database errors ---------------------------------------------------------------------------
 
 
