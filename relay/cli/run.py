@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.cli")
 
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+"""Metrics stay on this host unless a wider address is chosen explicitly."""
+
 
 @click.command(epilog=EXIT_CODES_HELP)
 @database_options
@@ -201,9 +204,9 @@ log = logging.getLogger("relay.cli")
     "--metrics-address",
     envvar="OUTBOX_METRICS_ADDRESS",
     show_envvar=True,
-    default="0.0.0.0",
+    default=DEFAULT_METRICS_ADDRESS,
     show_default=True,
-    help="Address the metrics endpoint listens on.",
+    help="Address the metrics endpoint listens on (0.0.0.0: every interface).",
 )
 def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
     """Run the relay daemon (SIGTERM or SIGINT: drain, exit 0).
