@@ -25,12 +25,13 @@ EXIT_DATABASE = 3
 EXIT_BROKER = 4
 EXIT_SCHEMA = 5
 EXIT_TOPOLOGY = 6
+EXIT_LOCKED = 7
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 error (e.g. an event id that does not exist or is not dead, a "
     "question not confirmed, a failed demo); 2 bad usage or option value; 3 database "
     "unreachable; 4 broker unreachable; 5 outbox tables missing (run init-db); 6 broker "
-    "refused the relay's topology."
+    "refused the relay's topology; 7 another relay is running on the same SQLite database."
 )
 
 META_DATABASE_URL = "outbox.database_url"
@@ -47,6 +48,10 @@ def fail(code: int, message: str) -> NoReturn:
 
 
 def exit_code_for(exc: BaseException) -> int:
+    from relay.sqlite_lock import DatabaseLockedError
+
+    if isinstance(exc, DatabaseLockedError):
+        return EXIT_LOCKED
     if isinstance(exc, SchemaMissingError):
         return EXIT_SCHEMA
     if isinstance(exc, DatabaseUnavailableError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -30,6 +31,7 @@ from relay.settings import (
     EXCHANGE_TYPES,
     RelaySettings,
 )
+from relay.sqlite_lock import single_relay
 from relay.urls import mask_url
 
 if TYPE_CHECKING:
@@ -243,7 +245,9 @@ def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop_metrics: Callable[[], None] | None = None
     relay: Relay | None = None
+    held = contextlib.ExitStack()
     try:
+        held.enter_context(single_relay(settings.database_url))  # SQLite: one relay at a time
         metrics = PrometheusMetrics() if metrics_port else None
         relay = build_relay(settings, metrics=metrics)
         relays.append(relay)
@@ -277,6 +281,7 @@ def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
             stop_metrics()
         if relay is not None:
             relay.store.engine.dispose()
+        held.close()
 
 
 def option_error(exc: ConfigError) -> ConfigError:

@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import re
 import sys
 import uuid
@@ -667,3 +668,101 @@ def test_run_stopped_while_starting_exits_0_without_starting(
     assert result.exit_code == 0, result.output
     assert "stopped before it started" in result.stderr
     assert built and not built[0].publisher.ready  # never connected, never claimed
+
+
+# -- SQLite: one relay at a time ---------------------------------------------------------------
+
+
+def test_a_second_relay_on_the_same_sqlite_database_exits_7(
+    db: tuple[str, sa.Engine, Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import relay.app
+    from relay.sqlite_lock import single_relay
+
+    url, _, _ = db
+
+    def never(*args: object, **kwargs: object) -> object:
+        raise AssertionError("a second relay must not even be built")
+
+    monkeypatch.setattr(relay.app, "build_relay", never)
+    with single_relay(url):
+        result = cli(url, "run", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/")
+    assert result.exit_code == 7, result.output
+    assert f"another relay (pid {os.getpid()}) is running on the SQLite database" in result.stderr
+    assert "one relay at a time" in result.stderr
+
+
+def test_run_holds_the_sqlite_lock_until_it_stops(
+    db: tuple[str, sa.Engine, Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    import relay.app
+    from relay.sqlite_lock import DatabaseLockedError, single_relay
+
+    url, _, _ = db
+    real_build = relay.app.build_relay
+    while_running: list[BaseException] = []
+
+    def build(*args: object, **kwargs: object) -> object:
+        try:
+            with single_relay(url):
+                pass
+        except DatabaseLockedError as exc:
+            while_running.append(exc)
+        os.kill(os.getpid(), signal.SIGTERM)  # stop it before it connects anywhere
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay.app, "build_relay", build)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        result = cli(url, "run", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 0, result.output
+    assert len(while_running) == 1  # held while the relay ran...
+    with single_relay(url) as path:  # ...and released when it stopped
+        assert path is not None and path.name == "outbox.db.relay-lock"
+
+
+def test_the_sqlite_lock_of_a_killed_relay_is_released(sqlite_url: str) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from relay.sqlite_lock import DatabaseLockedError, lock_path, single_relay
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from relay.sqlite_lock import single_relay\n"
+            "with single_relay(sys.argv[1]):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n",
+            sqlite_url,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(DatabaseLockedError, match=f"pid {holder.pid}"),
+            single_relay(sqlite_url),
+        ):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
+    deadline = time.monotonic() + 10
+    while True:  # the kernel drops the lock with the process
+        try:
+            with single_relay(sqlite_url):
+                break
+        except DatabaseLockedError:
+            assert time.monotonic() < deadline, "the killed relay's lock was never released"
+            time.sleep(0.05)
+    assert lock_path("postgresql://db/app") is None
+    assert lock_path("sqlite:///:memory:") is None
