@@ -547,10 +547,12 @@ def test_dead_purge_deletes_rows_and_history_after_confirmation(
     dead_id, other, live = seed(
         engine, box, [("a", "k", "dead"), ("b", "j", "dead"), ("c", "k", "pending")]
     )
-    refused = cli(url, "dead", "purge", str(dead_id), input="n\n")  # asks even for one row
-    assert refused.exit_code == 1 and dead_id in rows(engine, box)
-    done = cli(url, "dead", "purge", str(dead_id), "--yes")
+    refused = cli(url, "dead", "purge", str(dead_id), str(other), input="n\n")  # several: asks
+    assert refused.exit_code == 1 and "Delete 2 dead letters" in refused.stderr
+    assert {dead_id, other} <= set(rows(engine, box))
+    done = cli(url, "dead", "purge", str(dead_id), input="")  # one row: no question
     assert done.exit_code == 0 and "deleted 1 dead letter" in done.output
+    assert "Delete" not in done.output
     assert set(rows(engine, box)) == {other, live}
     assert failure_count(engine, box) == 2  # other's history is kept
     not_dead = cli(url, "dead", "purge", str(live), "--yes")
@@ -601,6 +603,19 @@ def test_exit_codes_are_in_every_help() -> None:
     for command in (["run"], ["status"], ["dead", "requeue"], ["purge"], ["health"], ["demo"]):
         text = "".join(cli(None, *command, "--help").output.split())
         assert "".join(EXIT_CODES_HELP.split()) in text, command
+
+
+def test_demo_uses_a_database_of_its_own_not_outbox_database_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from relay.cli.demo import demo
+    from relay.demo import DEFAULT_DATABASE_URL
+
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", "postgresql://root@127.0.0.1/production")
+    assert demo.make_context("demo", []).params["database_url"] == DEFAULT_DATABASE_URL
+    assert DEFAULT_DATABASE_URL.endswith("/outbox_demo")
+    monkeypatch.setenv("OUTBOX_DEMO_DATABASE_URL", "postgresql://root@127.0.0.1/mine")
+    assert demo.make_context("demo", []).params["database_url"].endswith("/mine")
 
 
 def test_demo_needs_postgresql(sqlite_url: str) -> None:
