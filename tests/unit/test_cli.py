@@ -364,6 +364,23 @@ def test_status_counts_every_state(db: tuple[str, sa.Engine, Outbox]) -> None:
     assert "fresh" in table and "stale" not in table
 
 
+def test_status_fail_on_dead_exits_8_only_with_dead_letters(
+    db: tuple[str, sa.Engine, Outbox],
+) -> None:
+    url, engine, box = db
+    seed(engine, box, [("a", "k", "pending")])
+    assert cli(url, "status", "--fail-on-dead").exit_code == 0
+    assert cli(url, "status").exit_code == 0
+    seed(engine, box, [("b", "j", "dead"), ("c", "j", "dead")])
+    assert cli(url, "status").exit_code == 0  # without the option: informational only
+    result = cli(url, "status", "--fail-on-dead")
+    assert result.exit_code == 8
+    assert "2 dead letters: see `outbox-relay dead list`" in result.stderr
+    assert re.search(r"dead\s+2", result.stdout)  # the status itself is printed first
+    as_json = cli(url, "status", "--json", "--fail-on-dead")
+    assert as_json.exit_code == 8 and json.loads(as_json.stdout)["dead"] == 2
+
+
 # -- dead list / show --------------------------------------------------------------------------
 
 
