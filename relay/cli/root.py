@@ -21,8 +21,16 @@ _LOGGING = "outbox.logging"
 """`click.Context.meta` key (of the root context) of the logging settings in force."""
 
 
+class RootGroup(OutboxGroup):
+    """`outbox-relay`: every command added to it also takes the logging options."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        _with_logging_options(cmd)
+        super().add_command(cmd, name)
+
+
 @click.group(
-    cls=OutboxGroup,
+    cls=RootGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EXIT_CODES_HELP,
 )
@@ -76,6 +84,8 @@ def _relog(ctx: click.Context, param: click.Parameter, value: Any) -> None:
 
 def _with_logging_options(command: click.Command) -> None:
     """Users put --log-format where they put every other option: after the command too."""
+    if any(param.name == "log_level" for param in command.params):
+        return
     command.params += [
         click.Option(
             ["--log-level"],
@@ -102,5 +112,4 @@ def _with_logging_options(command: click.Command) -> None:
 
 
 for command in (run, init_db, status, dead, purge, health, demo):
-    _with_logging_options(command)
     main.add_command(command)

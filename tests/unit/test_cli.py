@@ -274,6 +274,23 @@ def test_logging_options_work_before_and_after_the_command(
     assert "--log-format" in invoke(["dead", "list", "--help"]).output
 
 
+def test_every_command_takes_the_logging_options() -> None:
+    def walk(command: click.Command) -> Iterator[click.Command]:
+        yield command
+        if isinstance(command, click.Group):
+            for sub in command.commands.values():
+                yield from walk(sub)
+
+    later = click.Command("later", callback=lambda: None)
+    main.add_command(later)  # a command registered after start-up gets them too
+    try:
+        for command in walk(main):
+            names = [p.name for p in command.params]
+            assert names.count("log_level") == names.count("log_format") == 1, command.name
+    finally:
+        main.commands.pop("later")
+
+
 def test_version() -> None:
     from importlib.metadata import version
 
