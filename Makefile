@@ -38,6 +38,8 @@ package-check: $(STAMP) services
 	$(PKG)/relay/bin/pip install --quiet "$$(ls $(PKG)/*.whl)[relay]"
 	cd $(PKG) && relay/bin/outbox-relay --help > /dev/null && relay/bin/outbox-relay --version
 	cd $(PKG) && relay/bin/python $(CURDIR)/tests/docs/readme.py run "Embedding the writer"
+	$(PKG)/relay/bin/pip install --quiet "$$(ls $(PKG)/*.whl)[relay,asyncio]"
+	cd $(PKG) && relay/bin/python $(CURDIR)/tests/docs/readme.py run "Embedding the writer" --index 1
 
 check: lint typecheck
 
