@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 
-.PHONY: demo test check lint format typecheck unit services bench soak clean
+.PHONY: demo test check lint format typecheck unit services bench soak clean package-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,28 @@ services:
 demo: $(STAMP) services
 	$(VENV)/bin/outbox-relay demo
 
-test: $(STAMP) services check
+test: $(STAMP) services check package-check
 	$(PY) -m pytest
+
+# The package as users install it: the wheel, in fresh virtualenvs, with only its declared
+# extras (never the dev ones), run from outside the source tree so that the source cannot
+# stand in for what the wheel lacks.
+PKG := dist/package-check
+package-check: $(STAMP) services
+	rm -rf $(PKG) && mkdir -p $(PKG)
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir $(PKG) .
+	$(PY) -c "import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); \
+		missing = {'outbox/py.typed', 'relay/py.typed'} - set(names); assert not missing, missing" \
+		$(PKG)/*.whl
+	$(PYTHON) -m venv $(PKG)/writer
+	$(PKG)/writer/bin/pip install --quiet $(PKG)/*.whl
+	cd $(PKG) && writer/bin/python -c "import outbox; from outbox import Event, install, write"
+	$(PYTHON) -m venv $(PKG)/relay
+	$(PKG)/relay/bin/pip install --quiet "$$(ls $(PKG)/*.whl)[relay]"
+	cd $(PKG) && relay/bin/outbox-relay --help > /dev/null && relay/bin/outbox-relay --version
+	cd $(PKG) && relay/bin/python $(CURDIR)/tests/docs/readme.py run "Embedding the writer"
+	$(PKG)/relay/bin/pip install --quiet "$$(ls $(PKG)/*.whl)[relay,asyncio]"
+	cd $(PKG) && relay/bin/python $(CURDIR)/tests/docs/readme.py run "Embedding the writer" --index 1
 
 check: lint typecheck
 

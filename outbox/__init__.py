@@ -4,6 +4,7 @@ from outbox.aggregate import AggregateRoot, install
 from outbox.errors import (
     ClosedBindError,
     InvalidEventError,
+    NotInstalledError,
     OutboxError,
     PayloadNotSerializableError,
     UnsupportedBindError,
@@ -18,6 +19,7 @@ __all__ = [
     "ClosedBindError",
     "Event",
     "InvalidEventError",
+    "NotInstalledError",
     "Outbox",
     "OutboxError",
     "PayloadNotSerializableError",

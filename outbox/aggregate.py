@@ -10,20 +10,33 @@ Recorded events are written in the same flush (and so the same transaction) as t
 own rows, after its primary key is known, so the default ordering key is
 "order:<id>" even for a new order. Rolling back forgets them: they are never saved by a later
 transaction by accident.
+
+Why events land in the order `record()` was called, across aggregates: every recorded event
+takes a ticket from one counter (`itertools.count`, whose `next()` is atomic under the GIL), and
+the flush writes the session's events sorted by ticket. Event ids are not used for this: callers
+may choose their own (uuid4 idempotency ids sort randomly).
+
+Why recorded events are never lost silently: a mapper hook on every `AggregateRoot` runs for
+each aggregate a flush inserts, updates or deletes, in any session. If the aggregate has
+recorded events and the session's `install()` hook did not take charge of them (in
+`before_flush`, which runs first), the flush fails with `NotInstalledError` naming
+`outbox.install`, before anything is committed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import sys
 import weakref
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, object_session, sessionmaker
+from sqlalchemy.orm import Mapper, Session, object_session, sessionmaker
 from sqlalchemy.orm.attributes import flag_dirty
 
-from outbox.errors import OutboxError
+from outbox.errors import NotInstalledError, OutboxError
 from outbox.event import Event
 from outbox.schema import Outbox
 from outbox.writer import DEFAULT_OUTBOX, event_rows, insert_rows
@@ -31,6 +44,21 @@ from outbox.writer import DEFAULT_OUTBOX, event_rows, insert_rows
 _PENDING_ATTR = "_outbox_pending_events"
 _SEEN_KEY = "outbox.aggregates"
 _HOOKS_KEY = "outbox.hooks"
+
+if TYPE_CHECKING:
+    # Imported lazily at run time: sqlalchemy.ext.asyncio needs greenlet (the `asyncio` extra).
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+_tickets = itertools.count()
+"""Orders recorded events across aggregates (see the module docstring)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Recorded:
+    ticket: int
+    event: Event
+    # Set when the event is to be attributed to its aggregate at flush (its id was not known).
+    attribute_to: str | None = None
 
 
 class AggregateRoot:
@@ -43,18 +71,31 @@ class AggregateRoot:
     __aggregate_type__: ClassVar[str | None] = None
 
     def record(self, event: Event | str, payload: Any = None, **fields: Any) -> Event:
-        """Record an event (an `Event`, or a type plus payload and Event fields)."""
+        """Record an event (an `Event`, or a type plus payload and Event fields).
+
+        The event names this aggregate (`aggregate_type`, `aggregate_id`, and so the default
+        key). For an aggregate the database has not given an id yet, the returned event has
+        no aggregate fields; the flush fills them in (same event id) before writing it.
+        """
+        attribute_to: str | None = None
         if isinstance(event, str):
-            fields.setdefault("aggregate_type", self.aggregate_type())
-            if "key" not in fields and "aggregate_id" not in fields:
-                # A new aggregate has no id yet: the flush fills it in, and the key with it.
-                fields["aggregate_id"] = self.aggregate_id()
+            aggregate_type = fields.pop("aggregate_type", None) or self.aggregate_type()
+            aggregate_id = fields.pop("aggregate_id", None)
+            if aggregate_id is None:
+                aggregate_id = self.aggregate_id()
+            if aggregate_id is None:
+                attribute_to = aggregate_type  # a new aggregate: the flush fills the id in
+            else:
+                fields.update(aggregate_type=aggregate_type, aggregate_id=aggregate_id)
             event = Event(type=event, payload=payload, **fields)
         elif payload is not None or fields:
             raise OutboxError("record(Event) takes no payload or fields: set them on the Event")
-        if not isinstance(event, Event):
+        elif not isinstance(event, Event):
             raise OutboxError(f"record() takes an Event or a type, got {type(event).__name__}")
-        self.__dict__.setdefault(_PENDING_ATTR, []).append(event)
+        elif event.aggregate_type is None and event.key is None:
+            attribute_to = self.aggregate_type()
+        recorded = _Recorded(next(_tickets), event, attribute_to)
+        self.__dict__.setdefault(_PENDING_ATTR, []).append(recorded)
         if object_session(self) is not None:
             # An aggregate whose columns did not change would be skipped by the flush, and
             # its events with it: flag it so the flush (and our hook) sees it. No UPDATE runs.
@@ -64,7 +105,7 @@ class AggregateRoot:
     @property
     def pending_events(self) -> tuple[Event, ...]:
         """Events recorded and not yet saved (flushed) nor discarded (rolled back)."""
-        return tuple(self.__dict__.get(_PENDING_ATTR, ()))
+        return tuple(r.event for r in self.__dict__.get(_PENDING_ATTR, ()))
 
     def aggregate_type(self) -> str:
         return self.__aggregate_type__ or type(self).__name__.lower()
@@ -78,12 +119,42 @@ class AggregateRoot:
             return None
         return ":".join(str(part) for part in identity)
 
-    def _outbox_take_events(self) -> list[Event]:
-        events: list[Event] = self.__dict__.pop(_PENDING_ATTR, [])
-        return events
+    def _outbox_take_events(self) -> list[tuple[int, Event]]:
+        """The recorded events with their tickets, attributed to this aggregate; forgets them."""
+        recorded: list[_Recorded] = self.__dict__.pop(_PENDING_ATTR, [])
+        aggregate_id = self.aggregate_id()
+        taken = []
+        for r in recorded:
+            event = r.event
+            if r.attribute_to is not None and aggregate_id is not None:
+                event = event.with_aggregate(r.attribute_to, aggregate_id)
+            taken.append((r.ticket, event))
+        return taken
 
     def _outbox_discard_events(self) -> None:
         self.__dict__.pop(_PENDING_ATTR, None)
+
+
+def _refuse_uncovered(mapper: Mapper[Any], connection: Any, target: AggregateRoot) -> None:
+    """Mapper hook (insert, update, delete): an aggregate with recorded events is being flushed
+    by a session whose `install()` hook did not take its events: fail rather than lose them."""
+    if not target.__dict__.get(_PENDING_ATTR):
+        return
+    session = object_session(target)
+    seen = session.info.get(_SEEN_KEY, ()) if session is not None else ()
+    if target in seen:
+        return
+    count = len(target.__dict__[_PENDING_ATTR])
+    raise NotInstalledError(
+        f"{type(target).__name__} recorded {count} event(s), but the session flushing it is "
+        "not covered by outbox.install(), so they would be lost: call "
+        "outbox.install(your_sessionmaker, outbox=...) once at start-up (it covers every "
+        "session of that sessionmaker), or install(session) for this session"
+    )
+
+
+for _operation in ("before_insert", "before_update", "before_delete"):
+    sa_event.listen(AggregateRoot, _operation, _refuse_uncovered, propagate=True)
 
 
 def install(
@@ -109,9 +180,11 @@ def install(
 
 
 def _sync_target(target: Any) -> Any:
-    if isinstance(target, AsyncSession):
+    # An AsyncSession or async_sessionmaker exists only once its module was imported.
+    asyncio = sys.modules.get("sqlalchemy.ext.asyncio")
+    if asyncio is not None and isinstance(target, asyncio.AsyncSession):
         return target.sync_session
-    if isinstance(target, async_sessionmaker):
+    if asyncio is not None and isinstance(target, asyncio.async_sessionmaker):
         # Events attach to the sync Session class behind the AsyncSession; give this factory
         # a class of its own so that other factories are not affected.
         base = target.kw.get("sync_session_class", Session)
@@ -159,21 +232,12 @@ class _Hooks:
         seen = session.info.get(_SEEN_KEY)
         if not seen:
             return
-        events: list[Event] = []
+        taken: list[tuple[int, Event]] = []
         for aggregate in list(seen):
-            taken = aggregate._outbox_take_events()
-            aggregate_id = aggregate.aggregate_id()
-            for event in taken:
-                if event.aggregate_id is None and event.key is None and aggregate_id:
-                    event = event.with_aggregate(
-                        event.aggregate_type or aggregate.aggregate_type(), aggregate_id
-                    )
-                events.append(event)
+            taken.extend(aggregate._outbox_take_events())
         seen.clear()
-        # UUIDv7 ids grow with time: sorting keeps the order in which events were recorded
-        # across aggregates.
-        events.sort(key=lambda e: e.id)
-        rows = event_rows(events)
+        taken.sort(key=lambda ticket_event: ticket_event[0])  # record() order
+        rows = event_rows(event for _, event in taken)
         insert_rows(
             session.connection(bind_arguments={"clause": self.outbox.events}), self.outbox, rows
         )

@@ -27,3 +27,8 @@ class UnsupportedBindError(OutboxError, TypeError):
 
 class ClosedBindError(OutboxError):
     """`write()` was given a closed connection or session: the events would have nowhere to go."""
+
+
+class NotInstalledError(OutboxError):
+    """An aggregate with recorded events was flushed by a session `outbox.install()` does not
+    cover: the flush fails instead of losing the events."""

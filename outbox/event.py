@@ -18,6 +18,11 @@ DEFAULT_VERSION = 1
 _NO_WHITESPACE = re.compile(r"^\S+$")
 # AMQP short strings (routing key, message_id, type, ...) are at most 255 bytes.
 MAX_SHORT_STRING = 255
+RESERVED_HEADERS = frozenset(
+    {"ordering-key", "aggregate-type", "aggregate-id", "event-version", "outbox-seq"}
+)
+"""Headers the relay sets on every message. An application header of the same name would be
+overwritten on the wire, so `Event` refuses them (compared case-insensitively)."""
 
 
 def new_event_id() -> uuid.UUID:
@@ -29,6 +34,12 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _no_nul(value: str, field: str) -> None:
+    # PostgreSQL text cannot hold a NUL byte: refuse it here rather than fail at insert.
+    if "\x00" in value:
+        raise InvalidEventError(f"{field} {value!r} contains a NUL byte (\\x00): remove it")
+
+
 def _short_string(value: str | None, field: str, *, allow_spaces: bool = True) -> None:
     if value is None:
         return
@@ -36,6 +47,7 @@ def _short_string(value: str | None, field: str, *, allow_spaces: bool = True) -
         raise InvalidEventError(f"{field} must be a str, got {type(value).__name__}")
     if not value:
         raise InvalidEventError(f"{field} must not be empty")
+    _no_nul(value, field)
     if not allow_spaces and not _NO_WHITESPACE.match(value):
         raise InvalidEventError(f"{field} {value!r} must not contain whitespace")
     if len(value.encode()) > MAX_SHORT_STRING:
@@ -80,6 +92,18 @@ class Event:
             object.__setattr__(self, "aggregate_id", str(self.aggregate_id))
         _short_string(self.aggregate_type, "aggregate_type")
         _short_string(self.aggregate_id, "aggregate_id")
+        if (self.aggregate_type is None) != (self.aggregate_id is None):
+            given, missing = (
+                ("aggregate_type", "aggregate_id")
+                if self.aggregate_id is None
+                else ("aggregate_id", "aggregate_type")
+            )
+            raise InvalidEventError(
+                f"{given} is set but {missing} is None: an event names its aggregate with both "
+                "or neither (its ordering key is built from both). For a new aggregate, flush "
+                "the session first so that it has an id, or record the event with "
+                "aggregate.record(), which fills the id in at flush"
+            )
         if self.key is None and self.aggregate_type and self.aggregate_id:
             object.__setattr__(self, "key", f"{self.aggregate_type}:{self.aggregate_id}")
         _short_string(self.key, "ordering key")
@@ -113,9 +137,18 @@ def _frozen_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     for name, value in headers.items():
         if not isinstance(name, str) or not name:
             raise InvalidEventError(f"header name {name!r} must be a non-empty str")
+        if name.lower() in RESERVED_HEADERS:
+            raise InvalidEventError(
+                f"header {name!r} is set by the relay on every message "
+                f"({', '.join(sorted(RESERVED_HEADERS))}) and would be overwritten: "
+                "use another name, or the Event field that sets it (key, aggregate_type, "
+                "aggregate_id, version)"
+            )
+        _no_nul(name, "header name")
         if not isinstance(value, str):
             raise InvalidEventError(
                 f"header {name!r} has a {type(value).__name__} value; header values must be "
                 f"str (convert it, e.g. str(value))"
             )
+        _no_nul(value, f"header {name!r}")
     return types.MappingProxyType(dict(headers))

@@ -6,19 +6,23 @@ exactly when the caller's transaction commits, and vanish with it on rollback.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from outbox.encoding import encode_headers, encode_json
 from outbox.errors import ClosedBindError, InvalidEventError, UnsupportedBindError
 from outbox.event import Event
 from outbox.schema import Outbox
+
+if TYPE_CHECKING:
+    # Imported lazily at run time: sqlalchemy.ext.asyncio needs greenlet (the `asyncio` extra).
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 DEFAULT_OUTBOX = Outbox()
 """The table named "outbox" in the default schema, on a MetaData of its own."""
@@ -64,7 +68,7 @@ def write(
     Nothing is committed here: commit or roll back as you always do. For an `AsyncSession` or
     `AsyncConnection`, use `write_async()`.
     """
-    if isinstance(bind, AsyncSession | AsyncConnection):
+    if _is_async(bind):
         raise UnsupportedBindError(
             f"write() got an {type(bind).__name__}: use `await outbox.write_async(...)`"
         )
@@ -77,13 +81,18 @@ def write(
 async def write_async(
     bind: AsyncSession | AsyncConnection, *events: Event, outbox: Outbox = DEFAULT_OUTBOX
 ) -> list[uuid.UUID]:
-    """`write()` for asyncio: saves `events` in the transaction of `bind`."""
-    if not isinstance(bind, AsyncSession | AsyncConnection):
+    """`write()` for asyncio: saves `events` in the transaction of `bind`.
+
+    Needs greenlet, as every SQLAlchemy asyncio program does: install `outbox-relay[asyncio]`.
+    """
+    if not _is_async(bind):
         raise UnsupportedBindError(
             f"write_async() takes an AsyncSession or AsyncConnection, got "
             f"{type(bind).__name__}: for a sync one use outbox.write(...)"
         )
     rows = event_rows(events)  # validate before the first await touches the database
+    from sqlalchemy.ext.asyncio import AsyncConnection  # loaded: `bind` is one of its types
+
     if isinstance(bind, AsyncConnection) and bind.closed:
         raise ClosedBindError("write_async() got a closed AsyncConnection")
 
@@ -92,6 +101,12 @@ async def write_async(
 
     await bind.run_sync(_write)
     return [row["id"] for row in rows]
+
+
+def _is_async(bind: object) -> bool:
+    # An AsyncSession or AsyncConnection exists only once its module was imported.
+    asyncio = sys.modules.get("sqlalchemy.ext.asyncio")
+    return asyncio is not None and isinstance(bind, asyncio.AsyncSession | asyncio.AsyncConnection)
 
 
 def _connection_of(bind: Session | Connection, outbox: Outbox) -> Connection:

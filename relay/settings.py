@@ -11,6 +11,7 @@ from typing import Any
 
 from outbox.schema import DEFAULT_TABLE, Outbox
 from relay.errors import ConfigError
+from relay.urls import check_amqp_url, check_database_url
 
 DEFAULT_EXCHANGE = "outbox"
 DEFAULT_EXCHANGE_TYPE = "topic"
@@ -73,12 +74,8 @@ class RelaySettings:
     name: str = dataclasses.field(default_factory=default_relay_name)
 
     def __post_init__(self) -> None:
-        _require(self.database_url.strip() != "", "database_url", "must not be empty")
-        _require(
-            self.amqp_url.startswith(("amqp://", "amqps://")),
-            "amqp_url",
-            "must start with amqp:// or amqps://",
-        )
+        check_database_url(self.database_url)
+        check_amqp_url(self.amqp_url)
         _require(
             self.exchange_type in EXCHANGE_TYPES,
             "exchange_type",

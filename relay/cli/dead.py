@@ -172,7 +172,7 @@ def dead_requeue(
 @database_options
 @selector_options
 @click.option("--dry-run", is_flag=True, help="Show what would be deleted; change nothing.")
-@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before deleting several.")
 def dead_purge(
     database_url: str,
     table: str,
@@ -189,15 +189,16 @@ def dead_purge(
 
     Select with event ids, or --all, or any of --type T, --key K, --since TIME (combined
     with AND). They are never published; the later events of their keys are then no longer
-    held back. Always asks first unless --yes. Named ids are all or nothing (exit 1 if one does not
-    exist or is not dead). Works in batches of 1,000 rows per transaction.
+    held back. Asks before deleting more than one event unless --yes. Named ids are all or
+    nothing (exit 1 if one does not exist or is not dead). Works in batches of 1,000 rows per
+    transaction.
     """
     selector = make_selector(ids, everything, type_, key, since)
     with open_admin(database_url, table, schema, "dead-purge") as admin:
         plan = admin.plan(selector)
         if not preflight(admin, plan, "delete", dry_run):
             return
-        if not yes:
+        if plan.count > 1 and not yes:
             confirm(f"Delete {plan_size(plan)} and their failure history? This cannot be undone.")
         with progress_bar(plan.count, "deleting", admin.batch_size) as progress:
             done = admin.purge_dead(plan, progress)

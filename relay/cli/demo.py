@@ -5,19 +5,23 @@ from __future__ import annotations
 import click
 
 from relay.cli.exits import EXIT_CODES_HELP, EXIT_ERROR, META_DATABASE_URL, fail
-from relay.cli.options import amqp_option, remember_url
+from relay.cli.options import amqp_option, checked_url
 from relay.urls import mask_url
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://root@127.0.0.1:5432/outbox_demo"
+"""The same as relay.demo's (not imported: it needs pika and psycopg before --help)."""
 
 
 @click.command(epilog=EXIT_CODES_HELP)
 @click.option(
     "--database-url",
-    envvar="OUTBOX_DATABASE_URL",
+    # Not OUTBOX_DATABASE_URL: a shell pointed at a real database must not run the demo there.
+    envvar="OUTBOX_DEMO_DATABASE_URL",
     show_envvar=True,
-    default="postgresql+psycopg://root@127.0.0.1:5432/outbox_demo",
+    default=DEFAULT_DATABASE_URL,
     show_default=True,
-    callback=remember_url(META_DATABASE_URL),
-    help="PostgreSQL database for the demo (created if missing).",
+    callback=checked_url(META_DATABASE_URL),
+    help="PostgreSQL database of the demo's own (created if missing).",
 )
 @amqp_option(default="amqp://guest:guest@127.0.0.1:5672/%2F")
 @click.option(

@@ -25,12 +25,15 @@ EXIT_DATABASE = 3
 EXIT_BROKER = 4
 EXIT_SCHEMA = 5
 EXIT_TOPOLOGY = 6
+EXIT_LOCKED = 7
+EXIT_DEAD_LETTERS = 8
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 error (e.g. an event id that does not exist or is not dead, a "
     "question not confirmed, a failed demo); 2 bad usage or option value; 3 database "
     "unreachable; 4 broker unreachable; 5 outbox tables missing (run init-db); 6 broker "
-    "refused the relay's topology."
+    "refused the relay's topology; 7 another relay is running on the same SQLite database; 8 "
+    "dead letters exist (status --fail-on-dead)."
 )
 
 META_DATABASE_URL = "outbox.database_url"
@@ -46,7 +49,23 @@ def fail(code: int, message: str) -> NoReturn:
     sys.exit(code)
 
 
+def exit_if_dead(dead: int) -> None:
+    """`status --fail-on-dead`: alerting scripts and health probes see dead letters in the exit
+    code (after the status was printed)."""
+    if dead:
+        click.secho(
+            f"error: {dead} dead letter{'s' if dead != 1 else ''}: see `outbox-relay dead list`",
+            fg="red",
+            err=True,
+        )
+        sys.exit(EXIT_DEAD_LETTERS)
+
+
 def exit_code_for(exc: BaseException) -> int:
+    from relay.sqlite_lock import DatabaseLockedError
+
+    if isinstance(exc, DatabaseLockedError):
+        return EXIT_LOCKED
     if isinstance(exc, SchemaMissingError):
         return EXIT_SCHEMA
     if isinstance(exc, DatabaseUnavailableError):

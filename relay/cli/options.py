@@ -12,6 +12,7 @@ import click
 from relay.cli.exits import META_AMQP_URL, META_DATABASE_URL
 from relay.errors import ConfigError
 from relay.settings import parse_duration
+from relay.urls import check_amqp_url, check_database_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -100,10 +101,18 @@ EVENT_ID = EventId()
 # -- shared options ----------------------------------------------------------------------------
 
 
-def remember_url(key: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """Keep a URL where the error handler finds it, to name it (masked) in messages."""
+def checked_url(key: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """Check a URL the same way in every command (exit 2, naming the forms that work), and
+    keep it where the error handler finds it, to name it (masked) in messages."""
+    check = check_database_url if key == META_DATABASE_URL else check_amqp_url
 
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return value
+        try:
+            check(value)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
         ctx.meta[key] = value
         return value
 
@@ -131,7 +140,7 @@ def database_options(f: F) -> F:
         envvar="OUTBOX_DATABASE_URL",
         show_envvar=True,
         required=True,
-        callback=remember_url(META_DATABASE_URL),
+        callback=checked_url(META_DATABASE_URL),
         help="SQLAlchemy URL of the application database, e.g. "
         "postgresql://user:pass@host/db or sqlite:///app.db.",
     )(f)
@@ -139,15 +148,18 @@ def database_options(f: F) -> F:
 
 
 def amqp_option(default: str | None = None) -> Callable[[F], F]:
+    # No `default=None` on a required option: click then takes None as a given value and
+    # skips its "Missing option" check.
+    defaults: dict[str, Any] = (
+        {"required": True} if default is None else {"default": default, "show_default": True}
+    )
     return click.option(
         "--amqp-url",
         envvar="OUTBOX_AMQP_URL",
         show_envvar=True,
-        required=default is None,
-        default=default,
-        show_default=default is not None,
-        callback=remember_url(META_AMQP_URL),
+        callback=checked_url(META_AMQP_URL),
         help="RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2F.",
+        **defaults,
     )
 
 

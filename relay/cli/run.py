@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -30,12 +31,16 @@ from relay.settings import (
     EXCHANGE_TYPES,
     RelaySettings,
 )
+from relay.sqlite_lock import single_relay
 from relay.urls import mask_url
 
 if TYPE_CHECKING:
     from relay.relay import Relay
 
 log = logging.getLogger("relay.cli")
+
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+"""Metrics stay on this host unless a wider address is chosen explicitly."""
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -201,9 +206,9 @@ log = logging.getLogger("relay.cli")
     "--metrics-address",
     envvar="OUTBOX_METRICS_ADDRESS",
     show_envvar=True,
-    default="0.0.0.0",
+    default=DEFAULT_METRICS_ADDRESS,
     show_default=True,
-    help="Address the metrics endpoint listens on.",
+    help="Address the metrics endpoint listens on (0.0.0.0: every interface).",
 )
 def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
     """Run the relay daemon (SIGTERM or SIGINT: drain, exit 0).
@@ -240,7 +245,9 @@ def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop_metrics: Callable[[], None] | None = None
     relay: Relay | None = None
+    held = contextlib.ExitStack()
     try:
+        held.enter_context(single_relay(settings.database_url))  # SQLite: one relay at a time
         metrics = PrometheusMetrics() if metrics_port else None
         relay = build_relay(settings, metrics=metrics)
         relays.append(relay)
@@ -274,6 +281,7 @@ def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
             stop_metrics()
         if relay is not None:
             relay.store.engine.dispose()
+        held.close()
 
 
 def option_error(exc: ConfigError) -> ConfigError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from relay.cli.database import open_admin
-from relay.cli.exits import EXIT_CODES_HELP
+from relay.cli.exits import EXIT_CODES_HELP, exit_if_dead
 from relay.cli.options import database_options, json_option
 from relay.cli.render import emit_json, render_status
 
@@ -28,7 +28,10 @@ from relay.cli.render import emit_json, render_status
 )
 @database_options
 @json_option
-def status(database_url: str, table: str, schema: str | None, as_json: bool) -> None:
+@click.option("--fail-on-dead", is_flag=True, help="Exit 8 if any event is dead (for alerting).")
+def status(
+    database_url: str, table: str, schema: str | None, as_json: bool, fail_on_dead: bool
+) -> None:
     """Show the backlog, dead letters, held keys and active relays.
 
     Counts pending (and of those, in flight and waiting for retry), dead and published
@@ -39,6 +42,8 @@ def status(database_url: str, table: str, schema: str | None, as_json: bool) -> 
         result = admin.status()
     if as_json:
         emit_json(result.to_json())
-        return
-    for line in render_status(result):
-        click.echo(line)
+    else:
+        for line in render_status(result):
+            click.echo(line)
+    if fail_on_dead:
+        exit_if_dead(result.dead)

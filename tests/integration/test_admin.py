@@ -200,6 +200,7 @@ def test_health_is_ok_on_the_real_services(
     assert [line.split()[:2] for line in result.output.splitlines()] == [
         ["database", "ok"],
         ["broker", "ok"],
+        ["exchange", "ok"],
     ]
 
 
@@ -232,7 +233,9 @@ def test_demo_refuses_a_schema_with_other_tables(
     assert outbox_schema.schema is not None
     with pg_engine.begin() as conn:
         conn.exec_driver_sql(f'CREATE TABLE "{outbox_schema.schema}".customers (id int)')
-    result = cli(pg_url, outbox_schema, "demo", "--schema", outbox_schema.schema)
+    # The demo reads --database-url (or OUTBOX_DEMO_DATABASE_URL), never OUTBOX_DATABASE_URL.
+    demo = ("demo", "--database-url", pg_url, "--schema", outbox_schema.schema)
+    result = cli(pg_url, outbox_schema, *demo)
     assert result.exit_code == 2
     assert "holds tables the demo did not create (customers)" in result.stderr
     with pg_engine.connect() as conn:  # nothing was dropped
@@ -245,7 +248,7 @@ def test_demo_refuses_a_schema_with_other_tables(
 
 
 def test_demo_with_an_unreachable_broker_exits_4(pg_url: str, schema_name: str) -> None:
-    result = CliRunner(env={"OUTBOX_DATABASE_URL": pg_url}).invoke(
+    result = CliRunner(env={"OUTBOX_DEMO_DATABASE_URL": pg_url}).invoke(
         main,
         ["demo", "--schema", schema_name, "--amqp-url", "amqp://guest:pw@127.0.0.1:1/%2F"],
         catch_exceptions=False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -132,3 +134,75 @@ def test_failed_flush_then_rollback_forgets_events(
 def test_record_validates_immediately(sessions: sessionmaker[Session]) -> None:
     with pytest.raises(outbox.InvalidEventError, match="whitespace"):
         Order(id=1).record("order placed")
+
+
+def test_events_keep_recording_order_whatever_their_ids(
+    sessions: sessionmaker[Session], pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    # Caller-chosen ids (idempotency ids) that sort against the recording order.
+    steps = ["created", "paid", "packed", "shipped", "delivered"]
+    ids = iter(uuid.UUID(int=n) for n in range(100, 0, -1))
+    with sessions() as session, session.begin():
+        a, b = Order(id=1), Order(id=2)
+        session.add_all([a, b])
+        for step in steps:
+            a.record(outbox.Event(type=f"order.{step}", id=next(ids)))
+            b.record(f"order.{step}", id=next(ids))
+    with sessions() as session, session.begin():  # a second flush in one session, too
+        c = session.get(Order, 2)
+        d = session.get(Order, 1)
+        assert c is not None and d is not None
+        c.record("order.returned", id=uuid.UUID(int=2))
+        d.record("order.returned", id=uuid.UUID(int=1))
+    expected = [(f"order.{s}", key) for s in steps for key in ("order:1", "order:2")]
+    expected += [("order.returned", "order:2"), ("order.returned", "order:1")]
+    assert _events(pg_engine, outbox_schema) == expected
+
+
+def test_a_session_without_install_refuses_to_lose_recorded_events(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    engine = pg_engine.execution_options(schema_translate_map={None: outbox_schema.schema})
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:  # not covered by outbox.install()
+        order = Order(id=1)
+        order.place()
+        session.add(order)
+        with pytest.raises(outbox.NotInstalledError, match=r"outbox\.install\("):
+            session.commit()
+        session.rollback()
+    with Session(engine) as session, session.begin():
+        session.add(Order(id=1))  # no recorded events: nothing to refuse
+    with Session(engine) as session:
+        kept = session.get(Order, 1)
+        assert kept is not None
+        kept.record("order.viewed")  # no column changed: still refused at flush
+        with pytest.raises(outbox.NotInstalledError, match="1 event"):
+            session.flush()
+        session.rollback()
+    with engine.connect() as conn:
+        count = sa.select(sa.func.count()).select_from(outbox_schema.events)
+        assert conn.execute(count).scalar() == 0
+        assert conn.execute(sa.select(Order.id)).scalars().all() == [1]
+
+
+def test_record_on_a_new_aggregate_fills_in_its_id_at_flush(
+    sessions: sessionmaker[Session], pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    with sessions() as session, session.begin():
+        order = Order()
+        recorded = order.record("order.placed", headers={"tenant": "acme"})
+        explicit = order.record("order.noted", key="custom")
+        assert recorded.aggregate_id is None and recorded.key is None  # no id yet
+        session.add(order)
+        session.flush()
+        order_id = order.id
+    t = outbox_schema.events
+    with pg_engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(t.c.id, t.c.key, t.c.aggregate_type, t.c.aggregate_id).order_by(t.c.seq)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        (recorded.id, f"order:{order_id}", "order", str(order_id)),
+        (explicit.id, "custom", "order", str(order_id)),
+    ]

@@ -52,11 +52,13 @@ async def test_async_sessionmaker_hook_writes_aggregate_events(
             order = Order(id=7)
             order.place()
             session.add(order)
-        other = async_sessionmaker(engine)  # not installed: its sessions are not affected
-        async with other() as session, session.begin():
+        other = async_sessionmaker(engine)  # not installed: it refuses recorded events
+        async with other() as session:
             stray = Order(id=8)
             stray.place()
             session.add(stray)
+            with pytest.raises(outbox.NotInstalledError, match=r"outbox\.install"):
+                await session.commit()
     finally:
         await engine.dispose()
     assert _types(pg_engine, outbox_schema) == ["order.placed"]
@@ -110,16 +112,18 @@ async def test_sqlite_async(tmp_path: object) -> None:
     sync.dispose()
 
 
-def test_session_from_plain_sessionmaker_without_hook_writes_nothing_extra(
+def test_session_from_plain_sessionmaker_without_hook_refuses_recorded_events(
     sqlite_url: str,
 ) -> None:
     engine = sa.create_engine(sqlite_url)
     box = Outbox()
     box.create(engine)
     Base.metadata.create_all(engine)
-    with Session(engine) as session, session.begin():
+    with Session(engine) as session:
         order = Order(id=1)
         order.place()
         session.add(order)
+        with pytest.raises(outbox.NotInstalledError, match=r"outbox\.install"):
+            session.commit()
     assert _types(engine, box) == []
     engine.dispose()

@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import re
 import sys
 import uuid
@@ -183,6 +184,126 @@ def test_bad_option_values_say_which_and_why(db: tuple[str, sa.Engine, Outbox]) 
     assert result.exit_code == 2 and "not a plain SQL identifier" in result.stderr
 
 
+COMMANDS_WITH_A_DATABASE = [
+    ["run"],
+    ["health"],
+    ["status"],
+    ["init-db"],
+    ["purge", "--older-than", "1d"],
+    ["dead", "list"],
+    ["dead", "show", str(uuid.UUID(int=1))],
+    ["dead", "requeue", "--all"],
+    ["dead", "purge", "--all"],
+]
+NEEDS_A_BROKER = (["run"], ["health"])
+NO_OUTBOX_ENV = {name: None for name in ("OUTBOX_DATABASE_URL", "OUTBOX_AMQP_URL")}
+
+
+def invoke(args: Sequence[str], env: dict[str, str | None] | None = None) -> Result:
+    return CliRunner(env={**NO_OUTBOX_ENV, **(env or {})}).invoke(
+        main, list(args), catch_exceptions=False, prog_name="outbox-relay"
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS_WITH_A_DATABASE)
+def test_required_options_are_required_also_when_their_variable_is_empty(
+    command: list[str], sqlite_url: str
+) -> None:
+    for env in ({}, {"OUTBOX_DATABASE_URL": ""}):
+        result = invoke(command, {**env, "OUTBOX_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"})
+        assert result.exit_code == 2, result.output
+        assert "Missing option '--database-url'" in result.stderr
+    if command in NEEDS_A_BROKER:
+        for env in ({}, {"OUTBOX_AMQP_URL": ""}):
+            result = invoke(command, {**env, "OUTBOX_DATABASE_URL": sqlite_url})
+            assert result.exit_code == 2, result.output
+            assert "Missing option '--amqp-url'" in result.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS_WITH_A_DATABASE)
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://root@db/app", "postgresql+psycopg2://db/app", "postgresql+asyncpg://db/app", "x y"],
+)
+def test_one_database_url_check_for_every_command(command: list[str], url: str) -> None:
+    broker = ["--amqp-url", "amqp://g:g@127.0.0.1:1/"] if command in NEEDS_A_BROKER else []
+    result = invoke([*command, "--database-url", url, *broker])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.stderr.split())
+    assert "--database-url" in text and "postgresql+psycopg://" in text and "sqlite:///" in text
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", NEEDS_A_BROKER)
+@pytest.mark.parametrize("password", ["se#cret", "se?cret", "se/cret", "s#e?c/ret"])
+def test_a_broker_password_with_url_characters_is_refused_without_showing_it(
+    command: list[str], password: str, sqlite_url: str
+) -> None:
+    url = f"amqp://guest:{password}@127.0.0.1:1/%2F"
+    result = invoke([*command, "--database-url", sqlite_url, "--amqp-url", url])
+    assert result.exit_code == 2, result.output
+    assert "percent-encode" in result.stderr
+    assert "cret" not in result.output
+
+
+@pytest.mark.parametrize("command", [["run"], ["status"], ["health"]])
+def test_an_encoded_password_is_never_shown_in_errors(command: list[str]) -> None:
+    database = "postgresql://root:p%40ss%2Fw%23rd@127.0.0.1:1/app"
+    amqp = "amqp://guest:p%23ss@127.0.0.1:1/%2F,amqp://bob:bob%3Fsecret@127.0.0.1:1/%2F"
+    broker = ["--amqp-url", amqp] if command in NEEDS_A_BROKER else []
+    result = invoke([*command, "--database-url", database, *broker])
+    assert result.exit_code == 3, result.output
+    assert "root:***@127.0.0.1:1/app" in result.stderr + result.stdout
+    for secret in ("p%40ss", "w%23rd", "p%23ss", "secret", "ss%2F"):
+        assert secret not in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--log-format", "json", "--log-level", "DEBUG", "status"],
+        ["status", "--log-format", "json", "--log-level", "DEBUG"],
+        ["--log-format", "text", "status", "--log-format", "json", "--log-level", "debug"],
+    ],
+)
+def test_logging_options_work_before_and_after_the_command(
+    args: list[str], db: tuple[str, sa.Engine, Outbox]
+) -> None:
+    url, _, _ = db
+    result = invoke(args, {"OUTBOX_DATABASE_URL": url})
+    assert result.exit_code == 0, result.output
+    root = logging.getLogger()
+    assert root.level == logging.DEBUG
+    record = logging.LogRecord("relay", logging.INFO, __file__, 1, "to amqp://u:pw@h/", (), None)
+    assert json.loads(root.handlers[0].format(record))["message"] == "to amqp://u:***@h/"
+    assert "--log-format" in invoke(["run", "--help"]).output
+    assert "--log-format" in invoke(["dead", "list", "--help"]).output
+
+
+def test_every_command_takes_the_logging_options() -> None:
+    def walk(command: click.Command) -> Iterator[click.Command]:
+        yield command
+        if isinstance(command, click.Group):
+            for sub in command.commands.values():
+                yield from walk(sub)
+
+    later = click.Command("later", callback=lambda: None)
+    main.add_command(later)  # a command registered after start-up gets them too
+    try:
+        for command in walk(main):
+            names = [p.name for p in command.params]
+            assert names.count("log_level") == names.count("log_format") == 1, command.name
+    finally:
+        main.commands.pop("later")
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = invoke(["--version"])
+    assert result.exit_code == 0 and version("outbox-relay") in result.output
+
+
 # -- database errors ---------------------------------------------------------------------------
 
 
@@ -264,6 +385,23 @@ def test_status_counts_every_state(db: tuple[str, sa.Engine, Outbox]) -> None:
     assert re.search(r"keys held back\s+2\b", table)
     assert re.search(r"dead\s+1\s+see `outbox-relay dead list`", table)
     assert "fresh" in table and "stale" not in table
+
+
+def test_status_fail_on_dead_exits_8_only_with_dead_letters(
+    db: tuple[str, sa.Engine, Outbox],
+) -> None:
+    url, engine, box = db
+    seed(engine, box, [("a", "k", "pending")])
+    assert cli(url, "status", "--fail-on-dead").exit_code == 0
+    assert cli(url, "status").exit_code == 0
+    seed(engine, box, [("b", "j", "dead"), ("c", "j", "dead")])
+    assert cli(url, "status").exit_code == 0  # without the option: informational only
+    result = cli(url, "status", "--fail-on-dead")
+    assert result.exit_code == 8
+    assert "2 dead letters: see `outbox-relay dead list`" in result.stderr
+    assert re.search(r"dead\s+2", result.stdout)  # the status itself is printed first
+    as_json = cli(url, "status", "--json", "--fail-on-dead")
+    assert as_json.exit_code == 8 and json.loads(as_json.stdout)["dead"] == 2
 
 
 # -- dead list / show --------------------------------------------------------------------------
@@ -449,10 +587,12 @@ def test_dead_purge_deletes_rows_and_history_after_confirmation(
     dead_id, other, live = seed(
         engine, box, [("a", "k", "dead"), ("b", "j", "dead"), ("c", "k", "pending")]
     )
-    refused = cli(url, "dead", "purge", str(dead_id), input="n\n")  # asks even for one row
-    assert refused.exit_code == 1 and dead_id in rows(engine, box)
-    done = cli(url, "dead", "purge", str(dead_id), "--yes")
+    refused = cli(url, "dead", "purge", str(dead_id), str(other), input="n\n")  # several: asks
+    assert refused.exit_code == 1 and "Delete 2 dead letters" in refused.stderr
+    assert {dead_id, other} <= set(rows(engine, box))
+    done = cli(url, "dead", "purge", str(dead_id), input="")  # one row: no question
     assert done.exit_code == 0 and "deleted 1 dead letter" in done.output
+    assert "Delete" not in done.output
     assert set(rows(engine, box)) == {other, live}
     assert failure_count(engine, box) == 2  # other's history is kept
     not_dead = cli(url, "dead", "purge", str(live), "--yes")
@@ -503,6 +643,19 @@ def test_exit_codes_are_in_every_help() -> None:
     for command in (["run"], ["status"], ["dead", "requeue"], ["purge"], ["health"], ["demo"]):
         text = "".join(cli(None, *command, "--help").output.split())
         assert "".join(EXIT_CODES_HELP.split()) in text, command
+
+
+def test_demo_uses_a_database_of_its_own_not_outbox_database_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from relay.cli.demo import demo
+    from relay.demo import DEFAULT_DATABASE_URL
+
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", "postgresql://root@127.0.0.1/production")
+    assert demo.make_context("demo", []).params["database_url"] == DEFAULT_DATABASE_URL
+    assert DEFAULT_DATABASE_URL.endswith("/outbox_demo")
+    monkeypatch.setenv("OUTBOX_DEMO_DATABASE_URL", "postgresql://root@127.0.0.1/mine")
+    assert demo.make_context("demo", []).params["database_url"].endswith("/mine")
 
 
 def test_demo_needs_postgresql(sqlite_url: str) -> None:
@@ -570,3 +723,101 @@ def test_run_stopped_while_starting_exits_0_without_starting(
     assert result.exit_code == 0, result.output
     assert "stopped before it started" in result.stderr
     assert built and not built[0].publisher.ready  # never connected, never claimed
+
+
+# -- SQLite: one relay at a time ---------------------------------------------------------------
+
+
+def test_a_second_relay_on_the_same_sqlite_database_exits_7(
+    db: tuple[str, sa.Engine, Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import relay.app
+    from relay.sqlite_lock import single_relay
+
+    url, _, _ = db
+
+    def never(*args: object, **kwargs: object) -> object:
+        raise AssertionError("a second relay must not even be built")
+
+    monkeypatch.setattr(relay.app, "build_relay", never)
+    with single_relay(url):
+        result = cli(url, "run", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/")
+    assert result.exit_code == 7, result.output
+    assert f"another relay (pid {os.getpid()}) is running on the SQLite database" in result.stderr
+    assert "one relay at a time" in result.stderr
+
+
+def test_run_holds_the_sqlite_lock_until_it_stops(
+    db: tuple[str, sa.Engine, Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    import relay.app
+    from relay.sqlite_lock import DatabaseLockedError, single_relay
+
+    url, _, _ = db
+    real_build = relay.app.build_relay
+    while_running: list[BaseException] = []
+
+    def build(*args: object, **kwargs: object) -> object:
+        try:
+            with single_relay(url):
+                pass
+        except DatabaseLockedError as exc:
+            while_running.append(exc)
+        os.kill(os.getpid(), signal.SIGTERM)  # stop it before it connects anywhere
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay.app, "build_relay", build)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        result = cli(url, "run", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 0, result.output
+    assert len(while_running) == 1  # held while the relay ran...
+    with single_relay(url) as path:  # ...and released when it stopped
+        assert path is not None and path.name == "outbox.db.relay-lock"
+
+
+def test_the_sqlite_lock_of_a_killed_relay_is_released(sqlite_url: str) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from relay.sqlite_lock import DatabaseLockedError, lock_path, single_relay
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from relay.sqlite_lock import single_relay\n"
+            "with single_relay(sys.argv[1]):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n",
+            sqlite_url,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(DatabaseLockedError, match=f"pid {holder.pid}"),
+            single_relay(sqlite_url),
+        ):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
+    deadline = time.monotonic() + 10
+    while True:  # the kernel drops the lock with the process
+        try:
+            with single_relay(sqlite_url):
+                break
+        except DatabaseLockedError:
+            assert time.monotonic() < deadline, "the killed relay's lock was never released"
+            time.sleep(0.05)
+    assert lock_path("postgresql://db/app") is None
+    assert lock_path("sqlite:///:memory:") is None

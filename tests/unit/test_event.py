@@ -34,7 +34,55 @@ def test_key_defaults_to_the_aggregate() -> None:
     event = Event(type="order.placed", aggregate_type="order", aggregate_id=uuid.UUID(int=5))
     assert event.key == f"order:{uuid.UUID(int=5)}"
     assert Event(type="t", aggregate_type="order", aggregate_id=1, key="custom").key == "custom"
-    assert Event(type="t", aggregate_type="order").key is None
+    assert Event(type="t", key="k").aggregate_type is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "given"),
+    [({"aggregate_type": "order"}, "aggregate_type"), ({"aggregate_id": 7}, "aggregate_id")],
+)
+def test_an_aggregate_needs_both_type_and_id(fields: dict[str, object], given: str) -> None:
+    # Before a flush a new order's id is None: such an event would silently have no key.
+    with pytest.raises(InvalidEventError, match=f"{given} is set but .* flush .* record"):
+        Event(type="order.placed", **fields)  # type: ignore[arg-type]
+    with pytest.raises(InvalidEventError, match="flush the session first"):
+        Event(type="order.placed", aggregate_type="order", aggregate_id=None)
+
+
+@pytest.mark.parametrize(
+    "name", ["ordering-key", "aggregate-type", "aggregate-id", "event-version", "outbox-seq"]
+)
+def test_headers_the_relay_sets_are_refused(name: str) -> None:
+    for spelling in (name, name.upper()):
+        with pytest.raises(InvalidEventError, match="set by the relay"):
+            Event(type="a.b", headers={spelling: "x"})
+
+
+def test_reserved_headers_are_every_header_the_relay_sets() -> None:
+    from outbox.event import RESERVED_HEADERS
+    from relay.records import ClaimedEvent
+
+    row = {
+        **event_rows([Event(type="a.b", key="k", headers={"tenant": "acme"})])[0],
+        "seq": 1,
+        "attempts": 0,
+    }
+    message = ClaimedEvent.from_row(row, uuid.uuid4()).message("ex")
+    assert set(message.headers) - {"tenant"} == RESERVED_HEADERS
+
+
+@pytest.mark.parametrize(
+    "field", ["type", "key", "aggregate_type", "aggregate_id", "routing_key", "correlation_id"]
+)
+def test_a_nul_byte_in_any_text_field_is_refused(field: str) -> None:
+    fields: dict[str, object] = {"type": "a.b", "aggregate_type": "o", "aggregate_id": "1"}
+    fields[field] = "bad\x00value"
+    with pytest.raises(InvalidEventError, match="NUL byte"):
+        Event(**fields)  # type: ignore[arg-type]
+    with pytest.raises(InvalidEventError, match="NUL byte"):
+        Event(type="a.b", headers={"h": "v\x00"})
+    with pytest.raises(InvalidEventError, match="NUL byte"):
+        Event(type="a.b", headers={"h\x00": "v"})
 
 
 def test_frozen() -> None:
