@@ -97,6 +97,12 @@ class Outbox:
         """
         from outbox.ddl import create
 
+        if not isinstance(bind, sa.Engine | Connection):
+            raise OutboxError(
+                f"Outbox.create() takes a sync Engine or Connection, got {type(bind).__name__}: "
+                "with an AsyncEngine use `async with engine.begin() as conn: "
+                "await conn.run_sync(outbox.create)`"
+            )
         if isinstance(bind, sa.Engine):
             with bind.begin() as connection:
                 return create(self, connection)

@@ -196,7 +196,7 @@ class PrometheusMetrics(Metrics):
         """Serve the outbox gauges from `source` (e.g. `Admin(engine, outbox).gauges`)."""
         self.outbox.source = source
 
-    def serve(self, port: int, address: str = "0.0.0.0") -> MetricsServer:
+    def serve(self, port: int, address: str = "127.0.0.1") -> MetricsServer:
         """Serve /metrics over HTTP from a daemon thread (port 0: any free port)."""
         server, thread = start_http_server(port, addr=address, registry=self.registry)
 

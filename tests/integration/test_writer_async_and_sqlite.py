@@ -127,3 +127,20 @@ def test_session_from_plain_sessionmaker_without_hook_refuses_recorded_events(
             session.commit()
     assert _types(engine, box) == []
     engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_create_with_an_async_engine_says_to_use_run_sync(
+    pg_url: str, pg_engine: sa.Engine, schema_name: str
+) -> None:
+    engine = create_async_engine(pg_url)
+    box = Outbox(schema=schema_name)
+    try:
+        with pytest.raises(outbox.OutboxError, match=r"run_sync\(outbox.create\)"):
+            box.create(engine)  # type: ignore[arg-type]
+        async with engine.begin() as conn:
+            await conn.run_sync(box.create)
+    finally:
+        await engine.dispose()
+    with pg_engine.connect() as conn:
+        assert sa.inspect(conn).has_table(box.keys.name, schema=schema_name)
