@@ -21,9 +21,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from relay.backoff import backoff_delay
+from relay.claim_pacing import ClaimPacer
+from relay.database_lane import DatabaseLane
 from relay.dead_letter_log import DeadLetterLog
 from relay.errors import BrokerConfigError, DatabaseUnavailableError
 from relay.messages import BrokerStatus, Outcome, Publisher, PublisherEvent, PublishOutcome, Sink
@@ -37,7 +39,6 @@ from relay.worker import Completion, ThreadWorker, Worker
 
 log = logging.getLogger("relay")
 
-MIN_POLL = 0.01
 HEARTBEAT_EVERY = 10.0
 HOUSEKEEPING_EVERY = 30.0
 PURGE_BATCH = 1000
@@ -99,28 +100,28 @@ class Relay:
             queue.SimpleQueue()
         )
         self.publisher = publisher_factory(self._inbox.put)
-        self._worker = worker_factory(self._inbox.put)
-        self._db_busy = False  # a database job is on its way: one at a time, in order
+        self._database = DatabaseLane(
+            worker_factory(self._inbox.put),
+            monotonic=monotonic,
+            rng=self._rng,
+            metrics=self.metrics,
+            on_fatal=self._set_fatal,
+        )
+        self._claims = ClaimPacer(monotonic, poll_interval=settings.poll_interval)
         self._listener = listener_factory(self.wake) if listener_factory else None
         self.sequencer = Sequencer(settings.max_in_flight)
         self._results = PendingResults(monotonic, batch_size=settings.batch_size)
         self._lease_deadline: dict[uuid.UUID, float] = {}
         self._published_at: dict[int, float] = {}
         now = self._monotonic()
-        self._next_claim = now
-        self._poll_delay = MIN_POLL
         self._next_renew = now + settings.lease / 3
         self._next_housekeeping = now
         self._next_heartbeat = now
-        self._db_retry_at = now
-        self._db_failures = 0
         self._broker_up = False
         self._stop_requested = threading.Event()
-        self._last_claim_empty = False
         self._started_at = clock()
         self._fatal: BaseException | None = None
         self._report = StepReport()
-        self._wakes = 0  # NOTIFYs (and stop requests) seen so far
         self._dead_letters = DeadLetterLog(log, monotonic)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -156,12 +157,15 @@ class Relay:
 
     def _finished(self) -> bool:
         return (
-            self._last_claim_empty
+            self._claims.last_was_empty
             and self.sequencer.idle
             and not self._results
-            and not self._db_busy
-            and self._db_failures == 0
+            and not self._database.busy
+            and self._database.failures == 0
         )
+
+    def _set_fatal(self, error: BaseException) -> None:
+        self._fatal = error
 
     def shutdown(self) -> None:
         """Graceful stop: claim nothing more, wait (bounded) for outstanding confirms, record
@@ -170,13 +174,9 @@ class Relay:
         self._give_back(self.sequencer.withdraw())
         deadline = self._monotonic() + self.settings.stop_timeout
         while self._monotonic() < deadline and (
-            self.sequencer.in_flight or self._results or self._db_busy
+            self.sequencer.in_flight or self._results or self._database.busy
         ):
-            if (
-                not self.sequencer.in_flight
-                and not self._db_busy
-                and self._monotonic() < self._db_retry_at
-            ):
+            if not self.sequencer.in_flight and not self._database.busy and self._database.down:
                 break  # only writes remain and the database is down: nothing to wait for
             self.run_once(timeout=min(0.2, max(0.0, deadline - self._monotonic())))
         leftover = self.sequencer.in_flight_events()
@@ -189,10 +189,10 @@ class Relay:
         self.publisher.stop(timeout=5.0)  # what was in flight comes back as UNKNOWN
         if self._listener is not None:
             self._listener.stop()
-        self._worker.stop(timeout=self.settings.db_timeout)
+        self._database.stop(timeout=self.settings.db_timeout)
         self._collect(0)  # take in what the publisher and the worker still had to say
         try:
-            if not self._db_busy:  # a job still running owns its results: leave them to it
+            if not self._database.busy:  # a running job owns its results: leave them to it
                 self._write(self._results.take())
             self.store.unregister(self.settings.name)
         except DatabaseUnavailableError as exc:
@@ -217,56 +217,40 @@ class Relay:
         return report
 
     def _schedule_database_work(self) -> None:
-        """Submit the next due database job, unless one is on its way. (A worker that runs
-        jobs inline finishes each at once, so then every due job runs in this step.)"""
+        """Submit the next due database job while the lane is open, most urgent first:
+
+        1. results: confirms must be recorded, and a finished run's key freed, before the next
+           claim can see the key free again;
+        2. lease renewal: a late one loses the lease and the work done under it;
+        3. the claim;
+        4. housekeeping (heartbeat, retention purge), which can always wait.
+
+        (A worker that runs jobs inline finishes each at once, so then every due job runs in
+        this step.)"""
         for submit in (
             self._submit_writes,
             self._submit_renewal,
             self._submit_claim,
             self._submit_housekeeping,
         ):
-            if self._db_busy or self._monotonic() < self._db_retry_at:
+            if not self._database.open:
                 return
             submit()
 
-    def _run_job(
-        self,
-        job: Callable[[], Any],
-        done: Callable[[Any], None],
-        *,
-        on_error: Callable[[], None] | None = None,
-    ) -> None:
-        """Submit `job`; `done(result)` runs on success, `on_error()` on any failure."""
-
-        def finished(result: Any, error: BaseException | None) -> None:
-            self._db_busy = False
-            if error is not None and on_error is not None:
-                on_error()
-            if error is None:
-                self._database_ok()
-                done(result)
-            elif isinstance(error, DatabaseUnavailableError):
-                self._database_down(error)
-            else:
-                self._fatal = error
-
-        self._db_busy = True
-        self._worker.submit(job, finished)
-
     def _wait_time(self) -> float:
-        if self._db_busy:
+        if self._database.busy:
             return MAX_WAIT  # the job's completion wakes the loop
         now = self._monotonic()
         due = [self._next_renew, self._next_housekeeping, self._next_heartbeat]
         flush_at = self._results.due_at()
         if flush_at is not None:
-            if now >= self._db_retry_at and self._results.due(stopping=self.stop_requested):
+            if not self._database.down and self._results.due(stopping=self.stop_requested):
                 return 0.0
             due.append(flush_at)
         if self._claim_possible():
-            due.append(self._next_claim)
-        if now < self._db_retry_at:
-            due.append(self._db_retry_at)
+            due.append(self._claims.next_at)
+        if self._database.down:
+            due.append(self._database.retry_at)
         return min(MAX_WAIT, max(0.0, min(due) - now))
 
     def _collect(self, wait: float) -> None:
@@ -287,9 +271,7 @@ class Relay:
             item.deliver()
             return
         if isinstance(item, _Wake):
-            self._wakes += 1
-            self._next_claim = self._monotonic()
-            self._poll_delay = MIN_POLL
+            self._claims.wake()
             return
         for event in item:
             if isinstance(event, PublishOutcome):
@@ -368,7 +350,7 @@ class Relay:
             if not self._broker_up:
                 log.info("broker connected")
             self._broker_up = True
-            self._next_claim = self._monotonic()
+            self._claims.soon()
             return
         if self._broker_up and not self._stop_requested.is_set():
             log.warning("broker connection lost: %s; reconnecting", status.error)
@@ -389,9 +371,9 @@ class Relay:
             self._fenced(fenced)
             if frees_keys:
                 # Keys whose runs just ended (or were given back) can be claimed again.
-                self._next_claim = min(self._next_claim, self._monotonic())
+                self._claims.soon()
 
-        self._run_job(
+        self._database.submit(
             lambda: self._write(batch),
             done,
             on_error=lambda: self._results.put_back(batch),
@@ -423,18 +405,13 @@ class Relay:
             and self.sequencer.in_flight < self.settings.max_in_flight
         )
 
-    def _claim_due(self) -> bool:
-        return self._claim_possible() and self._monotonic() >= self._next_claim
-
     def _submit_claim(self) -> None:
-        if not self._claim_due():
+        if not (self._claim_possible() and self._claims.due):
             return
         started = self._monotonic()
         now = self._clock()
-        self._next_claim = started + self.settings.poll_interval  # until the claim answers
-
-        probe_first = self._last_claim_empty
-        wakes_before = self._wakes
+        probe_first = self._claims.last_was_empty
+        ticket = self._claims.started()
 
         def claim() -> Claim:
             if probe_first and not self.store.has_ready(now):
@@ -448,20 +425,11 @@ class Relay:
                 now=now,
             )
 
-        self._run_job(claim, lambda claim: self._claimed(claim, started, wakes_before))
+        self._database.submit(claim, lambda claim: self._claimed(claim, started, ticket))
 
-    def _claimed(self, claim: Claim, started: float, wakes_before: int) -> None:
+    def _claimed(self, claim: Claim, started: float, ticket: int) -> None:
         count = len(claim.events)
-        self._last_claim_empty = count == 0
-        if count >= self.settings.batch_size or self._wakes != wakes_before:
-            # Full, or a NOTIFY came while the claim ran: its events may not be in this claim.
-            self._poll_delay = MIN_POLL
-            self._next_claim = self._monotonic()  # there may be more right away
-        else:
-            # Nothing more is free now: look again when a run ends, a NOTIFY arrives, or the
-            # (backing-off) poll comes round.
-            self._poll_delay = min(self.settings.poll_interval, self._poll_delay * 2)
-            self._next_claim = self._monotonic() + self._poll_delay
+        self._claims.finished(ticket, count=count, full=count >= self.settings.batch_size)
         if not count:
             return
         if self._stop_requested.is_set() or not self._broker_up:
@@ -511,7 +479,7 @@ class Relay:
                     self._lease_lost(token)
 
         keyless = self.sequencer.keyless_seqs()
-        self._run_job(lambda: self.store.renew(tokens, until, keyless=keyless), renewed)
+        self._database.submit(lambda: self.store.renew(tokens, until, keyless=keyless), renewed)
 
     def _forget_finished_claims(self, live: set[uuid.UUID]) -> None:
         unwritten = self._results.tokens()
@@ -572,19 +540,4 @@ class Relay:
             if purged:
                 log.info("purged %d published events older than the retention", purged)
 
-        self._run_job(housekeeping, done)
-
-    def _database_ok(self) -> None:
-        if self._db_failures:
-            log.info("database reachable again")
-            self.metrics.database_up(True)
-        self._db_failures = 0
-
-    def _database_down(self, exc: DatabaseUnavailableError) -> None:
-        self._db_failures += 1
-        delay = backoff_delay(self._db_failures, initial=0.2, maximum=5.0, rng=self._rng)
-        self._db_retry_at = self._monotonic() + delay
-        if self._db_failures == 1:
-            self.metrics.database_up(False)
-        if self._db_failures == 1 or self._db_failures % 20 == 0:
-            log.warning("%s; retrying in %.1fs (results are kept meanwhile)", exc, delay)
+        self._database.submit(housekeeping, done)

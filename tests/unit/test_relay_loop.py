@@ -18,7 +18,7 @@ from relay.messages import Outcome, OutgoingMessage
 from relay.relay import Relay
 from relay.settings import RelaySettings
 from relay.store import Store
-from relay.worker import Completion, Done, InlineWorker
+from relay.worker import Completion, Done, InlineWorker, Worker
 
 from .fakes import FakePublisher
 
@@ -59,6 +59,8 @@ class Harness:
             **overrides,  # type: ignore[arg-type]
         )
         self.store = Store(self.engine, self.box, db_timeout=5)
+        self._worker_factory = worker or (lambda post: InlineWorker())
+        self.worker: object = None
         self.relay = Relay(
             settings,
             self.store,
@@ -66,10 +68,14 @@ class Harness:
             clock=self.clock.now,
             monotonic=self.clock.monotonic,
             rng=random.Random(1),
-            worker_factory=worker or (lambda post: InlineWorker()),  # type: ignore[arg-type]
+            worker_factory=self._make_worker,
         )
         self.publisher: FakePublisher = self.relay.publisher  # type: ignore[assignment]
         self.relay.start()
+
+    def _make_worker(self, post: Callable[[Completion], None]) -> Worker:
+        self.worker = self._worker_factory(post)
+        return self.worker  # type: ignore[return-value]
 
     def write(self, *events: Event) -> None:
         with self.engine.begin() as conn:
@@ -422,7 +428,7 @@ class ManualWorker:
 
 def test_notify_during_a_claim_is_not_lost_to_the_poll_backoff(tmp_path: Path) -> None:
     h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
-    worker: ManualWorker = h.relay._worker  # type: ignore[assignment]
+    worker: ManualWorker = h.worker  # type: ignore[assignment]
     for _ in range(8):  # idle: the poll backs off towards 30 s
         h.step()
         worker.run_jobs()

@@ -1,0 +1,96 @@
+"""The relay's one lane to the database: one job at a time, and an outage with backoff.
+
+Three states: *open* (a job may be submitted), *busy* (one is on its way; its completion comes
+back through the loop's inbox) and *down* (the last job found the database unreachable:
+nothing is submitted before the retry time, and results wait in memory). Jobs run in
+submission order, so a claim always sees the writes submitted before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from relay.backoff import backoff_delay
+from relay.errors import DatabaseUnavailableError
+from relay.metrics import Metrics
+from relay.worker import Worker
+
+log = logging.getLogger("relay")
+
+RETRY_MIN = 0.2
+RETRY_MAX = 5.0
+
+
+class DatabaseLane:
+    def __init__(
+        self,
+        worker: Worker,
+        *,
+        monotonic: Callable[[], float],
+        rng: random.Random,
+        metrics: Metrics,
+        on_fatal: Callable[[BaseException], None],
+    ) -> None:
+        self._worker = worker
+        self._monotonic = monotonic
+        self._rng = rng
+        self._metrics = metrics
+        self._on_fatal = on_fatal
+        self.busy = False
+        self.failures = 0  # consecutive outages; 0 while the database answers
+        self.retry_at = monotonic()
+
+    @property
+    def down(self) -> bool:
+        return self._monotonic() < self.retry_at
+
+    @property
+    def open(self) -> bool:
+        return not self.busy and not self.down
+
+    def submit(
+        self,
+        job: Callable[[], Any],
+        done: Callable[[Any], None],
+        *,
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
+        """Run `job`; then `done(result)` on success, `on_error()` on any failure. An outage
+        makes the lane *down*; any other error is fatal to the relay."""
+
+        def finished(result: Any, error: BaseException | None) -> None:
+            self.busy = False
+            if error is None:
+                self._answered()
+                done(result)
+                return
+            if on_error is not None:
+                on_error()
+            if isinstance(error, DatabaseUnavailableError):
+                self._unreachable(error)
+            else:
+                self._on_fatal(error)
+
+        self.busy = True
+        self._worker.submit(job, finished)
+
+    def stop(self, timeout: float) -> None:
+        self._worker.stop(timeout)
+
+    def _answered(self) -> None:
+        if self.failures:
+            log.info("database reachable again")
+            self._metrics.database_up(True)
+        self.failures = 0
+
+    def _unreachable(self, exc: DatabaseUnavailableError) -> None:
+        self.failures += 1
+        delay = backoff_delay(self.failures, initial=RETRY_MIN, maximum=RETRY_MAX, rng=self._rng)
+        self.retry_at = self._monotonic() + delay
+        if self.failures == 1:
+            self._metrics.database_up(False)
+        if self.failures == 1 or self.failures % 20 == 0:
+            log.warning("%s; retrying in %.1fs (results are kept meanwhile)", exc, delay)
