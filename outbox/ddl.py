@@ -189,13 +189,15 @@ $do$"""
     number = f"""DO $do$
 DECLARE
     events regclass := {n.events_literal}::regclass;
-    seq regclass := pg_get_serial_sequence({n.events_literal}, 'seq')::regclass;
+    -- Qualified text: a regclass prints without its schema when that is on the search path,
+    -- and the function runs with its own search path.
+    seq text := pg_get_serial_sequence({n.events_literal}, 'seq');
     keys text := (SELECT quote_ident(ns.nspname) || '.' || quote_ident({_literal(outbox.keys.name)})
                   FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
                   WHERE c.oid = events);
 BEGIN
     -- A cached sequence numbers from per-session blocks: commit order would be lost.
-    EXECUTE 'ALTER SEQUENCE ' || seq::text || ' CACHE 1';
+    EXECUTE 'ALTER SEQUENCE ' || seq || ' CACHE 1';
     EXECUTE replace(replace($body$
 CREATE OR REPLACE FUNCTION {n.number_fn}() RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS $fn$
@@ -216,7 +218,7 @@ BEGIN
     RETURN NEW;
 END
 $fn$
-$body$, '@SEQ@', quote_literal(seq::text)), '@KEYS@', keys);
+$body$, '@SEQ@', quote_literal(seq)), '@KEYS@', keys);
 END
 $do$"""
     notify_fn = f"""CREATE OR REPLACE FUNCTION {n.notify_fn}() RETURNS trigger LANGUAGE plpgsql

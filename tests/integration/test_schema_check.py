@@ -118,3 +118,29 @@ def test_sqlite_tables_made_by_create_all_are_refused_too(sqlite_url: str) -> No
     box.create(engine)
     Store(engine, box, db_timeout=10).check()
     engine.dispose()
+
+
+def test_an_outbox_on_the_search_path_numbers_and_tracks_its_keys(
+    pg_url: str, bare_schema: str
+) -> None:
+    """No schema given: the tables live in the first schema of the search path. The trigger
+    runs with a fixed search path of its own, so it must name its sequence and key table in
+    full."""
+    engine = sa.create_engine(pg_url, connect_args={"options": f'-c search_path="{bare_schema}"'})
+    try:
+        box = Outbox()
+        box.create(engine)
+        write_events(engine, box, [Event(type="t", key="k") for _ in range(2)])
+        store = Store(engine, box, db_timeout=10)
+        store.check()
+        moment = dt.datetime.now(dt.UTC)
+        got = store.claim(
+            owner="t",
+            limit=10,
+            run_length=10,
+            lease_until=moment + dt.timedelta(seconds=30),
+            now=moment,
+        )
+        assert [e.key for e in got.events] == ["k", "k"]
+    finally:
+        engine.dispose()

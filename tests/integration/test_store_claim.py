@@ -266,6 +266,24 @@ def test_a_requeue_racing_a_claim_keeps_the_requeued_head_first(
     assert by_key(again)["k"] == every  # the requeued head, then the rest
 
 
+def test_a_purge_racing_a_claim_releases_the_key_at_its_next_row(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """A held key's dead head is purged while a claim is between its statements: the key's
+    later rows go out from its first pending row on, in order, and nothing else moves."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    kill_head(store, "k")
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="k") for _ in range(3)])
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="other")])
+    admin = Admin(pg_engine, outbox_schema)
+    pause = Paused(store, "_claim_statement")
+    join = pause.run(lambda: claim(store))
+    assert admin.purge_dead(admin.plan(Selector(everything=True))) == 1
+    assert set(by_key(join())) == {"other"}
+    assert by_key(claim(store))["k"] == pending_seqs(pg_engine, outbox_schema, "k")
+
+
 def wait_until_blocked(engine: sa.Engine, application_name: str) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
