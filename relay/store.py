@@ -244,20 +244,9 @@ class Store:
         keys that gave rows. Every read goes by index, in index order: no bitmap scan, which
         would visit every dead index entry that published rows leave until vacuum runs."""
         t, k = self.outbox.events, self.outbox.keys
-        free = (
-            sa.select(t.c.seq)
-            .where(t.c.key.is_(None), t.c.status == PENDING, *self._row_free(now))
-            .order_by(t.c.seq)
-            .limit(max(1, limit // 2))
-            .with_for_update(skip_locked=True)
-        )
-        keyless = (
-            sa.update(t)
-            .where(t.c.seq.in_(free.scalar_subquery()))
-            .values(claim_token=token, claimed_by=owner, lease_until=lease_until)
-            .returning(*t.c)
-            .cte("keyless")
-        )
+        keyless = self._lease_keyless(
+            token=token, owner=owner, limit=limit, lease_until=lease_until, now=now
+        ).cte("keyless")
         picked = (
             sa.func.unnest(sa.bindparam("keys", list(keys), type_=postgresql.ARRAY(sa.Text())))
             .table_valued("key", with_ordinality="ord")
@@ -309,20 +298,10 @@ class Store:
         """The same claim in several statements: SQLite has one writer (one relay) and a
         transaction's reads share one snapshot anyway."""
         t, k = self.outbox.events, self.outbox.keys
-        free = (
-            sa.select(t.c.seq)
-            .where(t.c.key.is_(None), t.c.status == PENDING, *self._row_free(now))
-            .order_by(t.c.seq)
-            .limit(max(1, limit // 2))
+        keyless = self._lease_keyless(
+            token=token, owner=owner, limit=limit, lease_until=lease_until, now=now
         )
-        rows = list(
-            conn.execute(
-                sa.update(t)
-                .where(t.c.seq.in_(free.scalar_subquery()))
-                .values(claim_token=token, claimed_by=owner, lease_until=lease_until)
-                .returning(*t.c)
-            ).mappings()
-        )
+        rows = list(conn.execute(keyless).mappings())
         leased: list[str] = []
         for key in keys:
             if len(rows) >= limit:
@@ -344,6 +323,33 @@ class Store:
                 .values(lease_token=token, leased_by=owner, available_at=lease_until)
             )
         return rows
+
+    def _lease_keyless(
+        self,
+        *,
+        token: uuid.UUID,
+        owner: str,
+        limit: int,
+        lease_until: dt.datetime,
+        now: dt.datetime,
+    ) -> sa.Update:
+        """Lease free events without a key (they keep no order), up to half of `limit`, so
+        that keyed events can never crowd them out nor they the keys."""
+        t = self.outbox.events
+        free = (
+            sa.select(t.c.seq)
+            .where(t.c.key.is_(None), t.c.status == PENDING, *self._row_free(now))
+            .order_by(t.c.seq)
+            .limit(max(1, limit // 2))
+        )
+        if self._postgres:
+            free = free.with_for_update(skip_locked=True)
+        return (
+            sa.update(t)
+            .where(t.c.seq.in_(free.scalar_subquery()))
+            .values(claim_token=token, claimed_by=owner, lease_until=lease_until)
+            .returning(*t.c)
+        )
 
     def _row_free(self, now: dt.datetime) -> tuple[sa.ColumnElement[bool], ...]:
         """An event without a key that no relay holds and that is not waiting for a retry."""

@@ -21,6 +21,18 @@ from tests.conftest import AMQP_URL, PG_URL
 from tests.support.relays import write_events
 
 
+def claimed_keys(store: Store) -> list[str | None]:
+    moment = dt.datetime.now(dt.UTC)
+    got = store.claim(
+        owner="t",
+        limit=10,
+        run_length=10,
+        lease_until=moment + dt.timedelta(seconds=30),
+        now=moment,
+    )
+    return [e.key for e in got.events]
+
+
 def cli(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, list(args), prog_name="outbox-relay")
     return result.exit_code, result.output
@@ -58,15 +70,7 @@ def test_tables_made_by_create_all_are_refused_until_init_db_adds_the_triggers(
     code, output = cli("health", *db, "--amqp-url", AMQP_URL)
     assert code == 0, output
     # The events written before the triggers existed are claimed, not stranded.
-    moment = dt.datetime.now(dt.UTC)
-    got = store.claim(
-        owner="t",
-        limit=10,
-        run_length=10,
-        lease_until=moment + dt.timedelta(seconds=30),
-        now=moment,
-    )
-    assert [e.key for e in got.events] == ["early", "early"]
+    assert claimed_keys(store) == ["early", "early"]
 
 
 def test_a_cached_sequence_is_reported_and_init_db_uncaches_it(
@@ -97,15 +101,7 @@ def test_init_db_accepts_every_name_the_writer_accepts(
     write_events(pg_engine, box, [Event(type="t", key="k") for _ in range(3)])
     store = Store(pg_engine, box, db_timeout=10)
     store.check()
-    moment = dt.datetime.now(dt.UTC)
-    got = store.claim(
-        owner="t",
-        limit=10,
-        run_length=10,
-        lease_until=moment + dt.timedelta(seconds=30),
-        now=moment,
-    )
-    assert [e.key for e in got.events] == ["k", "k", "k"]
+    assert claimed_keys(store) == ["k", "k", "k"]
 
 
 def test_sqlite_tables_made_by_create_all_are_refused_too(sqlite_url: str) -> None:
@@ -133,14 +129,6 @@ def test_an_outbox_on_the_search_path_numbers_and_tracks_its_keys(
         write_events(engine, box, [Event(type="t", key="k") for _ in range(2)])
         store = Store(engine, box, db_timeout=10)
         store.check()
-        moment = dt.datetime.now(dt.UTC)
-        got = store.claim(
-            owner="t",
-            limit=10,
-            run_length=10,
-            lease_until=moment + dt.timedelta(seconds=30),
-            now=moment,
-        )
-        assert [e.key for e in got.events] == ["k", "k"]
+        assert claimed_keys(store) == ["k", "k"]
     finally:
         engine.dispose()
