@@ -62,11 +62,15 @@ class RelayThread:
     """
 
     def __init__(
-        self, settings: RelaySettings, *, on_stuck: Callable[[], None] | None = None
+        self,
+        settings: RelaySettings,
+        *,
+        on_stuck: Callable[[], None] | None = None,
+        relay: Relay | None = None,
     ) -> None:
         self.settings = settings
         self.on_stuck = on_stuck
-        self.relay: Relay = build_relay(settings)
+        self.relay: Relay = relay if relay is not None else build_relay(settings)
         self.errors: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, name=f"relay-{settings.name}")
 
@@ -376,3 +380,63 @@ def _on_stack(function: str) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+class CallGate:
+    """Hold the first call of `obj.name` (a store's result write, say) after `arm()` until the
+    test releases it: the caller is stalled exactly as a paused process would be there.
+
+    The gate sits in front of the method, at the product's interface, so nothing of the call
+    has run yet while it is held (no connection taken, no deadline started). `args` are the
+    held call's arguments; `wait_done` waits for that call to return.
+    """
+
+    def __init__(self, obj: object, name: str, *, max_hold: float = 30.0) -> None:
+        self.name = name
+        self.max_hold = max_hold
+        self.args: tuple[object, ...] = ()
+        self.kwargs: dict[str, object] = {}
+        self.result: object = None
+        self._armed = False
+        self._lock = threading.Lock()
+        self._reached = threading.Event()
+        self._go = threading.Event()
+        self._done = threading.Event()
+        real = getattr(obj, name)
+
+        def gated(*args: object, **kwargs: object) -> object:
+            with self._lock:
+                held, self._armed = self._armed, False
+            if not held:
+                return real(*args, **kwargs)
+            self.args, self.kwargs = args, kwargs
+            self._reached.set()
+            self._go.wait(self.max_hold)  # bounded: a test that never releases must not hang
+            try:
+                self.result = real(*args, **kwargs)
+                return self.result
+            finally:
+                self._done.set()
+
+        setattr(obj, name, gated)
+
+    def arm(self) -> None:
+        self._reached.clear()
+        self._go.clear()
+        self._done.clear()
+        self._armed = True
+
+    def wait_held(self, timeout: float = 10.0) -> None:
+        if not self._reached.wait(timeout):
+            raise RuntimeError(f"no call of {self.name} reached the gate within {timeout} s")
+
+    def release(self) -> None:
+        self._go.set()
+
+    def wait_done(self, timeout: float = 10.0) -> None:
+        if not self._done.wait(timeout):
+            raise RuntimeError(f"the held call of {self.name} did not return within {timeout} s")
+
+    def close(self) -> None:
+        self._armed = False
+        self._go.set()
