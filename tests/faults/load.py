@@ -39,6 +39,15 @@ def write_in_transaction(conn: sa.Connection, box: Outbox, events: Sequence[Even
     outbox.write(conn, *events, outbox=box)
 
 
+def log_of(events: Sequence[Event]) -> dict[str, list[str]]:
+    """The write log (as `Writers.log`) of events committed in list order, one at a time."""
+    log: dict[str, list[str]] = {}
+    for event in events:
+        if event.key is not None:
+            log.setdefault(event.key, []).append(str(event.id))
+    return log
+
+
 def order_event(rng: random.Random, number: int, keys: int) -> Event:
     return Event(type="order.placed", key=f"k{rng.randrange(keys)}", payload={"n": number})
 

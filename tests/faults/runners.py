@@ -236,18 +236,6 @@ class KilledSession:
         """Killed inside a statement or a transaction."""
         return self.state in ("active", "idle in transaction")
 
-    @property
-    def doing(self) -> str:
-        """What the session was doing, from its (last) statement: claim, mark, renew, other."""
-        query = self.query.lower()
-        if "claimed_by" in query or "pg_advisory" in query or "status = 'dead'" in query:
-            return "claim"
-        if "published_at" in query or "outbox_failure" in query or "last_error" in query:
-            return "mark"
-        if "lease_until" in query:
-            return "renew"
-        return "other"
-
 
 def _like_prefix(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -298,21 +286,6 @@ def terminate_busy_session(
     return terminate_relay_sessions(engine, relay_name)
 
 
-def leased_by(engine: sa.Engine, table: sa.Table, relay_name: str) -> set[str]:
-    """Ids of the rows `relay_name` holds a lease on right now."""
-    t = table
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(t.c.id).where(
-                t.c.status == "pending",
-                t.c.claimed_by == relay_name,
-                t.c.claim_token.is_not(None),
-                t.c.lease_until > sa.func.now(),
-            )
-        )
-        return {str(r[0]) for r in rows}
-
-
 # -- holding the relay at a chosen point ----------------------------------------------------------
 
 
@@ -338,6 +311,7 @@ class HoldPoint:
         self._armed = False
         self._reached = threading.Event()
         self._go = threading.Event()
+        self.held_pid: int | None = None  # the server process of the held connection
         sa.event.listen(engine, event, self._hook)
 
     def _hook(self, *args: object) -> None:
@@ -347,6 +321,7 @@ class HoldPoint:
             if not self._armed:
                 return
             self._armed = False
+        self.held_pid = _backend_pid(args[0]) if args else None
         self._reached.set()
         self._go.wait(self.max_hold)  # bounded: a test that never releases must not hang it
 
@@ -371,6 +346,17 @@ class HoldPoint:
         removing it while the relay's thread dispatches the event would break that thread."""
         self._armed = False
         self._go.set()
+
+
+def _backend_pid(conn: object) -> int | None:
+    """The PostgreSQL backend pid of an SQLAlchemy Connection (the first argument of both
+    connection events and pool events), if it has one."""
+    dbapi = getattr(getattr(conn, "connection", None), "dbapi_connection", None)
+    if dbapi is None:  # a pool event passes the DBAPI connection itself
+        dbapi = conn
+    info = getattr(dbapi, "info", None)
+    pid = getattr(info, "backend_pid", None)
+    return pid if isinstance(pid, int) else None
 
 
 def _on_stack(function: str) -> bool:

@@ -10,7 +10,7 @@ scenario's. Runs are small (a few hundred events) to keep `make test` short.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import pytest
 
@@ -23,7 +23,7 @@ from tests.faults.invariants import (
     scenario_result,
     wait_until_finished,
 )
-from tests.faults.load import Writers, write_in_transaction
+from tests.faults.load import Writers, log_of, write_in_transaction
 from tests.faults.mutants import (
     ClaimLog,
     TwoInFlightPerKey,
@@ -68,15 +68,6 @@ def judge(
             f"the checks did not catch the mutant: {sorted(missed)} passed "
             f"(failed: {failed or 'none'})"
         )
-
-
-def log_of(events: Sequence[Event]) -> dict[str, list[str]]:
-    """The write log of events committed in list order (one writer, in sequence)."""
-    log: dict[str, list[str]] = {}
-    for event in events:
-        if event.key is not None:
-            log.setdefault(event.key, []).append(str(event.id))
-    return log
 
 
 def wait_for(condition: Callable[[], bool], observer: Observer, timeout: float, what: str) -> None:
