@@ -93,7 +93,9 @@ def test_database_unreachable_then_back(rig: Rig) -> None:
     return: nothing lost, duplicated or reordered."""
     settings = rig.settings()
     with (
-        Writers(rig.engine, rig.box, total=3000, keys=50, rate=400, seed=4) as writers,
+        Writers(
+            rig.engine, rig.box, total=3000, keys=50, rate=400, rollback_share=0.1, seed=4
+        ) as writers,
         rig.relay(settings) as relay,
     ):
         rig.observer.wait_for_count(300, timeout=30)
@@ -118,6 +120,8 @@ def test_database_unreachable_then_back(rig: Rig) -> None:
         record=rig.record,
         max_duplicates=0,
         recoveries=[recovery],
+        rolled_back=writers.rolled_back,
+        write_log=writers.log,
     )
 
 
@@ -137,7 +141,9 @@ def test_blackholed_database_link_times_out_and_recovers(rig: Rig) -> None:
     settings = rig.settings()
     proxy = rig.pg_proxy
     with (
-        Writers(rig.engine, rig.box, total=3000, keys=50, rate=400, seed=5) as writers,
+        Writers(
+            rig.engine, rig.box, total=3000, keys=50, rate=400, rollback_share=0.1, seed=5
+        ) as writers,
         rig.relay(settings) as relay,
     ):
         rig.observer.wait_for_count(300, timeout=30)
@@ -176,4 +182,6 @@ def test_blackholed_database_link_times_out_and_recovers(rig: Rig) -> None:
         record=rig.record,
         max_duplicates=0,
         recoveries=[recovery],
+        rolled_back=writers.rolled_back,
+        write_log=writers.log,
     )
