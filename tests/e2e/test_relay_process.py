@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import sqlalchemy as sa
 
 from outbox import Outbox
+from relay.admin import Admin
 from tests.support.history import check_history
-from tests.support.rabbit import QueueTap, unique_name
+from tests.support.rabbit import QueueTap, bytes_received_from, unique_name
 from tests.support.relays import (
     count_by_status,
     drain_distinct,
@@ -24,9 +24,8 @@ FAST = ["--poll-interval", "0.2s", "--lease", "3s"]
 
 
 def _leased(engine: sa.Engine, box: Outbox) -> int:
-    t = box.events
-    with engine.connect() as conn:
-        return int(conn.scalar(sa.select(sa.func.count()).where(t.c.claim_token.is_not(None))) or 0)
+    """Pending rows a relay holds a lease on, as `outbox-relay status` reports them."""
+    return Admin(engine, box).status().in_flight
 
 
 def test_two_relay_processes_share_the_work_and_keep_key_order(
@@ -54,15 +53,15 @@ def test_two_relay_processes_share_the_work_and_keep_key_order(
     ]
     try:
         deliveries = tap.drain(expected=10_000, timeout=30)
+        # Both relays published: each connection carried far more than its handshake (about
+        # 1 kB); 10,000 messages are about 3 MB.
+        received = {name: bytes_received_from(f"outbox-relay:{name}") for name in names}
     finally:
         results = [stop_process(p) for p in relays]
     for code, output in results:
         assert code == 0, output
     check_history(written(pg_engine, outbox_schema), deliveries).assert_ok()
-    t = outbox_schema.events
-    with pg_engine.connect() as conn:
-        workers = set(conn.scalars(sa.select(t.c.claimed_by).distinct()))
-    assert workers == set(names)  # both relays published events
+    assert all(n > 100_000 for n in received.values()), f"bytes each relay sent: {received}"
     assert count_by_status(pg_engine, outbox_schema) == {"published": 10_000}
 
 
@@ -127,10 +126,9 @@ def test_sigterm_drains_and_exits_0_with_nothing_left_in_flight(
         extra=FAST,
     )
     tap.drain(expected=1_000, timeout=30)
-    started = time.monotonic()
+    # stop_process waits 20 s, then SIGKILLs: exit 0 means the drain ended in time.
     code, output = stop_process(relay)
     assert code == 0, output
-    assert time.monotonic() - started < 15
     assert "draining" in output
     # Nothing stays leased: what was confirmed is recorded, the rest given back.
     assert _leased(pg_engine, outbox_schema) == 0

@@ -406,6 +406,20 @@ def list_connections() -> list[ConnectionInfo]:
     return connections
 
 
+def bytes_received_from(name: str) -> int:
+    """Bytes the broker received on the open connections whose connection_name is `name`
+    (`recv_oct`): tells a test that a client published, not merely connected."""
+    rows = json.loads(
+        rabbitmqctl("list_connections", "client_properties", "recv_oct", "--formatter", "json")
+        or "[]"
+    )
+    return sum(
+        int(row.get("recv_oct") or 0)
+        for row in rows
+        if _client_property(row.get("client_properties") or [], "connection_name") == name
+    )
+
+
 def close_connection_named(name: str, reason: str = "test") -> int:
     """Close, from the broker side, every connection whose connection_name is ``name``.
 
