@@ -6,8 +6,6 @@ the wrong problem kind (or none) would let a broken relay pass the fault suite.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.support.history import (
@@ -274,14 +272,11 @@ def test_large_history_is_linear() -> None:
     deliveries = [Delivery(e.id, e.key, e.seq) for e in events]
     deliveries[10], deliveries[1010] = deliveries[1010], deliveries[10]  # both key k10
 
-    started = time.perf_counter()
+    # No timed assertion: a quadratic checker would not finish within the per-test timeout.
     report = check_history(events, deliveries)
-    elapsed = time.perf_counter() - started
 
     assert report.reordered == [("k10", 10, 1010)]
     assert report.delivered == n
-    # Generous bound for slow CI machines: a linear checker needs well under a second.
-    assert elapsed < 10, elapsed
 
 
 # -- the writers' own log of commit order ---------------------------------------------------------
