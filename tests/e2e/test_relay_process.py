@@ -137,3 +137,48 @@ def test_sigterm_drains_and_exits_0_with_nothing_left_in_flight(
     # Every confirmed event was recorded as published, and nothing else was.
     assert published == len({d.message_id for d in deliveries})
     assert published < 20_000
+
+
+def test_sigterm_before_the_signal_handler_exists_kills_the_relay_with_nothing_claimed(
+    pg_engine: sa.Engine,
+    pg_url: str,
+    amqp_url: str,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
+) -> None:
+    """The limit of the graceful stop: `outbox-relay run` installs its SIGTERM handler once
+    Python has started and imported the relay (hundreds of ms). A SIGTERM sent the moment the
+    process exists meets no handler: the process dies by the default action (exit -15), not
+    by a drain. That is harmless, because the handler is in place before the relay opens any
+    connection: nothing was claimed or published, and the next relay delivers everything."""
+    assert outbox_schema.schema is not None
+    tap, exchange = tapped_exchange
+    write_events(pg_engine, outbox_schema, interleaved_events(200, keys=10))
+    early = start_relay_process(
+        database_url=pg_url,
+        amqp_url=amqp_url,
+        schema=outbox_schema.schema,
+        exchange=exchange,
+        name=unique_name("early"),
+        extra=FAST,
+    )
+    early.send_signal(signal.SIGTERM)  # at once: long before Python reaches the handler
+    code, output = stop_process(early)
+    assert code == -signal.SIGTERM, f"exit {code}: {output}"
+    status = Admin(pg_engine, outbox_schema).status()
+    assert (status.pending, status.in_flight, status.published) == (200, 0, 0)
+    assert tap.drain(expected=1, timeout=1) == []
+    relay = start_relay_process(
+        database_url=pg_url,
+        amqp_url=amqp_url,
+        schema=outbox_schema.schema,
+        exchange=exchange,
+        name=unique_name("next"),
+        extra=FAST,
+    )
+    try:
+        deliveries = tap.drain(expected=200, timeout=30)
+    finally:
+        code, output = stop_process(relay)
+    assert code == 0, output
+    check_history(written(pg_engine, outbox_schema), deliveries).assert_ok()
