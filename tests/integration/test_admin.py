@@ -21,6 +21,7 @@ from relay.admin_records import Selector
 from relay.cli import main
 from relay.prometheus import PrometheusMetrics
 from relay.settings import RelaySettings
+from relay.store import Store
 from tests.support.rabbit import QueueTap, unique_name
 from tests.support.relays import relay_thread, write_events
 
@@ -119,11 +120,16 @@ def test_status_and_gauges_on_postgres(
             .where(t.c.id == events[2].id)
             .values(next_attempt_at=now() + dt.timedelta(minutes=1), attempts=1)
         )
-        conn.execute(
-            sa.update(t)
-            .where(t.c.id == events[4].id)
-            .values(lease_until=now() + dt.timedelta(minutes=1), claim_token=uuid.uuid4())
-        )
+    # A relay's lease on "z", taken the relay's way: the other keys are dead or waiting.
+    claim = Store(pg_engine, outbox_schema, db_timeout=10).claim(
+        owner="r1",
+        limit=10,
+        run_length=10,
+        lease_until=now() + dt.timedelta(minutes=1),
+        now=now(),
+        dead_letters_hold_key=True,
+    )
+    assert [e.id for e in claim.events] == [events[4].id]
     status = json.loads(cli(pg_url, outbox_schema, "status", "--json").output)
     assert status["table"] == outbox_schema.qualified_name
     assert (status["pending"], status["in_flight"], status["waiting_retry"]) == (4, 1, 1)
