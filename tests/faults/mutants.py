@@ -162,7 +162,6 @@ class ClaimLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._token: dict[int, uuid.UUID] = {}
-        self.claimed = threading.Condition(self._lock)
 
     def spy(self, store: Store) -> None:
         real = store.claim
@@ -173,7 +172,6 @@ class ClaimLog:
             with self._lock:
                 for event in result.events:
                     self._token[event.seq] = result.token
-                self.claimed.notify_all()
             return result
 
         store.claim = claim  # type: ignore[method-assign]
@@ -181,15 +179,6 @@ class ClaimLog:
     def token(self, seq: int) -> uuid.UUID | None:
         with self._lock:
             return self._token.get(seq)
-
-    def wait_for(self, seqs: Iterable[int], token_not: uuid.UUID, timeout: float) -> bool:
-        """Wait until some claim other than `token_not` holds one of `seqs`."""
-        wanted = set(seqs)
-        with self._lock:
-            return self.claimed.wait_for(
-                lambda: any(self._token.get(s) not in (None, token_not) for s in wanted),
-                timeout,
-            )
 
 
 # -- marking published before the ack ----------------------------------------------------------

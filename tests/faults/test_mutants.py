@@ -171,7 +171,7 @@ def test_marking_published_before_the_ack_is_caught_as_loss(rig: Rig, variant: s
         proxy.wait_until(lambda: proxy.bytes_from_clients > before + 4000, timeout=10)
         proxy.reset_all()
         proxy.heal()
-        rig.observer.wait_for_ids(rig.committed_ids(), idle_timeout=5)
+        rig.observer.wait_for_ids(rig.committed_ids(), idle_timeout=3)
         wait_until_finished(rig.engine, rig.box, timeout=10)
         running.assert_running()
     findings = check_scenario(
@@ -239,8 +239,8 @@ def test_ignoring_the_claim_token_is_caught(rig: Rig, variant: str) -> None:
                 fenced_a = len(failed) - int(a_gate.result)  # type: ignore[call-overload]
                 frozen.stop()
                 b_gate.release()
-                rig.observer.wait_for_ids({str(e.id) for e in events}, idle_timeout=3)
-                wait_until_finished(rig.engine, rig.box, timeout=5)
+                rig.observer.wait_for_ids({str(e.id) for e in events}, idle_timeout=2)
+                wait_until_finished(rig.engine, rig.box, timeout=3)
                 successor.assert_running()
     finally:
         a_gate.close()
@@ -278,7 +278,7 @@ def test_dropping_every_thousandth_event_is_caught_as_loss(rig: Rig, variant: st
         rig.relay(settings, relay) as running,
     ):
         writers.join()
-        rig.observer.wait_for_ids(rig.committed_ids(), idle_timeout=3)
+        rig.observer.wait_for_ids(rig.committed_ids(), idle_timeout=2)
         wait_until_finished(rig.engine, rig.box, timeout=10)
         running.assert_running()
     findings = check_scenario(
