@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.faults.invariants import verify
+from tests.faults.invariants import Fault, verify
 from tests.faults.load import log_of
 from tests.faults.rig import Rig
 from tests.faults.runners import HoldPoint, describe_sessions
@@ -39,6 +39,7 @@ def test_relay_stalled_inside_its_claim_does_not_stop_the_others(rig: Rig) -> No
         try:
             hold.arm()
             hold.wait_held()
+            stalled_at = Fault(time.monotonic(), settings.max_in_flight, "stall")
             # An event of a key no relay holds: only the global claim lock stands in its way.
             waited = rig.probe_recovery(time.monotonic(), CLAIM_LIMIT)
             healthy.assert_running()
@@ -63,4 +64,6 @@ def test_relay_stalled_inside_its_claim_does_not_stop_the_others(rig: Rig) -> No
         max_duplicates=settings.max_in_flight,
         recoveries=[waited],
         write_log=log_of(backlog),
+        faults=[stalled_at],
+        arrivals=rig.observer.arrivals,
     )
