@@ -53,15 +53,15 @@ def test_two_relay_processes_share_the_work_and_keep_key_order(
     ]
     try:
         deliveries = tap.drain(expected=10_000, timeout=30)
-        # Both relays published: each connection carried far more than its handshake (about
-        # 1 kB); 10,000 messages are about 3 MB.
+        # Both relays published: each connection carried far more than its handshake and
+        # declarations (under 2 kB); 20 kB is some 60 messages, of 10,000 (about 3 MB).
         received = {name: bytes_received_from(f"outbox-relay:{name}") for name in names}
     finally:
         results = [stop_process(p) for p in relays]
     for code, output in results:
         assert code == 0, output
     check_history(written(pg_engine, outbox_schema), deliveries).assert_ok()
-    assert all(n > 100_000 for n in received.values()), f"bytes each relay sent: {received}"
+    assert all(n > 20_000 for n in received.values()), f"bytes each relay sent: {received}"
     assert count_by_status(pg_engine, outbox_schema) == {"published": 10_000}
 
 
