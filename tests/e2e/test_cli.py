@@ -18,8 +18,9 @@ import pytest
 import sqlalchemy as sa
 
 from outbox import Event, Outbox
+from tests.faults.runners import RelayProcess
 from tests.support.rabbit import QueueTap, unique_name
-from tests.support.relays import relay_env, start_relay_process, stop_process, write_events
+from tests.support.relays import relay_env, write_events
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +37,36 @@ def outbox_relay(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
 
 
 def free_port() -> int:
+    """A port free right now; another process may take it before the relay binds it, so
+    `start_relay_with_metrics` retries on that."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def start_relay_with_metrics(
+    *, tries: int = 5, extra: list[str], **options: str
+) -> tuple[RelayProcess, int]:
+    """A relay process serving metrics on a free port, and the port. The relay's own log line
+    says it listens (so the endpoint scraped is this relay's, not a process that took the
+    port in between); a relay that lost the race for its port is started on another one."""
+    for _ in range(tries):
+        port = free_port()
+        relay = RelayProcess(
+            **options,
+            extra=[*extra, "--metrics-port", str(port), "--metrics-address", "127.0.0.1"],
+        )
+        listening = f"metrics on http://127.0.0.1:{port}/metrics"
+        wait_for(
+            lambda: listening in relay.output or relay.process.poll() is not None,  # noqa: B023
+            30,
+            "the relay's metrics endpoint",
+        )
+        if relay.process.poll() is None:
+            return relay, port
+        code = relay.stop()
+        assert code == 2 and "cannot listen" in relay.output, relay.output
+    raise AssertionError(f"no free metrics port in {tries} tries")
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -68,12 +96,11 @@ def test_unroutable_event_dies_is_requeued_after_binding_and_arrives_with_its_id
     env = {"OUTBOX_DATABASE_URL": pg_url, "OUTBOX_SCHEMA": outbox_schema.schema}
     order = Event(type="order.placed", key="order:1", payload={"total": "9.99"})
     invoice = Event(type="invoice.created", key="invoice:1", payload={"order": 1})
-    port = free_port()
     with QueueTap(amqp_url) as tap:
         # Given: a relay process, and a queue bound to order events only.
         exchange = tap.declare_exchange(unique_name("ex"))
         tap.bind(exchange, "order.#")
-        relay = start_relay_process(
+        relay, port = start_relay_with_metrics(
             database_url=pg_url,
             amqp_url=amqp_url,
             schema=outbox_schema.schema,
@@ -82,7 +109,6 @@ def test_unroutable_event_dies_is_requeued_after_binding_and_arrives_with_its_id
             extra=[
                 *("--max-attempts", "2", "--retry-min", "0.05s", "--retry-max", "0.1s"),
                 *("--lease", "5s", "--poll-interval", "0.2s"),
-                *("--metrics-port", str(port), "--metrics-address", "127.0.0.1"),
             ],
         )
         try:
@@ -123,7 +149,8 @@ def test_unroutable_event_dies_is_requeued_after_binding_and_arrives_with_its_id
             # Then: it arrives, with its original message_id.
             deliveries = tap.drain(expected=2, timeout=15)
         finally:
-            code, output = stop_process(relay)
+            code = relay.stop()
+            output = relay.output
     assert [d.message_id for d in deliveries] == [str(order.id), str(invoice.id)]
     _, properties, body = tap.raw[1]
     assert properties.message_id == str(invoice.id)
@@ -176,3 +203,32 @@ def test_run_exits_with_documented_codes_on_startup_errors(amqp_url: str) -> Non
     assert "OUTBOX_DATABASE_URL" in unreachable.stderr and "s3cret" not in unreachable.stderr
     bad = outbox_relay("run", "--lease", "1s", env=env)
     assert bad.returncode == 2 and "--lease must be at least 2 seconds" in bad.stderr
+
+
+def test_a_relay_that_loses_its_metrics_port_is_started_on_another(
+    monkeypatch: pytest.MonkeyPatch, pg_url: str, amqp_url: str, outbox_schema: Outbox
+) -> None:
+    """The race `free_port` can lose, forced: the first port offered is taken by the time
+    the relay binds it. The relay exits 2 saying so, and the helper retries elsewhere."""
+    assert outbox_schema.schema is not None
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        offered = iter([int(taken.getsockname()[1])])
+        real_free_port = free_port
+        monkeypatch.setattr(
+            sys.modules[__name__], "free_port", lambda: next(offered, None) or real_free_port()
+        )
+        relay, port = start_relay_with_metrics(
+            database_url=pg_url,
+            amqp_url=amqp_url,
+            schema=outbox_schema.schema,
+            exchange=unique_name("ex"),
+            name=unique_name("relay"),
+            extra=[],
+        )
+        try:
+            assert port != taken.getsockname()[1]
+            assert "outbox_relay_events_published_total" in scrape(port)
+        finally:
+            assert relay.stop() == 0, relay.output

@@ -7,19 +7,32 @@
   failure history.
 * Nothing is marked published without a broker ack: every published row was delivered.
 * Recovery: the relay delivered again within `RECOVERY_LIMIT` seconds of each heal.
+* Where the writers kept a log of what they committed (`load.Writers.log`): nothing they
+  logged is lost, and each key arrives in their commit order, independently of `seq`.
+* Where the scenario names its faults: each fault caused at most its own bound of
+  redeliveries (`Fault.allowed`), not merely the sum over the scenario.
+
+`check_scenario` runs every check and returns what failed (tests of broken relays assert on
+it); `verify` records the scenario's figures and fails on any finding.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
 from outbox import Outbox
-from tests.support.history import Delivery, check_history
+from tests.support.history import (
+    Delivery,
+    HistoryReport,
+    check_history,
+    check_write_order,
+    redeliveries_per_fault,
+)
 from tests.support.relays import written
 
 #: Seconds from a fault's end to the next delivery.
@@ -89,6 +102,174 @@ def wait_until_finished(engine: sa.Engine, box: Outbox, timeout: float) -> bool:
     return True
 
 
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """One fault of a scenario: when it happened (monotonic) and how many redeliveries it may
+    cause (the messages whose confirm or record it can cut off)."""
+
+    at: float
+    allowed: int
+    what: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Findings:
+    """What the checks found: the history report, and one message per failed check."""
+
+    history: HistoryReport
+    problems: dict[str, str]
+
+    @property
+    def failed(self) -> set[str]:
+        """Names of the checks that failed (see `CHECKS`)."""
+        return set(self.problems)
+
+
+#: Every check `check_scenario` makes, by name.
+CHECKS = (
+    "lost",
+    "unexpected",
+    "rolled back in outbox",
+    "reordered",
+    "inconsistent",
+    "duplicates",
+    "duplicates per fault",
+    "nothing committed",
+    "write log lost",
+    "write log order",
+    "final status",
+    "attempts spent",
+    "published never delivered",
+    "recovery",
+)
+
+
+def final_status_problem(states: Mapping[str, RowState], dead: Collection[str]) -> str | None:
+    """Every row ends published, or dead where the scenario makes dead letters."""
+    wrong = {
+        i: s.status for i, s in states.items() if s.status != ("dead" if i in dead else "published")
+    }
+    return f"rows not in their final state: {_head(wrong)}" if wrong else None
+
+
+def spent_attempts_problem(states: Mapping[str, RowState], refused: Collection[str]) -> str | None:
+    """Connection faults never spend attempts: only rows the broker refused have attempts or
+    failure history."""
+    spent = {
+        i: (s.attempts, s.failures)
+        for i, s in states.items()
+        if i not in refused and (s.attempts or s.failures)
+    }
+    return f"attempts spent on rows the broker never refused: {_head(spent)}" if spent else None
+
+
+def unacked_problem(states: Mapping[str, RowState], delivered: Collection[str]) -> str | None:
+    """Nothing is marked published without a broker ack: every published row was delivered."""
+    unacked = [i for i, s in states.items() if s.status == "published" and i not in delivered]
+    return f"rows marked published but never delivered: {unacked[:10]}" if unacked else None
+
+
+def recovery_problem(recoveries: Sequence[float | None]) -> str | None:
+    """The relay delivered again within `RECOVERY_LIMIT` seconds of each heal."""
+    slow = [r for r in recoveries if r is None or r >= RECOVERY_LIMIT]
+    if not slow:
+        return None
+    return f"no delivery within {RECOVERY_LIMIT} s of a heal (recoveries: {list(recoveries)})"
+
+
+def fault_duplicates_problem(
+    deliveries: Sequence[Delivery], arrivals: Sequence[float], faults: Sequence[Fault]
+) -> str | None:
+    """Each fault caused at most its own bound of redeliveries (`redeliveries_per_fault`)."""
+    ordered = sorted(faults, key=lambda f: f.at)
+    per_fault, unexplained = redeliveries_per_fault(deliveries, arrivals, [f.at for f in ordered])
+    over = [
+        f"{f.what or 'fault'} #{n}: {count} > {f.allowed}"
+        for n, (f, count) in enumerate(zip(ordered, per_fault, strict=True), start=1)
+        if count > f.allowed
+    ]
+    if unexplained:
+        over.append(f"{unexplained} redeliveries after no fault")
+    return "duplicates over the bound of their fault: " + "; ".join(over) if over else None
+
+
+def check_scenario(
+    engine: sa.Engine,
+    box: Outbox,
+    deliveries: Sequence[Delivery],
+    *,
+    max_duplicates: int | None,
+    recoveries: Sequence[float | None] = (),
+    rolled_back: Collection[str] = (),
+    refused: Collection[str] = (),
+    dead: Collection[str] = (),
+    write_log: Mapping[str, Sequence[str]] | None = None,
+    faults: Sequence[Fault] | None = None,
+    arrivals: Sequence[float] | None = None,
+) -> Findings:
+    """Run every check (`CHECKS`) against the outbox table and the deliveries; raise nothing.
+
+    `refused`: ids the broker legitimately refused (they may have attempts and failures).
+    `dead`: ids that must end dead; every other row must end published.
+    `write_log`: the writers' own record of commit order per key (`Writers.log`).
+    `faults` with `arrivals` (the observer's stamps, one per delivery): the per-fault bound.
+    """
+    rows = written(engine, box)
+    rolled = set(rolled_back)
+    # The writers' word decides what was rolled back: a rolled-back event found in the table
+    # is a writer bug, and its delivery is unexpected, whatever the table says.
+    resurrected = [w.id for w in rows if w.id in rolled]
+    history = check_history(
+        [w for w in rows if w.id not in rolled], deliveries, rolled_back=rolled_back
+    )
+    problems: dict[str, str] = {}
+    if resurrected:
+        problems["rolled back in outbox"] = (
+            f"rows of rolled-back transactions in the outbox ({len(resurrected)}): "
+            f"{resurrected[:10]}"
+        )
+    for name, found in (
+        ("lost", history.lost),
+        ("unexpected", history.unexpected),
+        ("reordered", history.reordered),
+        ("inconsistent", history.inconsistent),
+    ):
+        if found:
+            problems[name] = f"{name} ({len(found)}): {found[:10]}"
+    if max_duplicates is not None and history.duplicates > max_duplicates:
+        problems["duplicates"] = f"duplicates: {history.duplicates} > allowed {max_duplicates}"
+    if history.committed == 0:
+        problems["nothing committed"] = "the scenario committed nothing: it tested nothing"
+    if write_log is not None:
+        log_lost, log_reordered = check_write_order(write_log, deliveries)
+        if log_lost:
+            problems["write log lost"] = (
+                f"committed by the writers, never delivered ({len(log_lost)}): {log_lost[:10]}"
+            )
+        if log_reordered:
+            problems["write log order"] = (
+                f"delivered out of the writers' commit order ({len(log_reordered)}): "
+                + ", ".join(f"key {k}: {a} after {b}" for k, a, b in log_reordered[:10])
+            )
+    if faults is not None:
+        if arrivals is None:
+            raise ValueError("faults need the arrival time of every delivery")
+        problem = fault_duplicates_problem(deliveries, arrivals, faults)
+        if problem:
+            problems["duplicates per fault"] = problem
+    states = row_states(engine, box)
+    delivered = {d.message_id for d in deliveries}
+    for name, problem in (
+        ("final status", final_status_problem(states, dead)),
+        ("attempts spent", spent_attempts_problem(states, refused)),
+        ("published never delivered", unacked_problem(states, delivered)),
+        ("recovery", recovery_problem(recoveries)),
+    ):
+        if problem:
+            problems[name] = problem
+    return Findings(history=history, problems=problems)
+
+
 def verify(
     engine: sa.Engine,
     box: Outbox,
@@ -102,16 +283,45 @@ def verify(
     rolled_back: Collection[str] = (),
     refused: Collection[str] = (),
     dead: Collection[str] = (),
+    write_log: Mapping[str, Sequence[str]] | None = None,
+    faults: Sequence[Fault] | None = None,
+    arrivals: Sequence[float] | None = None,
     notes: str = "",
 ) -> ScenarioResult:
-    """Check every invariant; the result is recorded before any assertion can fail.
+    """Check every invariant (`check_scenario`); the result is recorded before any assertion
+    can fail, and the assertion names every check that failed."""
+    findings = check_scenario(
+        engine,
+        box,
+        deliveries,
+        max_duplicates=max_duplicates,
+        recoveries=recoveries,
+        rolled_back=rolled_back,
+        refused=refused,
+        dead=dead,
+        write_log=write_log,
+        faults=faults,
+        arrivals=arrivals,
+    )
+    result = scenario_result(findings, scenario, started, max_duplicates, recoveries, notes)
+    record(result)
+    assert not findings.problems, f"{scenario}: " + "\n  ".join(
+        f"[{name}] {message}" for name, message in findings.problems.items()
+    )
+    return result
 
-    `refused`: ids the broker legitimately refused (they may have attempts and failures).
-    `dead`: ids that must end dead; every other row must end published.
-    """
-    history = check_history(written(engine, box), deliveries, rolled_back=rolled_back)
+
+def scenario_result(
+    findings: Findings,
+    scenario: str,
+    started: float,
+    max_duplicates: int | None,
+    recoveries: Sequence[float | None],
+    notes: str = "",
+) -> ScenarioResult:
+    history = findings.history
     measured = [r for r in recoveries if r is not None]
-    result = ScenarioResult(
+    return ScenarioResult(
         scenario=scenario,
         events=history.committed,
         delivered=history.delivered,
@@ -124,35 +334,8 @@ def verify(
         seconds=time.monotonic() - started,
         notes=notes,
     )
-    record(result)
-
-    history.assert_ok(max_duplicates=max_duplicates)
-    assert history.committed > 0, "the scenario committed nothing: it tested nothing"
-
-    states = row_states(engine, box)
-    wrong_status = {
-        i: s.status for i, s in states.items() if s.status != ("dead" if i in dead else "published")
-    }
-    assert not wrong_status, f"rows not in their final state: {_head(wrong_status)}"
-
-    spent = {
-        i: (s.attempts, s.failures)
-        for i, s in states.items()
-        if i not in refused and (s.attempts or s.failures)
-    }
-    assert not spent, f"attempts spent on rows the broker never refused: {_head(spent)}"
-
-    delivered = {d.message_id for d in deliveries}
-    unacked = [i for i, s in states.items() if s.status == "published" and i not in delivered]
-    assert not unacked, f"rows marked published but never delivered: {unacked[:10]}"
-
-    slow = [r for r in recoveries if r is None or r >= RECOVERY_LIMIT]
-    assert not slow, (
-        f"no delivery within {RECOVERY_LIMIT} s of a heal (recoveries: {list(recoveries)})"
-    )
-    return result
 
 
-def _head(items: dict[str, Any]) -> str:
+def _head(items: Mapping[str, Any]) -> str:
     shown = dict(list(items.items())[:10])
     return f"{len(items)} rows, e.g. {shown}"

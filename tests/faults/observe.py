@@ -36,6 +36,11 @@ class Observer:
         return list(self.tap.deliveries)
 
     @property
+    def arrivals(self) -> list[float]:
+        """When each of `deliveries` arrived (monotonic), index for index."""
+        return list(self._arrivals)
+
+    @property
     def count(self) -> int:
         return len(self.tap.deliveries)
 

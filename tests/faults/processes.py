@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+import time
 
-from tests.faults.invariants import RECOVERY_LIMIT, ScenarioResult, verify
+from tests.faults.invariants import RECOVERY_LIMIT, Fault, ScenarioResult, verify
 from tests.faults.load import Writers
 from tests.faults.rig import Rig
 from tests.faults.runners import RelayProcess
@@ -27,10 +28,10 @@ PROCESS_OPTIONS = (
 DUPLICATES_PER_CRASH = MAX_IN_FLIGHT + BATCH_SIZE
 
 
-def start_relay(rig: Rig, prefix: str = "relay") -> RelayProcess:
+def start_relay(rig: Rig, prefix: str = "relay", *, amqp_url: str | None = None) -> RelayProcess:
     return RelayProcess(
         database_url=rig.pg_url,
-        amqp_url=rig.amqp_url,
+        amqp_url=amqp_url or rig.amqp_url,
         schema=rig.schema,
         exchange=rig.exchange,
         name=unique_name(prefix),
@@ -38,10 +39,14 @@ def start_relay(rig: Rig, prefix: str = "relay") -> RelayProcess:
     )
 
 
-def kill_rounds(rig: Rig, rounds: int, rng: random.Random) -> list[float | None]:
+def kill_rounds(
+    rig: Rig, rounds: int, rng: random.Random
+) -> tuple[list[float | None], list[Fault]]:
     """Start a relay, let it deliver for a random moment, SIGKILL it; `rounds` times.
-    Returns, per round, the seconds from the start to the new relay's first delivery."""
+    Returns, per round, the seconds from the start to the new relay's first delivery, and
+    the kills (each may duplicate at most `DUPLICATES_PER_CRASH`)."""
     recoveries: list[float | None] = []
+    kills: list[Fault] = []
     for _ in range(rounds):
         relay = start_relay(rig, "killed")
         try:
@@ -52,15 +57,18 @@ def kill_rounds(rig: Rig, rounds: int, rng: random.Random) -> list[float | None]
             rig.observer.watch(rng.uniform(0.05, 1.0))
             relay.assert_running()
         finally:
+            kills.append(Fault(time.monotonic(), DUPLICATES_PER_CRASH, "SIGKILL"))
             relay.kill()
-    return recoveries
+    return recoveries, kills
 
 
 def sigkill_scenario(rig: Rig, rounds: int, seed: int) -> ScenarioResult:
     """Writers commit while relays are SIGKILLed `rounds` times; a clean relay drains."""
     rng = random.Random(seed)
-    with Writers(rig.engine, rig.box, total=10**9, keys=50, rate=250, seed=seed) as writers:
-        recoveries = kill_rounds(rig, rounds, rng)
+    with Writers(
+        rig.engine, rig.box, total=10**9, keys=50, rate=250, rollback_share=0.1, seed=seed
+    ) as writers:
+        recoveries, kills = kill_rounds(rig, rounds, rng)
         writers.stop()
     final = start_relay(rig, "final")
     try:
@@ -78,5 +86,8 @@ def sigkill_scenario(rig: Rig, rounds: int, seed: int) -> ScenarioResult:
         max_duplicates=rounds * DUPLICATES_PER_CRASH,
         recoveries=recoveries,
         rolled_back=writers.rolled_back,
+        write_log=writers.log,
+        faults=kills,
+        arrivals=rig.observer.arrivals,
         notes=f"seed={seed}",
     )

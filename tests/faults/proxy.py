@@ -166,6 +166,7 @@ class FaultProxy:
         self._accepted_total = 0
         self._bytes_up = 0
         self._bytes_down = 0
+        self._bytes_from_clients = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -268,6 +269,12 @@ class FaultProxy:
     def bytes_up(self) -> int:
         """Bytes written to the upstream side (dropped bytes are not counted)."""
         return self._bytes_up
+
+    @property
+    def bytes_from_clients(self) -> int:
+        """Bytes received from clients, forwarded or not (a blackhole drops what it receives):
+        tells a test that a client sent something into a blackhole."""
+        return self._bytes_from_clients
 
     @property
     def bytes_down(self) -> int:
@@ -556,7 +563,7 @@ class FaultProxy:
 
     def _on_client(self, pair: _Pair, mask: int) -> None:
         if mask & selectors.EVENT_READ:
-            self._receive(pair.client, pair.up)
+            self._bytes_from_clients += self._receive(pair.client, pair.up)
         if mask & selectors.EVENT_WRITE:
             pair.down.blocked = False
 
@@ -575,19 +582,21 @@ class FaultProxy:
         if mask & selectors.EVENT_WRITE:
             pair.up.blocked = False
 
-    def _receive(self, source: socket.socket, flow: _Flow) -> None:
+    def _receive(self, source: socket.socket, flow: _Flow) -> int:
+        """Read what `source` sent into `flow`; returns how many bytes were read."""
         try:
             data = source.recv(_RECV_SIZE)
         except BlockingIOError:
-            return
+            return 0
         except OSError as exc:
             _log.debug("receive failed: %r", exc)
             flow.eof = flow.failed = True
-            return
+            return 0
         if not data:
             flow.eof = True
         elif not self._blackhole:
             flow.push(time.monotonic(), data)
+        return len(data)
 
     def _pump_all(self) -> None:
         now = time.monotonic()

@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from outbox import Event, Outbox
+from relay.relay import Relay
 from relay.settings import RelaySettings
 from tests.faults.invariants import ScenarioResult, wait_until_finished
 from tests.faults.observe import Observer
@@ -68,9 +69,10 @@ class Rig:
         values.update(overrides)
         return RelaySettings(**values)
 
-    def relay(self, settings: RelaySettings) -> RelayThread:
-        """An in-process relay; if it does not stop, the proxies are stopped to unstick it."""
-        return RelayThread(settings, on_stuck=self.stop_proxies)
+    def relay(self, settings: RelaySettings, relay: Relay | None = None) -> RelayThread:
+        """An in-process relay (`relay`, or one built from `settings`); if it does not stop,
+        the proxies are stopped to unstick it."""
+        return RelayThread(settings, on_stuck=self.stop_proxies, relay=relay)
 
     def committed_ids(self) -> set[str]:
         return {w.id for w in written(self.engine, self.box)}

@@ -18,7 +18,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy as sa
 
-from outbox import Outbox
 from relay.app import build_relay
 from relay.relay import Relay
 from relay.settings import RelaySettings
@@ -63,11 +62,15 @@ class RelayThread:
     """
 
     def __init__(
-        self, settings: RelaySettings, *, on_stuck: Callable[[], None] | None = None
+        self,
+        settings: RelaySettings,
+        *,
+        on_stuck: Callable[[], None] | None = None,
+        relay: Relay | None = None,
     ) -> None:
         self.settings = settings
         self.on_stuck = on_stuck
-        self.relay: Relay = build_relay(settings)
+        self.relay: Relay = relay if relay is not None else build_relay(settings)
         self.errors: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, name=f"relay-{settings.name}")
 
@@ -233,20 +236,6 @@ class KilledSession:
         """Killed inside a statement or a transaction."""
         return self.state in ("active", "idle in transaction")
 
-    @property
-    def doing(self) -> str:
-        """What the session was doing, from its (last) statement: claim, mark, renew, other."""
-        query = self.query.lower()
-        if "skip locked" in query or "first_rows" in query or "enable_bitmapscan" in query:
-            return "claim"
-        if "published_at" in query or "outbox_failure" in query or "last_error" in query:
-            return "mark"
-        if "pg_try_advisory" in query or "lease_token is null" in query:
-            return "free"
-        if "available_at" in query or "lease_until" in query:
-            return "renew"
-        return "other"
-
 
 def _like_prefix(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -297,23 +286,6 @@ def terminate_busy_session(
     return terminate_relay_sessions(engine, relay_name)
 
 
-def leased_by(engine: sa.Engine, box: Outbox, relay_name: str) -> set[str]:
-    """Ids of the pending events whose keys `relay_name` holds a lease on right now."""
-    t, k = box.events, box.keys
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(t.c.id)
-            .join(k, k.c.key == t.c.key)
-            .where(
-                t.c.status == "pending",
-                k.c.leased_by == relay_name,
-                k.c.lease_token.is_not(None),
-                k.c.available_at > sa.func.now(),
-            )
-        )
-        return {str(r[0]) for r in rows}
-
-
 # -- holding the relay at a chosen point ----------------------------------------------------------
 
 
@@ -339,6 +311,7 @@ class HoldPoint:
         self._armed = False
         self._reached = threading.Event()
         self._go = threading.Event()
+        self.held_pid: int | None = None  # the server process of the held connection
         sa.event.listen(engine, event, self._hook)
 
     def _hook(self, *args: object) -> None:
@@ -348,6 +321,7 @@ class HoldPoint:
             if not self._armed:
                 return
             self._armed = False
+        self.held_pid = _backend_pid(args[0]) if args else None
         self._reached.set()
         self._go.wait(self.max_hold)  # bounded: a test that never releases must not hang it
 
@@ -374,6 +348,17 @@ class HoldPoint:
         self._go.set()
 
 
+def _backend_pid(conn: object) -> int | None:
+    """The PostgreSQL backend pid of an SQLAlchemy Connection (the first argument of both
+    connection events and pool events), if it has one."""
+    dbapi = getattr(getattr(conn, "connection", None), "dbapi_connection", None)
+    if dbapi is None:  # a pool event passes the DBAPI connection itself
+        dbapi = conn
+    info = getattr(dbapi, "info", None)
+    pid = getattr(info, "backend_pid", None)
+    return pid if isinstance(pid, int) else None
+
+
 def _on_stack(function: str) -> bool:
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
@@ -381,3 +366,63 @@ def _on_stack(function: str) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+class CallGate:
+    """Hold the first call of `obj.name` (a store's result write, say) after `arm()` until the
+    test releases it: the caller is stalled exactly as a paused process would be there.
+
+    The gate sits in front of the method, at the product's interface, so nothing of the call
+    has run yet while it is held (no connection taken, no deadline started). `args` are the
+    held call's arguments; `wait_done` waits for that call to return.
+    """
+
+    def __init__(self, obj: object, name: str, *, max_hold: float = 30.0) -> None:
+        self.name = name
+        self.max_hold = max_hold
+        self.args: tuple[object, ...] = ()
+        self.kwargs: dict[str, object] = {}
+        self.result: object = None
+        self._armed = False
+        self._lock = threading.Lock()
+        self._reached = threading.Event()
+        self._go = threading.Event()
+        self._done = threading.Event()
+        real = getattr(obj, name)
+
+        def gated(*args: object, **kwargs: object) -> object:
+            with self._lock:
+                held, self._armed = self._armed, False
+            if not held:
+                return real(*args, **kwargs)
+            self.args, self.kwargs = args, kwargs
+            self._reached.set()
+            self._go.wait(self.max_hold)  # bounded: a test that never releases must not hang
+            try:
+                self.result = real(*args, **kwargs)
+                return self.result
+            finally:
+                self._done.set()
+
+        setattr(obj, name, gated)
+
+    def arm(self) -> None:
+        self._reached.clear()
+        self._go.clear()
+        self._done.clear()
+        self._armed = True
+
+    def wait_held(self, timeout: float = 10.0) -> None:
+        if not self._reached.wait(timeout):
+            raise RuntimeError(f"no call of {self.name} reached the gate within {timeout} s")
+
+    def release(self) -> None:
+        self._go.set()
+
+    def wait_done(self, timeout: float = 10.0) -> None:
+        if not self._done.wait(timeout):
+            raise RuntimeError(f"the held call of {self.name} did not return within {timeout} s")
+
+    def close(self) -> None:
+        self._armed = False
+        self._go.set()

@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from outbox import Event
 from relay.admin import Admin
 from relay.admin_records import Selector
-from tests.faults.invariants import RECOVERY_LIMIT, verify, wait_until_finished
-from tests.faults.load import Writers
+from tests.faults.invariants import RECOVERY_LIMIT, Fault, verify, wait_until_finished
+from tests.faults.load import Writers, log_of
 from tests.faults.observe import Observer
 from tests.faults.rig import Rig
 from tests.support.rabbit import QueueTap, broker_memory_alarm, unique_name
@@ -28,13 +28,17 @@ def test_broker_connection_reset_mid_stream(rig: Rig) -> None:
     resets = 3
     settings = rig.settings()
     recoveries: list[float | None] = []
+    faults: list[Fault] = []
     with (
-        Writers(rig.engine, rig.box, total=3000, keys=50, rate=1000, seed=1) as writers,
+        Writers(
+            rig.engine, rig.box, total=3000, keys=50, rate=1000, rollback_share=0.1, seed=1
+        ) as writers,
         rig.relay(settings) as relay,
     ):
         for round_ in range(1, resets + 1):
             rig.observer.wait_for_count(round_ * 500, timeout=30)
             rig.amqp_proxy.reset_all()
+            faults.append(Fault(time.monotonic(), settings.max_in_flight, "broker reset"))
             recoveries.append(rig.probe_recovery(time.monotonic(), 2 * RECOVERY_LIMIT))
             relay.assert_running()
         writers.join()
@@ -48,6 +52,10 @@ def test_broker_connection_reset_mid_stream(rig: Rig) -> None:
         record=rig.record,
         max_duplicates=resets * settings.max_in_flight,
         recoveries=recoveries,
+        rolled_back=writers.rolled_back,
+        write_log=writers.log,
+        faults=faults,
+        arrivals=rig.observer.arrivals,
     )
 
 
@@ -58,12 +66,15 @@ def test_broker_unreachable_then_back(rig: Rig) -> None:
     outage = 6.0
     settings = rig.settings()
     with (
-        Writers(rig.engine, rig.box, total=2000, keys=50, rate=400, seed=2) as writers,
+        Writers(
+            rig.engine, rig.box, total=2000, keys=50, rate=400, rollback_share=0.1, seed=2
+        ) as writers,
         rig.relay(settings) as relay,
     ):
         rig.observer.wait_for_count(300, timeout=30)
         rig.amqp_proxy.refuse()
         rig.amqp_proxy.reset_all()
+        cut = Fault(time.monotonic(), settings.max_in_flight, "broker cut")
         rig.observer.watch(1.0)  # what was enqueued before the reset reaches the tap
         during = rig.observer.watch(outage - 1.0)
         relay.assert_running()
@@ -82,6 +93,10 @@ def test_broker_unreachable_then_back(rig: Rig) -> None:
         record=rig.record,
         max_duplicates=settings.max_in_flight,
         recoveries=[recovery],
+        rolled_back=writers.rolled_back,
+        write_log=writers.log,
+        faults=[cut],
+        arrivals=rig.observer.arrivals,
     )
 
 
@@ -91,7 +106,9 @@ def test_broker_memory_alarm_blocks_then_everything_arrives(rig: Rig) -> None:
     everything arrives once the alarm clears, none lost or reordered, no attempt spent."""
     settings = rig.settings()
     with (
-        Writers(rig.engine, rig.box, total=2000, keys=50, rate=250, seed=9) as writers,
+        Writers(
+            rig.engine, rig.box, total=2000, keys=50, rate=250, rollback_share=0.1, seed=9
+        ) as writers,
         rig.relay(settings) as relay,
     ):
         rig.observer.wait_for_count(300, timeout=30)
@@ -113,6 +130,8 @@ def test_broker_memory_alarm_blocks_then_everything_arrives(rig: Rig) -> None:
         record=rig.record,
         max_duplicates=0,
         recoveries=[recovery],
+        rolled_back=writers.rolled_back,
+        write_log=writers.log,
     )
 
 
@@ -161,8 +180,10 @@ def test_unroutable_events_die_hold_their_key_and_arrive_after_requeue(rig: Rig)
 
             # When: the bad events become routable and the dead rows are requeued.
             tap.bind(exchange, "bad.#")
+            # Through the product's own requeue (what `outbox-relay dead requeue --all` runs).
             admin = Admin(rig.engine, rig.box)
-            assert admin.requeue(admin.plan(Selector(everything=True))) == bad_keys
+            requeued = admin.requeue(admin.plan(Selector(everything=True)))
+            assert requeued == bad_keys, f"requeued {requeued} dead letters, not {bad_keys}"
             requeued_at = time.monotonic()
             recovery = observer.seconds_to_next_delivery(requeued_at, 2 * RECOVERY_LIMIT)
             observer.wait_for_ids(rig.committed_ids(), idle_timeout=20)
@@ -179,6 +200,7 @@ def test_unroutable_events_die_hold_their_key_and_arrive_after_requeue(rig: Rig)
         max_duplicates=0,
         recoveries=[recovery],
         refused=bad,
+        write_log=log_of(events),
         notes=f"dead={len(bad)} held={len(held)}",
     )
     f = rig.box.failures

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.faults.invariants import RECOVERY_LIMIT, verify
+from tests.faults.invariants import RECOVERY_LIMIT, Fault, verify
 from tests.faults.load import Writers
 from tests.faults.rig import Rig
 from tests.faults.runners import terminate_busy_session
@@ -22,7 +22,9 @@ def test_latency_on_both_links_everything_arrives_in_order(rig: Rig) -> None:
     spent: slow confirms and slow claims are not failures."""
     settings = rig.settings()
     with (
-        Writers(rig.engine, rig.box, total=900, keys=100, rate=600, seed=6) as writers,
+        Writers(
+            rig.engine, rig.box, total=900, keys=100, rate=600, rollback_share=0.1, seed=6
+        ) as writers,
         rig.relay(settings) as relay,
     ):
         rig.observer.wait_for_count(150, timeout=30)
@@ -41,6 +43,8 @@ def test_latency_on_both_links_everything_arrives_in_order(rig: Rig) -> None:
         started=rig.started,
         record=rig.record,
         max_duplicates=0,
+        rolled_back=writers.rolled_back,
+        write_log=writers.log,
         notes=f"{slow_for:.1f}s under latency",
     )
 
@@ -53,6 +57,7 @@ def test_burst_of_writers_with_rollbacks_while_links_fail(rig: Rig) -> None:
     one window per broker reset, and the relay delivers again within seconds of each fault."""
     settings = rig.settings()
     recoveries: list[float | None] = []
+    faults: list[Fault] = []
     with (
         Writers(
             rig.engine,
@@ -69,16 +74,19 @@ def test_burst_of_writers_with_rollbacks_while_links_fail(rig: Rig) -> None:
         rig.observer.wait_for_count(300, timeout=30)
 
         rig.amqp_proxy.reset_all()
+        faults.append(Fault(time.monotonic(), settings.max_in_flight, "broker reset"))
         recoveries.append(rig.probe_recovery(time.monotonic(), 2 * RECOVERY_LIMIT))
         relay.assert_running()
 
         rig.observer.watch(0.5)
         terminate_busy_session(rig.engine, settings.name)
+        faults.append(Fault(time.monotonic(), 0, "sessions killed"))
         recoveries.append(rig.probe_recovery(time.monotonic(), 2 * RECOVERY_LIMIT))
         relay.assert_running()
 
         for proxy in (rig.pg_proxy, rig.amqp_proxy):
             proxy.set_latency(LATENCY)
+        faults.append(Fault(time.monotonic(), 0, "latency"))
         rig.observer.watch(2.0)
         rig.heal_all()
         recoveries.append(rig.probe_recovery(time.monotonic(), 2 * RECOVERY_LIMIT))
@@ -96,5 +104,8 @@ def test_burst_of_writers_with_rollbacks_while_links_fail(rig: Rig) -> None:
         max_duplicates=settings.max_in_flight,
         recoveries=recoveries,
         rolled_back=writers.rolled_back,
+        write_log=writers.log,
+        faults=faults,
+        arrivals=rig.observer.arrivals,
         notes=f"rolled back={len(writers.rolled_back)}",
     )

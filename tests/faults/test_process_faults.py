@@ -3,20 +3,25 @@ paused (SIGSTOP) past its lease while a second relay takes over."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 
-from tests.faults.invariants import RECOVERY_LIMIT, verify
+from tests.faults.invariants import RECOVERY_LIMIT, Fault, verify
 from tests.faults.load import Writers
 from tests.faults.processes import DUPLICATES_PER_CRASH, sigkill_scenario, start_relay
 from tests.faults.rig import Rig
-from tests.faults.runners import leased_by
+from tests.faults.runners import via_proxy_amqp
 
 pytestmark = pytest.mark.slow
 
 KILL_ROUNDS = 20  # make soak runs OUTBOX_SOAK_ROUNDS (30 by default)
 PAUSE = 4.0  # seconds frozen: twice the lease
+# What a relay logs (relay/relay.py) when the store fenced its results off, and when queued
+# events of a claim whose lease ran out are given up.
+FENCED = re.compile(r"(\d+) results were not recorded: the lease had passed to another relay")
+EXPIRED = re.compile(r"lease of (\d+) queued events ran out before they were published")
 
 
 def test_relay_sigkilled_at_random_moments_and_restarted(rig: Rig) -> None:
@@ -29,29 +34,36 @@ def test_relay_sigkilled_at_random_moments_and_restarted(rig: Rig) -> None:
 
 def test_paused_relay_is_fenced_off_after_its_lease(rig: Rig) -> None:
     """Given two relay processes sharing the outbox (lease 2 s) and writers committing, when
-    one is frozen (SIGSTOP) for 4 s while it holds leases and then resumed, then the other
-    takes its rows over once the lease ends, the frozen relay's late results are fenced off
-    (nothing marked published without a confirm, no order violation), and duplicates stay
-    within what the frozen relay had in flight or unrecorded."""
-    with Writers(rig.engine, rig.box, total=4000, keys=50, rate=400, seed=8) as writers:
-        frozen, other = start_relay(rig, "frozen"), start_relay(rig, "other")
+    one is frozen (SIGSTOP) for 4 s while it has messages waiting for their confirms and then
+    resumed, then the other takes its rows over once the lease ends, the frozen relay's late
+    results are fenced off (it says so, and nothing is marked published without a confirm, no
+    order violation), and the pause duplicates at most what the frozen relay had in flight or
+    unrecorded.
+
+    The frozen relay's broker link has 100 ms latency each way (through the fault proxy), so
+    each of its keys waits 200 ms for a confirm: whenever it is frozen, it holds messages
+    published and not yet recorded, and their late results must meet the fence. The scenario
+    fails unless the frozen relay reports fenced results after its resume."""
+    rig.amqp_proxy.set_latency(0.1)
+    slow_link = via_proxy_amqp(rig.amqp_url, rig.amqp_proxy)
+    with Writers(
+        rig.engine, rig.box, total=4000, keys=50, rate=400, rollback_share=0.1, seed=8
+    ) as writers:
+        frozen = start_relay(rig, "frozen", amqp_url=slow_link)
+        other = start_relay(rig, "other")
         try:
             rig.observer.wait_for_count(500, timeout=30)
-            deadline = time.monotonic() + 10
-            while not (leased := leased_by(rig.engine, rig.box, frozen.name)):
-                assert time.monotonic() < deadline, "the relay to freeze never held a lease"
-                rig.observer.step()
+            # The frozen relay is connected and publishing: its link carries more than the
+            # handshake (its confirms come back through the proxy).
+            down = rig.amqp_proxy.bytes_down
+            rig.amqp_proxy.wait_until(lambda: rig.amqp_proxy.bytes_down > down + 1000, 10)
             frozen.pause()
-            paused_at = time.monotonic()
-            rig.observer.watch(0.5)  # what it published just before the pause arrives
-            taken_over = leased - rig.observer.seen()
-            rig.observer.watch(PAUSE - 0.5)
+            paused = Fault(time.monotonic(), DUPLICATES_PER_CRASH, "SIGSTOP")
+            rig.observer.watch(PAUSE)
             other.assert_running()
             frozen.resume()
-            # From the pause to the first delivery of a row it held (maybe before the resume).
-            recovery = rig.observer.seconds_until_any_delivered(
-                taken_over, paused_at, 2 * RECOVERY_LIMIT
-            )
+            resumed_at = time.monotonic()
+            recovery = rig.probe_recovery(resumed_at, 2 * RECOVERY_LIMIT)
             writers.join()
 
             def running() -> None:
@@ -61,8 +73,10 @@ def test_paused_relay_is_fenced_off_after_its_lease(rig: Rig) -> None:
             rig.deliver_everything(running)
         finally:
             codes = {relay.name: relay.stop() for relay in (frozen, other)}
+            rig.amqp_proxy.heal()
     assert set(codes.values()) == {0}, f"exit codes {codes}:\n{frozen.output}\n{other.output}"
-    fenced = frozen.output.count("lease had passed to another relay")
+    fenced = sum(int(n) for n in FENCED.findall(frozen.output))
+    expired = sum(int(n) for n in EXPIRED.findall(frozen.output))
     verify(
         rig.engine,
         rig.box,
@@ -71,8 +85,14 @@ def test_paused_relay_is_fenced_off_after_its_lease(rig: Rig) -> None:
         started=rig.started,
         record=rig.record,
         max_duplicates=DUPLICATES_PER_CRASH,
-        recoveries=[recovery] if taken_over else [],
-        notes=f"leased at pause={len(leased)} taken over={len(taken_over)} "
-        f"while frozen={recovery is not None and recovery < PAUSE} "
-        f"fenced-write warnings={fenced}",
+        recoveries=[recovery],
+        rolled_back=writers.rolled_back,
+        write_log=writers.log,
+        faults=[paused],
+        arrivals=rig.observer.arrivals,
+        notes=f"results fenced off={fenced}, queued given up at lease end={expired}",
+    )
+    assert fenced > 0, (
+        "the frozen relay reported no fenced-off results: it held nothing unrecorded when "
+        f"its lease ran out, so the fence was never tested:\n{frozen.output[-3000:]}"
     )

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tests.faults.invariants import verify
+from tests.faults.invariants import Fault, verify
+from tests.faults.load import log_of
 from tests.faults.rig import Rig
 from tests.faults.runners import HoldPoint, describe_sessions
 from tests.support.rabbit import unique_name
@@ -26,7 +27,8 @@ def test_relay_stalled_inside_its_claim_does_not_stop_the_others(rig: Rig) -> No
     stalls inside its claim transaction (held just before its COMMIT, locks taken), then the
     other still claims and delivers an event of a key nobody holds within lease + 2 s; and
     after the stall everything arrives once, in order."""
-    write_events(rig.engine, rig.box, interleaved_events(2000, keys=50))
+    backlog = interleaved_events(2000, keys=50)
+    write_events(rig.engine, rig.box, backlog)
     settings = rig.settings(lease=LEASE, db_timeout=DB_TIMEOUT)
     with (
         rig.relay(settings) as stalled,
@@ -37,6 +39,7 @@ def test_relay_stalled_inside_its_claim_does_not_stop_the_others(rig: Rig) -> No
         try:
             hold.arm()
             hold.wait_held()
+            stalled_at = Fault(time.monotonic(), settings.max_in_flight, "stall")
             # An event of a key no relay holds: only the global claim lock stands in its way.
             waited = rig.probe_recovery(time.monotonic(), CLAIM_LIMIT)
             healthy.assert_running()
@@ -60,4 +63,7 @@ def test_relay_stalled_inside_its_claim_does_not_stop_the_others(rig: Rig) -> No
         record=rig.record,
         max_duplicates=settings.max_in_flight,
         recoveries=[waited],
+        write_log=log_of(backlog),
+        faults=[stalled_at],
+        arrivals=rig.observer.arrivals,
     )

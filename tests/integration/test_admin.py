@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import logging
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -22,6 +21,7 @@ from relay.admin_records import Selector
 from relay.cli import main
 from relay.prometheus import PrometheusMetrics
 from relay.settings import RelaySettings
+from relay.store import Store
 from tests.support.rabbit import QueueTap, unique_name
 from tests.support.relays import relay_thread, write_events
 
@@ -94,17 +94,21 @@ def test_requeued_dead_letters_arrive_in_their_original_order_per_key(
         )
         with relay_thread(settings):
             assert [d.message_id for d in tap.drain(expected=1, timeout=5)] == [str(other.id)]
-            time.sleep(0.5)
-            assert len(tap.drain(expected=2, timeout=0.5)) == 1  # "k" is held back
+            # "k" is held back: an event written after "other" is claimed and delivered (so
+            # the relay claimed again), and still nothing of "k" arrived.
+            probe = Event(type="order.probe", key="probe")
+            write_events(pg_engine, outbox_schema, [probe])
+            arrived = [d.message_id for d in tap.drain(expected=2, timeout=5)]
+            assert arrived == [str(other.id), str(probe.id)]
             # When: both are requeued while the relay runs, one row per transaction.
             admin = Admin(pg_engine, outbox_schema, batch_size=1)
             assert admin.requeue(admin.plan(Selector(key="k"))) == 2
-            deliveries = tap.drain(expected=6, timeout=10)
+            deliveries = tap.drain(expected=7, timeout=10)
     # Then: every event of "k" arrives once, in write order, with its own id.
     k_deliveries = [d for d in deliveries if d.key == "k"]
     assert [d.message_id for d in k_deliveries] == [str(e.id) for e in k]
     assert [d.seq for d in k_deliveries] == sorted(d.seq for d in k_deliveries)
-    assert statuses(pg_engine, outbox_schema) == {"published": 6}
+    assert statuses(pg_engine, outbox_schema) == {"published": 7}
 
 
 def test_status_and_gauges_on_postgres(
@@ -124,11 +128,15 @@ def test_status_and_gauges_on_postgres(
         conn.execute(
             sa.update(k).where(k.c.key == "y").values(available_at=now() + dt.timedelta(minutes=1))
         )
-        conn.execute(
-            sa.update(k)
-            .where(k.c.key == "z")
-            .values(available_at=now() + dt.timedelta(minutes=1), lease_token=uuid.uuid4())
-        )
+    # A relay's lease on "z", taken the relay's way: the other keys are dead or waiting.
+    claim = Store(pg_engine, outbox_schema, db_timeout=10).claim(
+        owner="r1",
+        limit=10,
+        run_length=10,
+        lease_until=now() + dt.timedelta(minutes=1),
+        now=now(),
+    )
+    assert [e.id for e in claim.events] == [events[4].id]
     status = json.loads(cli(pg_url, outbox_schema, "status", "--json").output)
     assert status["table"] == outbox_schema.qualified_name
     assert (status["pending"], status["in_flight"], status["waiting_retry"]) == (4, 1, 1)

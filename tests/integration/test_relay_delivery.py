@@ -3,6 +3,7 @@ in per-key order, with its dedup id."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -96,32 +97,72 @@ def test_late_commit_is_delivered_in_write_order(
     outbox_schema: Outbox,
     tapped_exchange: tuple[QueueTap, str],
 ) -> None:
-    """T1 writes the first event of key k and commits late; T2 writes the second meanwhile.
-    The relay runs all along; k's events still arrive in write order."""
+    """T1 writes the first event of key k and commits late; T2 writes the second meanwhile
+    and is blocked behind T1 on k's lock (seen in pg_locks, not assumed after a sleep). The
+    relay runs all along and claims again while T2 waits; k's events still arrive in write
+    order, and nothing of k before T1's commit."""
     tap, exchange = tapped_exchange
     with relay_thread(settings_for(pg_url, amqp_url, outbox_schema, exchange)):
         first = pg_engine.connect()
         first_event = Event(type="x.first", key="k")
         outbox.write(first, first_event, outbox=outbox_schema)
+        first_pid = first.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
         second_event = Event(type="x.second", key="k")
+        second_pid: list[int] = []
+        errors: list[BaseException] = []
 
         def second_writer() -> None:
-            with pg_engine.begin() as conn:
-                outbox.write(conn, second_event, outbox=outbox_schema)
+            try:
+                with pg_engine.begin() as conn:
+                    second_pid.append(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar())
+                    outbox.write(conn, second_event, outbox=outbox_schema)
+            except BaseException as exc:  # surfaced below, not lost in the thread
+                errors.append(exc)
 
         writer = threading.Thread(target=second_writer)
         writer.start()
-        # Other keys flow while T1 is open.
+        blocked_by = wait_until_blocked(pg_engine, second_pid, timeout=10)
+        assert first_pid in blocked_by, f"T2 waits for {blocked_by}, not for T1 ({first_pid})"
+        assert lock_waits(pg_engine, second_pid[0]) == ["advisory"], "T2 waits, but not on k"
+        # While T2 waits, the relay claims and publishes other keys: a claim ran meanwhile.
         write_events(pg_engine, outbox_schema, [Event(type="x.other", key="other")])
         assert len(tap.drain(expected=1, timeout=10)) == 1
-        time.sleep(0.3)  # give the relay every chance to (wrongly) publish k's second
+        assert writer.is_alive() and lock_waits(pg_engine, second_pid[0]) == ["advisory"]
         first.commit()
         first.close()
         writer.join(10)
+        assert not errors and not writer.is_alive()
         deliveries = tap.drain(expected=3, timeout=10)
     k = [d.message_id for d in deliveries if d.key == "k"]
     assert k == [str(first_event.id), str(second_event.id)]
+    assert deliveries[0].key == "other"
     check_history(written(pg_engine, outbox_schema), deliveries).assert_ok()
+
+
+def wait_until_blocked(engine: sa.Engine, pid: list[int], timeout: float) -> list[int]:
+    """Wait until the session `pid[0]` (filled in by its thread) waits for a lock; returns
+    the sessions blocking it (pg_blocking_pids)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pid:
+            with engine.connect() as conn:
+                blockers = conn.execute(
+                    sa.text("SELECT pg_blocking_pids(:pid)"), {"pid": pid[0]}
+                ).scalar_one()
+            if blockers:
+                return list(blockers)
+        assert time.monotonic() < deadline, f"the second writer was not blocked in {timeout} s"
+        time.sleep(0.02)  # polling pg_locks: there is nothing to wait on
+
+
+def lock_waits(engine: sa.Engine, pid: int) -> list[str]:
+    """The kinds of lock `pid` is waiting for (pg_locks rows not granted)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT locktype FROM pg_locks WHERE pid = :pid AND NOT granted"),
+            {"pid": pid},
+        )
+        return [r[0] for r in rows]
 
 
 def test_rolled_back_events_are_never_published(
@@ -176,16 +217,30 @@ def test_events_written_while_running_arrive_quickly(
     outbox_schema: Outbox,
     tapped_exchange: tuple[QueueTap, str],
 ) -> None:
-    """LISTEN/NOTIFY: an idle relay (long poll interval) wakes at commit."""
+    """LISTEN/NOTIFY: an idle relay (long poll interval) wakes at commit.
+
+    The idle poll backs off, doubling (10 ms, 20 ms, ... up to the poll interval). The test
+    watches the relay's idle probes (`Store.has_ready`) until two of them are at least 2.5 s
+    apart; the next probe is then at least 5 s after the last one. An event committed right
+    then and delivered well before that was delivered because of its notification."""
     tap, exchange = tapped_exchange
     settings = settings_for(pg_url, amqp_url, outbox_schema, exchange, poll_interval=30.0)
     with relay_thread(settings) as relay:
-        # Idle polls back off 10 ms, 20 ms, ... : after 4 s the next look is over a second
-        # away, so a delivery within a second can only come from the notification.
-        time.sleep(4.0)
-        started = time.monotonic()
+        probes: list[float] = []
+        has_ready = relay.store.has_ready
+
+        def probe(now: dt.datetime) -> bool:
+            probes.append(time.monotonic())
+            return has_ready(now)
+
+        relay.store.has_ready = probe  # type: ignore[method-assign]
+        deadline = time.monotonic() + 30
+        while not (len(probes) >= 2 and probes[-1] - probes[-2] >= 2.5):
+            assert time.monotonic() < deadline, f"the idle poll never backed off: {probes}"
+            time.sleep(0.05)  # polling the spy: there is nothing to wait on
+        next_poll = probes[-1] + 5.0
         write_events(pg_engine, outbox_schema, [Event(type="x.y", key="k")])
         assert len(tap.drain(expected=1, timeout=5)) == 1
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() < next_poll, "delivered no sooner than the next poll"
         assert relay._listener is not None
         assert relay._listener.notifications_total >= 1  # type: ignore[attr-defined]

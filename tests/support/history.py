@@ -12,11 +12,15 @@ Pure Python and O(n) so the same checker serves unit tests and million-message s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 #: How many items of each problem kind a failure message shows; the counts are always complete.
 _SHOWN = 10
+
+#: Seconds an arrival stamp may lag the delivery it records (the observer's step, and more).
+ARRIVAL_SLACK = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,3 +200,76 @@ def check_history(
         reordered=reordered,
         inconsistent=inconsistent,
     )
+
+
+def check_write_order(
+    log: Mapping[str, Sequence[str]], deliveries: Iterable[Delivery]
+) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Check deliveries against the writers' own record of what they committed.
+
+    ``log`` maps each key to the ids its writers committed, in commit order (and, within a
+    transaction, in the order they were written). It is kept by the writers themselves, so it
+    does not depend on the database's ``seq``: a numbering bug that put a key's rows in the
+    wrong order would fool ``check_history`` (which orders by ``seq``) but not this check.
+
+    Returns ``(lost, reordered)``: logged ids never delivered (in log order), and each first
+    delivery that arrived after a later logged event of its key, as ``(key, its id, the later
+    id already delivered)``. Deliveries of ids the log does not name are ignored here
+    (``check_history`` judges them).
+    """
+    position: dict[str, tuple[str, int]] = {}
+    for key, ids in log.items():
+        for index, event_id in enumerate(ids):
+            if event_id in position:
+                raise ValueError(f"event {event_id} logged twice: the write log is malformed")
+            position[event_id] = (key, index)
+    seen: set[str] = set()
+    highest: dict[str, tuple[int, str]] = {}
+    reordered: list[tuple[str, str, str]] = []
+    for delivery in deliveries:
+        event_id = delivery.message_id
+        where = position.get(event_id)
+        if where is None or event_id in seen:
+            continue
+        seen.add(event_id)
+        key, index = where
+        best = highest.get(key)
+        if best is None or index > best[0]:
+            highest[key] = (index, event_id)
+        else:
+            reordered.append((key, event_id, best[1]))
+    lost = [i for ids in log.values() for i in ids if i not in seen]
+    return lost, reordered
+
+
+def redeliveries_per_fault(
+    deliveries: Sequence[Delivery], arrivals: Sequence[float], faults: Sequence[float]
+) -> tuple[list[int], int]:
+    """Charge every redelivery to the fault that caused it; returns (per fault, unexplained).
+
+    A message is delivered again only when a fault cut off the record of its earlier
+    delivery (a confirm lost with a connection, a relay killed before writing its result).
+    That fault came after the earlier delivery was published, so each redelivery is charged
+    to the first fault (monotonic times, `faults` ascending) after the *previous* delivery of
+    the same id. `arrivals[i]` is when `deliveries[i]` was seen; a stamp may be late by the
+    observer's step, so a fault up to `ARRIVAL_SLACK` seconds before a stamp still counts as
+    after it. A redelivery with no fault after its previous delivery is unexplained.
+    """
+    if len(arrivals) != len(deliveries):
+        raise ValueError(f"{len(deliveries)} deliveries but {len(arrivals)} arrival times")
+    if list(faults) != sorted(faults):
+        raise ValueError("fault times must be in ascending order")
+    per_fault = [0] * len(faults)
+    unexplained = 0
+    previous: dict[str, float] = {}
+    for delivery, at in zip(deliveries, arrivals, strict=True):
+        before = previous.get(delivery.message_id)
+        previous[delivery.message_id] = at
+        if before is None:
+            continue
+        index = bisect.bisect_right(faults, before - ARRIVAL_SLACK)
+        if index < len(faults) and faults[index] <= at:
+            per_fault[index] += 1
+        else:
+            unexplained += 1
+    return per_fault, unexplained

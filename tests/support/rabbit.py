@@ -67,10 +67,9 @@ _POLL_SECONDS = 0.2
 _RABBITMQCTL = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
 _RABBITMQCTL_TIMEOUT = 30.0
 
-# vm_memory_high_watermark values for broker_memory_alarm(): any real broker uses more memory
-# than 0.0001 % of RAM, so the alarm fires at once; 0.4 is RabbitMQ's default.
+# The vm_memory_high_watermark of broker_memory_alarm(): any real broker uses more memory than
+# 0.0001 % of RAM, so the alarm fires at once.
 ALARM_WATERMARK = "0.000001"
-DEFAULT_WATERMARK = "0.4"
 
 
 def unique_name(prefix: str) -> str:
@@ -407,6 +406,20 @@ def list_connections() -> list[ConnectionInfo]:
     return connections
 
 
+def bytes_received_from(name: str) -> int:
+    """Bytes the broker received on the open connections whose connection_name is `name`
+    (`recv_oct`): tells a test that a client published, not merely connected."""
+    rows = json.loads(
+        rabbitmqctl("list_connections", "client_properties", "recv_oct", "--formatter", "json")
+        or "[]"
+    )
+    return sum(
+        int(row.get("recv_oct") or 0)
+        for row in rows
+        if _client_property(row.get("client_properties") or [], "connection_name") == name
+    )
+
+
 def close_connection_named(name: str, reason: str = "test") -> int:
     """Close, from the broker side, every connection whose connection_name is ``name``.
 
@@ -431,6 +444,20 @@ def memory_alarm_active() -> bool:
     )
 
 
+def memory_watermark() -> tuple[str, ...]:
+    """The node's vm_memory_high_watermark as `set_vm_memory_high_watermark` arguments that
+    set it back: `("0.4",)` for a fraction of RAM, `("absolute", "1073741824")` for bytes."""
+    # JSON shape on 3.10: "vm_memory_high_watermark_setting": {"relative": 0.4}
+    # (or {"absolute": 1073741824}).
+    status = json.loads(rabbitmqctl("status", "--formatter", "json"))
+    setting = status.get("vm_memory_high_watermark_setting") or {}
+    if "relative" in setting:
+        return (repr(float(setting["relative"])),)
+    if "absolute" in setting:
+        return ("absolute", str(int(setting["absolute"])))
+    raise RabbitmqctlError(f"unknown vm_memory_high_watermark setting: {setting!r}")
+
+
 def _wait_for_memory_alarm(active: bool, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while memory_alarm_active() != active:
@@ -446,14 +473,16 @@ def broker_memory_alarm(timeout: float = 10.0) -> Iterator[None]:
 
     Lowers vm_memory_high_watermark so far that the memory alarm fires, and yields only once
     the alarm is active, so publishers inside the block are blocked deterministically. The
-    default watermark is always restored, even if the body or the wait fails, because a
-    broker left in alarm would hang every other test on the shared broker.
+    watermark the node had before is always restored (not a default: the node may be
+    configured otherwise), even if the body or the wait fails, because a broker left in
+    alarm would hang every other test on the shared broker.
     """
+    previous = memory_watermark()
     try:
         rabbitmqctl("set_vm_memory_high_watermark", ALARM_WATERMARK)
         _wait_for_memory_alarm(active=True, timeout=timeout)
         yield
     finally:
-        rabbitmqctl("set_vm_memory_high_watermark", DEFAULT_WATERMARK)
+        rabbitmqctl("set_vm_memory_high_watermark", *previous)
         # Waiting here keeps the next test from publishing into a still-blocked broker.
         _wait_for_memory_alarm(active=False, timeout=timeout)
