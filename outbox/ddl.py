@@ -15,9 +15,13 @@ Why the triggers (PostgreSQL):
   pending row of the key: every pending row's key has a row, and relays find all work by
   claiming key rows. Under READ COMMITTED the trigger first looks for the row (each statement
   of a PL/pgSQL function sees what committed before it, here after the lock), so a writer never
-  waits for a relay that is updating the key's row; under REPEATABLE READ or SERIALIZABLE its
-  snapshot may be older than the lock, so it always inserts with ON CONFLICT DO NOTHING, which
-  checks against the latest committed row.
+  waits for a relay that is updating the key's row. Under REPEATABLE READ or SERIALIZABLE the
+  snapshot may be older than the lock, so the look could see a row removed since: the trigger
+  always inserts with ON CONFLICT DO NOTHING instead, which checks the latest committed row.
+  That insert raises a serialization failure when the row it conflicts with committed after the
+  snapshot (a relay updated it, another writer created it); the row then exists and, as this
+  writer holds the key's lock, stays: the trigger catches the error and goes on. Such a writer
+  can still wait (milliseconds) while a relay's transaction is updating the key's row.
 - **Waking relays.** A statement trigger sends NOTIFY, delivered at commit.
 
 SQLite has one writer at a time, so it needs neither lock nor ordering trigger, only the
@@ -104,6 +108,10 @@ class _Names:
         )
 
 
+# New keys take their turn first, whatever the clocks of the relays say (see outbox.schema).
+_NEVER_PG = "'1970-01-01 00:00:00+00'::timestamptz"
+
+
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -137,7 +145,7 @@ def _adopt_keys(n: _Names, dialect: Dialect) -> str:
     missing (tables made by `create_all`) would otherwise never be claimed."""
     if dialect.name == "postgresql":
         return (
-            f"INSERT INTO {n.keys} (key, available_at) SELECT DISTINCT key, now() "
+            f"INSERT INTO {n.keys} (key, available_at) SELECT DISTINCT key, {_NEVER_PG} "
             f"FROM {n.events} WHERE status = '{PENDING}' AND key IS NOT NULL "
             "ON CONFLICT (key) DO NOTHING"
         )
@@ -166,7 +174,7 @@ BEGIN
     -- relay held such keys by default).
     INSERT INTO {n.keys} (key, available_at, held)
     SELECT key,
-           GREATEST(now(), max(lease_until) FILTER (WHERE status = '{PENDING}'),
+           GREATEST({_NEVER_PG}, max(lease_until) FILTER (WHERE status = '{PENDING}'),
                     max(next_attempt_at) FILTER (WHERE status = '{PENDING}')),
            bool_or(status = '{DEAD}')
     FROM {n.events}
@@ -208,12 +216,20 @@ BEGIN
         NEW.seq := nextval(@SEQ@::regclass);
         IF current_setting('transaction_isolation') = 'read committed' THEN
             PERFORM 1 FROM @KEYS@ WHERE key = NEW.key;
-            IF FOUND THEN
-                RETURN NEW;
+            IF NOT FOUND THEN
+                INSERT INTO @KEYS@ (key, available_at) VALUES (NEW.key, {_NEVER_PG})
+                ON CONFLICT (key) DO NOTHING;
             END IF;
+        ELSE
+            BEGIN
+                INSERT INTO @KEYS@ (key, available_at) VALUES (NEW.key, {_NEVER_PG})
+                ON CONFLICT (key) DO NOTHING;
+            EXCEPTION WHEN serialization_failure THEN
+                -- The key's row exists, committed after this transaction's snapshot. Only a
+                -- holder of this key's lock may remove it, and this transaction holds it.
+                NULL;
+            END;
         END IF;
-        INSERT INTO @KEYS@ (key, available_at) VALUES (NEW.key, statement_timestamp())
-        ON CONFLICT (key) DO NOTHING;
     END IF;
     RETURN NEW;
 END
@@ -265,12 +281,14 @@ def create(outbox: Outbox, conn: Connection) -> SchemaReport:
     existed = {t.name for t in outbox.tables if inspector.has_table(t.name, schema=outbox.schema)}
     before = check(outbox, conn) if outbox.events.name in existed else None
     upgrading = outbox.events.name in existed and outbox.keys.name not in existed
-    if upgrading and conn.dialect.name == "sqlite":
-        _sqlite_upgrade_prepare(outbox, conn)
+    sqlite_upgrade = upgrading and conn.dialect.name == "sqlite"
+    adopt = _adopt_keys(_Names.of(outbox, conn.dialect), conn.dialect)
     for statement in ddl_statements(outbox, conn.dialect):
+        if sqlite_upgrade and statement == adopt:
+            # Before the generic adoption of pending keys, which would take their place
+            # without their holds and retry times.
+            _sqlite_upgrade(outbox, conn)
         conn.exec_driver_sql(statement)
-    if upgrading and conn.dialect.name == "sqlite":
-        _sqlite_upgrade(outbox, conn)
     changes: list[str] = []
     created = [t.name for t in outbox.tables if t.name not in existed]
     if created:
@@ -280,10 +298,15 @@ def create(outbox: Outbox, conn: Connection) -> SchemaReport:
         held = conn.execute(
             sa.select(sa.func.count()).select_from(outbox.keys).where(outbox.keys.c.held)
         ).scalar_one()
+        refused = (
+            "relays of earlier versions are refused from now on"
+            if conn.dialect.name == "postgresql"
+            else "stop every relay of an earlier version: SQLite cannot refuse them"
+        )
         changes.append(
             f"upgraded {outbox.qualified_name} from schema 1: {keys} keys with pending or dead "
-            f"events tracked, {held} of them held by a dead letter; relays of earlier "
-            "versions are refused from now on"
+            f"events tracked, {held} of them held by a dead letter (requeue or purge them to "
+            f"release them); {refused}"
         )
     if before is not None:
         changes.extend(f"fixed: {problem}" for problem in before.errors if not upgrading)
@@ -291,10 +314,6 @@ def create(outbox: Outbox, conn: Connection) -> SchemaReport:
     if not changes:
         changes.append("nothing to do: the outbox is complete")
     return SchemaReport(changes=tuple(changes))
-
-
-def _sqlite_upgrade_prepare(outbox: Outbox, conn: Connection) -> None:
-    """Nothing to lock on SQLite (one writer at a time); kept for symmetry of the steps."""
 
 
 def _sqlite_upgrade(outbox: Outbox, conn: Connection) -> None:

@@ -38,8 +38,9 @@ DEAD = "dead"
 STATUSES = (PENDING, PUBLISHED, DEAD)
 SCHEMA_VERSION = 2
 
-# A key row's `available_at` for keys nobody has served yet on SQLite (PostgreSQL uses the
-# insert time): new keys take their turn first.
+# A key row's `available_at` for a key nobody has served since it got pending events: such
+# keys take their turn before keys that were just served, and no relay's clock can find them
+# "not yet due" (leases, retry times and turns are set with the relays' clocks).
 NEVER_SERVED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")
@@ -202,9 +203,10 @@ def _keys_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Tabl
         f"{name}_key",
         metadata,
         sa.Column("key", sa.Text(), primary_key=True),
-        # When a relay may next claim the key. Its meaning follows the key's state: free, the
-        # moment it was freed (oldest first: round-robin); leased, the lease's expiry; waiting
-        # for a retry, the retry time. Claims take keys with `available_at <= now` in this order.
+        # When a relay may next claim the key. Its meaning follows the key's state: new (no
+        # relay served it since it got pending events), NEVER_SERVED; free, the moment it was
+        # freed (oldest first: round-robin); leased, the lease's expiry; waiting for a retry,
+        # the retry time. Claims take keys with `available_at <= now` in this order.
         sa.Column("available_at", ts, nullable=False),
         # A dead event holds the key's later events until it is requeued or purged.
         sa.Column("held", sa.Boolean(), nullable=False, server_default=sa.false()),

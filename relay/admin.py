@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 
 from outbox.ddl import SchemaCheck, SchemaReport
 from outbox.ddl import check as schema_check
-from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
+from outbox.schema import DEAD, NEVER_SERVED, PENDING, PUBLISHED, Outbox
 from relay.admin_records import (
     ActiveRelay,
     DeadLetter,
@@ -360,7 +360,7 @@ class Admin:
         insert = postgresql.insert(k) if self._postgres else sqlite.insert(k)
         conn.execute(
             insert.on_conflict_do_nothing(index_elements=["key"]),
-            [{"key": key, "available_at": utcnow(), "held": False} for key in keys],
+            [{"key": key, "available_at": NEVER_SERVED, "held": False} for key in keys],
         )
 
     def _release_holds(self, conn: Connection, keys: Sequence[str]) -> None:

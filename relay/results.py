@@ -99,14 +99,17 @@ class PendingResults:
         self._note()
 
     def give_back(
-        self, events: Iterable[ClaimedEvent], *, busy: Callable[[str], bool] = lambda key: False
+        self,
+        events: Iterable[ClaimedEvent],
+        *,
+        busy: Callable[[str, uuid.UUID], bool] = lambda key, token: False,
     ) -> None:
-        """Events handed back unattempted. Their keys are freed, except `busy` ones (an event
-        of the key is still in flight: its outcome frees the key)."""
+        """Events handed back unattempted. Their keys are freed, except where the same claim
+        still has an event of the key in flight (`busy`): that event's outcome frees it."""
         for event in events:
             if event.key is None:
                 self._batch.releases[event.token].append(event.seq)
-            elif not busy(event.key):
+            elif not busy(event.key, event.token):
                 self._batch.freed[event.token].add(event.key)
             self._note()
 

@@ -23,7 +23,7 @@ class Sequencer:
         self._ready_keys: deque[str] = deque()  # keys with a queued head and nothing in flight
         self._keyless: deque[ClaimedEvent] = deque()
         self._in_flight: dict[int, ClaimedEvent] = {}
-        self._busy_keys: set[str] = set()
+        self._busy_keys: dict[str, uuid.UUID] = {}  # key -> token of its event in flight
 
     @property
     def in_flight(self) -> int:
@@ -48,9 +48,9 @@ class Sequencer:
             tokens.update(e.token for e in run)
         return tokens
 
-    def busy(self, key: str) -> bool:
-        """An event of `key` is in flight here."""
-        return key in self._busy_keys
+    def busy(self, key: str, token: uuid.UUID | None = None) -> bool:
+        """An event of `key` (of the claim `token`, if given) is in flight here."""
+        return key in self._busy_keys and token in (None, self._busy_keys[key])
 
     def add(self, events: Iterable[ClaimedEvent]) -> list[ClaimedEvent]:
         """Queue claimed events; within a key they must come in write order.
@@ -93,7 +93,7 @@ class Sequencer:
                 event = run.popleft()
                 if not run:
                     del self._runs[key]
-                self._busy_keys.add(key)
+                self._busy_keys[key] = event.token
             else:
                 event = self._keyless.popleft()
             self._in_flight[event.seq] = event
@@ -105,7 +105,7 @@ class Sequencer:
         """The broker confirmed `seq`: its key may go on. None if `seq` is not in flight here."""
         event = self._in_flight.pop(seq, None)
         if event is not None and event.key is not None:
-            self._busy_keys.discard(event.key)
+            self._busy_keys.pop(event.key, None)
             if event.key in self._runs:
                 self._ready_keys.append(event.key)
         return event
@@ -119,7 +119,7 @@ class Sequencer:
         event = self._in_flight.pop(seq, None)
         if event is None or event.key is None:
             return event, []
-        self._busy_keys.discard(event.key)
+        self._busy_keys.pop(event.key, None)
         # The key was busy, so it cannot be among the ready keys: dropping its run is enough.
         return event, list(self._runs.pop(event.key, ()))
 

@@ -88,6 +88,9 @@ class RelaySettings:
             'is "" (the default exchange): it cannot be declared; pass --no-declare-exchange',
         )
         _positive_int(self.batch_size, "batch_size", maximum=10_000)
+        # A claim shares its room between keys and events without a key: with room for one
+        # event, one kind could starve the other.
+        _require(self.batch_size >= 2, "batch_size", f"must be 2 or more, got {self.batch_size}")
         _positive_int(self.run_length, "run_length", maximum=10_000)
         _positive_int(self.max_in_flight, "max_in_flight", maximum=100_000)
         _positive_int(self.max_attempts, "max_attempts", maximum=1_000_000)

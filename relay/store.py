@@ -193,13 +193,21 @@ class Store:
                     lease_until=lease_until,
                     now=now,
                 )
-            # Keys before the last one served that gave no rows are empty: drop them. Keys
-            # after it were cut by `limit`; their locks simply end with this transaction.
-            served = {row["key"] for row in rows if row["key"] is not None}
-            last = max((keys.index(key) for key in served), default=len(keys) - 1)
-            empty = [key for key in keys[: last + 1] if key not in served]
-            if empty:
-                self._drop_empty_keys(conn, empty, now=now)
+        # Keys before the last one served that gave no rows are empty: drop them, in a
+        # transaction of their own (it takes writers' locks, which must not wait on the claim).
+        # Keys after it were cut by `limit`; their locks simply ended with the claim.
+        served = {row["key"] for row in rows if row["key"] is not None}
+        last = max((keys.index(key) for key in served), default=len(keys) - 1)
+        empty = [key for key in keys[: last + 1] if key not in served]
+        if empty:
+            with self.transaction() as conn:
+                k = self.outbox.keys
+                free = sa.select(k.c.key).where(
+                    self._one_of(k.c.key, empty), k.c.lease_token.is_(None)
+                )
+                if self._postgres:
+                    free = free.with_for_update(skip_locked=True)
+                self._drop_empty_keys(conn, list(conn.scalars(free)), now=now)
         events = (ClaimedEvent.from_row(row, token) for row in rows)
         return Claim(
             token=token,
@@ -208,12 +216,8 @@ class Store:
         )
 
     def _ready_now(self, now: dt.datetime) -> sa.ColumnElement[Any]:
-        """The moment a key must have reached to be claimed: the later of the relay's clock
-        and the server's, so a relay whose clock runs behind still sees new keys at once."""
-        moment = sa.bindparam(None, now, type_=sa.DateTime(timezone=True))
-        if self._postgres:
-            return sa.func.greatest(moment, sa.func.statement_timestamp())
-        return moment
+        """The relay's clock, as leases and retry times are set with it (hosts need NTP)."""
+        return sa.bindparam(None, now, type_=sa.DateTime(timezone=True))
 
     def _lock_ready_keys(self, conn: Connection, *, limit: int, now: dt.datetime) -> list[str]:
         k = self.outbox.keys
@@ -372,6 +376,8 @@ class Store:
         sees every row committed by writers before it; a writer that comes later waits for
         the lock and, after this commits, finds no key row and inserts it again.
         """
+        if not keys:
+            return set()
         k, t = self.outbox.keys, self.outbox.events
         candidates = list(keys)
         if self._postgres:
@@ -411,13 +417,20 @@ class Store:
 
     # -- results ---------------------------------------------------------------------------
 
-    def _owned(self, token: uuid.UUID) -> sa.ColumnElement[bool]:
-        """An event this claim still owns: its key's lease, or (without a key) its own."""
+    def _owned(self, token: uuid.UUID, seqs: Collection[int]) -> sa.ColumnElement[bool]:
+        """An event (among `seqs`) this claim still owns: its key's lease, or (without a key)
+        its own.
+
+        The key rows are read with `FOR SHARE`: a takeover in progress (another relay's claim
+        has locked the key and is leasing it) is waited for, and the key is then seen leased
+        by the other token. Read without a lock, the old lease would still show, and this
+        write could mark an event published under a claim that already holds it."""
         t, k = self.outbox.events, self.outbox.keys
-        return sa.or_(
-            t.c.claim_token == token,
-            sa.exists().where(k.c.key == t.c.key, k.c.lease_token == token),
-        )
+        of_these = sa.select(t.c.key).where(self._one_of(t.c.seq, seqs))
+        owned_keys = sa.select(k.c.key).where(k.c.key.in_(of_these), k.c.lease_token == token)
+        if self._postgres:
+            owned_keys = owned_keys.with_for_update(read=True)
+        return sa.or_(t.c.claim_token == token, t.c.key.in_(owned_keys))
 
     def mark_published(
         self,
@@ -433,7 +446,7 @@ class Store:
         if not seqs:
             return 0
         t = self.outbox.events
-        owned = [self._one_of(t.c.seq, seqs), t.c.status == PENDING, self._owned(token)]
+        owned = [self._one_of(t.c.seq, seqs), t.c.status == PENDING, self._owned(token, seqs)]
         statement: sa.Delete | sa.Update
         if delete:
             statement = sa.delete(t).where(*owned)
@@ -497,8 +510,9 @@ class Store:
                     else f.event.seq in owned_rows
                 )
             ]
+            recorded: list[Failure] = []
             for failure in mine:
-                conn.execute(
+                changed = conn.execute(
                     sa.update(t)
                     .where(t.c.seq == failure.event.seq, t.c.status == PENDING)
                     .values(
@@ -509,10 +523,16 @@ class Store:
                         claim_token=None,
                         lease_until=None,
                     )
-                )
+                ).rowcount
+                if changed:
+                    recorded.append(failure)
                 if failure.event.key is None:
                     continue
-                dead = failure.next_attempt_at is None
+                # The key's lease ends here. Unless the event was published meanwhile (a
+                # relay's late confirm): then nothing failed, and the key neither waits for a
+                # retry nor is held.
+                dead = bool(changed) and failure.next_attempt_at is None
+                retry_at = failure.next_attempt_at if changed else None
                 conn.execute(
                     sa.update(k)
                     .where(k.c.key == failure.event.key, k.c.lease_token == token)
@@ -520,10 +540,10 @@ class Store:
                         lease_token=None,
                         leased_by=None,
                         held=dead and hold_key,
-                        available_at=failure.next_attempt_at or now,
+                        available_at=retry_at or now,
                     )
                 )
-            if mine:
+            if recorded:
                 conn.execute(
                     sa.insert(self.outbox.failures),
                     [
@@ -534,10 +554,10 @@ class Store:
                             "relay": relay,
                             "error": f.error,
                         }
-                        for f in mine
+                        for f in recorded
                     ],
                 )
-        return len(mine)
+        return len(recorded)
 
     def release(
         self, token: uuid.UUID, seqs: Collection[int], *, now: dt.datetime | None = None
@@ -551,7 +571,7 @@ class Store:
         with self.transaction() as conn:
             rows = conn.execute(
                 sa.select(t.c.seq, t.c.key).where(
-                    self._one_of(t.c.seq, seqs), t.c.status == PENDING, self._owned(token)
+                    self._one_of(t.c.seq, seqs), t.c.status == PENDING, self._owned(token, seqs)
                 )
             ).all()
             keyless = [row.seq for row in rows if row.key is None]

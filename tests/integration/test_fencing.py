@@ -91,12 +91,13 @@ def test_a_lost_lease_cannot_overwrite_its_successor(
     assert store.renew([successor.token], later + LEASE) == {successor.token}
     third = _claim(store, "third", later + dt.timedelta(seconds=1))
     assert third.events == (), "rows the successor holds were claimable again"
-    # The successor's own writes land: two published, one retrying, one given back.
+    # The successor's own writes land: two published, one retrying, and the fourth goes
+    # back with its key (a failure ends the key's lease: the rest of the run waits behind it).
     head, second, third_row, fourth = (e for e in successor.events if e.key == "k")
     assert store.mark_published(successor.token, [head.seq, second.seq], now=later, delete=False)
     retry = Failure(event=third_row, error="refused", next_attempt_at=later)
     assert store.record_failures(successor.token, [retry], relay="successor", now=later) == 1
-    assert store.release(successor.token, [fourth.seq]) == 1
+    assert store.release(successor.token, [fourth.seq]) == 0  # the key is no longer leased
     states = row_states(pg_engine, outbox_schema)
     assert [states[i] for i in ids] == [
         RowState("published", 0, 0),

@@ -497,3 +497,61 @@ def test_a_claim_on_a_killed_session_fails_as_an_outage_and_the_next_one_reconne
         assert [e.key for e in claim(store).events] == ["k"]
     finally:
         engine.dispose()
+
+
+def test_a_late_confirm_racing_a_takeover_is_fenced_and_no_key_is_held_without_a_dead_event(
+    pg_url: str, pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """Found by review. Relay A's lease on K ran out; relay B's claim has locked K and not yet
+    committed; A's late confirm of K's head arrives. A's mark must wait for B's claim and then
+    be fenced: marked through, B would hold an already published event, and B's final failure
+    of it would hold K with no dead event to requeue or purge."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="K") for _ in range(3)])
+    old_engine = create_engine(pg_url, application_name="late-confirm", db_timeout=10)
+    a = Store(old_engine, outbox_schema, db_timeout=10)
+    b = Store(pg_engine, outbox_schema, db_timeout=10)
+    past = now() - dt.timedelta(minutes=5)
+    first = a.claim(
+        owner="a", limit=10, run_length=10, now=past, lease_until=past + dt.timedelta(seconds=1)
+    )
+    head = first.events[0]
+    pause = Paused(b, "_claim_statement")
+    join = pause.run(lambda: claim(b, owner="b"))
+    marked: list[int] = []
+    late = threading.Thread(
+        target=lambda: marked.append(
+            a.mark_published(first.token, [head.seq], now=now(), delete=False)
+        )
+    )
+    late.start()
+    try:
+        wait_until_blocked(pg_engine, "late-confirm")
+        second = join()
+        late.join(10)
+    finally:
+        old_engine.dispose()
+    assert marked == [0]
+    assert second.events[0].seq == head.seq
+    failure = Failure(event=second.events[0], error="unroutable", next_attempt_at=None)
+    assert b.record_failures(second.token, [failure], relay="b", now=now()) == 1
+    t, k = outbox_schema.events, outbox_schema.keys
+    with pg_engine.connect() as conn:
+        held = conn.execute(sa.select(k.c.held).where(k.c.key == "K")).scalar_one()
+        dead = conn.execute(sa.select(sa.func.count()).where(t.c.status == "dead")).scalar_one()
+    assert held and dead == 1
+
+
+def test_a_failure_of_an_event_published_meanwhile_frees_its_key_without_holding_it(
+    pg_engine: sa.Engine, outbox_schema: Outbox, store: Store
+) -> None:
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="K") for _ in range(2)])
+    c = claim(store)
+    t, k = outbox_schema.events, outbox_schema.keys
+    with pg_engine.begin() as conn:  # published meanwhile, as by a late confirm
+        conn.execute(sa.update(t).where(t.c.seq == c.events[0].seq).values(status="published"))
+    failure = Failure(event=c.events[0], error="unroutable", next_attempt_at=None)
+    assert store.record_failures(c.token, [failure], relay="r", now=now()) == 0
+    with pg_engine.connect() as conn:
+        row = conn.execute(sa.select(k).where(k.c.key == "K")).one()
+    assert not row.held and row.lease_token is None
+    assert [e.seq for e in claim(store).events] == [c.events[1].seq]

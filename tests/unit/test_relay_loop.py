@@ -446,3 +446,32 @@ def test_notify_during_a_claim_is_not_lost_to_the_poll_backoff(tmp_path: Path) -
         worker.run_jobs()
         worker.deliver()
     assert len(h.publisher.published) == 1
+
+
+def test_a_replacing_claim_given_back_behind_an_in_flight_event_frees_its_key(
+    h: Harness,
+) -> None:
+    """1. Claim T1 takes key a (a1, a2, a3); a1 is published and stays in flight.
+    2. Key a's lease runs out in the database while the relay still holds it (the case
+       Sequencer.add handles): the relay's next claim T2 returns a1..a3 again, T2's run
+       replaces T1's queued events and waits behind the in-flight a1 (still T1's).
+    3. The broker connection drops: T2's queued run is withdrawn and given back, but key a is
+       busy (a1 in flight), so it is not freed; a1 then comes back UNKNOWN and frees key a
+       under T1 -- a no-op, the key is T2's.
+    Key a must not stay leased by T2 once this relay holds nothing of it (found by review)."""
+    h.write(*(Event(type="t", key="a", payload={"n": i}) for i in range(3)))
+    h.step()
+    assert [m.headers["outbox-seq"] for m in h.publisher.published] == [1]  # a1 in flight
+    (t1,) = {k.lease_token for k in h.key_rows()}
+    with h.engine.begin() as conn:  # the database considers T1's lease over
+        conn.execute(sa.update(h.box.keys).values(available_at=h.clock.now()))
+    h.relay.wake()
+    h.step()
+    (t2,) = {k.lease_token for k in h.key_rows()}
+    assert t2 != t1 and h.relay.sequencer.queued == 3  # T2's run queued behind a1
+    h.publisher.go_down()
+    h.step(3)
+    assert h.relay.sequencer.idle
+    assert h.leased_keys() == [], (
+        f"key a still leased by {t2} (T1 was {t1}) with nothing of it held by the relay"
+    )

@@ -61,10 +61,15 @@ def test_a_failed_write_puts_its_rest_back_in_front() -> None:
     assert results.tokens() == set()
 
 
-def test_a_given_back_event_frees_its_key_unless_the_key_is_still_in_flight() -> None:
+def test_a_given_back_event_frees_its_key_unless_its_claim_still_has_it_in_flight() -> None:
+    older = uuid.uuid4()
     results = PendingResults(Clock(), batch_size=100)
-    results.give_back([ev(2, "a"), ev(5, "b")], busy=lambda key: key == "b")
-    assert results.take().freed == {TOKEN: {"a"}}
+    in_flight = {"b": TOKEN, "c": older}  # c's event in flight is of an older claim
+    results.give_back(
+        [ev(2, "a"), ev(5, "b"), ev(7, "c")],
+        busy=lambda key, token: in_flight.get(key) == token,
+    )
+    assert results.take().freed == {TOKEN: {"a", "c"}}
 
 
 def test_a_confirm_frees_its_key_only_when_the_run_is_finished() -> None:

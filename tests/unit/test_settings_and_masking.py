@@ -114,6 +114,7 @@ def test_parse_duration_says_what_it_expects() -> None:
     [
         ({"amqp_url": "http://mq/"}, "broker URL http://mq/ is not supported"),
         ({"batch_size": 0}, "batch_size must be between 1 and 10000"),
+        ({"batch_size": 1}, "batch_size must be 2 or more"),
         ({"max_attempts": True}, "max_attempts must be a whole number"),
         ({"retry_min": 10, "retry_max": 1}, "retry_min .* must not exceed retry_max"),
         ({"poll_interval": 0}, "poll_interval must be more than 0"),
