@@ -28,6 +28,7 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
+from relay.channel_blame import DEFAULT_MAX_MESSAGE_SIZE, Sent, blame, too_large_error
 from relay.confirms import ConfirmWindow, Entry
 from relay.messages import (
     BrokerStatus,
@@ -44,7 +45,11 @@ logger = logging.getLogger("relay.publisher")
 _P = ParamSpec("_P")
 
 NOT_CONNECTED = "broker not connected"
-NACKED = "nacked by broker"
+NACKED = (
+    "nacked by broker: it refused responsibility for the message; likely causes: a queue "
+    "length limit (x-max-length with x-overflow reject-publish), a disk or memory alarm, or an "
+    "internal error (see the broker's log)"
+)
 
 # A channel the broker closes while we declare the exchange with this code means the exchange
 # exists with another type or other arguments: reconnecting cannot fix that.
@@ -81,6 +86,7 @@ class AmqpPublisher:
         blocked_connection_timeout: float = 30.0,
         reconnect_wait_min: float = 0.5,
         reconnect_wait_max: float = 10.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         params = pika.URLParameters(amqp_url)
         params.client_properties = {"connection_name": connection_name}
@@ -119,6 +125,10 @@ class AmqpPublisher:
         self._inbox: list[Sequence[OutgoingMessage]] = []
         self._drain_scheduled = False
         self._confirms = ConfirmWindow()
+        self._sent: dict[int, Sent] = {}  # relay tag -> what a channel close is judged on
+        # Bodies larger than this are refused before they are sent. A broker configured lower
+        # says so in the channel close; its figure is adopted from then on.
+        self._max_message_size = max_message_size
         # -- I/O thread only ----------------------------------------------------------------
         self._channel: Channel | None = None
         self._declaring = False
@@ -201,6 +211,7 @@ class AmqpPublisher:
         with self._lock:
             self._books_closed = True
             entries = self._confirms.take_all()
+            self._sent.clear()
             inbox = self._take_inbox()
         self._emit(
             self._settle_all(
@@ -339,6 +350,7 @@ class AmqpPublisher:
         with self._lock:
             self._ready = False
             entries = self._confirms.take_all()
+            self._sent.clear()
             inbox = self._take_inbox()
         description = "publisher stopped" if self._stopping else describe_error(error)
         events = self._settle_all(
@@ -457,11 +469,26 @@ class AmqpPublisher:
             was_ready = self._ready
             self._ready = False
             entries = self._confirms.take_all()
+            sent = [self._sent.pop(tag) for tag, _ in entries if tag in self._sent]
+            self._sent.clear()
             inbox = self._take_inbox()
-        # The broker discards everything after the frame that closed the channel; it cannot
-        # say which message that was, so every unconfirmed one is refused.
-        outcome = Outcome.REJECTED if by_broker else Outcome.UNKNOWN
-        events = self._settle_all(entries, inbox, outcome, f"channel closed: {description}")
+        events = self._settle_all(entries, inbox, Outcome.UNKNOWN, f"channel closed: {description}")
+        if by_broker:
+            # Only the message(s) the close is the fault of spend an attempt; the others only
+            # shared the channel (relay/channel_blame.py says why that is safe).
+            verdict = blame(reply_code, getattr(reason, "reply_text", ""), sent)
+            if verdict.max_message_size is not None:
+                self._max_message_size = min(self._max_message_size, verdict.max_message_size)
+            events = [
+                PublishOutcome(
+                    e.tag, Outcome.REJECTED, mask_text(verdict.error), retryable=verdict.retryable
+                )
+                if isinstance(e, PublishOutcome)
+                and e.outcome is Outcome.UNKNOWN
+                and e.tag in verdict.blamed
+                else e
+                for e in events
+            ]
         events.append(BrokerStatus(up=False, error=description))
         self._emit(events)
 
@@ -484,11 +511,24 @@ class AmqpPublisher:
         usable = channel is not None and channel.is_open and self._ready and not self._stopping
         refusal = "publisher stopped" if self._stopping else NOT_CONNECTED
         published: list[Entry] = []
+        sent: list[Sent] = []
         events: list[PublisherEvent] = []
         for batch in batches:
             for message in batch:
                 if not usable or channel is None:
                     events.append(PublishOutcome(message.tag, Outcome.UNKNOWN, refusal))
+                    continue
+                if len(message.body) > self._max_message_size:
+                    # The broker would close the channel on it, and with it every other
+                    # message in flight: refuse it here, for good.
+                    events.append(
+                        PublishOutcome(
+                            message.tag,
+                            Outcome.REJECTED,
+                            too_large_error(len(message.body), self._max_message_size),
+                            retryable=False,
+                        )
+                    )
                     continue
                 try:
                     channel.basic_publish(
@@ -522,11 +562,15 @@ class AmqpPublisher:
                     )
                     events.append(
                         PublishOutcome(
-                            message.tag, Outcome.REJECTED, f"cannot encode message: {exc!r}"
+                            message.tag,
+                            Outcome.REJECTED,
+                            f"cannot encode message: {exc!r}",
+                            retryable=False,
                         )
                     )
                     continue
                 published.append((message.tag, message.message_id))
+                sent.append(Sent(message.tag, message.exchange, len(message.body)))
         self._published_total += len(published)
         with self._lock:
             if self._books_closed:
@@ -536,6 +580,7 @@ class AmqpPublisher:
                 )
             else:
                 self._confirms.published(published)
+                self._sent.update((s.tag, s) for s in sent)
         if events:
             self._emit(events)
 
@@ -557,6 +602,8 @@ class AmqpPublisher:
         acked = isinstance(method, spec.Basic.Ack)
         with self._lock:
             entries = self._confirms.settle(int(method.delivery_tag), bool(method.multiple))
+            for tag, _ in entries:
+                self._sent.pop(tag, None)
         if not entries:
             return
         events: list[PublisherEvent] = []

@@ -321,7 +321,9 @@ class Relay:
             self._results.give_back([event])
             return
         report.rejected += 1
-        failure = self._failure(event, outcome.error or "rejected by broker")
+        failure = self._failure(
+            event, outcome.error or "rejected by broker", retryable=outcome.retryable
+        )
         if failure.next_attempt_at is None:
             report.dead += 1
             log.error(
@@ -346,9 +348,9 @@ class Relay:
         self.metrics.failed(event.type, dead=failure.next_attempt_at is None)
         self._results.failed(failure)
 
-    def _failure(self, event: ClaimedEvent, error: str) -> Failure:
+    def _failure(self, event: ClaimedEvent, error: str, *, retryable: bool = True) -> Failure:
         attempt = event.attempts + 1
-        if attempt >= self.settings.max_attempts:
+        if attempt >= self.settings.max_attempts or not retryable:
             return Failure(event=event, error=error, next_attempt_at=None)
         delay = backoff_delay(
             attempt, initial=self.settings.retry_min, maximum=self.settings.retry_max, rng=self._rng

@@ -326,6 +326,60 @@ def test_missing_exchange_rejects_batch_and_channel_recovers(
     assert all(settled[tag].outcome is Outcome.CONFIRMED for tag in range(5, 10))
 
 
+def test_message_over_the_size_limit_is_refused_for_good_and_spares_the_window(
+    side: SideBroker, make_publisher: PublisherFactory
+) -> None:
+    """Given a broker limit of 1000 bytes, when a batch holds one 2000-byte body between small
+    ones, then that one alone is REJECTED (not retryable, saying why) without being sent, the
+    others are confirmed, and the channel never closes."""
+    exchange = side.exchange()
+    queue = side.queue(exchange)
+    publisher, recorder = make_publisher(exchange, max_message_size=1000)
+    recorder.wait_up()
+
+    batch = [message(0, exchange), message(1, exchange, body=b"x" * 2000), message(2, exchange)]
+    publisher.publish(batch)
+
+    settled = by_tag(recorder.wait_outcomes(3))
+    assert settled[1].outcome is Outcome.REJECTED and not settled[1].retryable
+    assert settled[1].error is not None and "2000 bytes" in settled[1].error
+    assert "max_message_size of 1000 bytes" in settled[1].error
+    assert settled[0].outcome is settled[2].outcome is Outcome.CONFIRMED
+    assert settled[0].retryable and settled[2].retryable
+    assert [s.up for s in recorder.statuses()] == [True]  # the channel stayed open
+    received = [properties.message_id for properties, _ in side.get(queue, 2)]
+    assert received == [batch[0].message_id, batch[2].message_id]
+    assert side.message_count(queue) == 0
+
+
+def test_channel_closed_by_one_bad_publish_spends_no_attempt_of_the_others(
+    side: SideBroker, make_publisher: PublisherFactory
+) -> None:
+    """Given a window of messages to a good exchange, when one message in the middle goes to
+    an exchange that does not exist (the broker closes the channel: 404), then only that one
+    is REJECTED; every other message is CONFIRMED or comes back UNKNOWN (republished with the
+    same message_id, no attempt spent), and a new channel opens."""
+    exchange = side.exchange()
+    side.queue(exchange)
+    missing = unique_name("test-publisher-missing")
+    publisher, recorder = make_publisher(exchange)
+    recorder.wait_up()
+
+    batch = [message(tag, exchange) for tag in range(40)]
+    batch[20] = message(20, missing)
+    publisher.publish(batch)
+
+    settled = by_tag(recorder.wait_outcomes(40))
+    rejected = {tag for tag, o in settled.items() if o.outcome is Outcome.REJECTED}
+    assert rejected == {20}
+    assert settled[20].error is not None and "404" in settled[20].error
+    assert settled[20].retryable  # the exchange may yet be declared
+    # Confirms of the messages before it may or may not have arrived before the close; the
+    # broker discarded those after it.
+    assert all(settled[tag].outcome is Outcome.UNKNOWN for tag in range(21, 40))
+    recorder.wait_up(times=2)
+
+
 def test_connection_closed_by_broker_reports_unknown_and_reconnects(
     side: SideBroker, make_publisher: PublisherFactory
 ) -> None:
