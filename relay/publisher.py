@@ -28,6 +28,7 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
+from relay.broker_errors import describe_error, quiet_pika, refusal
 from relay.channel_blame import DEFAULT_MAX_MESSAGE_SIZE, Sent, blame, too_large_error
 from relay.confirms import ConfirmWindow, Entry
 from relay.messages import (
@@ -54,20 +55,6 @@ NACKED = (
 # A channel the broker closes while we declare the exchange with this code means the exchange
 # exists with another type or other arguments: reconnecting cannot fix that.
 _PRECONDITION_FAILED = 406
-
-
-def describe_error(error: BaseException | str | None) -> str:
-    """A one-line, password-free description of a pika error for statuses and logs."""
-    if error is None:
-        return "unknown error"
-    if isinstance(error, str):
-        return mask_text(error)
-    if isinstance(error, pika.exceptions.ChannelClosed | pika.exceptions.ConnectionClosed):
-        text = f"{type(error).__name__}: {error.reply_code} {error.reply_text}"
-    else:
-        detail = str(error)
-        text = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
-    return mask_text(text)
 
 
 class AmqpPublisher:
@@ -141,6 +128,8 @@ class AmqpPublisher:
         self._published_total = 0
         self._wake = threading.Event()
         self._publish_inbox_cb = self._guard(self._publish_inbox)
+        self._ever_ready = False  # a refused login is permanent only before the first success
+        quiet_pika()
 
     # -- public API ------------------------------------------------------------------------
 
@@ -318,6 +307,21 @@ class AmqpPublisher:
 
     def _on_connection_open_error(self, connection: Any, error: BaseException | str) -> None:
         try:
+            refused = refusal(error)
+            if refused is not None and not self._ever_ready:
+                # At start, the same credentials and vhost would be refused on every retry.
+                # (Later, e.g. while credentials rotate, it is retried like any outage.)
+                self._fatal = True
+                with self._lock:
+                    self._ready = False
+                self._lost_handled = True
+                with self._lock:
+                    entries = self._confirms.take_all()
+                    inbox = self._take_inbox()
+                events = self._settle_all(entries, inbox, Outcome.UNKNOWN, refused)
+                events.append(BrokerStatus(up=False, error=refused, fatal=True, refused=True))
+                self._emit(events)
+                return
             logger.warning(
                 "publisher %s: cannot connect to %s: %s",
                 self._connection_name,
@@ -430,6 +434,7 @@ class AmqpPublisher:
             )
         self._connect_backoff.attempt_number = 1
         self._channel_backoff.attempt_number = 1
+        self._ever_ready = True
         logger.info(
             "publisher %s: ready (confirms on, exchange %r)", self._connection_name, self._exchange
         )

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from relay.backoff import backoff_delay
-from relay.errors import BrokerConfigError, DatabaseUnavailableError
+from relay.errors import BrokerConfigError, BrokerRefusedError, DatabaseUnavailableError
 from relay.messages import BrokerStatus, Outcome, Publisher, PublisherEvent, PublishOutcome, Sink
 from relay.metrics import Metrics
 from relay.records import Claim, ClaimedEvent, Failure
@@ -362,7 +362,8 @@ class Relay:
     def _broker_status(self, status: BrokerStatus) -> None:
         self.metrics.broker_up(status.up)
         if status.fatal:
-            self._fatal = BrokerConfigError(status.error or "broker refused the relay's topology")
+            kind = BrokerRefusedError if status.refused else BrokerConfigError
+            self._fatal = kind(status.error or "broker refused the relay's topology")
             return
         if status.up:
             if not self._broker_up:

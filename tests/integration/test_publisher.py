@@ -8,6 +8,9 @@ the broker is shared.
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,6 +24,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.exchange_type import ExchangeType
 from pika.spec import BasicProperties
 
+from outbox import Outbox
 from relay.messages import (
     BrokerStatus,
     Outcome,
@@ -30,6 +34,7 @@ from relay.messages import (
 )
 from relay.publisher import NACKED, NOT_CONNECTED, AmqpPublisher
 from tests.support.rabbit import close_connection_named, unique_name
+from tests.support.relays import relay_env
 
 # Generous: the broker is shared with other test runs and confirms can take hundreds of ms.
 WAIT = 10.0
@@ -551,3 +556,81 @@ def test_unreachable_broker_retries_and_never_shows_the_password(
     assert all(not s.up and not s.fatal for s in statuses)
     assert all(s.error and "s3cr3t-pw" not in s.error for s in statuses)
     assert recorder.outcomes() == [PublishOutcome(0, Outcome.UNKNOWN, NOT_CONNECTED)]
+
+
+@pytest.mark.parametrize(
+    ("path_and_password", "says"),
+    [
+        (("%2F", "wrong-pw"), "refused the login"),
+        (("no-such-vhost", "guest"), "refused the virtual host"),
+    ],
+)
+def test_refused_login_or_vhost_at_start_is_fatal_in_one_status(
+    make_publisher: PublisherFactory,
+    caplog: pytest.LogCaptureFixture,
+    path_and_password: tuple[str, str],
+    says: str,
+) -> None:
+    """A wrong password or a missing vhost is refused the same way on every retry: the
+    publisher reports one fatal, `refused` status that says what to fix, stops its thread,
+    and neither it nor pika logs anything at WARNING or above."""
+    vhost, password = path_and_password
+    url = f"amqp://guest:{password}@127.0.0.1:5672/{vhost}"
+    publisher, recorder = make_publisher("unused", url=url, reconnect_wait_min=0.05)
+
+    recorder.wait_until(lambda: any(s.fatal for s in recorder.statuses()), "a fatal status")
+    thread = publisher_thread(publisher)
+    if thread is not None:
+        thread.join(WAIT)
+    assert not publisher_thread_alive(publisher), "the publisher kept retrying"
+    statuses = recorder.statuses()
+    assert len(statuses) == 1 and statuses[0].refused and not statuses[0].up
+    assert statuses[0].error is not None and says in statuses[0].error
+    assert "wrong-pw" not in statuses[0].error
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == [], [f"{r.name}: {r.getMessage()}" for r in loud]
+
+
+def test_unresolvable_host_is_retried_with_one_warning_per_attempt_naming_the_cause(
+    make_publisher: PublisherFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = "amqp://guest:guest@no-such-host.invalid:5672/%2F"
+    publisher, recorder = make_publisher(
+        "unused", url=url, reconnect_wait_min=0.05, reconnect_wait_max=0.1
+    )
+    recorder.wait_until(lambda: len(recorder.statuses()) >= 3, "three failed attempts")
+    publisher.stop(5.0)
+
+    statuses = recorder.statuses()
+    assert all(not s.fatal and not s.up for s in statuses)
+    assert all(s.error and "Name or service not known" in s.error for s in statuses)
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert all(r.name == "relay.publisher" for r in loud), [r.name for r in loud]
+    assert all("Name or service not known" in r.getMessage() for r in loud)
+    assert len(statuses) - 1 <= len(loud) <= len(statuses)  # one per attempt, at most
+
+
+def test_run_with_a_wrong_broker_password_exits_4_with_one_line(
+    pg_url: str, outbox_schema: Outbox
+) -> None:
+    """`run --until-empty` does not retry a refused login forever: exit 4, one error line,
+    none of pika's noise, no password."""
+    result = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "run", "--until-empty"],
+        env=relay_env(
+            {
+                "OUTBOX_DATABASE_URL": pg_url,
+                "OUTBOX_AMQP_URL": "amqp://guest:wrong-pw@127.0.0.1:5672/%2F",
+                "OUTBOX_SCHEMA": str(outbox_schema.schema),
+            }
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 4, result.stderr
+    assert "wrong-pw" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "refused the login" in errors[0], result.stderr
+    assert "pika" not in result.stderr and "Traceback" not in result.stderr, result.stderr
