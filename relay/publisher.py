@@ -29,6 +29,7 @@ from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
 from relay.broker_errors import describe_error, quiet_pika, refusal
+from relay.broker_urls import node_label, parse_amqp_urls, split_amqp_urls
 from relay.channel_blame import DEFAULT_MAX_MESSAGE_SIZE, Sent, blame, too_large_error
 from relay.confirms import ConfirmWindow, Entry
 from relay.messages import (
@@ -75,15 +76,19 @@ class AmqpPublisher:
         reconnect_wait_max: float = 10.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        params = pika.URLParameters(amqp_url)
-        params.client_properties = {"connection_name": connection_name}
-        params.heartbeat = heartbeat
-        params.blocked_connection_timeout = blocked_connection_timeout
-        # The thread's own loop does the retrying (with backoff, interruptible by stop()).
-        params.connection_attempts = 1
-        params.socket_timeout = 5
-        self._params = params
-        self._url_for_logs = mask_url(amqp_url)
+        # One entry per cluster node, tried in order; the thread moves to the next one when
+        # its node refuses a connection or goes away.
+        self._nodes = parse_amqp_urls(amqp_url)
+        for params in self._nodes:
+            params.client_properties = {"connection_name": connection_name}
+            params.heartbeat = heartbeat
+            params.blocked_connection_timeout = blocked_connection_timeout
+            # The thread's own loop does the retrying (with backoff, interruptible by stop()).
+            params.connection_attempts = 1
+            params.socket_timeout = 5
+        self._urls_for_logs = [mask_url(url) for url in split_amqp_urls(amqp_url)]
+        self._node_index = 0  # I/O thread only: the node of the current (or next) connection
+        self._failed_connects = 0  # I/O thread only: failed attempts in a row, over all nodes
         self._sink = sink
         self._connection_name = connection_name
         self._exchange = exchange
@@ -145,6 +150,11 @@ class AmqpPublisher:
     def published_total(self) -> int:
         """basic.publish frames sent since start, over all connections (confirmed or not)."""
         return self._published_total
+
+    @property
+    def node(self) -> str:
+        """`host:port` of the node the publisher is connected to (or trying next)."""
+        return node_label(self._nodes[self._node_index])
 
     @property
     def in_flight(self) -> int:
@@ -220,10 +230,15 @@ class AmqpPublisher:
                 with self._lock:
                     if self._stopping or self._fatal:
                         break
-                delay = self._wait(self._connect_backoff)
-                self._connect_backoff.attempt_number += 1
+                # The next node; walking the list after a failed connect is immediate, and
+                # the backoff applies once every node has failed (and after a node loss).
+                self._node_index = (self._node_index + 1) % len(self._nodes)
+                delay = 0.0
+                if self._failed_connects % len(self._nodes) == 0:
+                    delay = self._wait(self._connect_backoff)
+                    self._connect_backoff.attempt_number += 1
                 logger.info(
-                    "publisher %s: reconnecting to %s in %.2f s",
+                    "publisher %s: connecting to %s in %.2f s",
                     self._connection_name,
                     self._url_for_logs,
                     delay,
@@ -244,7 +259,7 @@ class AmqpPublisher:
                 if self._stopping:
                     return
                 connection = SelectConnection(
-                    self._params,
+                    self._nodes[self._node_index],
                     on_open_callback=self._guard(self._on_connection_open),
                     on_open_error_callback=self._guard(self._on_connection_open_error),
                     on_close_callback=self._guard(self._on_connection_closed),
@@ -287,8 +302,17 @@ class AmqpPublisher:
         except Exception:
             logger.debug("closing a crashed connection failed", exc_info=True)
 
+    @property
+    def _url_for_logs(self) -> str:
+        return self._urls_for_logs[self._node_index]
+
     def _on_connection_open(self, connection: Any) -> None:
-        logger.info("publisher %s: connected to %s", self._connection_name, self._url_for_logs)
+        logger.info(
+            "publisher %s: connected to node %s (%s)",
+            self._connection_name,
+            self.node,
+            self._url_for_logs,
+        )
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self._open_channel()
@@ -299,7 +323,7 @@ class AmqpPublisher:
             "publisher %s: broker blocked publishing (%s); connection closes after %s s",
             self._connection_name,
             reason,
-            self._params.blocked_connection_timeout,
+            self._nodes[self._node_index].blocked_connection_timeout,
         )
 
     def _on_unblocked(self, connection: Any, frame: Any) -> None:
@@ -322,6 +346,7 @@ class AmqpPublisher:
                 events.append(BrokerStatus(up=False, error=refused, fatal=True, refused=True))
                 self._emit(events)
                 return
+            self._failed_connects += 1
             logger.warning(
                 "publisher %s: cannot connect to %s: %s",
                 self._connection_name,
@@ -363,7 +388,7 @@ class AmqpPublisher:
         self._channel = None
         self._declaring = False
         if not self._fatal:  # the fatal status was reported already
-            events.append(BrokerStatus(up=False, error=description))
+            events.append(BrokerStatus(up=False, error=description, node=self.node))
         self._emit(events)
 
     def _close_from_io(self) -> None:
@@ -435,10 +460,11 @@ class AmqpPublisher:
         self._connect_backoff.attempt_number = 1
         self._channel_backoff.attempt_number = 1
         self._ever_ready = True
+        self._failed_connects = 0
         logger.info(
             "publisher %s: ready (confirms on, exchange %r)", self._connection_name, self._exchange
         )
-        self._emit([BrokerStatus(up=True)])
+        self._emit([BrokerStatus(up=True, node=self.node)])
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         if channel is not self._channel:

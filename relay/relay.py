@@ -366,8 +366,10 @@ class Relay:
             self._fatal = kind(status.error or "broker refused the relay's topology")
             return
         if status.up:
+            if status.node is not None:
+                self.metrics.broker_node(status.node)
             if not self._broker_up:
-                log.info("broker connected")
+                log.info("broker connected (node %s)", status.node)
             self._broker_up = True
             self._next_claim = self._monotonic()
             return

@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 from outbox.schema import DEFAULT_TABLE, Outbox
+from relay.broker_urls import parse_amqp_urls
 from relay.errors import ConfigError
 
 DEFAULT_EXCHANGE = "outbox"
@@ -74,11 +75,7 @@ class RelaySettings:
 
     def __post_init__(self) -> None:
         _require(self.database_url.strip() != "", "database_url", "must not be empty")
-        _require(
-            self.amqp_url.startswith(("amqp://", "amqps://")),
-            "amqp_url",
-            "must start with amqp:// or amqps://",
-        )
+        parse_amqp_urls(self.amqp_url)  # ConfigError naming the URL that is not amqp(s)://
         _require(
             self.exchange_type in EXCHANGE_TYPES,
             "exchange_type",

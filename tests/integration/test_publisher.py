@@ -634,3 +634,25 @@ def test_run_with_a_wrong_broker_password_exits_4_with_one_line(
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "refused the login" in errors[0], result.stderr
     assert "pika" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_list_of_nodes_connects_to_the_first_that_answers(
+    side: SideBroker, make_publisher: PublisherFactory, amqp_url: str
+) -> None:
+    """Given two addresses, the first refusing connections, the publisher connects to the
+    second without waiting out a backoff, reports that node, and publishes through it."""
+    exchange = side.exchange()
+    side.queue(exchange)
+    refusing = "amqp://guest:guest@127.0.0.1:1/%2F"
+    publisher, recorder = make_publisher(
+        exchange, url=f"{refusing},{amqp_url}", reconnect_wait_min=30, reconnect_wait_max=60
+    )
+    recorder.wait_up()  # well within the 30 s a backoff would take
+    up = [s for s in recorder.statuses() if s.up]
+    port = pika.URLParameters(amqp_url).port
+    assert up[0].node == publisher.node == f"127.0.0.1:{port}"
+    down = [s for s in recorder.statuses() if not s.up]
+    assert len(down) == 1 and down[0].node == "127.0.0.1:1"
+
+    publisher.publish([message(0, exchange)])
+    assert by_tag(recorder.wait_outcomes(1))[0].outcome is Outcome.CONFIRMED
