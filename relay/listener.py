@@ -14,6 +14,8 @@ from collections.abc import Callable
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 
 from relay.backoff import backoff_delay
 from relay.deadline import Watchdog
@@ -23,9 +25,15 @@ log = logging.getLogger("relay.listener")
 
 
 def psycopg_dsn(database_url: str) -> str:
-    """A libpq URL for psycopg from a SQLAlchemy URL."""
-    url = sa.make_url(database_url).set(drivername="postgresql")
-    return url.render_as_string(hide_password=False)
+    """A libpq connection string for psycopg from a SQLAlchemy URL, built by SQLAlchemy's own
+    psycopg dialect so that the LISTEN connection goes where the relay's engine goes: several
+    hosts (`?host=a:5432&host=b:5432`, or libpq's `?host=a,b&port=5432,5432`) and
+    `target_session_attrs=read-write` included."""
+    url = sa.make_url(database_url).set(drivername="postgresql+psycopg")
+    dialect = postgresql_psycopg.dialect()  # type: ignore[no-untyped-call]
+    _, params = dialect.create_connect_args(url)  # type: ignore[no-untyped-call]
+    params.pop("context", None)  # SQLAlchemy's adapters map, not a libpq parameter
+    return make_conninfo(**{k: str(v) for k, v in params.items()})
 
 
 class Listener:
