@@ -1,0 +1,204 @@
+"""A relay given every node of a three-node RabbitMQ cluster, publishing to a quorum queue,
+while nodes go away (issue 16). After each scenario the fault suite's checker
+(tests/faults/invariants.py) holds: nothing lost, nothing rolled back delivered, per-key order,
+duplicates within one in-flight window per lost connection, no attempt spent.
+
+Recovery is measured from the moment the fault began (a node stopped or killed) or healed
+(the majority back) to the delivery of an event committed at that moment."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from outbox import Event
+from tests.cluster.conftest import ClusterRig
+from tests.faults.invariants import RECOVERY_LIMIT, row_states, verify
+from tests.faults.load import Writers
+from tests.support.rabbit import unique_name
+from tests.support.relays import write_events, written
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+EVENTS = 1500
+RATE = 400  # events per second: the writes span the fault
+
+
+def probe(rig: ClusterRig, since: float, timeout: float = 2 * RECOVERY_LIMIT) -> float | None:
+    """Commit an event of a fresh key now; seconds from `since` until it is delivered."""
+    event = Event(type="order.probe", key=unique_name("probe"))
+    write_events(rig.engine, rig.box, [event])
+    return rig.observer.seconds_until_delivered(str(event.id), since, timeout)
+
+
+def test_relays_node_stopped_mid_stream_then_started_again(cluster_rig: ClusterRig) -> None:
+    """Given a relay on the first node of the list, when that node is stopped mid-stream, then
+    the relay moves to the next node, and nothing is lost; when the node comes back, nothing
+    changes for the relay (it stays where it is)."""
+    rig = cluster_rig
+    settings = rig.settings()
+    with (
+        Writers(rig.engine, rig.box, total=EVENTS, keys=50, rate=RATE, seed=161) as writers,
+        rig.relay(settings) as relay,
+    ):
+        rig.observer.wait_for_count(200, timeout=30)
+        node = rig.node_of(relay)
+        assert node is rig.cluster.nodes[0], "the relay is not on the first node that answers"
+        stopped_at = time.monotonic()
+        node.stop()
+        moved_to = rig.wait_connected_elsewhere(relay, node, timeout=30)
+        recovery = probe(rig, stopped_at)
+        relay.assert_running()
+        node.start()
+        writers.join()
+        rig.observer.wait_for_ids(_committed(rig), idle_timeout=20)
+        relay.assert_running()
+    verify(
+        rig.engine,
+        rig.box,
+        rig.observer.settle(),
+        scenario="16 relay's node stopped, restarted",
+        started=rig.started,
+        record=rig.record,
+        max_duplicates=settings.max_in_flight,
+        recoveries=[recovery],
+        notes=f"moved {node.label} -> {moved_to.label}",
+    )
+
+
+def test_relays_node_sigkilled(cluster_rig: ClusterRig) -> None:
+    """Given a relay on a node, when that node's VM is SIGKILLed (no connection close, no
+    goodbye), then the relay moves to another node and nothing is lost."""
+    rig = cluster_rig
+    settings = rig.settings()
+    with (
+        Writers(rig.engine, rig.box, total=EVENTS, keys=50, rate=RATE, seed=162) as writers,
+        rig.relay(settings) as relay,
+    ):
+        rig.observer.wait_for_count(200, timeout=30)
+        node = rig.node_of(relay)
+        assert node is not rig.tap_node
+        killed_at = time.monotonic()
+        node.kill()
+        moved_to = rig.wait_connected_elsewhere(relay, node, timeout=30)
+        recovery = probe(rig, killed_at)
+        relay.assert_running()
+        node.start()
+        writers.join()
+        rig.observer.wait_for_ids(_committed(rig), idle_timeout=20)
+        relay.assert_running()
+    verify(
+        rig.engine,
+        rig.box,
+        rig.observer.settle(),
+        scenario="16 relay's node SIGKILLed",
+        started=rig.started,
+        record=rig.record,
+        max_duplicates=settings.max_in_flight,
+        recoveries=[recovery],
+        notes=f"moved {node.label} -> {moved_to.label}",
+    )
+
+
+def test_minority_down_confirms_keep_coming(cluster_rig: ClusterRig) -> None:
+    """Given a relay on one node, when another node (a minority: one of three) is down, then
+    the quorum queue still has a majority: confirms keep coming, the relay stays where it is,
+    and no publish waits for the missing node."""
+    rig = cluster_rig
+    settings = rig.settings()
+    with (
+        Writers(rig.engine, rig.box, total=EVENTS, keys=50, rate=RATE, seed=163) as writers,
+        rig.relay(settings) as relay,
+    ):
+        rig.observer.wait_for_count(200, timeout=30)
+        relays_node = rig.node_of(relay)
+        down = next(n for n in rig.cluster.nodes if n not in (relays_node, rig.tap_node))
+        down.stop()
+        down_at = time.monotonic()
+        recovery = probe(rig, down_at)
+        # Events committed while the node is down are confirmed (marked published) while it
+        # is still down: a majority of the queue's replicas took them.
+        while_down = [Event(type="order.placed", key=f"k{n % 50}") for n in range(100)]
+        write_events(rig.engine, rig.box, while_down)
+        ids = {str(e.id) for e in while_down}
+        assert not rig.observer.wait_for_ids(ids, idle_timeout=10), "not delivered"
+        _wait_published(rig, ids)
+        assert rig.node_of(relay) is relays_node
+        assert not down.running()
+        down.start()
+        writers.join()
+        rig.observer.wait_for_ids(_committed(rig), idle_timeout=20)
+        relay.assert_running()
+    verify(
+        rig.engine,
+        rig.box,
+        rig.observer.settle(),
+        scenario="16 minority (1 of 3) down",
+        started=rig.started,
+        record=rig.record,
+        max_duplicates=0,  # the relay's connection never broke
+        recoveries=[recovery],
+        notes=f"{down.label} down; 100 events committed and confirmed while it was",
+    )
+
+
+def test_majority_down_relay_waits_loses_nothing_and_resumes(cluster_rig: ClusterRig) -> None:
+    """Given a relay publishing, when two of three nodes are down (the quorum queue has no
+    majority, so no confirm can come), then the relay waits: it keeps its results and its
+    leases, marks nothing published, and once a majority is back everything arrives."""
+    rig = cluster_rig
+    settings = rig.settings()
+    with (
+        Writers(rig.engine, rig.box, total=EVENTS, keys=50, rate=RATE, seed=164) as writers,
+        rig.relay(settings) as relay,
+    ):
+        rig.observer.wait_for_count(200, timeout=30)
+        down = [n for n in rig.cluster.nodes if n is not rig.tap_node]
+        for node in down:
+            node.stop()
+        outage_started = time.monotonic()
+        published_before = _published(rig)
+        # The relay keeps trying; the writers keep committing; no confirm can come.
+        during = rig.observer.watch(3.0)
+        relay.assert_running()
+        outage_s = time.monotonic() - outage_started
+        marked_during = _published(rig) - published_before
+        down[0].start()  # two of three: a majority again
+        healed_at = time.monotonic()
+        recovery = probe(rig, healed_at)
+        down[1].start()
+        writers.join()
+        rig.observer.wait_for_ids(_committed(rig), idle_timeout=20)
+        relay.assert_running()
+    verify(
+        rig.engine,
+        rig.box,
+        rig.observer.settle(),
+        scenario="16 majority (2 of 3) down",
+        started=rig.started,
+        record=rig.record,
+        max_duplicates=2 * settings.max_in_flight,
+        recoveries=[recovery],
+        notes=f"no majority for {outage_s:.1f}s: {during} delivered, "
+        f"{marked_during} marked published meanwhile (confirms already on their way)",
+    )
+
+
+def _committed(rig: ClusterRig) -> set[str]:
+    return {w.id for w in written(rig.engine, rig.box)}
+
+
+def _published(rig: ClusterRig) -> int:
+    return sum(s.status == "published" for s in row_states(rig.engine, rig.box).values())
+
+
+def _wait_published(rig: ClusterRig, ids: set[str], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        states = row_states(rig.engine, rig.box)
+        if all(states[i].status == "published" for i in ids):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("events committed while a minority was down not published")
+        rig.observer.step()
