@@ -336,10 +336,9 @@ class AmqpPublisher:
                 # At start, the same credentials and vhost would be refused on every retry.
                 # (Later, e.g. while credentials rotate, it is retried like any outage.)
                 self._fatal = True
+                self._lost_handled = True  # settled here, with the refusal as the reason
                 with self._lock:
                     self._ready = False
-                self._lost_handled = True
-                with self._lock:
                     entries = self._confirms.take_all()
                     inbox = self._take_inbox()
                 events = self._settle_all(entries, inbox, Outcome.UNKNOWN, refused)

@@ -637,10 +637,14 @@ def test_run_with_a_wrong_broker_password_exits_4_with_one_line(
 
 
 def test_a_list_of_nodes_connects_to_the_first_that_answers(
-    side: SideBroker, make_publisher: PublisherFactory, amqp_url: str
+    side: SideBroker,
+    make_publisher: PublisherFactory,
+    amqp_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Given two addresses, the first refusing connections, the publisher connects to the
     second without waiting out a backoff, reports that node, and publishes through it."""
+    caplog.set_level(logging.INFO, logger="relay.publisher")
     exchange = side.exchange()
     side.queue(exchange)
     refusing = "amqp://guest:guest@127.0.0.1:1/%2F"
@@ -656,3 +660,5 @@ def test_a_list_of_nodes_connects_to_the_first_that_answers(
 
     publisher.publish([message(0, exchange)])
     assert by_tag(recorder.wait_outcomes(1))[0].outcome is Outcome.CONFIRMED
+    connected = [r.getMessage() for r in caplog.records if "connected to node" in r.getMessage()]
+    assert len(connected) == 1 and f"node 127.0.0.1:{port} " in connected[0]
