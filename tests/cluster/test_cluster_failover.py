@@ -11,9 +11,11 @@ from __future__ import annotations
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from outbox import Event
 from tests.cluster.conftest import ClusterRig
+from tests.cluster.nodes import MAX_MESSAGE_SIZE
 from tests.faults.invariants import RECOVERY_LIMIT, row_states, verify
 from tests.faults.load import Writers
 from tests.support.rabbit import unique_name
@@ -202,3 +204,53 @@ def _wait_published(rig: ClusterRig, ids: set[str], timeout: float = 20.0) -> No
         if time.monotonic() > deadline:
             raise AssertionError("events committed while a minority was down not published")
         rig.observer.step()
+
+
+def test_a_poison_message_costs_one_event_not_the_window(cluster_rig: ClusterRig) -> None:
+    """Given a broker with a 64 KiB max_message_size (below the relay's default) and a stream of
+    events, when an event's body is larger (twice), then that event alone is dead after a
+    single attempt (no retry can help), naming the limit, and every other event is published
+    without spending an attempt, although the first one closed the channel they shared.
+    (That the second is refused before it is sent: test_cluster_publisher.py.)"""
+    rig = cluster_rig
+    settings = rig.settings()
+    poison = [
+        Event(type="order.huge", key=unique_name("huge"), payload={"blob": "x" * MAX_MESSAGE_SIZE})
+        for _ in range(2)
+    ]
+    with (
+        Writers(rig.engine, rig.box, total=EVENTS, keys=50, rate=RATE, seed=165) as writers,
+        rig.relay(settings) as relay,
+    ):
+        rig.observer.wait_for_count(200, timeout=30)
+        write_events(rig.engine, rig.box, poison[:1])
+        rig.observer.watch(0.5)
+        write_events(rig.engine, rig.box, poison[1:])
+        writers.join()
+        ids = _committed(rig) - {str(e.id) for e in poison}
+        rig.observer.wait_for_ids(ids, idle_timeout=20)
+        _wait_published(rig, ids)
+        relay.assert_running()
+    states = row_states(rig.engine, rig.box)
+    for event in poison:
+        state = states[str(event.id)]
+        assert (state.status, state.attempts, state.failures) == ("dead", 1, 1), state
+    with rig.engine.connect() as conn:
+        t = rig.box.events
+        errors = conn.execute(sa.select(t.c.last_error).where(t.c.type == "order.huge")).scalars()
+        assert all(f"max_message_size of {MAX_MESSAGE_SIZE} bytes" in e for e in errors)
+    # Nothing else is left to check on them; the checker looks at everything else.
+    with rig.engine.begin() as conn:
+        for table in (rig.box.failures, rig.box.events):
+            key = table.c.event_id if table is rig.box.failures else table.c.id
+            conn.execute(sa.delete(table).where(key.in_([e.id for e in poison])))
+    verify(
+        rig.engine,
+        rig.box,
+        rig.observer.settle(),
+        scenario="12.5 poison message (too large)",
+        started=rig.started,
+        record=rig.record,
+        max_duplicates=settings.max_in_flight,  # those that shared the closed channel
+        notes="2 events over the broker's max_message_size: dead after 1 attempt each",
+    )
