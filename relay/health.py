@@ -100,7 +100,7 @@ def check_database(admin: Admin, database_url: str) -> Check:
 
 
 def check_broker(amqp_url: str, *, timeout: float = BROKER_TIMEOUT) -> Check:
-    where = mask_url(amqp_url)
+    where = ",".join(mask_url(url) for url in split_amqp_urls(amqp_url)) or mask_url(amqp_url)
     try:
         connection = open_broker(amqp_url, connection_name="outbox-relay:health", timeout=timeout)
     except BrokerUnavailableError as exc:

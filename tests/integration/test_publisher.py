@@ -662,3 +662,12 @@ def test_a_list_of_nodes_connects_to_the_first_that_answers(
     assert by_tag(recorder.wait_outcomes(1))[0].outcome is Outcome.CONFIRMED
     connected = [r.getMessage() for r in caplog.records if "connected to node" in r.getMessage()]
     assert len(connected) == 1 and f"node 127.0.0.1:{port} " in connected[0]
+
+
+def test_health_passes_when_one_node_of_the_list_answers(amqp_url: str) -> None:
+    from relay.health import check_broker
+
+    refusing = "amqp://guest:s3cr3t@127.0.0.1:1/%2F"
+    assert check_broker(f"{refusing},{amqp_url}", timeout=5).ok
+    failed = check_broker(f"{amqp_url.replace('5672', '1')},{refusing}", timeout=5)
+    assert not failed.ok and "s3cr3t" not in failed.detail
