@@ -1,6 +1,7 @@
-"""A three-node RabbitMQ cluster, started once per test session (about 15 s) and stopped at
-its end, for the tests of the production topology (issue 16): a relay given every node's URL,
-publishing to a quorum queue replicated on all three, while nodes are stopped and killed.
+"""A three-node RabbitMQ cluster, started once per test run (about 15 s) and stopped after the
+last test of this package, for the tests of the production topology (issue 16): a relay given
+every node's URL, publishing to a quorum queue replicated on all three, while nodes are
+stopped and killed.
 
 The nodes are this machine's RabbitMQ with their own names, ports and data directories in a
 temporary directory (tests/cluster/nodes.py); the machine's own `rabbit@localhost` is never
@@ -28,7 +29,9 @@ from tests.support.rabbit import QueueTap, unique_name
 _RESULTS = pytest.StashKey[list[ScenarioResult]]()
 
 
-@pytest.fixture(scope="session")
+# Package scope: started once per run (the cluster tests all live in this package) and
+# stopped as soon as the last of them is done, not left idling through the rest of the suite.
+@pytest.fixture(scope="package")
 def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path_factory.mktemp("rabbit-cluster"))
     try:

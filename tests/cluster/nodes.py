@@ -86,6 +86,9 @@ class Node:
             RABBITMQ_LOG_BASE=str(self.dir / "log"),
             RABBITMQ_PID_FILE=str(self.dir / "pid"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(self.dir / "plugins"),
+            # Three VMs share two cores with the rest of the suite: one scheduler each, and no
+            # busy-waiting schedulers burning CPU while idle.
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="+S 1:1 +sbwt none +sbwtdcpu none +sbwtdio none",
         )
         return env
 
