@@ -18,6 +18,7 @@ from tests.cluster.conftest import ClusterRig
 from tests.cluster.nodes import MAX_MESSAGE_SIZE
 from tests.faults.invariants import RECOVERY_LIMIT, row_states, verify
 from tests.faults.load import Writers
+from tests.faults.runners import RelayProcess
 from tests.support.rabbit import unique_name
 from tests.support.relays import write_events, written
 
@@ -257,3 +258,53 @@ def test_a_poison_message_costs_one_event_not_the_window(cluster_rig: ClusterRig
         max_duplicates=settings.max_in_flight,  # those that shared the closed channel
         notes="2 events over the broker's max_message_size: dead after 1 attempt each",
     )
+
+
+def test_relay_process_given_the_node_list_by_variable_moves_and_says_where(
+    cluster_rig: ClusterRig,
+) -> None:
+    """`outbox-relay run` with OUTBOX_AMQP_URL listing every node: when its node stops, the
+    process logs the node it moved to, keeps delivering, and exits 0 on SIGTERM."""
+    rig = cluster_rig
+    first, second = rig.cluster.nodes[0], rig.cluster.nodes[1]
+    relay = RelayProcess(
+        database_url=rig.pg_url,
+        amqp_url=rig.cluster.urls(),
+        schema=str(rig.box.schema),
+        exchange=rig.exchange,
+        name=unique_name("relay"),
+        extra=["--poll-interval", "0.2s"],
+    )
+    try:
+        write_events(rig.engine, rig.box, [Event(type="order.placed", key="a")])
+        rig.observer.wait_for_count(1, timeout=30)
+        _wait_for_output(relay, f"connected to node {first.label}")
+        stopped_at = time.monotonic()
+        first.stop()
+        recovery = probe(rig, stopped_at)
+        _wait_for_output(relay, f"connected to node {second.label}")
+        relay.assert_running()
+        first.start()
+    finally:
+        code = relay.stop()
+    assert code == 0, relay.output[-3000:]
+    verify(
+        rig.engine,
+        rig.box,
+        rig.observer.settle(),
+        scenario="16 relay process, node stopped",
+        started=rig.started,
+        record=rig.record,
+        max_duplicates=0,  # nothing was in flight when the node stopped
+        recoveries=[recovery],
+        notes=f"moved {first.label} -> {second.label}",
+    )
+
+
+def _wait_for_output(relay: RelayProcess, text: str, timeout: float = 10.0) -> None:
+    """The process's output is read by a thread: a line may land a moment after its effect."""
+    deadline = time.monotonic() + timeout
+    while text not in relay.output:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in the relay's output:\n{relay.output[-3000:]}")
+        time.sleep(0.05)

@@ -302,6 +302,9 @@ def test_full_queue_with_reject_publish_nacks(
     assert kinds[Outcome.CONFIRMED] >= 1
     assert kinds[Outcome.CONFIRMED] + kinds[Outcome.REJECTED] == 5
     assert all(o.error == NACKED for o in settled.values() if o.outcome is Outcome.REJECTED)
+    # The error says where to look.
+    assert "queue length limit" in NACKED and "reject-publish" in NACKED
+    assert "disk or memory alarm" in NACKED and "internal error" in NACKED
 
 
 def test_missing_exchange_rejects_batch_and_channel_recovers(
