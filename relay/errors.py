@@ -23,6 +23,10 @@ class BrokerUnavailableError(RelayError):
     """RabbitMQ cannot be reached or the connection broke. The relay retries."""
 
 
+class BrokerRefusedError(BrokerUnavailableError):
+    """RabbitMQ refused the login or the virtual host at start: retrying cannot fix it."""
+
+
 class BrokerConfigError(RelayError):
     """RabbitMQ refused the relay's topology (e.g. the exchange exists with another type)."""
 

@@ -13,6 +13,7 @@ import pika
 import pika.exceptions
 
 from relay.admin import Admin
+from relay.broker_urls import split_amqp_urls
 from relay.errors import (
     BrokerUnavailableError,
     DatabaseUnavailableError,
@@ -38,7 +39,16 @@ class Check:
 def open_broker(
     amqp_url: str, *, connection_name: str, timeout: float = BROKER_TIMEOUT
 ) -> pika.BlockingConnection:
-    """A blocking connection that fails fast; errors become `BrokerUnavailableError`."""
+    """A blocking connection to the first node of the list that answers (fails fast); errors
+    become `BrokerUnavailableError` (the last node's)."""
+    urls = split_amqp_urls(amqp_url) or (amqp_url,)
+    for url in urls[:-1]:
+        with contextlib.suppress(BrokerUnavailableError):
+            return _open_one(url, connection_name=connection_name, timeout=timeout)
+    return _open_one(urls[-1], connection_name=connection_name, timeout=timeout)
+
+
+def _open_one(amqp_url: str, *, connection_name: str, timeout: float) -> pika.BlockingConnection:
     try:
         params = pika.URLParameters(amqp_url)
     except Exception as exc:
@@ -99,7 +109,7 @@ def check_database(admin: Admin, database_url: str) -> Check:
 
 
 def check_broker(amqp_url: str, *, timeout: float = BROKER_TIMEOUT) -> Check:
-    where = mask_url(amqp_url)
+    where = ",".join(mask_url(url) for url in split_amqp_urls(amqp_url)) or mask_url(amqp_url)
     try:
         connection = open_broker(amqp_url, connection_name="outbox-relay:health", timeout=timeout)
     except BrokerUnavailableError as exc:

@@ -41,6 +41,9 @@ class PublishOutcome:
     tag: int
     outcome: Outcome
     error: str | None = None
+    # False for a refusal no retry can change (larger than the broker's max message size, not
+    # encodable): the event goes dead at once instead of spending its remaining attempts.
+    retryable: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,6 +53,10 @@ class BrokerStatus:
     up: bool
     error: str | None = None
     fatal: bool = False  # a configuration problem retrying will not fix
+    # With `fatal`: the broker refused the login or the virtual host (exit code 4), rather
+    # than the relay's topology (exit code 6).
+    refused: bool = False
+    node: str | None = None  # the broker address (host:port) this is about, for logs/metrics
 
 
 PublisherEvent = PublishOutcome | BrokerStatus

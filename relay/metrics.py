@@ -22,5 +22,8 @@ class Metrics:
     def broker_up(self, up: bool) -> None:
         """The broker connection came up or went down."""
 
+    def broker_node(self, node: str) -> None:
+        """The broker connection is up on this cluster node (`host:port`)."""
+
     def database_up(self, up: bool) -> None:
         """The database answered again, or stopped answering."""

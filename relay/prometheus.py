@@ -15,6 +15,7 @@ Exported (all prefixed `outbox_relay_`):
   publish_seconds                           histogram publish to broker confirm
   commit_to_confirm_seconds                 histogram event written to broker confirm
   broker_up, database_up                    gauge    1 or 0
+  broker_node{node}                         gauge    1 for the node (host:port) connected to
   pending_events, dead_events               gauge    from the database
   oldest_pending_age_seconds                gauge    from the database (0 when none pending)
 """
@@ -183,6 +184,14 @@ class PrometheusMetrics(Metrics):
             registry=r,
         )
         self.broker = Gauge(f"{PREFIX}_broker_up", "1 while connected to RabbitMQ.", registry=r)
+        self.broker_nodes = Gauge(
+            f"{PREFIX}_broker_node",
+            "1 for the RabbitMQ node (host:port) the relay is connected to, 0 for nodes it "
+            "was connected to before.",
+            ["node"],
+            registry=r,
+        )
+        self._broker_nodes_seen: set[str] = set()
         self.database = Gauge(
             f"{PREFIX}_database_up", "0 while the database does not answer.", registry=r
         )
@@ -229,6 +238,12 @@ class PrometheusMetrics(Metrics):
 
     def broker_up(self, up: bool) -> None:
         self.broker.set(1 if up else 0)
+
+    def broker_node(self, node: str) -> None:
+        for seen in self._broker_nodes_seen - {node}:
+            self.broker_nodes.labels(seen).set(0)
+        self._broker_nodes_seen.add(node)
+        self.broker_nodes.labels(node).set(1)
 
     def database_up(self, up: bool) -> None:
         self.database.set(1 if up else 0)

@@ -28,6 +28,9 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
+from relay.broker_errors import describe_error, quiet_pika, refusal
+from relay.broker_urls import node_label, parse_amqp_urls, split_amqp_urls
+from relay.channel_blame import DEFAULT_MAX_MESSAGE_SIZE, Sent, blame, too_large_error
 from relay.confirms import ConfirmWindow, Entry
 from relay.messages import (
     BrokerStatus,
@@ -44,25 +47,15 @@ logger = logging.getLogger("relay.publisher")
 _P = ParamSpec("_P")
 
 NOT_CONNECTED = "broker not connected"
-NACKED = "nacked by broker"
+NACKED = (
+    "nacked by broker: it refused responsibility for the message; likely causes: a queue "
+    "length limit (x-max-length with x-overflow reject-publish), a disk or memory alarm, or an "
+    "internal error (see the broker's log)"
+)
 
 # A channel the broker closes while we declare the exchange with this code means the exchange
 # exists with another type or other arguments: reconnecting cannot fix that.
 _PRECONDITION_FAILED = 406
-
-
-def describe_error(error: BaseException | str | None) -> str:
-    """A one-line, password-free description of a pika error for statuses and logs."""
-    if error is None:
-        return "unknown error"
-    if isinstance(error, str):
-        return mask_text(error)
-    if isinstance(error, pika.exceptions.ChannelClosed | pika.exceptions.ConnectionClosed):
-        text = f"{type(error).__name__}: {error.reply_code} {error.reply_text}"
-    else:
-        detail = str(error)
-        text = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
-    return mask_text(text)
 
 
 class AmqpPublisher:
@@ -81,16 +74,21 @@ class AmqpPublisher:
         blocked_connection_timeout: float = 30.0,
         reconnect_wait_min: float = 0.5,
         reconnect_wait_max: float = 10.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        params = pika.URLParameters(amqp_url)
-        params.client_properties = {"connection_name": connection_name}
-        params.heartbeat = heartbeat
-        params.blocked_connection_timeout = blocked_connection_timeout
-        # The thread's own loop does the retrying (with backoff, interruptible by stop()).
-        params.connection_attempts = 1
-        params.socket_timeout = 5
-        self._params = params
-        self._url_for_logs = mask_url(amqp_url)
+        # One entry per cluster node, tried in order; the thread moves to the next one when
+        # its node refuses a connection or goes away.
+        self._nodes = parse_amqp_urls(amqp_url)
+        for params in self._nodes:
+            params.client_properties = {"connection_name": connection_name}
+            params.heartbeat = heartbeat
+            params.blocked_connection_timeout = blocked_connection_timeout
+            # The thread's own loop does the retrying (with backoff, interruptible by stop()).
+            params.connection_attempts = 1
+            params.socket_timeout = 5
+        self._urls_for_logs = [mask_url(url) for url in split_amqp_urls(amqp_url)]
+        self._node_index = 0  # I/O thread only: the node of the current (or next) connection
+        self._failed_connects = 0  # I/O thread only: failed attempts in a row, over all nodes
         self._sink = sink
         self._connection_name = connection_name
         self._exchange = exchange
@@ -119,6 +117,10 @@ class AmqpPublisher:
         self._inbox: list[Sequence[OutgoingMessage]] = []
         self._drain_scheduled = False
         self._confirms = ConfirmWindow()
+        self._sent: dict[int, Sent] = {}  # relay tag -> what a channel close is judged on
+        # Bodies larger than this are refused before they are sent. A broker configured lower
+        # says so in the channel close; its figure is adopted from then on.
+        self._max_message_size = max_message_size
         # -- I/O thread only ----------------------------------------------------------------
         self._channel: Channel | None = None
         self._declaring = False
@@ -131,6 +133,8 @@ class AmqpPublisher:
         self._published_total = 0
         self._wake = threading.Event()
         self._publish_inbox_cb = self._guard(self._publish_inbox)
+        self._ever_ready = False  # a refused login is permanent only before the first success
+        quiet_pika()
 
     # -- public API ------------------------------------------------------------------------
 
@@ -146,6 +150,11 @@ class AmqpPublisher:
     def published_total(self) -> int:
         """basic.publish frames sent since start, over all connections (confirmed or not)."""
         return self._published_total
+
+    @property
+    def node(self) -> str:
+        """`host:port` of the node the publisher is connected to (or trying next)."""
+        return node_label(self._nodes[self._node_index])
 
     @property
     def in_flight(self) -> int:
@@ -201,6 +210,7 @@ class AmqpPublisher:
         with self._lock:
             self._books_closed = True
             entries = self._confirms.take_all()
+            self._sent.clear()
             inbox = self._take_inbox()
         self._emit(
             self._settle_all(
@@ -220,10 +230,15 @@ class AmqpPublisher:
                 with self._lock:
                     if self._stopping or self._fatal:
                         break
-                delay = self._wait(self._connect_backoff)
-                self._connect_backoff.attempt_number += 1
+                # The next node; walking the list after a failed connect is immediate, and
+                # the backoff applies once every node has failed (and after a node loss).
+                self._node_index = (self._node_index + 1) % len(self._nodes)
+                delay = 0.0
+                if self._failed_connects % len(self._nodes) == 0:
+                    delay = self._wait(self._connect_backoff)
+                    self._connect_backoff.attempt_number += 1
                 logger.info(
-                    "publisher %s: reconnecting to %s in %.2f s",
+                    "publisher %s: connecting to %s in %.2f s",
                     self._connection_name,
                     self._url_for_logs,
                     delay,
@@ -244,7 +259,7 @@ class AmqpPublisher:
                 if self._stopping:
                     return
                 connection = SelectConnection(
-                    self._params,
+                    self._nodes[self._node_index],
                     on_open_callback=self._guard(self._on_connection_open),
                     on_open_error_callback=self._guard(self._on_connection_open_error),
                     on_close_callback=self._guard(self._on_connection_closed),
@@ -287,8 +302,17 @@ class AmqpPublisher:
         except Exception:
             logger.debug("closing a crashed connection failed", exc_info=True)
 
+    @property
+    def _url_for_logs(self) -> str:
+        return self._urls_for_logs[self._node_index]
+
     def _on_connection_open(self, connection: Any) -> None:
-        logger.info("publisher %s: connected to %s", self._connection_name, self._url_for_logs)
+        logger.info(
+            "publisher %s: connected to node %s (%s)",
+            self._connection_name,
+            self.node,
+            self._url_for_logs,
+        )
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self._open_channel()
@@ -299,7 +323,7 @@ class AmqpPublisher:
             "publisher %s: broker blocked publishing (%s); connection closes after %s s",
             self._connection_name,
             reason,
-            self._params.blocked_connection_timeout,
+            self._nodes[self._node_index].blocked_connection_timeout,
         )
 
     def _on_unblocked(self, connection: Any, frame: Any) -> None:
@@ -307,6 +331,21 @@ class AmqpPublisher:
 
     def _on_connection_open_error(self, connection: Any, error: BaseException | str) -> None:
         try:
+            refused = refusal(error)
+            if refused is not None and not self._ever_ready:
+                # At start, the same credentials and vhost would be refused on every retry.
+                # (Later, e.g. while credentials rotate, it is retried like any outage.)
+                self._fatal = True
+                self._lost_handled = True  # settled here, with the refusal as the reason
+                with self._lock:
+                    self._ready = False
+                    entries = self._confirms.take_all()
+                    inbox = self._take_inbox()
+                events = self._settle_all(entries, inbox, Outcome.UNKNOWN, refused)
+                events.append(BrokerStatus(up=False, error=refused, fatal=True, refused=True))
+                self._emit(events)
+                return
+            self._failed_connects += 1
             logger.warning(
                 "publisher %s: cannot connect to %s: %s",
                 self._connection_name,
@@ -339,6 +378,7 @@ class AmqpPublisher:
         with self._lock:
             self._ready = False
             entries = self._confirms.take_all()
+            self._sent.clear()
             inbox = self._take_inbox()
         description = "publisher stopped" if self._stopping else describe_error(error)
         events = self._settle_all(
@@ -347,7 +387,7 @@ class AmqpPublisher:
         self._channel = None
         self._declaring = False
         if not self._fatal:  # the fatal status was reported already
-            events.append(BrokerStatus(up=False, error=description))
+            events.append(BrokerStatus(up=False, error=description, node=self.node))
         self._emit(events)
 
     def _close_from_io(self) -> None:
@@ -418,10 +458,12 @@ class AmqpPublisher:
             )
         self._connect_backoff.attempt_number = 1
         self._channel_backoff.attempt_number = 1
+        self._ever_ready = True
+        self._failed_connects = 0
         logger.info(
             "publisher %s: ready (confirms on, exchange %r)", self._connection_name, self._exchange
         )
-        self._emit([BrokerStatus(up=True)])
+        self._emit([BrokerStatus(up=True, node=self.node)])
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         if channel is not self._channel:
@@ -457,11 +499,26 @@ class AmqpPublisher:
             was_ready = self._ready
             self._ready = False
             entries = self._confirms.take_all()
+            sent = [self._sent.pop(tag) for tag, _ in entries if tag in self._sent]
+            self._sent.clear()
             inbox = self._take_inbox()
-        # The broker discards everything after the frame that closed the channel; it cannot
-        # say which message that was, so every unconfirmed one is refused.
-        outcome = Outcome.REJECTED if by_broker else Outcome.UNKNOWN
-        events = self._settle_all(entries, inbox, outcome, f"channel closed: {description}")
+        events = self._settle_all(entries, inbox, Outcome.UNKNOWN, f"channel closed: {description}")
+        if by_broker:
+            # Only the message(s) the close is the fault of spend an attempt; the others only
+            # shared the channel (relay/channel_blame.py says why that is safe).
+            verdict = blame(reply_code, getattr(reason, "reply_text", ""), sent)
+            if verdict.max_message_size is not None:
+                self._max_message_size = min(self._max_message_size, verdict.max_message_size)
+            events = [
+                PublishOutcome(
+                    e.tag, Outcome.REJECTED, mask_text(verdict.error), retryable=verdict.retryable
+                )
+                if isinstance(e, PublishOutcome)
+                and e.outcome is Outcome.UNKNOWN
+                and e.tag in verdict.blamed
+                else e
+                for e in events
+            ]
         events.append(BrokerStatus(up=False, error=description))
         self._emit(events)
 
@@ -484,11 +541,24 @@ class AmqpPublisher:
         usable = channel is not None and channel.is_open and self._ready and not self._stopping
         refusal = "publisher stopped" if self._stopping else NOT_CONNECTED
         published: list[Entry] = []
+        sent: list[Sent] = []
         events: list[PublisherEvent] = []
         for batch in batches:
             for message in batch:
                 if not usable or channel is None:
                     events.append(PublishOutcome(message.tag, Outcome.UNKNOWN, refusal))
+                    continue
+                if len(message.body) > self._max_message_size:
+                    # The broker would close the channel on it, and with it every other
+                    # message in flight: refuse it here, for good.
+                    events.append(
+                        PublishOutcome(
+                            message.tag,
+                            Outcome.REJECTED,
+                            too_large_error(len(message.body), self._max_message_size),
+                            retryable=False,
+                        )
+                    )
                     continue
                 try:
                     channel.basic_publish(
@@ -522,11 +592,15 @@ class AmqpPublisher:
                     )
                     events.append(
                         PublishOutcome(
-                            message.tag, Outcome.REJECTED, f"cannot encode message: {exc!r}"
+                            message.tag,
+                            Outcome.REJECTED,
+                            f"cannot encode message: {exc!r}",
+                            retryable=False,
                         )
                     )
                     continue
                 published.append((message.tag, message.message_id))
+                sent.append(Sent(message.tag, message.exchange, len(message.body)))
         self._published_total += len(published)
         with self._lock:
             if self._books_closed:
@@ -536,6 +610,7 @@ class AmqpPublisher:
                 )
             else:
                 self._confirms.published(published)
+                self._sent.update((s.tag, s) for s in sent)
         if events:
             self._emit(events)
 
@@ -557,6 +632,8 @@ class AmqpPublisher:
         acked = isinstance(method, spec.Basic.Ack)
         with self._lock:
             entries = self._confirms.settle(int(method.delivery_tag), bool(method.multiple))
+            for tag, _ in entries:
+                self._sent.pop(tag, None)
         if not entries:
             return
         events: list[PublisherEvent] = []

@@ -27,7 +27,7 @@ from relay.backoff import backoff_delay
 from relay.claim_pacing import ClaimPacer
 from relay.database_lane import DatabaseLane
 from relay.dead_letter_log import DeadLetterLog
-from relay.errors import BrokerConfigError, DatabaseUnavailableError
+from relay.errors import BrokerConfigError, BrokerRefusedError, DatabaseUnavailableError
 from relay.messages import BrokerStatus, Outcome, Publisher, PublisherEvent, PublishOutcome, Sink
 from relay.metrics import Metrics
 from relay.records import Claim, ClaimedEvent, Failure
@@ -308,7 +308,9 @@ class Relay:
         # the run goes back unattempted.
         self._give_back(rest)
         report.rejected += 1
-        failure = self._failure(event, outcome.error or "rejected by broker")
+        failure = self._failure(
+            event, outcome.error or "rejected by broker", retryable=outcome.retryable
+        )
         if failure.next_attempt_at is None:
             report.dead += 1
             self._dead_letters.dead(failure)
@@ -330,9 +332,9 @@ class Relay:
         """Hand events back unattempted; their keys are freed unless still in flight here."""
         self._results.give_back(events, busy=self.sequencer.busy)
 
-    def _failure(self, event: ClaimedEvent, error: str) -> Failure:
+    def _failure(self, event: ClaimedEvent, error: str, *, retryable: bool = True) -> Failure:
         attempt = event.attempts + 1
-        if attempt >= self.settings.max_attempts:
+        if attempt >= self.settings.max_attempts or not retryable:
             return Failure(event=event, error=error, next_attempt_at=None)
         delay = backoff_delay(
             attempt, initial=self.settings.retry_min, maximum=self.settings.retry_max, rng=self._rng
@@ -344,11 +346,14 @@ class Relay:
     def _broker_status(self, status: BrokerStatus) -> None:
         self.metrics.broker_up(status.up)
         if status.fatal:
-            self._fatal = BrokerConfigError(status.error or "broker refused the relay's topology")
+            kind = BrokerRefusedError if status.refused else BrokerConfigError
+            self._fatal = kind(status.error or "broker refused the relay's topology")
             return
         if status.up:
+            if status.node is not None:
+                self.metrics.broker_node(status.node)
             if not self._broker_up:
-                log.info("broker connected")
+                log.info("broker connected (node %s)", status.node)
             self._broker_up = True
             self._claims.soon()
             return

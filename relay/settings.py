@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 from outbox.schema import DEFAULT_TABLE, Outbox
+from relay.broker_urls import parse_amqp_urls
 from relay.errors import ConfigError
 from relay.urls import check_amqp_url, check_database_url
 
@@ -76,6 +77,7 @@ class RelaySettings:
     def __post_init__(self) -> None:
         check_database_url(self.database_url)
         check_amqp_url(self.amqp_url)
+        parse_amqp_urls(self.amqp_url)  # and pika reads every URL of the list
         _require(
             self.exchange_type in EXCHANGE_TYPES,
             "exchange_type",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from relay.broker_urls import join_amqp_urls
 from relay.cli.exits import META_AMQP_URL, META_DATABASE_URL
 from relay.errors import ConfigError
 from relay.settings import parse_duration
@@ -148,17 +149,26 @@ def database_options(f: F) -> F:
 
 
 def amqp_option(default: str | None = None) -> Callable[[F], F]:
+    check = checked_url(META_AMQP_URL)
+
+    def joined(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        # Repeated options (and lists in each) become one comma-separated list, checked whole.
+        return check(ctx, param, join_amqp_urls(value) if value else None)
+
     # No `default=None` on a required option: click then takes None as a given value and
     # skips its "Missing option" check.
     defaults: dict[str, Any] = (
-        {"required": True} if default is None else {"default": default, "show_default": True}
+        {"required": True} if default is None else {"default": (default,), "show_default": True}
     )
     return click.option(
         "--amqp-url",
         envvar="OUTBOX_AMQP_URL",
         show_envvar=True,
-        callback=checked_url(META_AMQP_URL),
-        help="RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2F.",
+        multiple=True,
+        callback=joined,
+        help="RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2F. For a cluster, list its "
+        "nodes (comma-separated, or the option repeated): the relay connects to the first "
+        "that answers and moves to the next when its node goes away.",
         **defaults,
     )
 

@@ -8,6 +8,9 @@ the broker is shared.
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,6 +24,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.exchange_type import ExchangeType
 from pika.spec import BasicProperties
 
+from outbox import Outbox
 from relay.messages import (
     BrokerStatus,
     Outcome,
@@ -30,6 +34,7 @@ from relay.messages import (
 )
 from relay.publisher import NACKED, NOT_CONNECTED, AmqpPublisher
 from tests.support.rabbit import close_connection_named, unique_name
+from tests.support.relays import relay_env
 
 # Generous: the broker is shared with other test runs and confirms can take hundreds of ms.
 WAIT = 10.0
@@ -297,6 +302,9 @@ def test_full_queue_with_reject_publish_nacks(
     assert kinds[Outcome.CONFIRMED] >= 1
     assert kinds[Outcome.CONFIRMED] + kinds[Outcome.REJECTED] == 5
     assert all(o.error == NACKED for o in settled.values() if o.outcome is Outcome.REJECTED)
+    # The error says where to look.
+    assert "queue length limit" in NACKED and "reject-publish" in NACKED
+    assert "disk or memory alarm" in NACKED and "internal error" in NACKED
 
 
 def test_missing_exchange_rejects_batch_and_channel_recovers(
@@ -324,6 +332,60 @@ def test_missing_exchange_rejects_batch_and_channel_recovers(
 
     settled = by_tag(recorder.wait_outcomes(10))
     assert all(settled[tag].outcome is Outcome.CONFIRMED for tag in range(5, 10))
+
+
+def test_message_over_the_size_limit_is_refused_for_good_and_spares_the_window(
+    side: SideBroker, make_publisher: PublisherFactory
+) -> None:
+    """Given a broker limit of 1000 bytes, when a batch holds one 2000-byte body between small
+    ones, then that one alone is REJECTED (not retryable, saying why) without being sent, the
+    others are confirmed, and the channel never closes."""
+    exchange = side.exchange()
+    queue = side.queue(exchange)
+    publisher, recorder = make_publisher(exchange, max_message_size=1000)
+    recorder.wait_up()
+
+    batch = [message(0, exchange), message(1, exchange, body=b"x" * 2000), message(2, exchange)]
+    publisher.publish(batch)
+
+    settled = by_tag(recorder.wait_outcomes(3))
+    assert settled[1].outcome is Outcome.REJECTED and not settled[1].retryable
+    assert settled[1].error is not None and "2000 bytes" in settled[1].error
+    assert "max_message_size of 1000 bytes" in settled[1].error
+    assert settled[0].outcome is settled[2].outcome is Outcome.CONFIRMED
+    assert settled[0].retryable and settled[2].retryable
+    assert [s.up for s in recorder.statuses()] == [True]  # the channel stayed open
+    received = [properties.message_id for properties, _ in side.get(queue, 2)]
+    assert received == [batch[0].message_id, batch[2].message_id]
+    assert side.message_count(queue) == 0
+
+
+def test_channel_closed_by_one_bad_publish_spends_no_attempt_of_the_others(
+    side: SideBroker, make_publisher: PublisherFactory
+) -> None:
+    """Given a window of messages to a good exchange, when one message in the middle goes to
+    an exchange that does not exist (the broker closes the channel: 404), then only that one
+    is REJECTED; every other message is CONFIRMED or comes back UNKNOWN (republished with the
+    same message_id, no attempt spent), and a new channel opens."""
+    exchange = side.exchange()
+    side.queue(exchange)
+    missing = unique_name("test-publisher-missing")
+    publisher, recorder = make_publisher(exchange)
+    recorder.wait_up()
+
+    batch = [message(tag, exchange) for tag in range(40)]
+    batch[20] = message(20, missing)
+    publisher.publish(batch)
+
+    settled = by_tag(recorder.wait_outcomes(40))
+    rejected = {tag for tag, o in settled.items() if o.outcome is Outcome.REJECTED}
+    assert rejected == {20}
+    assert settled[20].error is not None and "404" in settled[20].error
+    assert settled[20].retryable  # the exchange may yet be declared
+    # Confirms of the messages before it may or may not have arrived before the close; the
+    # broker discarded those after it.
+    assert all(settled[tag].outcome is Outcome.UNKNOWN for tag in range(21, 40))
+    recorder.wait_up(times=2)
 
 
 def test_connection_closed_by_broker_reports_unknown_and_reconnects(
@@ -497,3 +559,118 @@ def test_unreachable_broker_retries_and_never_shows_the_password(
     assert all(not s.up and not s.fatal for s in statuses)
     assert all(s.error and "s3cr3t-pw" not in s.error for s in statuses)
     assert recorder.outcomes() == [PublishOutcome(0, Outcome.UNKNOWN, NOT_CONNECTED)]
+
+
+@pytest.mark.parametrize(
+    ("path_and_password", "says"),
+    [
+        (("%2F", "wrong-pw"), "refused the login"),
+        (("no-such-vhost", "guest"), "refused the virtual host"),
+    ],
+)
+def test_refused_login_or_vhost_at_start_is_fatal_in_one_status(
+    make_publisher: PublisherFactory,
+    caplog: pytest.LogCaptureFixture,
+    path_and_password: tuple[str, str],
+    says: str,
+) -> None:
+    """A wrong password or a missing vhost is refused the same way on every retry: the
+    publisher reports one fatal, `refused` status that says what to fix, stops its thread,
+    and neither it nor pika logs anything at WARNING or above."""
+    vhost, password = path_and_password
+    url = f"amqp://guest:{password}@127.0.0.1:5672/{vhost}"
+    publisher, recorder = make_publisher("unused", url=url, reconnect_wait_min=0.05)
+
+    recorder.wait_until(lambda: any(s.fatal for s in recorder.statuses()), "a fatal status")
+    thread = publisher_thread(publisher)
+    if thread is not None:
+        thread.join(WAIT)
+    assert not publisher_thread_alive(publisher), "the publisher kept retrying"
+    statuses = recorder.statuses()
+    assert len(statuses) == 1 and statuses[0].refused and not statuses[0].up
+    assert statuses[0].error is not None and says in statuses[0].error
+    assert "wrong-pw" not in statuses[0].error
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == [], [f"{r.name}: {r.getMessage()}" for r in loud]
+
+
+def test_unresolvable_host_is_retried_with_one_warning_per_attempt_naming_the_cause(
+    make_publisher: PublisherFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = "amqp://guest:guest@no-such-host.invalid:5672/%2F"
+    publisher, recorder = make_publisher(
+        "unused", url=url, reconnect_wait_min=0.05, reconnect_wait_max=0.1
+    )
+    recorder.wait_until(lambda: len(recorder.statuses()) >= 3, "three failed attempts")
+    publisher.stop(5.0)
+
+    statuses = recorder.statuses()
+    assert all(not s.fatal and not s.up for s in statuses)
+    assert all(s.error and "Name or service not known" in s.error for s in statuses)
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert all(r.name == "relay.publisher" for r in loud), [r.name for r in loud]
+    assert all("Name or service not known" in r.getMessage() for r in loud)
+    assert len(statuses) - 1 <= len(loud) <= len(statuses)  # one per attempt, at most
+
+
+def test_run_with_a_wrong_broker_password_exits_4_with_one_line(
+    pg_url: str, outbox_schema: Outbox
+) -> None:
+    """`run --until-empty` does not retry a refused login forever: exit 4, one error line,
+    none of pika's noise, no password."""
+    result = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "run", "--until-empty"],
+        env=relay_env(
+            {
+                "OUTBOX_DATABASE_URL": pg_url,
+                "OUTBOX_AMQP_URL": "amqp://guest:wrong-pw@127.0.0.1:5672/%2F",
+                "OUTBOX_SCHEMA": str(outbox_schema.schema),
+            }
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 4, result.stderr
+    assert "wrong-pw" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "refused the login" in errors[0], result.stderr
+    assert "pika" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_list_of_nodes_connects_to_the_first_that_answers(
+    side: SideBroker,
+    make_publisher: PublisherFactory,
+    amqp_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Given two addresses, the first refusing connections, the publisher connects to the
+    second without waiting out a backoff, reports that node, and publishes through it."""
+    caplog.set_level(logging.INFO, logger="relay.publisher")
+    exchange = side.exchange()
+    side.queue(exchange)
+    refusing = "amqp://guest:guest@127.0.0.1:1/%2F"
+    publisher, recorder = make_publisher(
+        exchange, url=f"{refusing},{amqp_url}", reconnect_wait_min=30, reconnect_wait_max=60
+    )
+    recorder.wait_up()  # well within the 30 s a backoff would take
+    up = [s for s in recorder.statuses() if s.up]
+    port = pika.URLParameters(amqp_url).port
+    assert up[0].node == publisher.node == f"127.0.0.1:{port}"
+    down = [s for s in recorder.statuses() if not s.up]
+    assert len(down) == 1 and down[0].node == "127.0.0.1:1"
+
+    publisher.publish([message(0, exchange)])
+    assert by_tag(recorder.wait_outcomes(1))[0].outcome is Outcome.CONFIRMED
+    connected = [r.getMessage() for r in caplog.records if "connected to node" in r.getMessage()]
+    assert len(connected) == 1 and f"node 127.0.0.1:{port} " in connected[0]
+
+
+def test_health_passes_when_one_node_of_the_list_answers(amqp_url: str) -> None:
+    from relay.health import check_broker
+
+    refusing = "amqp://guest:s3cr3t@127.0.0.1:1/%2F"
+    assert check_broker(f"{refusing},{amqp_url}", timeout=5).ok
+    failed = check_broker(f"{amqp_url.replace('5672', '1')},{refusing}", timeout=5)
+    assert not failed.ok and "s3cr3t" not in failed.detail

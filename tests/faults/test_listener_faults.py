@@ -1,0 +1,123 @@
+"""The LISTEN connection on a link that goes silent: it notices, reconnects once the link
+heals, and NOTIFY wake-ups resume (issue 12.6). Without its ping it would sit on the dead
+connection forever and the relay would fall back to polling without a word."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from outbox import Event, Outbox
+from relay.listener import Listener
+from tests.faults.invariants import ScenarioResult
+from tests.faults.proxy import FaultProxy
+from tests.faults.runners import via_proxy_pg
+from tests.support.relays import write_events
+
+pytestmark = pytest.mark.slow
+
+WAIT = 20.0
+
+
+class Wakes:
+    def __init__(self) -> None:
+        self.count = 0
+        self._condition = threading.Condition()
+
+    def __call__(self) -> None:
+        with self._condition:
+            self.count += 1
+            self._condition.notify_all()
+
+    def wait_above(self, count: int, what: str) -> None:
+        with self._condition:
+            if not self._condition.wait_for(lambda: self.count > count, WAIT):
+                raise AssertionError(f"timed out after {WAIT} s waiting for {what}")
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > WAIT:
+            raise AssertionError(f"timed out after {WAIT} s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def listener_and_wakes(
+    pg_url: str, pg_proxy: FaultProxy, outbox_schema: Outbox
+) -> Iterator[tuple[Listener, Wakes]]:
+    wakes = Wakes()
+    listener = Listener(
+        via_proxy_pg(pg_url, pg_proxy),
+        outbox_schema.channel,
+        wakes,
+        application_name="outbox-relay:test-listener",
+        ping_every=0.5,
+        ping_timeout=1.0,
+        connect_timeout=2,
+    )
+    listener.start()
+    try:
+        yield listener, wakes
+    finally:
+        pg_proxy.heal()
+        listener.stop()
+
+
+def test_listen_connection_reconnects_after_a_blackhole_and_wakeups_resume(
+    pg_engine: sa.Engine,
+    outbox_schema: Outbox,
+    pg_proxy: FaultProxy,
+    listener_and_wakes: tuple[Listener, Wakes],
+    record_result: Callable[[ScenarioResult], None],
+) -> None:
+    """Given a listener woken by a commit, when its link is blackholed (bytes vanish, no
+    reset), then it gives the silent connection up and tries a new one (its ping overran),
+    and once the link heals it is listening again: a commit wakes it, without polling."""
+    started = time.monotonic()
+    listener, wakes = listener_and_wakes
+    wait_for(lambda: listener.connections_total == 1, "the first LISTEN connection")
+    before = listener.notifications_total
+    write_events(pg_engine, outbox_schema, [Event(type="order.placed", key="k")])
+    wait_for(lambda: listener.notifications_total > before, "a notification before the fault")
+
+    accepted = pg_proxy.accepted_total
+    pg_proxy.blackhole()
+    blackholed_at = time.monotonic()
+    # A new connect through the proxy means the listener gave up the silent connection.
+    detected_s = wait_for(lambda: pg_proxy.accepted_total > accepted, "a reconnect attempt")
+    assert listener.connections_total == 1  # nothing gets through the blackhole
+
+    pg_proxy.heal()
+    healed_at = time.monotonic()
+    wakes_before = wakes.count
+    wait_for(lambda: listener.connections_total == 2, "a LISTEN connection after the heal")
+    reconnected_s = time.monotonic() - healed_at
+    wakes.wait_above(wakes_before, "the wake-up that follows every reconnection")
+
+    before = listener.notifications_total
+    write_events(pg_engine, outbox_schema, [Event(type="order.placed", key="k")])
+    wait_for(lambda: listener.notifications_total > before, "a notification after the heal")
+
+    record_result(
+        ScenarioResult(
+            scenario="12.6 LISTEN link blackholed",
+            events=2,
+            delivered=2,
+            lost=0,
+            unexpected=0,
+            duplicates=0,
+            duplicates_allowed=0,
+            reordered=0,
+            recovery_s=reconnected_s,
+            seconds=time.monotonic() - started,
+            notes=f"dead link noticed in {detected_s:.2f}s "
+            f"(ping every 0.5s, timeout 1s); blackholed {healed_at - blackholed_at:.1f}s",
+        )
+    )
