@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, object_session, sessionmaker
 from sqlalchemy.orm.attributes import flag_dirty
 
+from outbox.domain import record_args
 from outbox.errors import OutboxError
 from outbox.event import Event
 from outbox.schema import Outbox
@@ -44,6 +45,7 @@ class AggregateRoot:
 
     def record(self, event: Event | str, payload: Any = None, **fields: Any) -> Event:
         """Record an event (an `Event`, or a type plus payload and Event fields)."""
+        event, payload, fields = record_args(event, payload, fields)  # typed domain events
         if isinstance(event, str):
             fields.setdefault("aggregate_type", self.aggregate_type())
             if "key" not in fields and "aggregate_id" not in fields:
