@@ -382,6 +382,11 @@ class Processor:
             .values(retry_requested=False)
         )
 
+    def parked_counts(self) -> tuple[int, int]:
+        """(parked messages, parked keys) of this consumer group."""
+        with self.sessions() as session:
+            return self.statements.count_parked(session.connection())
+
     # -- retention -------------------------------------------------------------------------
 
     def cleanup(

@@ -1,0 +1,208 @@
+"""The consumer runner on real RabbitMQ and PostgreSQL, stepped with run_once()."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import sessionmaker
+
+from outbox.consumer import Message, Outcome, Processor, Result, RetryPolicy
+from relay.consumer.runner import Consumer, ConsumerSettings
+from tests.consumer.app import App, build
+from tests.consumer.broker import cleaned_up, publish
+from tests.consumer.support import order_message
+from tests.support.rabbit import rabbitmqctl, unique_name
+
+
+@pytest.fixture
+def app(pg_engine: sa.Engine, schema_name: str) -> App:
+    app = build(schema_name, name=unique_name("grp"))
+    app.create(pg_engine)
+    return app
+
+
+@pytest.fixture
+def exchange() -> str:
+    return unique_name("ex")
+
+
+ConsumerFactory = Callable[..., Consumer]
+
+
+@pytest.fixture
+def make_consumer(
+    app: App, pg_engine: sa.Engine, amqp_url: str, exchange: str
+) -> Iterator[ConsumerFactory]:
+    made: list[Consumer] = []
+
+    def make(
+        queues: int = 4, before_ack: Callable[[Message, Result], None] | None = None
+    ) -> Consumer:
+        processor = Processor(
+            app.handlers,
+            sessionmaker(pg_engine),
+            policy=RetryPolicy(max_attempts=2, retry_min=0.01, retry_max=0.01),
+        )
+        settings = ConsumerSettings(
+            amqp_url=amqp_url,
+            name=unique_name("c"),
+            exchange=exchange,
+            queues=queues,
+            housekeeping_interval=0.05,
+        )
+        consumer = Consumer(processor, settings, before_ack=before_ack)
+        made.append(consumer)
+        return consumer
+
+    first = make()
+    with cleaned_up(amqp_url, first.topology):
+        made.clear()
+        try:
+            yield make
+        finally:
+            for consumer in made:
+                consumer.close()
+
+
+def step_until(
+    consumers: list[Consumer], condition: Callable[[], bool], timeout: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        for consumer in consumers:
+            consumer.run_once(timeout=0.05)
+
+
+def booked(app: App, engine: sa.Engine) -> list[tuple[str, int]]:
+    return [(o, n) for h, o, n in app.applied(engine) if h == "book"]
+
+
+def test_messages_spread_over_queues_apply_once_in_key_order(
+    app: App, pg_engine: sa.Engine, amqp_url: str, exchange: str, make_consumer: ConsumerFactory
+) -> None:
+    consumer = make_consumer(queues=4)
+    consumer.start()  # declares the topology before anything is published
+    keys = [f"k{i}" for i in range(20)]
+    messages = [
+        order_message(k, n, seq=n * 100 + i) for n in range(1, 11) for i, k in enumerate(keys)
+    ]
+    publish(amqp_url, exchange, messages)
+    publish(amqp_url, exchange, messages[:30])  # redelivered duplicates, same message_id
+    step_until([consumer], lambda: len(booked(app, pg_engine)) >= 200)
+    consumer.run_once(timeout=0.3)
+    done = booked(app, pg_engine)
+    assert sorted(done) == sorted((k, n) for n in range(1, 11) for k in keys)  # each once
+    for key in keys:
+        assert [n for k, n in done if k == key] == list(range(1, 11)), key
+
+
+def test_queues_are_quorum_with_single_active_consumer_behind_a_consistent_hash_exchange(
+    make_consumer: ConsumerFactory,
+) -> None:
+    consumer = make_consumer(queues=3)
+    consumer.start()
+    rows = json.loads(
+        rabbitmqctl("list_queues", "name", "type", "arguments", "--formatter", "json")
+    )
+    mine = {r["name"]: r for r in rows if r["name"] in consumer.topology.queue_names}
+    assert set(mine) == set(consumer.topology.queue_names)
+    for row in mine.values():
+        assert row["type"] == "quorum"
+        assert ["x-single-active-consumer", "bool", True] in row["arguments"]
+    exchanges = json.loads(
+        rabbitmqctl("list_exchanges", "name", "type", "arguments", "--formatter", "json")
+    )
+    [hashed] = [e for e in exchanges if e["name"] == consumer.topology.hash_exchange]
+    assert hashed["type"] == "x-consistent-hash"
+    assert ["hash-header", "longstr", "ordering-key"] in hashed["arguments"]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crash_between_commit_and_ack_makes_the_redelivery_a_skipped_duplicate(
+    app: App, pg_engine: sa.Engine, amqp_url: str, exchange: str, make_consumer: ConsumerFactory
+) -> None:
+    outcomes: list[Outcome] = []
+
+    def crash(message: Message, result: Result) -> None:
+        outcomes.append(result.outcome)
+        raise Crash  # committed, never acked
+
+    first = make_consumer(queues=1, before_ack=crash)
+    first.start()
+    publish(amqp_url, exchange, [order_message("1", 1)])
+    with pytest.raises(Crash):
+        step_until([first], lambda: False, timeout=30)
+    first.close()  # the process is gone: the broker takes the unacked message back
+    second = make_consumer(queues=1, before_ack=lambda m, r: outcomes.append(r.outcome))
+    step_until([second], lambda: len(outcomes) == 2)
+    assert outcomes == [Outcome.HANDLED, Outcome.DUPLICATE]
+    assert booked(app, pg_engine) == [("1", 1)]
+
+
+def test_a_failing_key_is_parked_while_others_flow_and_a_retry_resumes_it_in_order(
+    app: App, pg_engine: sa.Engine, amqp_url: str, exchange: str, make_consumer: ConsumerFactory
+) -> None:
+    consumer = make_consumer(queues=2)
+    consumer.start()
+    app.faults.fail_times["bad"] = 10**6
+    publish(
+        amqp_url,
+        exchange,
+        [
+            order_message(k, n, seq=n * 10 + i)
+            for n in (1, 2, 3)
+            for i, k in enumerate(["bad", "ok"])
+        ],
+    )
+    step_until(
+        [consumer],
+        lambda: len(booked(app, pg_engine)) == 3 and consumer.processor.parked_counts() == (3, 1),
+    )
+    assert booked(app, pg_engine) == [("ok", 1), ("ok", 2), ("ok", 3)]
+    app.faults.fail_times["bad"] = 0
+    with pg_engine.begin() as conn:
+        consumer.processor.statements.request_retry(conn, key="order:bad")
+    step_until([consumer], lambda: consumer.processor.parked_counts() == (0, 0))
+    assert [n for k, n in booked(app, pg_engine) if k == "bad"] == [1, 2, 3]
+    publish(amqp_url, exchange, [order_message("bad", 4, seq=99)])
+    step_until([consumer], lambda: ("bad", 4) in booked(app, pg_engine))
+
+
+def test_unknown_version_and_bad_payload_are_parked_and_acked(
+    app: App, pg_engine: sa.Engine, amqp_url: str, exchange: str, make_consumer: ConsumerFactory
+) -> None:
+    consumer = make_consumer(queues=1)
+    consumer.start()
+    publish(
+        amqp_url,
+        exchange,
+        [
+            order_message("a", 1, version=9),
+            order_message("b", 1, body=b"\xff not json"),
+            order_message("c", 1, version=1),
+        ],
+    )
+    step_until([consumer], lambda: booked(app, pg_engine) == [("c", 1)])
+    with pg_engine.connect() as conn:
+        parked = consumer.processor.statements.parked(conn)
+    assert [(p.message.key, p.reason) for p in parked] == [
+        ("order:a", "undecodable"),
+        ("order:b", "undecodable"),
+    ]
+    assert "version 9 is newer" in (parked[0].error or "")
+    assert "is not JSON" in (parked[1].error or "")
+    consumer.close()
+    # Acked: a new consumer gets nothing more.
+    again = make_consumer(queues=1)
+    again.run_once(timeout=0.5)
+    with pg_engine.connect() as conn:
+        assert len(again.processor.statements.parked(conn)) == 2
