@@ -21,13 +21,14 @@ An operator's `retry` makes a running consumer replay the key's parked messages 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
 import logging
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -136,7 +137,8 @@ class Processor:
         Raises InboxUnavailableError when the database connection fails: do not ack then.
         """
         started = time.perf_counter()
-        result = self._run(message, None)
+        with _outages(f"{_describe_message(message)} was in hand"):
+            result = self._run(message, None)
         if self.on_result is not None:
             self.on_result(message, result, time.perf_counter() - started)
         return result
@@ -295,6 +297,10 @@ class Processor:
         A key's messages are replayed from its head, in arrival order, including those parked
         behind it after the request, until the key is clear or its head fails again.
         """
+        with _outages("parked messages were replayed"):
+            return self._retry_requested(limit)
+
+    def _retry_requested(self, limit: int) -> int:
         st = self.statements
         with self.sessions() as session, session.begin():
             requested = st.retry_requested(session.connection(), limit)
@@ -384,7 +390,7 @@ class Processor:
 
     def parked_counts(self) -> tuple[int, int]:
         """(parked messages, parked keys) of this consumer group."""
-        with self.sessions() as session:
+        with _outages("parked messages were counted"), self.sessions() as session:
             return self.statements.count_parked(session.connection())
 
     # -- retention -------------------------------------------------------------------------
@@ -406,7 +412,7 @@ class Processor:
         cutoff = (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=retention)
         deleted = 0
         for _ in range(max_batches):
-            with self.sessions() as session, session.begin():
+            with _outages("the inbox was cleaned up"), self.sessions() as session, session.begin():
                 connection = session.connection()
                 count = self.statements.delete_old(connection, cutoff, batch)
                 count += self.statements.delete_old_keys(connection, cutoff, batch)
@@ -414,6 +420,19 @@ class Processor:
             if count < batch:
                 break
         return deleted
+
+
+@contextlib.contextmanager
+def _outages(doing: str) -> Iterator[None]:
+    """Turn a lost database connection into InboxUnavailableError (the caller reconnects)."""
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        if not _is_outage(exc):
+            raise
+        raise InboxUnavailableError(
+            f"the database connection failed while {doing}: {_first_line(exc)}"
+        ) from exc
 
 
 def _is_outage(exc: BaseException) -> bool:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import click
 
+from relay.cli.consume import consume
 from relay.cli.dead import dead
 from relay.cli.demo import demo
 from relay.cli.exits import EXIT_CODES_HELP, OutboxGroup
 from relay.cli.health import health
+from relay.cli.inbox import inbox
 from relay.cli.maintenance import init_db, purge
 from relay.cli.run import run
 from relay.cli.status import status
@@ -54,5 +56,5 @@ def main(log_level: str, log_format: str) -> None:
     configure_logging(log_level, log_format)
 
 
-for command in (run, init_db, status, dead, purge, health, demo):
+for command in (run, init_db, status, dead, purge, health, demo, consume, inbox):
     main.add_command(command)

@@ -27,6 +27,7 @@ class Faults:
     """Switches the tests flip: failures per order id, and a hook run inside the handler."""
 
     fail_times: dict[str, int] = dataclasses.field(default_factory=dict)
+    fail_file: str | None = None  # orders listed in this file (one per line) fail
     inside_handler: Any = None  # callable(event) or None
 
 
@@ -42,6 +43,10 @@ class App:
     def create(self, engine: sa.Engine) -> None:
         self.inbox.create(engine)
         self.effects.metadata.create_all(engine, tables=[self.effects])
+
+    def pids(self, engine: sa.Engine) -> set[int]:
+        with engine.connect() as conn:
+            return set(conn.execute(sa.select(self.effects.c.pid).distinct()).scalars())
 
     def applied(self, engine: sa.Engine) -> list[tuple[str, str, int]]:
         """(handler, order id, n) of every effect, in commit order."""
@@ -67,6 +72,7 @@ def build(schema: str, name: str = "test", faults: Faults | None = None) -> App:
         sa.Column("order_id", sa.String(255), nullable=False),
         sa.Column("n", sa.Integer, nullable=False),
         sa.Column("total", sa.Numeric(12, 2), nullable=True),
+        sa.Column("pid", sa.Integer, nullable=False, default=os.getpid),
     )
 
     @events.event("order.placed", version=3, key=lambda e: f"order:{e.order_id}")
@@ -98,6 +104,13 @@ def build(schema: str, name: str = "test", faults: Faults | None = None) -> App:
         effect(session, "book", event.order_id, event.n, event.total)
         if faults.inside_handler is not None:
             faults.inside_handler(event)
+        failing = Path(faults.fail_file) if faults.fail_file else None
+        if (
+            failing is not None
+            and failing.exists()
+            and event.order_id in failing.read_text().split()
+        ):
+            raise RuntimeError(f"booking order {event.order_id} failed (test, file)")
         left = faults.fail_times.get(event.order_id, 0)
         if left:
             faults.fail_times[event.order_id] = left - 1
@@ -123,6 +136,7 @@ def _from_environment() -> Handlers:
         for item in fail.split(","):
             order_id, _, times = item.partition(":")
             faults.fail_times[order_id] = int(times)
+    faults.fail_file = os.environ.get("OUTBOX_TEST_FAIL_FILE")
     kill_on = os.environ.get("OUTBOX_TEST_KILL_IN_HANDLER")  # order_id:n -> SIGKILL self
     hold = os.environ.get("OUTBOX_TEST_HOLD_FILE")  # handler waits while this file exists
     marker = os.environ.get("OUTBOX_TEST_MARKER_DIR")  # handler touches <dir>/<order>-<n>
@@ -136,7 +150,8 @@ def _from_environment() -> Handlers:
             time.sleep(0.01)
 
     faults.inside_handler = inside
-    return build(os.environ["OUTBOX_TEST_SCHEMA"], faults=faults).handlers
+    group = os.environ.get("OUTBOX_TEST_GROUP", "test")
+    return build(os.environ["OUTBOX_TEST_SCHEMA"], name=group, faults=faults).handlers
 
 
 def handlers() -> Handlers:
