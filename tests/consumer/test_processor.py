@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
+import time
 import uuid
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
@@ -89,7 +90,9 @@ def test_a_concurrent_duplicate_waits_for_the_first_and_is_skipped(
             return
         blocked.set()
         thread.start()
-        wait_for_lock_waiter(pg_engine)  # the duplicate now waits on our inbox row
+        wait_for_lock_waiter(
+            pg_engine, app.inbox.schema or ""
+        )  # the duplicate now waits on our inbox row
 
     thread = threading.Thread(target=duplicate)
     app.faults.inside_handler = inside
@@ -99,22 +102,23 @@ def test_a_concurrent_duplicate_waits_for_the_first_and_is_skipped(
     assert app.applied(pg_engine) == [("book", "1", 1), ("notify", "1", 1)]
 
 
-def wait_for_lock_waiter(engine: sa.Engine, timeout: float = 10.0) -> None:
-    import time
-
+def wait_for_lock_waiter(engine: sa.Engine, schema: str, timeout: float = 10.0) -> None:
+    """Until a session waits on a lock in a statement on this test's schema."""
     deadline = time.monotonic() + timeout
-    with psycopg.connect(
-        "host=127.0.0.1 user=root dbname=" + engine.url.database, autocommit=True
-    ) as c:  # type: ignore[operator]
+    with engine.connect() as conn:
         while time.monotonic() < deadline:
-            row = c.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()"
-            ).fetchone()
-            if row and row[0] > 0:
+            waiting = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database() AND position(:schema in query) > 0"
+                ),
+                {"schema": schema},
+            ).scalar_one()
+            if waiting:
                 return
+            conn.rollback()
             time.sleep(0.01)
-    raise AssertionError("the duplicate never waited on the first transaction's row")
+    raise AssertionError("the other transaction never waited on this one's lock")
 
 
 def test_rollback_leaves_no_inbox_row_so_the_redelivery_applies(
@@ -252,14 +256,16 @@ def test_a_lost_database_connection_is_not_parked(
 ) -> None:
     def kill_own_session(event: object) -> None:
         with pg_engine.connect() as other:
-            # The handler's own session is the one in a transaction on the effects table.
-            other.execute(
+            # The handler's own session: in a transaction, its last statement on our schema.
+            killed = other.execute(
                 sa.text(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
                     "state = 'idle in transaction' AND datname = current_database() "
-                    "AND pid <> pg_backend_pid()"
-                )
-            )
+                    "AND pid <> pg_backend_pid() AND position(:schema in query) > 0"
+                ),
+                {"schema": app.inbox.schema},
+            ).all()
+            assert len(killed) == 1
 
     app.faults.inside_handler = kill_own_session
     with pytest.raises(InboxUnavailableError, match="database connection failed"):
@@ -302,3 +308,48 @@ def test_cleanup_deletes_old_rows_in_bounded_batches(
     with pg_engine.connect() as conn:
         left = conn.execute(sa.select(m.c.consumer).order_by(m.c.consumer)).scalars().all()
     assert left == ["other", "test"]  # the recent row, and the other group's
+
+
+def test_two_consumers_holding_one_key_apply_its_messages_one_at_a_time(
+    app: App, processor: Processor, pg_engine: sa.Engine
+) -> None:
+    """A key that moved queues: its next message reaches another consumer while the first
+    one is still applying the previous one. The key's row lock makes the second wait, and it
+    applies after the first commits (seq 2 after seq 1)."""
+    results: list[Outcome] = []
+    started = threading.Event()
+
+    def second_consumer() -> None:
+        other = Processor(app.handlers, sessionmaker(pg_engine))
+        results.append(other.process(order_message("1", 2, seq=2)).outcome)
+
+    def inside(event: object) -> None:
+        if started.is_set():
+            return
+        started.set()
+        thread.start()
+        wait_for_lock_waiter(pg_engine, app.inbox.schema or "")
+
+    thread = threading.Thread(target=second_consumer)
+    app.faults.inside_handler = inside
+    assert processor.process(order_message("1", 1, seq=1)).outcome is Outcome.HANDLED
+    thread.join(timeout=10)
+    assert results == [Outcome.HANDLED]
+    assert [n for h, _, n in app.applied(pg_engine) if h == "book"] == [1, 2]
+
+
+def test_a_message_without_a_key_parks_alone(
+    app: App, processor: Processor, pg_engine: sa.Engine
+) -> None:
+    app.faults.fail_times["x"] = 10**6
+    keyless = dataclasses.replace(order_message("x", 1), key=None, seq=None, headers={})
+    assert processor.process(keyless).outcome is Outcome.PARKED
+    app.faults.fail_times["x"] = 0
+    again = dataclasses.replace(order_message("x", 2), key=None, seq=None, headers={})
+    assert processor.process(again).outcome is Outcome.HANDLED  # nothing holds it back
+    assert parked_rows(app, pg_engine) == [(None, None, "failed")]
+    with pg_engine.begin() as conn:
+        [row] = processor.statements.parked(conn)
+        processor.statements.request_retry(conn, ids=[row.id])
+    assert processor.retry_requested() == 1
+    assert [n for h, _, n in app.applied(pg_engine) if h == "book"] == [2, 1]

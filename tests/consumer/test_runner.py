@@ -206,3 +206,33 @@ def test_unknown_version_and_bad_payload_are_parked_and_acked(
     again.run_once(timeout=0.5)
     with pg_engine.connect() as conn:
         assert len(again.processor.statements.parked(conn)) == 2
+
+
+def test_metrics_count_outcomes_latency_parked_keys_and_queue_depth(
+    app: App, pg_engine: sa.Engine, amqp_url: str, exchange: str, make_consumer: ConsumerFactory
+) -> None:
+    from relay.consumer.metrics import ConsumerMetrics
+
+    consumer = make_consumer(queues=1)
+    metrics = ConsumerMetrics(app.handlers.name)
+    consumer.metrics = metrics
+    consumer.processor.on_result = metrics.result
+    consumer.start()
+    app.faults.fail_times["bad"] = 10**6
+    ok = order_message("ok", 1)
+    publish(amqp_url, exchange, [ok, ok, order_message("bad", 1)])
+    step_until([consumer], lambda: consumer.processor.parked_counts() == (1, 1))
+    consumer._next_housekeeping = consumer._next_depth = 0  # due now
+    consumer.run_once(timeout=0.05)
+    group = app.handlers.name
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"consumer": group, **labels})
+
+    assert value("outbox_consumer_messages_total", type="order.placed", outcome="handled") == 1
+    assert value("outbox_consumer_messages_total", type="order.placed", outcome="duplicate") == 1
+    assert value("outbox_consumer_messages_total", type="order.placed", outcome="parked") == 1
+    assert value("outbox_consumer_handle_seconds_count", type="order.placed") == 3
+    assert value("outbox_consumer_parked_keys") == 1
+    assert value("outbox_consumer_parked_messages") == 1
+    assert value("outbox_consumer_queue_messages", queue=consumer.topology.queue_names[0]) == 0
