@@ -21,6 +21,7 @@ from pika.exchange_type import ExchangeType
 from relay.errors import BrokerConfigError, ConfigError
 
 HASH_HEADER = "ordering-key"
+HASH_EXCHANGE_TYPE = "x-consistent-hash"
 PLUGIN = "rabbitmq_consistent_hash_exchange"
 QUEUE_TYPES = ("quorum", "classic")
 DEFAULT_QUEUES = 4
@@ -35,6 +36,7 @@ class Topology:
     queues: int = DEFAULT_QUEUES
     queue_type: str = "quorum"
     source_exchange_type: str = "topic"
+    hash_exchange_type: str = HASH_EXCHANGE_TYPE
 
     def __post_init__(self) -> None:
         if not 1 <= self.queues <= MAX_QUEUES:
@@ -71,7 +73,7 @@ class Topology:
             step = f"exchange {self.hash_exchange!r}"
             channel.exchange_declare(
                 self.hash_exchange,
-                exchange_type="x-consistent-hash",  # type: ignore[arg-type]  # a plugin's type
+                exchange_type=self.hash_exchange_type,  # type: ignore[arg-type]  # a plugin's
                 durable=True,
                 arguments={"hash-header": HASH_HEADER},
             )
@@ -87,6 +89,11 @@ class Topology:
                 channel.queue_bind(queue, self.hash_exchange, routing_key="1")
         except pika.exceptions.ChannelClosedByBroker as exc:
             raise BrokerConfigError(_explain(step, exc)) from exc
+        except pika.exceptions.ConnectionClosedByBroker as exc:
+            # An unknown exchange type (the plugin is off) closes the whole connection.
+            if exc.reply_code == 503 and "exchange type" in exc.reply_text:
+                raise BrokerConfigError(_explain(step, exc)) from exc
+            raise
 
 
 def _binding_key(type_name: str) -> str:
@@ -94,9 +101,11 @@ def _binding_key(type_name: str) -> str:
     return type_name
 
 
-def _explain(step: str, exc: pika.exceptions.ChannelClosedByBroker) -> str:
+def _explain(
+    step: str, exc: pika.exceptions.ChannelClosedByBroker | pika.exceptions.ConnectionClosedByBroker
+) -> str:
     text = f"the broker refused the {step}: {exc.reply_code} {exc.reply_text}"
-    if "x-consistent-hash" in exc.reply_text or "invalid exchange type" in exc.reply_text:
+    if "exchange type" in exc.reply_text:
         text += f"; enable the plugin: rabbitmq-plugins enable {PLUGIN}"
     elif exc.reply_code == 406:
         text += (

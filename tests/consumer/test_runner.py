@@ -236,3 +236,22 @@ def test_metrics_count_outcomes_latency_parked_keys_and_queue_depth(
     assert value("outbox_consumer_parked_keys") == 1
     assert value("outbox_consumer_parked_messages") == 1
     assert value("outbox_consumer_queue_messages", queue=consumer.topology.queue_names[0]) == 0
+
+
+def test_without_the_plugin_the_consumer_says_to_enable_it_and_exits_6(
+    make_consumer: ConsumerFactory,
+) -> None:
+    """The broker's answer to an unknown exchange type, which is what a missing plugin gives
+    (the shared broker's plugin is left enabled: other tests need it)."""
+    import dataclasses
+
+    from relay.cli.exits import EXIT_TOPOLOGY, exit_code_for
+    from relay.errors import BrokerConfigError
+
+    consumer = make_consumer(queues=1)
+    consumer.topology = dataclasses.replace(
+        consumer.topology, hash_exchange_type="x-no-such-exchange-type"
+    )
+    with pytest.raises(BrokerConfigError, match="rabbitmq-plugins enable") as caught:
+        consumer.start()
+    assert exit_code_for(caught.value) == EXIT_TOPOLOGY
