@@ -50,15 +50,27 @@ class ParkedAdmin:
     def plan_retry(
         self, *, keys: Sequence[str] = (), ids: Sequence[int] = (), everything: bool = False
     ) -> list[ParkedMessage]:
-        """The parked messages a retry with this selection would replay, in order."""
+        """The parked messages a retry with this selection would replay, in order.
+
+        A key or --all selects the messages that hold keys back (and keyless ones); a stale
+        message is only retried by its id, because applying it means applying it late.
+        """
         st = self.statements
         with self.engine.connect() as connection:
             if everything:
-                return st.parked(connection, limit=_ALL)
-            by_key = {key: st.parked(connection, key=key, limit=_ALL) for key in keys}
+                rows = st.parked(connection, limit=_ALL)
+                return [r for r in rows if r.reason in BLOCKING_REASONS]
+            by_key = {
+                key: [
+                    r
+                    for r in st.parked(connection, key=key, limit=_ALL)
+                    if r.reason in BLOCKING_REASONS
+                ]
+                for key in keys
+            }
             by_id = {i: st.parked_by_id(connection, i) for i in ids}
-        missing = [repr(k) for k, rows in by_key.items() if not rows]
-        missing += [str(i) for i, row in by_id.items() if row is None]
+        missing = [f"key {k!r}" for k, rows in by_key.items() if not rows]
+        missing += [f"id {i}" for i, row in by_id.items() if row is None]
         if missing:
             raise ParkedMessageNotFoundError(
                 f"not parked for consumer {st.consumer!r}: {', '.join(missing)}; nothing was "
@@ -69,8 +81,14 @@ class ParkedAdmin:
         return [chosen[i] for i in sorted(chosen)]
 
     def request_retry(self, rows: Sequence[ParkedMessage]) -> int:
-        """Mark `rows` (and, for a key, everything parked behind its head) for replay."""
-        keys = sorted({r.message.key for r in rows if r.message.key is not None})
+        """Mark `rows` for replay; for a key's head, also what is parked behind it."""
+        keys = sorted(
+            {
+                r.message.key
+                for r in rows
+                if r.message.key is not None and r.reason in BLOCKING_REASONS
+            }
+        )
         ids = [r.id for r in rows if r.message.key is None or r.reason not in BLOCKING_REASONS]
         done = 0
         with self.engine.begin() as connection:

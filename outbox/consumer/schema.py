@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -233,7 +234,8 @@ class InboxStatements:
             self.inbox.parked,
             {
                 "consumer": self.consumer,
-                "message_id": message.message_id,
+                # Without an id (not published by the relay) it still needs a row of its own.
+                "message_id": message.message_id or f"(none):{uuid.uuid4()}",
                 "key": message.key,
                 "seq": message.seq,
                 "type": message.type,
@@ -315,11 +317,14 @@ class InboxStatements:
     def request_retry(
         self, connection: Connection, *, key: str | None = None, ids: Sequence[int] = ()
     ) -> int:
-        """Mark parked messages for the running consumers to replay; returns how many."""
+        """Mark parked messages for the running consumers to replay; returns how many.
+
+        For a key: the messages that hold it back (a stale one is retried only by its id).
+        """
         p = self.inbox.parked
         query = sa.update(p).where(p.c.consumer == self.consumer).values(retry_requested=True)
         if key is not None:
-            query = query.where(p.c.key == key)
+            query = query.where(p.c.key == key, p.c.reason.in_(BLOCKING_REASONS))
         if ids:
             query = query.where(p.c.id.in_(list(ids)))
         return int(connection.execute(query).rowcount)

@@ -144,3 +144,21 @@ def test_skip_drops_the_head_after_confirmation_and_the_key_flows_when_nothing_i
     processor = Processor(app.handlers, sessionmaker(pg_engine))
     assert processor.process(order_message("bad", 3, seq=3)).outcome is Outcome.HANDLED
     assert [(o, n) for h, o, n in app.applied(pg_engine) if h == "book"] == [("ok", 2), ("bad", 3)]
+
+
+def test_a_stale_message_is_retried_only_by_its_id_and_is_then_applied_late(
+    parked_app: tuple[App, list[str]], pg_engine: sa.Engine
+) -> None:
+    app, options = parked_app
+    code, output = invoke("inbox", "parked", "retry", "order:ok", *options)
+    assert code == 1 and "not parked for consumer 'grp': key 'order:ok'" in output
+    code, output = invoke("inbox", "parked", "retry", "--all", "--dry-run", *options)
+    assert "would retry 2 parked messages (1 key)" in output  # not the stale one
+    code, output = invoke("inbox", "parked", "list", "--json", "--key", "order:ok", *options)
+    [stale] = json.loads(output)
+    code, output = invoke("inbox", "parked", "retry", "--id", str(stale["id"]), *options)
+    assert code == 0, output
+    processor = Processor(app.handlers, sessionmaker(pg_engine))
+    assert processor.retry_requested() == 1
+    booked = [(o, n) for h, o, n in app.applied(pg_engine) if h == "book"]
+    assert booked == [("ok", 2), ("ok", 1)]  # applied late, as asked

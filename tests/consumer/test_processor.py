@@ -353,3 +353,16 @@ def test_a_message_without_a_key_parks_alone(
         processor.statements.request_retry(conn, ids=[row.id])
     assert processor.retry_requested() == 1
     assert [n for h, _, n in app.applied(pg_engine) if h == "book"] == [2, 1]
+
+
+def test_messages_without_a_message_id_are_each_parked(
+    app: App, processor: Processor, pg_engine: sa.Engine
+) -> None:
+    for n in (1, 2):
+        message = Message.from_delivery(
+            message_id=None, type="order.placed", headers={}, body=b'{"n": %d}' % n
+        )
+        assert processor.process(message).reason == "undecodable"
+    with pg_engine.connect() as conn:
+        rows = processor.statements.parked(conn)
+    assert [r.message.body for r in rows] == [b'{"n": 1}', b'{"n": 2}']
