@@ -15,7 +15,7 @@ import dataclasses
 import datetime as dt
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -173,17 +173,39 @@ class InboxStatements:
     def __init__(self, inbox: Inbox, consumer: str) -> None:
         self.inbox = inbox
         self.consumer = consumer
+        self._statements: dict[tuple[str, str], Any] = {}
 
     # -- the message path ----------------------------------------------------------------------
+
+    def _cached(self, connection: Connection, name: str, build: Callable[[Any], Any]) -> Any:
+        """Statements built once per dialect (building one costs more than running it)."""
+        dialect = connection.dialect.name
+        statement = self._statements.get((dialect, name))
+        if statement is None:
+            insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+            statement = self._statements[dialect, name] = build(insert)
+        return statement
 
     def claim(self, connection: Connection, message_id: str) -> bool:
         """Insert the inbox row; False if it exists (a duplicate). Waits for a concurrent
         transaction that inserted the same row, then sees its outcome."""
-        return _insert_ignore(
-            connection,
-            self.inbox.messages,
-            {"consumer": self.consumer, "message_id": message_id, "received_at": _utcnow()},
-        )
+        m = self.inbox.messages
+
+        def build(insert: Any) -> Any:
+            return (
+                insert(m)
+                .values(
+                    consumer=sa.bindparam("consumer"),
+                    message_id=sa.bindparam("message_id"),
+                    received_at=sa.bindparam("received_at"),
+                )
+                .on_conflict_do_nothing()
+                .returning(sa.literal_column("1"))
+            )
+
+        statement = self._cached(connection, "claim", build)
+        parameters = {"consumer": self.consumer, "message_id": message_id, "received_at": _utcnow()}
+        return connection.execute(statement, parameters).first() is not None
 
     def unclaim(self, connection: Connection, message_id: str) -> None:
         m = self.inbox.messages
@@ -192,32 +214,64 @@ class InboxStatements:
         )
 
     def lock_key(self, connection: Connection, key: str) -> KeyState:
-        """Create the key's row if needed and lock it until the transaction ends."""
+        """Create the key's row if needed and lock it until the transaction ends.
+
+        One statement: an upsert locks the row it updates, waits for a transaction that holds
+        it, and returns the row as that transaction committed it.
+        """
         k = self.inbox.keys
-        _insert_ignore(
-            connection,
-            k,
-            {"consumer": self.consumer, "key": key, "parked": False, "updated_at": _utcnow()},
-        )
-        row = connection.execute(
-            sa.select(k.c.last_seq, k.c.parked)
-            .where(k.c.consumer == self.consumer, k.c.key == key)
-            .with_for_update()
-        ).one()
+
+        def build(insert: Any) -> Any:
+            statement = insert(k).values(
+                consumer=sa.bindparam("consumer"),
+                key=sa.bindparam("key"),
+                parked=False,
+                updated_at=sa.bindparam("updated_at"),
+            )
+            return statement.on_conflict_do_update(
+                index_elements=[k.c.consumer, k.c.key],
+                set_={"updated_at": statement.excluded.updated_at},
+            ).returning(k.c.last_seq, k.c.parked)
+
+        statement = self._cached(connection, "lock_key", build)
+        parameters = {"consumer": self.consumer, "key": key, "updated_at": _utcnow()}
+        row = connection.execute(statement, parameters).one()
         return KeyState(last_seq=row.last_seq, parked=bool(row.parked))
 
     def set_key(
         self, connection: Connection, key: str, *, last_seq: int | None = None, parked: bool
     ) -> None:
+        """Set the key's parked flag and, if given, raise its last applied seq to `last_seq`."""
         k = self.inbox.keys
-        values: dict[str, Any] = {"parked": parked, "updated_at": _utcnow()}
+        sqlite_dialect = connection.dialect.name == "sqlite"
+
+        def build(insert: Any) -> Any:
+            values: dict[str, Any] = {
+                "parked": sa.bindparam("parked"),
+                "updated_at": sa.bindparam("updated_at"),
+            }
+            if last_seq is not None:
+                larger = sa.func.max if sqlite_dialect else sa.func.greatest
+                values["last_seq"] = larger(
+                    sa.func.coalesce(k.c.last_seq, 0), sa.bindparam("seq", type_=sa.BigInteger)
+                )
+            return (
+                sa.update(k)
+                .where(k.c.consumer == sa.bindparam("c"), k.c.key == sa.bindparam("k"))
+                .values(**values)
+            )
+
+        name = "set_key" if last_seq is None else "set_key_seq"
+        statement = self._cached(connection, name, build)
+        parameters: dict[str, Any] = {
+            "c": self.consumer,
+            "k": key,
+            "parked": parked,
+            "updated_at": _utcnow(),
+        }
         if last_seq is not None:
-            values["last_seq"] = sa.func.greatest(sa.func.coalesce(k.c.last_seq, 0), last_seq)
-            if connection.dialect.name == "sqlite":
-                values["last_seq"] = sa.func.max(sa.func.coalesce(k.c.last_seq, 0), last_seq)
-        connection.execute(
-            sa.update(k).where(k.c.consumer == self.consumer, k.c.key == key).values(**values)
-        )
+            parameters["seq"] = last_seq
+        connection.execute(statement, parameters)
 
     def park(
         self,

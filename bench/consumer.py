@@ -1,0 +1,238 @@
+"""Consumer throughput: the inbox consumer against raw pika consumers, measured in the same run.
+
+    .venv/bin/python -m bench.consumer [--n 5000] [--keys 100] [--queues 4] [--repeat 3]
+
+Each repeat fills a fresh consumer group's queues (the real topology: consistent-hash exchange,
+quorum queues with single active consumer) with N relay-shaped messages over K keys, then
+times draining them with:
+- `inbox`: `relay.consumer.Consumer` with one handler that inserts one row: per message one
+  transaction with the inbox row, the key row and the handler's insert, then the ack;
+- `raw+tx`: raw pika, prefetch 1 per queue, the same insert in its own transaction, then the
+  ack (what a hand-written consumer without dedup or order checks does);
+- `raw`: raw pika, prefetch 1 per queue, ack only (the broker's ceiling for this topology).
+The inbox run is checked: every message applied once, in order per key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from bench.common import create_engine, progress
+from bench.config import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL
+from outbox.consumer import Handlers, Inbox, Message, Processor
+from relay.consumer.runner import Consumer, ConsumerSettings
+from relay.consumer.topology import Topology
+
+EVENT_TYPE = "bench.consumed"
+
+
+def _effects_table(metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        "bench_effects",
+        metadata,
+        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+        sa.Column("key", sa.String(255), nullable=False),
+        sa.Column("n", sa.Integer, nullable=False),
+    )
+
+
+def _fill(amqp_url: str, topology: Topology, n: int, keys: int) -> None:
+    """Declare the topology and publish N messages (i-th of key i % K carries n = i // K)."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        topology.declare(channel)
+        for i in range(n):
+            key = f"k{i % keys}"
+            channel.basic_publish(
+                topology.exchange,
+                EVENT_TYPE,
+                json.dumps({"key": key, "n": i // keys}).encode(),
+                pika.BasicProperties(
+                    message_id=str(uuid.uuid4()),
+                    type=EVENT_TYPE,
+                    delivery_mode=2,
+                    headers={"ordering-key": key, "outbox-seq": i + 1, "event-version": 1},
+                ),
+            )
+        deadline = time.monotonic() + 120
+        while _depth(channel, topology) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the broker did not enqueue every benchmark message")
+            connection.sleep(0.1)
+    finally:
+        connection.close()
+
+
+def _depth(channel: Any, topology: Topology) -> int:
+    return sum(
+        int(channel.queue_declare(q, passive=True).method.message_count or 0)
+        for q in topology.queue_names
+    )
+
+
+def _delete(amqp_url: str, topology: Topology) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        for queue in topology.queue_names:
+            channel.queue_delete(queue)
+        channel.exchange_delete(topology.hash_exchange)
+        channel.exchange_delete(topology.exchange)
+    finally:
+        connection.close()
+
+
+def _topology(queues: int) -> Topology:
+    suffix = uuid.uuid4().hex[:8]
+    return Topology(
+        group=f"bench-consumer-{suffix}", exchange=f"bench-ex-{suffix}", types=(EVENT_TYPE,),
+        queues=queues,
+    )  # fmt: skip
+
+
+def run_inbox(config: argparse.Namespace, engine: sa.Engine, schema: str) -> dict[str, Any]:
+    topology = _topology(config.queues)
+    metadata = sa.MetaData(schema=schema)
+    inbox = Inbox(metadata, schema=schema, prefix=f"inbox_{topology.group[-8:]}")
+    effects = _effects_table(metadata)
+    handlers = Handlers(topology.group, inbox=inbox)
+
+    @handlers.on(EVENT_TYPE)
+    def apply(message: Message, session: Session) -> None:
+        payload = message.payload()
+        session.execute(sa.insert(effects).values(key=payload["key"], n=payload["n"]))
+
+    inbox.create(engine)
+    metadata.create_all(engine, tables=[effects])
+    try:
+        _fill(config.amqp_url, topology, config.n, config.keys)
+        settings = ConsumerSettings(
+            amqp_url=config.amqp_url, name=topology.group, exchange=topology.exchange,
+            queues=config.queues, cleanup_interval=3600,
+        )  # fmt: skip
+        consumer = Consumer(Processor(handlers, sessionmaker(engine)), settings)
+        consumer.start()
+        started = time.perf_counter()
+        handled = 0
+        while handled < config.n:
+            handled += consumer.run_once(timeout=0.05)
+        seconds = time.perf_counter() - started
+        consumer.close()
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(effects.c.key, effects.c.n).order_by(effects.c.id)).all()
+        per_key: dict[str, list[int]] = {}
+        for key, n in rows:
+            per_key.setdefault(key, []).append(n)
+        ok = len(rows) == config.n and all(v == sorted(set(v)) for v in per_key.values())
+        return {"seconds": seconds, "rate": config.n / seconds, "ok": ok}
+    finally:
+        _delete(config.amqp_url, topology)
+        metadata.drop_all(engine, tables=[effects, *inbox.tables])
+
+
+def run_raw(
+    config: argparse.Namespace, engine: sa.Engine, schema: str, *, with_transaction: bool
+) -> dict[str, Any]:
+    topology = _topology(config.queues)
+    metadata = sa.MetaData(schema=schema)
+    effects = _effects_table(metadata)
+    metadata.create_all(engine, tables=[effects])
+    try:
+        _fill(config.amqp_url, topology, config.n, config.keys)
+        connection = pika.BlockingConnection(pika.URLParameters(config.amqp_url))
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1)
+        received = 0
+
+        def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
+            nonlocal received
+            if with_transaction:
+                payload = json.loads(body)
+                with engine.begin() as conn:
+                    conn.execute(sa.insert(effects).values(key=payload["key"], n=payload["n"]))
+            ch.basic_ack(method.delivery_tag)
+            received += 1
+
+        for queue in topology.queue_names:
+            channel.basic_consume(queue, on_message, auto_ack=False)
+        started = time.perf_counter()
+        while received < config.n:
+            connection.process_data_events(time_limit=0.05)  # type: ignore[arg-type]
+        seconds = time.perf_counter() - started
+        connection.close()
+        return {"seconds": seconds, "rate": config.n / seconds, "ok": True}
+    finally:
+        _delete(config.amqp_url, topology)
+        metadata.drop_all(engine, tables=[effects])
+
+
+def _ensure_database(database_url: str) -> None:
+    import psycopg
+
+    url = sa.make_url(database_url)
+    admin = f"host={url.host or '127.0.0.1'} port={url.port or 5432} user={url.username}"
+    admin += " dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        if not conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (url.database,)
+        ).fetchone():
+            conn.execute(f'CREATE DATABASE "{url.database}"')
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--keys", type=int, default=100)
+    parser.add_argument("--queues", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="200 messages, 1 repeat")
+    config = parser.parse_args(argv)
+    if config.quick:
+        config.n, config.repeat = 200, 1
+    _ensure_database(config.database_url)
+    engine = create_engine(config.database_url)
+    schema = f"bench_consumer_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    variants: dict[str, Callable[[], dict[str, Any]]] = {
+        "inbox": lambda: run_inbox(config, engine, schema),
+        "raw+tx": lambda: run_raw(config, engine, schema, with_transaction=True),
+        "raw": lambda: run_raw(config, engine, schema, with_transaction=False),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    try:
+        for repeat in range(config.repeat):
+            for name, variant in variants.items():  # alternate: noise hits every variant
+                progress(f"consumer {name}, repeat {repeat + 1}/{config.repeat}")
+                runs[name].append(variant())
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        engine.dispose()
+    rates = {name: statistics.median(r["rate"] for r in results) for name, results in runs.items()}
+    ok = all(r["ok"] for results in runs.values() for r in results)
+    print(f"consumer throughput: {config.n} messages, {config.keys} keys, {config.queues} queues, "
+          f"median of {config.repeat}")  # fmt: skip
+    for name, rate in rates.items():
+        print(f"  {name:<7} {rate:8.0f} msg/s  inbox/{name}: {rates['inbox'] / rate:.2f}x")
+    print("  inbox run checked (each message once, in key order):", "ok" if ok else "FAILED")
+    print(json.dumps({"rates": rates, "runs": runs, "ok": ok}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
