@@ -366,3 +366,44 @@ def test_messages_without_a_message_id_are_each_parked(
     with pg_engine.connect() as conn:
         rows = processor.statements.parked(conn)
     assert [r.message.body for r in rows] == [b'{"n": 1}', b'{"n": 2}']
+
+
+def test_long_keys_caller_chosen_ids_and_names_that_need_quoting(
+    pg_engine: sa.Engine, schema_name: str
+) -> None:
+    from outbox.consumer import Handlers, Inbox
+    from outbox.consumer.admin import ParkedAdmin
+
+    schema = f'{schema_name}"Odd Schema'
+    inbox = Inbox(schema=schema, prefix="In Box")
+    handlers = Handlers("grp", inbox=inbox)
+    seen: list[str] = []
+
+    @handlers.on("thing.done")
+    def done(message: Message, session: object) -> None:
+        seen.append(message.message_id)
+
+    inbox.create(pg_engine)
+    try:
+        processor = Processor(
+            handlers, sessionmaker(pg_engine), policy=RetryPolicy(1), sleep=lambda s: None
+        )
+        key = "k" * 255
+        first = Message(message_id="order-1/placed", type="thing.done", key=key, seq=1, body=b"{}")
+        assert processor.process(first).outcome is Outcome.HANDLED
+        assert processor.process(first).outcome is Outcome.DUPLICATE
+        long_id = "i" * 255
+        second = Message(message_id=long_id, type="thing.done", key=key, seq=2, body=b"{}")
+        assert processor.process(second).outcome is Outcome.HANDLED
+        assert seen == ["order-1/placed", long_id]
+        assert processor.cleanup() == 0
+        assert ParkedAdmin(pg_engine, inbox, "grp").parked() == []
+    finally:
+        with pg_engine.begin() as conn:
+            conn.execute(sa.schema.DropSchema(schema, cascade=True))
+
+
+def test_cleanup_and_retries_on_empty_tables_do_nothing(processor: Processor) -> None:
+    assert processor.cleanup() == 0
+    assert processor.retry_requested() == 0
+    assert processor.parked_counts() == (0, 0)
