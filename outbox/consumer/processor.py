@@ -139,6 +139,9 @@ class Processor:
         started = time.perf_counter()
         with _outages(f"{_describe_message(message)} was in hand"):
             result = self._run(message, None)
+        if result.outcome is Outcome.DUPLICATE:
+            # Rare (a redelivery after a crash, a relay duplicate) and worth seeing.
+            log.info("skipped duplicate %s: applied before", _describe_message(message))
         if self.on_result is not None:
             self.on_result(message, result, time.perf_counter() - started)
         return result

@@ -28,6 +28,7 @@ class Faults:
 
     fail_times: dict[str, int] = dataclasses.field(default_factory=dict)
     fail_file: str | None = None  # orders listed in this file (one per line) fail
+    kill_after_commit: str | None = None  # "order_id:n": SIGKILL right after its commit
     inside_handler: Any = None  # callable(event) or None
 
 
@@ -104,6 +105,8 @@ def build(schema: str, name: str = "test", faults: Faults | None = None) -> App:
         effect(session, "book", event.order_id, event.n, event.total)
         if faults.inside_handler is not None:
             faults.inside_handler(event)
+        if faults.kill_after_commit == f"{event.order_id}:{event.n}":
+            session.info["kill_after_commit"] = True
         failing = Path(faults.fail_file) if faults.fail_file else None
         if (
             failing is not None
@@ -150,6 +153,15 @@ def _from_environment() -> Handlers:
             time.sleep(0.01)
 
     faults.inside_handler = inside
+    faults.kill_after_commit = os.environ.get("OUTBOX_TEST_KILL_AFTER_COMMIT")
+    if faults.kill_after_commit:
+
+        @sa.event.listens_for(Session, "after_commit")
+        def die(session: Session) -> None:
+            # Committed, and the ack not sent yet: the consumer acks after process() returns.
+            if session.info.get("kill_after_commit"):
+                os.kill(os.getpid(), signal.SIGKILL)
+
     group = os.environ.get("OUTBOX_TEST_GROUP", "test")
     return build(os.environ["OUTBOX_TEST_SCHEMA"], name=group, faults=faults).handlers
 

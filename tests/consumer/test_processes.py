@@ -191,3 +191,26 @@ def test_a_failing_key_parks_while_others_flow_and_inbox_parked_retry_resumes_it
     wait_for(
         lambda: ("bad", 4) in booked(app, pg_engine), "the key flows again", logs=consumer.output
     )
+
+
+def test_a_consumer_sigkilled_between_commit_and_ack_skips_the_redelivery_as_a_duplicate(
+    app: App,
+    pg_engine: sa.Engine,
+    amqp_url: str,
+    exchange: str,
+    start: Callable[..., ConsumerProcess],
+    tmp_path: Path,
+) -> None:
+    doomed = start(env={"OUTBOX_TEST_KILL_AFTER_COMMIT": "o1:1"})
+    first = order_message("o1", 1)
+    publish(amqp_url, exchange, [first, order_message("o1", 2)])
+    assert doomed.wait() == -signal.SIGKILL
+    assert booked(app, pg_engine) == [("o1", 1)]  # committed, never acked
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    survivor = start(env={"OUTBOX_TEST_MARKER_DIR": str(markers)})
+    wait_for(lambda: len(booked(app, pg_engine)) == 2, "second applied", logs=survivor.output)
+    assert booked(app, pg_engine) == [("o1", 1), ("o1", 2)]
+    # The redelivered o1:1 never reached a handler: it was a duplicate.
+    assert sorted(p.name for p in markers.iterdir()) == ["o1-2"]
+    assert f"skipped duplicate order.placed message {first.message_id}" in survivor.output()
