@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -255,3 +257,93 @@ def test_without_the_plugin_the_consumer_says_to_enable_it_and_exits_6(
     with pytest.raises(BrokerConfigError, match="rabbitmq-plugins enable") as caught:
         consumer.start()
     assert exit_code_for(caught.value) == EXIT_TOPOLOGY
+
+
+@contextlib.contextmanager
+def running(consumer: Consumer) -> Iterator[None]:
+    """consumer.run() in a thread, stopped (and its errors raised) at the end."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            consumer.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        consumer.request_stop()
+        thread.join(30)
+    assert not thread.is_alive(), "the consumer did not stop"
+    if errors:
+        raise errors[0]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        time.sleep(0.02)
+
+
+def test_run_reconnects_after_the_broker_closes_its_connection_and_loses_nothing(
+    app: App, pg_engine: sa.Engine, amqp_url: str, exchange: str, make_consumer: ConsumerFactory
+) -> None:
+    from tests.support.rabbit import close_connection_named
+
+    consumer = make_consumer(queues=2)
+    consumer.start()
+    closed: list[int] = []
+
+    def close_once(event: object) -> None:
+        if not closed:  # mid-handler: this message's ack cannot be sent
+            closed.append(close_connection_named(f"outbox-consumer:{consumer.settings.name}"))
+
+    app.faults.inside_handler = close_once
+    keys = ["a", "b", "c"]
+    publish(
+        amqp_url,
+        exchange,
+        [order_message(k, n, seq=n * 10 + i) for n in range(1, 11) for i, k in enumerate(keys)],
+    )
+    with running(consumer):
+        wait_until(lambda: len(booked(app, pg_engine)) == 30)
+    assert closed == [1]
+    done = booked(app, pg_engine)
+    for key in keys:
+        assert [n for k, n in done if k == key] == list(range(1, 11))
+
+
+def test_run_survives_the_database_killing_its_session_mid_handler(
+    app: App, pg_engine: sa.Engine, amqp_url: str, exchange: str, make_consumer: ConsumerFactory
+) -> None:
+    consumer = make_consumer(queues=1)
+    consumer.start()
+    killed: list[int] = []
+
+    def kill_own_session(event: object) -> None:
+        if killed:
+            return
+        with pg_engine.connect() as other:
+            rows = other.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                    "state = 'idle in transaction' AND datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND position(:schema in query) > 0"
+                ),
+                {"schema": app.inbox.schema},
+            ).all()
+        killed.append(len(rows))
+
+    app.faults.inside_handler = kill_own_session
+    publish(amqp_url, exchange, [order_message("a", n) for n in range(1, 6)])
+    with running(consumer):
+        wait_until(lambda: len(booked(app, pg_engine)) == 5)
+    assert killed == [1]
+    assert booked(app, pg_engine) == [("a", n) for n in range(1, 6)]
+    with pg_engine.connect() as conn:
+        assert consumer.processor.statements.parked(conn) == []
