@@ -11,28 +11,38 @@ times draining them with:
   ack (what a hand-written consumer without dedup or order checks does);
 - `raw`: raw pika, prefetch 1 per queue, ack only (the broker's ceiling for this topology).
 The inbox run is checked: every message applied once, in order per key.
+
+With `--latency`, it then writes one event per transaction at `--rate` events/s for
+`--seconds`, with the relay and the consumer running (threads of this process), and reports
+the time from each writer's commit to the commit of its handler's transaction: p50, p95, p99.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pika
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+import outbox
 from bench.common import create_engine, progress
 from bench.config import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL
+from outbox import Event, Outbox
 from outbox.consumer import Handlers, Inbox, Message, Processor
+from relay.app import build_relay
 from relay.consumer.runner import Consumer, ConsumerSettings
 from relay.consumer.topology import Topology
+from relay.settings import RelaySettings
 
 EVENT_TYPE = "bench.consumed"
 
@@ -178,6 +188,114 @@ def run_raw(
         metadata.drop_all(engine, tables=[effects])
 
 
+@contextlib.contextmanager
+def _in_thread(run: Callable[[], None], stop: Callable[[], None], name: str) -> Iterator[None]:
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop()
+        thread.join(30)
+    if thread.is_alive():
+        raise RuntimeError(f"{name} did not stop within 30 s")
+    if errors:
+        raise errors[0]
+
+
+def run_latency(config: argparse.Namespace, engine: sa.Engine, schema: str) -> dict[str, Any]:
+    """Commit-to-handler-commit latency at a steady rate, relay and consumer running."""
+    topology = _topology(config.queues)
+    metadata = sa.MetaData(schema=schema)
+    box = Outbox(metadata, schema=schema, table=f"outbox_{topology.group[-8:]}")
+    inbox = Inbox(metadata, schema=schema, prefix=f"inbox_{topology.group[-8:]}")
+    effects = _effects_table(metadata)
+    handlers = Handlers(topology.group, inbox=inbox)
+    applied_at: dict[str, float] = {}
+
+    @handlers.on(EVENT_TYPE)
+    def apply(message: Message, session: Session) -> None:
+        payload = message.payload()
+        session.execute(sa.insert(effects).values(key=payload["key"], n=payload["n"]))
+
+    def on_result(message: Message, result: Any, seconds: float) -> None:
+        applied_at.setdefault(message.message_id, time.time())  # after the commit
+
+    box.create(engine)
+    inbox.create(engine)
+    metadata.create_all(engine, tables=[effects])
+    committed_at: dict[str, float] = {}
+    try:
+        settings = ConsumerSettings(
+            amqp_url=config.amqp_url, name=topology.group, exchange=topology.exchange,
+            queues=config.queues, cleanup_interval=3600,
+        )  # fmt: skip
+        processor = Processor(handlers, sessionmaker(engine), on_result=on_result)
+        consumer = Consumer(processor, settings)
+        consumer.start()  # the topology exists before the relay publishes
+        relay = build_relay(
+            RelaySettings(
+                database_url=config.database_url, amqp_url=config.amqp_url, schema=schema,
+                table=box.name, exchange=topology.exchange, name=f"{topology.group}-relay",
+            )
+        )  # fmt: skip
+        with (
+            _in_thread(consumer.run, consumer.request_stop, "bench-consumer"),
+            _in_thread(relay.run, relay.request_stop, "bench-relay"),
+        ):
+            total = int(config.rate * config.seconds)
+            started = time.monotonic()
+            for i in range(total):
+                delay = started + i / config.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                key = f"k{i % config.keys}"
+                event = Event(type=EVENT_TYPE, key=key, payload={"key": key, "n": i // config.keys})
+                with engine.begin() as conn:
+                    outbox.write(conn, event, outbox=box)
+                committed_at[str(event.id)] = time.time()
+            reached = total / (time.monotonic() - started)
+            deadline = time.monotonic() + 60
+            while len(applied_at) < total:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{total - len(applied_at)} events never reached a handler")
+                time.sleep(0.05)
+        latencies = sorted(
+            (applied_at[i] - committed_at[i]) * 1000 for i in committed_at if i in applied_at
+        )
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(effects.c.key, effects.c.n).order_by(effects.c.id)).all()
+        per_key: dict[str, list[int]] = {}
+        for key, n in rows:
+            per_key.setdefault(key, []).append(n)
+        ok = len(rows) == total and all(v == sorted(set(v)) for v in per_key.values())
+        return {
+            "rate": config.rate,
+            "reached": reached,
+            "events": total,
+            "p50_ms": _percentile(latencies, 0.50),
+            "p95_ms": _percentile(latencies, 0.95),
+            "p99_ms": _percentile(latencies, 0.99),
+            "ok": ok,
+        }
+    finally:
+        _delete(config.amqp_url, topology)
+        metadata.drop_all(engine, tables=[effects, *inbox.tables])
+        box.drop(engine)
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    return values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
+
+
 def _ensure_database(database_url: str) -> None:
     import psycopg
 
@@ -199,10 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, default=100)
     parser.add_argument("--queues", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--latency", action="store_true", help="also commit-to-handler latency")
+    parser.add_argument("--rate", type=float, default=200.0, help="events/s for --latency")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long for --latency")
     parser.add_argument("--quick", action="store_true", help="200 messages, 1 repeat")
     config = parser.parse_args(argv)
     if config.quick:
-        config.n, config.repeat = 200, 1
+        config.n, config.repeat, config.rate, config.seconds = 200, 1, 50.0, 2.0
     _ensure_database(config.database_url)
     engine = create_engine(config.database_url)
     schema = f"bench_consumer_{uuid.uuid4().hex[:8]}"
@@ -214,23 +335,34 @@ def main(argv: list[str] | None = None) -> int:
         "raw": lambda: run_raw(config, engine, schema, with_transaction=False),
     }
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    latency: dict[str, Any] | None = None
     try:
         for repeat in range(config.repeat):
             for name, variant in variants.items():  # alternate: noise hits every variant
                 progress(f"consumer {name}, repeat {repeat + 1}/{config.repeat}")
                 runs[name].append(variant())
+        if config.latency:
+            progress(f"consumer latency at {config.rate:g} events/s for {config.seconds:g} s")
+            latency = run_latency(config, engine, schema)
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         engine.dispose()
     rates = {name: statistics.median(r["rate"] for r in results) for name, results in runs.items()}
     ok = all(r["ok"] for results in runs.values() for r in results)
+    ok = ok and (latency is None or latency["ok"])
     print(f"consumer throughput: {config.n} messages, {config.keys} keys, {config.queues} queues, "
           f"median of {config.repeat}")  # fmt: skip
     for name, rate in rates.items():
         print(f"  {name:<7} {rate:8.0f} msg/s  inbox/{name}: {rates['inbox'] / rate:.2f}x")
-    print("  inbox run checked (each message once, in key order):", "ok" if ok else "FAILED")
-    print(json.dumps({"rates": rates, "runs": runs, "ok": ok}))
+    if latency is not None:
+        print(
+            f"commit to handler commit at {latency['rate']:g}/s ({latency['reached']:.0f}/s "
+            f"reached, {latency['events']} events): p50 {latency['p50_ms']:.1f} ms, "
+            f"p95 {latency['p95_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms"
+        )
+    print("  runs checked (each message once, in key order):", "ok" if ok else "FAILED")
+    print(json.dumps({"rates": rates, "runs": runs, "latency": latency, "ok": ok}))
     return 0 if ok else 1
 
 
