@@ -5,8 +5,9 @@
 Each repeat fills a fresh consumer group's queues (the real topology: consistent-hash exchange,
 quorum queues with single active consumer) with N relay-shaped messages over K keys, then
 times draining them with:
-- `inbox`: `relay.consumer.Consumer` with one handler that inserts one row: per message one
-  transaction with the inbox row, the key row and the handler's insert, then the ack;
+- `inbox`: `relay.consumer.Consumer`s (`--threads`, 1 by default, sharing the queues) with
+  one handler that inserts one row: per message one transaction with the inbox row, the key
+  row and the handler's insert, then the ack;
 - `raw+tx`: raw pika, prefetch 1 per queue, the same insert in its own transaction, then the
   ack (what a hand-written consumer without dedup or order checks does);
 - `raw`: raw pika, prefetch 1 per queue, ack only (the broker's ceiling for this topology).
@@ -40,6 +41,7 @@ from bench.config import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL
 from outbox import Event, Outbox
 from outbox.consumer import Handlers, Inbox, Message, Processor
 from relay.app import build_relay
+from relay.consumer.pool import ConsumerPool, share_queues
 from relay.consumer.runner import Consumer, ConsumerSettings
 from relay.consumer.topology import Topology
 from relay.settings import RelaySettings
@@ -83,6 +85,11 @@ def _fill(amqp_url: str, topology: Topology, n: int, keys: int) -> None:
             connection.sleep(0.1)
     finally:
         connection.close()
+
+
+def _count(engine: sa.Engine, table: sa.Table) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
 
 
 def _depth(channel: Any, topology: Topology) -> int:
@@ -132,14 +139,21 @@ def run_inbox(config: argparse.Namespace, engine: sa.Engine, schema: str) -> dic
             amqp_url=config.amqp_url, name=topology.group, exchange=topology.exchange,
             queues=config.queues, cleanup_interval=3600,
         )  # fmt: skip
-        consumer = Consumer(Processor(handlers, sessionmaker(engine)), settings)
-        consumer.start()
+        consumers = [
+            Consumer(
+                Processor(handlers, sessionmaker(engine)),
+                settings,
+                queue_indexes=queues,
+                housekeeping=index == 0,
+            )
+            for index, queues in enumerate(share_queues(config.queues, config.threads))
+        ]
+        pool = ConsumerPool(consumers)  # each connects in its own thread: timed too
         started = time.perf_counter()
-        handled = 0
-        while handled < config.n:
-            handled += consumer.run_once(timeout=0.05)
+        with _in_thread(pool.run, pool.request_stop, "bench-consumers"):
+            while _count(engine, effects) < config.n:
+                time.sleep(0.01)
         seconds = time.perf_counter() - started
-        consumer.close()
         with engine.connect() as conn:
             rows = conn.execute(sa.select(effects.c.key, effects.c.n).order_by(effects.c.id)).all()
         per_key: dict[str, list[int]] = {}
@@ -317,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, default=100)
     parser.add_argument("--queues", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="consumer threads (inbox)")
     parser.add_argument("--latency", action="store_true", help="also commit-to-handler latency")
     parser.add_argument("--rate", type=float, default=200.0, help="events/s for --latency")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long for --latency")
@@ -352,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(r["ok"] for results in runs.values() for r in results)
     ok = ok and (latency is None or latency["ok"])
     print(f"consumer throughput: {config.n} messages, {config.keys} keys, {config.queues} queues, "
-          f"median of {config.repeat}")  # fmt: skip
+          f"{config.threads} consumer threads, median of {config.repeat}")  # fmt: skip
     for name, rate in rates.items():
         print(f"  {name:<7} {rate:8.0f} msg/s  inbox/{name}: {rates['inbox'] / rate:.2f}x")
     if latency is not None:

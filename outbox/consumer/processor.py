@@ -183,7 +183,11 @@ class Processor:
             if parked is None:
                 if not st.claim(connection, message.message_id):
                     return Result(Outcome.DUPLICATE)
-                state = st.lock_key(connection, message.key) if message.key else None
+                state = (
+                    st.lock_key(connection, message.key, advance_to=message.seq)
+                    if message.key
+                    else None
+                )
                 if state is not None and state.parked:
                     st.unclaim(connection, message.message_id)
                     st.park(
@@ -212,14 +216,13 @@ class Processor:
                 return self._stale(connection, message, parked, state)
             subscriptions = self.handlers.for_type(message.type)
             if subscriptions:
-                argument = self._decode(message, subscriptions)
+                event = self._decode(message, subscriptions)
                 for subscription in subscriptions:
-                    subscription.function(argument, session)
+                    subscription.function(event if subscription.typed else message, session)
                 session.flush()
             if parked is not None:
                 self._finish_parked(connection, parked, state, applied_seq=message.seq)
-            elif state is not None and message.key:
-                st.set_key(connection, message.key, last_seq=message.seq, parked=False)
+            # A live message's seq was recorded by lock_key(advance_to=...) already.
         return Result(Outcome.HANDLED if subscriptions else Outcome.IGNORED)
 
     def _stale(
@@ -234,7 +237,8 @@ class Processor:
         error = (
             f"seq {message.seq} of key {message.key!r} arrived after seq {state.last_seq} was "
             "applied (a key that moved queues, or an event requeued after later ones): not "
-            "applied; `inbox parked retry` applies it anyway, `inbox parked skip` drops it"
+            "applied; `inbox parked retry --id ID` applies it anyway, `inbox parked skip --id "
+            "ID` drops it"
         )
         log.warning("%s: %s", _describe_message(message), error)
         if parked is None:
@@ -246,7 +250,7 @@ class Processor:
 
     def _decode(self, message: Message, subscriptions: tuple[Subscription, ...]) -> Any:
         if not any(s.typed for s in subscriptions):
-            return message
+            return None
         try:
             return self.handlers.events.decode(message.type, message.version, message.payload())
         except (DomainEventError, UndecodableMessageError) as exc:

@@ -67,6 +67,8 @@ class Inbox:
             sa.Column("consumer", sa.String(MAX_NAME), primary_key=True),
             sa.Column("key", sa.String(MAX_SHORT), primary_key=True),
             sa.Column("last_seq", sa.BigInteger, nullable=True),
+            # last_seq before the current transaction's upsert (see lock_key).
+            sa.Column("previous_seq", sa.BigInteger, nullable=True),
             sa.Column("parked", sa.Boolean, nullable=False, default=False),
             sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
             schema=schema,
@@ -213,13 +215,20 @@ class InboxStatements:
             sa.delete(m).where(m.c.consumer == self.consumer, m.c.message_id == message_id)
         )
 
-    def lock_key(self, connection: Connection, key: str) -> KeyState:
+    def lock_key(
+        self, connection: Connection, key: str, *, advance_to: int | None = None
+    ) -> KeyState:
         """Create the key's row if needed and lock it until the transaction ends.
 
         One statement: an upsert locks the row it updates, waits for a transaction that holds
-        it, and returns the row as that transaction committed it.
+        it, and returns the row as that transaction committed it. With `advance_to`, it also
+        raises the key's last applied seq to that (unless the key is parked), saving a
+        statement on the common path; a rollback undoes it with the handlers' work. The
+        state returned is always the one from before: `previous_seq` keeps the old value
+        because RETURNING only sees the new row.
         """
         k = self.inbox.keys
+        sqlite_dialect = connection.dialect.name == "sqlite"
 
         def build(insert: Any) -> Any:
             statement = insert(k).values(
@@ -227,16 +236,33 @@ class InboxStatements:
                 key=sa.bindparam("key"),
                 parked=False,
                 updated_at=sa.bindparam("updated_at"),
+                last_seq=sa.bindparam("seq", type_=sa.BigInteger),
+                previous_seq=None,
             )
+            changes: dict[str, Any] = {
+                "updated_at": statement.excluded.updated_at,
+                "previous_seq": k.c.last_seq,
+            }
+            if advance_to is not None:
+                larger = sa.func.max if sqlite_dialect else sa.func.greatest
+                changes["last_seq"] = sa.case(
+                    (k.c.parked.is_(True), k.c.last_seq),
+                    else_=larger(sa.func.coalesce(k.c.last_seq, 0), statement.excluded.last_seq),
+                )
             return statement.on_conflict_do_update(
-                index_elements=[k.c.consumer, k.c.key],
-                set_={"updated_at": statement.excluded.updated_at},
-            ).returning(k.c.last_seq, k.c.parked)
+                index_elements=[k.c.consumer, k.c.key], set_=changes
+            ).returning(k.c.previous_seq, k.c.parked)
 
-        statement = self._cached(connection, "lock_key", build)
-        parameters = {"consumer": self.consumer, "key": key, "updated_at": _utcnow()}
+        name = "lock_key" if advance_to is None else "lock_key_advance"
+        statement = self._cached(connection, name, build)
+        parameters = {
+            "consumer": self.consumer,
+            "key": key,
+            "updated_at": _utcnow(),
+            "seq": advance_to,
+        }
         row = connection.execute(statement, parameters).one()
-        return KeyState(last_seq=row.last_seq, parked=bool(row.parked))
+        return KeyState(last_seq=row.previous_seq, parked=bool(row.parked))
 
     def set_key(
         self, connection: Connection, key: str, *, last_seq: int | None = None, parked: bool

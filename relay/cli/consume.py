@@ -20,7 +20,7 @@ from relay.settings import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE, EXCHANGE_TYP
 from relay.urls import mask_url
 
 if TYPE_CHECKING:
-    from relay.consumer.runner import Consumer
+    from relay.consumer.pool import ConsumerPool
 
 log = logging.getLogger("relay.cli")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,6 +71,16 @@ def database_url_option(f: F) -> F:
     show_default=True,
     type=click.IntRange(1, MAX_QUEUES),
     help="Queues of the group (keys are spread over them; each has one active consumer).",
+)
+@click.option(
+    "--threads",
+    envvar="OUTBOX_CONSUMER_THREADS",
+    show_envvar=True,
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, MAX_QUEUES),
+    help="Consumers in this process, each with its own share of the queues and its own "
+    "transactions (at most --queues).",
 )
 @click.option(
     "--queue-type",
@@ -147,6 +157,7 @@ def consume(
     exchange: str,
     exchange_type: str,
     queues: int,
+    threads: int,
     queue_type: str,
     max_attempts: int,
     retry_min: float,
@@ -169,7 +180,7 @@ def consume(
     """
     from relay.consumer.app import (
         ConsumerOptions,
-        build_consumer,
+        build_consumers,
         check_tables,
         create_engine,
         load_handlers,
@@ -183,13 +194,15 @@ def consume(
         )
     if retention <= 0:
         raise ConfigError("--retention must be more than 0")
+    if threads > queues:
+        raise ConfigError(f"--threads ({threads}) must not exceed --queues ({queues})")
     stopping: list[int] = []
-    consumers: list[Consumer] = []
+    pools: list[ConsumerPool] = []
 
     def stop(signum: int, frame: object) -> None:
         log.info("received %s: finishing the message in hand", signal.Signals(signum).name)
         stopping.append(signum)
-        for built in consumers:
+        for built in pools:
             built.request_stop()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -197,7 +210,9 @@ def consume(
     try:
         handlers = load_handlers(reference)
         name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        engine = create_engine(database_url, application_name=f"outbox-consumer:{name}")
+        engine = create_engine(
+            database_url, application_name=f"outbox-consumer:{name}", threads=threads
+        )
         check_tables(engine, handlers.inbox)
         metrics = ConsumerMetrics(handlers.name) if metrics_port else None
         settings = ConsumerSettings(
@@ -209,10 +224,15 @@ def consume(
             queue_type=queue_type,
             retention=retention,
         )
-        consumer = build_consumer(
-            handlers, engine, settings, ConsumerOptions(max_attempts, retry_min, retry_max), metrics
+        pool = build_consumers(
+            handlers,
+            engine,
+            settings,
+            ConsumerOptions(max_attempts, retry_min, retry_max),
+            metrics,
+            threads=threads,
         )
-        consumers.append(consumer)
+        pools.append(pool)
         if stopping:
             return
         if metrics is not None:
@@ -223,7 +243,6 @@ def consume(
                     f"--metrics-port {metrics_port}: cannot listen on {metrics_address}: "
                     f"{exc.strerror or exc}"
                 ) from exc
-        consumer.start()
         log.info(
             "consumer %s of group %r: database %s, broker %s",
             name,
@@ -231,7 +250,7 @@ def consume(
             mask_url(database_url),
             mask_url(amqp_url),
         )
-        consumer.run()
+        pool.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

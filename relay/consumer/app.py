@@ -12,6 +12,7 @@ from sqlalchemy.orm import sessionmaker
 
 from outbox.consumer import Handlers, Inbox, Processor, RetryPolicy
 from relay.consumer.metrics import ConsumerMetrics
+from relay.consumer.pool import ConsumerPool, share_queues
 from relay.consumer.runner import Consumer, ConsumerSettings
 from relay.errors import ConfigError, DatabaseUnavailableError, SchemaMissingError
 from relay.urls import mask_text, mask_url
@@ -65,7 +66,7 @@ def _last_line(exc: BaseException) -> str:
     return traceback.format_exception_only(exc)[-1].strip()
 
 
-def create_engine(database_url: str, *, application_name: str) -> sa.Engine:
+def create_engine(database_url: str, *, application_name: str, threads: int = 1) -> sa.Engine:
     """An engine for handlers: durable commits (the ack follows them), checked connections."""
     try:
         url = sa.make_url(database_url)
@@ -80,7 +81,13 @@ def create_engine(database_url: str, *, application_name: str) -> sa.Engine:
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
             }
-        return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        # A connection per consumer thread, one for housekeeping, and some to spare.
+        pool = (
+            {"pool_size": threads + 1, "max_overflow": 5}
+            if url.get_backend_name() != "sqlite"
+            else {}
+        )
+        return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
     except Exception as exc:
         raise ConfigError(
             f"--database-url {mask_url(database_url)} is not usable: {mask_text(str(exc))}"
@@ -113,21 +120,36 @@ class ConsumerOptions:
     retry_max: float
 
 
-def build_consumer(
+def build_consumers(
     handlers: Handlers,
     engine: sa.Engine,
     settings: ConsumerSettings,
     options: ConsumerOptions,
     metrics: ConsumerMetrics | None = None,
-) -> Consumer:
+    threads: int = 1,
+) -> ConsumerPool:
+    """`threads` consumers sharing the group's queues; the first one does the housekeeping."""
     try:
         policy = RetryPolicy(options.max_attempts, options.retry_min, options.retry_max)
     except Exception as exc:
         raise ConfigError(str(exc)) from exc
-    processor = Processor(
-        handlers,
-        sessionmaker(engine),
-        policy=policy,
-        on_result=metrics.result if metrics is not None else None,
-    )
-    return Consumer(processor, settings, metrics=metrics)
+    sessions = sessionmaker(engine)
+    consumers = []
+    for index, queues in enumerate(share_queues(settings.queues, threads)):
+        processor = Processor(
+            handlers,
+            sessions,
+            policy=policy,
+            on_result=metrics.result if metrics is not None else None,
+        )
+        name = settings.name if threads == 1 else f"{settings.name}/{index}"
+        consumers.append(
+            Consumer(
+                processor,
+                dataclasses.replace(settings, name=name),
+                metrics=metrics,
+                queue_indexes=queues,
+                housekeeping=index == 0,
+            )
+        )
+    return ConsumerPool(consumers)

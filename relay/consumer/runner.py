@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
@@ -84,7 +84,12 @@ class Consumer:
         metrics: ConsumerMetrics | None = None,
         before_ack: BeforeAck | None = None,
         clock: Callable[[], float] = time.monotonic,
+        queue_indexes: Sequence[int] | None = None,
+        housekeeping: bool = True,
     ) -> None:
+        """`queue_indexes`: consume only these of the group's queues (all by default), for
+        several consumers in threads of one process; `housekeeping`: this one replays
+        parked messages on request and cleans up the inbox (one per process is enough)."""
         self.processor = processor
         self.settings = settings
         self.metrics = metrics
@@ -99,6 +104,13 @@ class Consumer:
             queue_type=settings.queue_type,
             source_exchange_type=settings.exchange_type,
         )
+        indexes = range(self.topology.queues) if queue_indexes is None else queue_indexes
+        if not indexes or any(not 0 <= i < self.topology.queues for i in indexes):
+            raise ConfigError(
+                f"queue indexes {list(indexes)} must be within 0..{self.topology.queues - 1}"
+            )
+        self.queues = tuple(self.topology.queue_names[i] for i in sorted(set(indexes)))
+        self.housekeeping = housekeeping
         self._stop = threading.Event()
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
@@ -119,7 +131,7 @@ class Consumer:
             channel = connection.channel()
             self.topology.declare(channel)
             channel.basic_qos(prefetch_count=1)
-            for queue in self.topology.queue_names:
+            for queue in self.queues:
                 channel.basic_consume(queue, self._on_message, auto_ack=False)
         except BrokerConfigError:
             _close_quietly(connection)
@@ -131,10 +143,10 @@ class Consumer:
             ) from exc
         self._connection, self._channel = connection, channel
         log.info(
-            "consumer %s: group %r on %d queues behind %r (types: %s)",
+            "consumer %s: group %r, queues %s behind %r (types: %s)",
             self.settings.name,
             self.topology.group,
-            self.topology.queues,
+            ", ".join(self.queues),
             self.topology.hash_exchange,
             ", ".join(self.topology.types),
         )
@@ -224,6 +236,8 @@ class Consumer:
         self._buffer.append(_Delivery(tag=method.delivery_tag, message=message))
 
     def _housekeeping(self) -> None:
+        if not self.housekeeping:
+            return
         now = self.clock()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + self.settings.housekeeping_interval

@@ -27,6 +27,7 @@ class ConsumerProcess:
         queues: int,
         log: Path,
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.log = log
         environment = {
@@ -40,7 +41,7 @@ class ConsumerProcess:
             sys.executable, "-m", "relay.cli", "consume", REFERENCE,
             "--database-url", pg_url, "--amqp-url", amqp_url, "--exchange", exchange,
             "--queues", str(queues), "--max-attempts", "2", "--retry-min", "10ms",
-            "--retry-max", "10ms", "--name", log.stem,
+            "--retry-max", "10ms", "--name", log.stem, *args,
         ]  # fmt: skip
         self._log_file = log.open("ab")
         self.process = subprocess.Popen(

@@ -51,8 +51,10 @@ def start(
         group=app.handlers.name, queues=2,
     ) as start:  # fmt: skip
 
-        def start_one(env: dict[str, str] | None = None) -> ConsumerProcess:
-            return start(log=tmp_path / f"consumer-{next(counter)}.log", env=env)
+        def start_one(
+            env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+        ) -> ConsumerProcess:
+            return start(log=tmp_path / f"consumer-{next(counter)}.log", env=env, args=args)
 
         yield start_one
 
@@ -214,3 +216,36 @@ def test_a_consumer_sigkilled_between_commit_and_ack_skips_the_redelivery_as_a_d
     # The redelivered o1:1 never reached a handler: it was a duplicate.
     assert sorted(p.name for p in markers.iterdir()) == ["o1-2"]
     assert f"skipped duplicate order.placed message {first.message_id}" in survivor.output()
+
+
+def test_threads_share_the_queues_keep_key_order_and_stop_on_sigterm(
+    app: App,
+    pg_engine: sa.Engine,
+    amqp_url: str,
+    exchange: str,
+    start: Callable[..., ConsumerProcess],
+) -> None:
+    consumer = start(args=("--threads", "2"))
+    keys = [f"k{i}" for i in range(10)]
+    publish(
+        amqp_url,
+        exchange,
+        [order_message(k, n, seq=n * 100 + i) for n in range(1, 11) for i, k in enumerate(keys)],
+    )
+    wait_for(lambda: len(booked(app, pg_engine)) == 100, "all applied", logs=consumer.output)
+    done = booked(app, pg_engine)
+    for key in keys:
+        assert [n for k, n in done if k == key] == list(range(1, 11)), key
+    consumer.signal(signal.SIGTERM)
+    assert consumer.wait() == 0, consumer.output()
+    assert "queues " in consumer.output() and "/1: group" in consumer.output()
+
+
+def test_more_threads_than_queues_is_a_usage_error(pg_url: str, amqp_url: str) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["consume", "tests.consumer.app:handlers", "--database-url", pg_url, "--amqp-url",
+         amqp_url, "--queues", "2", "--threads", "3"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "--threads (3) must not exceed --queues (2)" in result.output

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -42,7 +43,9 @@ def make_consumer(
     made: list[Consumer] = []
 
     def make(
-        queues: int = 4, before_ack: Callable[[Message, Result], None] | None = None
+        queues: int = 4,
+        before_ack: Callable[[Message, Result], None] | None = None,
+        **options: Any,
     ) -> Consumer:
         processor = Processor(
             app.handlers,
@@ -56,7 +59,7 @@ def make_consumer(
             queues=queues,
             housekeeping_interval=0.05,
         )
-        consumer = Consumer(processor, settings, before_ack=before_ack)
+        consumer = Consumer(processor, settings, before_ack=before_ack, **options)
         made.append(consumer)
         return consumer
 
@@ -347,3 +350,43 @@ def test_run_survives_the_database_killing_its_session_mid_handler(
     assert booked(app, pg_engine) == [("a", n) for n in range(1, 6)]
     with pg_engine.connect() as conn:
         assert consumer.processor.statements.parked(conn) == []
+
+
+def test_a_pool_of_consumers_shares_the_queues_and_keeps_key_order(
+    app: App, pg_engine: sa.Engine, amqp_url: str, exchange: str, make_consumer: ConsumerFactory
+) -> None:
+    from relay.consumer.pool import ConsumerPool, share_queues
+
+    assert share_queues(4, 2) == [(0, 2), (1, 3)]
+    assert share_queues(3, 3) == [(0,), (1,), (2,)]
+    first = make_consumer(queues=4, queue_indexes=(0, 2))
+    second = make_consumer(queues=4, queue_indexes=(1, 3), housekeeping=False)
+    assert second.queues == (f"{second.topology.group}.1", f"{second.topology.group}.3")
+    pool = ConsumerPool([first, second])
+    keys = [f"k{i}" for i in range(12)]
+    first.start()  # the topology, before publishing
+    first.close()
+    publish(
+        amqp_url,
+        exchange,
+        [order_message(k, n, seq=n * 100 + i) for n in range(1, 11) for i, k in enumerate(keys)],
+    )
+    thread = threading.Thread(target=pool.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(booked(app, pg_engine)) == 120)
+    finally:
+        pool.request_stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    done = booked(app, pg_engine)
+    for key in keys:
+        assert [n for k, n in done if k == key] == list(range(1, 11)), key
+
+
+def test_queue_indexes_outside_the_group_are_refused(make_consumer: ConsumerFactory) -> None:
+    from relay.errors import ConfigError
+
+    consumer = make_consumer(queues=2)
+    with pytest.raises(ConfigError, match=r"within 0\.\.1"):
+        Consumer(consumer.processor, consumer.settings, queue_indexes=(0, 2))
