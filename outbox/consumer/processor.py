@@ -48,6 +48,7 @@ from outbox.consumer.schema import (
     KeyState,
     ParkedMessage,
 )
+from outbox.decoding import PayloadDecodeError
 from outbox.domain import DomainEventError
 
 log = logging.getLogger("outbox.consumer")
@@ -253,7 +254,7 @@ class Processor:
             return None
         try:
             return self.handlers.events.decode(message.type, message.version, message.payload())
-        except (DomainEventError, UndecodableMessageError) as exc:
+        except (DomainEventError, PayloadDecodeError, UndecodableMessageError) as exc:
             raise _Park(REASON_UNDECODABLE, str(exc)) from exc
 
     # -- parking ---------------------------------------------------------------------------
