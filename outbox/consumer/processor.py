@@ -275,7 +275,7 @@ class Processor:
                 connection, parked.id, error=error, attempts=attempts, reason=reason
             )
             if message.key:
-                self._clear_key_requests(connection, message.key)
+                self.statements.clear_retry_requests(connection, message.key)
         log.error("replay of %s failed again: %s", _describe_message(message), _first_line(error))
         return Result(Outcome.PARKED, attempts=attempts, reason=reason, error=error)
 
@@ -387,14 +387,6 @@ class Processor:
         still = self.statements.has_blocking(connection, key)
         if still != state.parked or applied_seq is not None:
             self.statements.set_key(connection, key, last_seq=applied_seq, parked=still)
-
-    def _clear_key_requests(self, connection: Connection, key: str) -> None:
-        p = self.statements.inbox.parked
-        connection.execute(
-            sa.update(p)
-            .where(p.c.consumer == self.handlers.name, p.c.key == key)
-            .values(retry_requested=False)
-        )
 
     def parked_counts(self) -> tuple[int, int]:
         """(parked messages, parked keys) of this consumer group."""

@@ -409,6 +409,14 @@ class InboxStatements:
             query = query.where(p.c.id.in_(list(ids)))
         return int(connection.execute(query).rowcount)
 
+    def clear_retry_requests(self, connection: Connection, key: str) -> None:
+        p = self.inbox.parked
+        connection.execute(
+            sa.update(p)
+            .where(p.c.consumer == self.consumer, p.c.key == key)
+            .values(retry_requested=False)
+        )
+
     def retry_requested(self, connection: Connection, limit: int) -> list[ParkedMessage]:
         p = self.inbox.parked
         rows = connection.execute(
