@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from relay.cli.exits import EXIT_CODES_HELP, META_DATABASE_URL, OutboxGroup
-from relay.cli.options import json_option, remember_url
+from relay.cli.exits import (
+    EXIT_CODES_HELP,
+    EXIT_ERROR,
+    META_DATABASE_URL,
+    OutboxGroup,
+    exit_code_for,
+)
+from relay.cli.options import amqp_option, json_option, remember_url
 from relay.cli.render import LAST_ERROR_WIDTH, emit_json, format_table, format_time, plural, shorten
 from relay.cli.terminal import confirm
 from relay.errors import ConfigError, NotFoundError
@@ -124,6 +131,66 @@ def init_db(reference: str, database_url: str, print_sql: bool) -> None:
         engine.dispose()
     names = ", ".join(t.fullname for t in handlers.inbox.tables)
     click.echo(f"inbox tables ready: {names} ({mask_url(database_url)})")
+
+
+@inbox.command(
+    "health",
+    epilog="""\b
+--json prints {"ok": bool, "database": {"ok": bool, "detail": str},
+               "broker": {"ok": bool, "detail": str}}
+"""
+    + "\n\n"
+    + EXIT_CODES_HELP,
+)
+@inbox_options
+@amqp_option()
+@click.option(
+    "--queues",
+    envvar="OUTBOX_CONSUMER_QUEUES",
+    show_envvar=True,
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="The group's number of queues, as given to `consume`.",
+)
+@json_option
+def inbox_health(
+    database_url: str,
+    consumer: str,
+    schema: str | None,
+    inbox_table: str,
+    amqp_url: str,
+    queues: int,
+    as_json: bool,
+) -> None:
+    """Check a consumer group: its inbox tables, and a consumer on each of its queues.
+
+    Exit 0 only if the database answers with the inbox tables in place and every queue
+    <consumer>.0 ... <consumer>.N-1 exists with at least one consumer attached (active or
+    standing by); otherwise the exit code of the first failure (1 for a queue without a
+    consumer). One line per service.
+    """
+    from outbox.consumer import Inbox
+    from relay.consumer.app import create_engine
+    from relay.consumer.health import check_inbox, check_queues
+
+    engine = create_engine(database_url, application_name=f"outbox-relay:health:{consumer}")
+    try:
+        inbox_tables = Inbox(schema=schema, prefix=inbox_table)
+        checks = [
+            check_inbox(engine, inbox_tables, database_url),
+            check_queues(amqp_url, consumer, queues),
+        ]
+    finally:
+        engine.dispose()
+    failed = [c for c in checks if not c.ok]
+    if as_json:
+        emit_json({"ok": not failed, **{c.service: c.to_json() for c in checks}})
+    else:
+        for c in checks:
+            click.echo(f"{c.service:<8}  {'ok  ' if c.ok else 'FAIL'}  {c.detail}")
+    for c in failed:
+        sys.exit(exit_code_for(c.error) if c.error is not None else EXIT_ERROR)
 
 
 @inbox.group(cls=OutboxGroup, epilog=EXIT_CODES_HELP)

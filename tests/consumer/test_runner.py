@@ -390,3 +390,32 @@ def test_queue_indexes_outside_the_group_are_refused(make_consumer: ConsumerFact
     consumer = make_consumer(queues=2)
     with pytest.raises(ConfigError, match=r"within 0\.\.1"):
         Consumer(consumer.processor, consumer.settings, queue_indexes=(0, 2))
+
+
+def test_inbox_health_wants_the_tables_and_a_consumer_on_every_queue(
+    app: App, pg_url: str, amqp_url: str, schema_name: str, make_consumer: ConsumerFactory
+) -> None:
+    from click.testing import CliRunner
+
+    from relay.cli import main
+
+    group = app.handlers.name
+    base = ["inbox", "health", "--database-url", pg_url, "--amqp-url", amqp_url, "--queues", "2"]
+
+    def health(*more: str) -> tuple[int, str]:
+        result = CliRunner().invoke(main, [*base, *more])
+        return result.exit_code, result.output
+
+    consumer = make_consumer(queues=2)
+    consumer.start()
+    code, output = health("--consumer", group, "--schema", schema_name)
+    assert code == 0, output
+    assert "2 queues, each consumed" in output
+    consumer.close()
+    code, output = health("--consumer", group, "--schema", schema_name, "--json")
+    assert code == 1
+    assert f"queue {group}.0 has no consumer" in json.loads(output)["broker"]["detail"]
+    code, output = health("--consumer", group, "--schema", "no_such_schema")
+    assert code == 5 and "inbox tables missing" in output
+    code, output = health("--consumer", "never-ran", "--schema", schema_name)
+    assert code == 1 and "queue never-ran.0 does not exist" in output
