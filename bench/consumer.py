@@ -114,7 +114,7 @@ def _delete(amqp_url: str, topology: Topology) -> None:
 def _topology(queues: int) -> Topology:
     suffix = uuid.uuid4().hex[:8]
     return Topology(
-        group=f"bench-consumer-{suffix}", exchange=f"bench-ex-{suffix}", types=(EVENT_TYPE,),
+        group=f"bench-consumer-{suffix}", exchange=f"bench-ex-{suffix}", routing_keys=(EVENT_TYPE,),
         queues=queues,
     )  # fmt: skip
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
@@ -48,8 +48,16 @@ class Handlers:
     """The handler registry of the consumer group `name`."""
 
     def __init__(
-        self, name: str, events: DomainEvents | None = None, *, inbox: Inbox | None = None
+        self,
+        name: str,
+        events: DomainEvents | None = None,
+        *,
+        inbox: Inbox | None = None,
+        routing_keys: Sequence[str] | None = None,
     ) -> None:
+        """`routing_keys`: the patterns the group's queues are bound with on the relay's
+        exchange; by default the event types it subscribes to, which is what the relay uses
+        unless an event sets its own `routing_key`. Handlers are chosen by event type."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise HandlerRegistrationError(
                 f"consumer name {name!r} must be 1 to 100 letters, digits, '.', '_' or '-', "
@@ -59,6 +67,16 @@ class Handlers:
         self.events = events if events is not None else DomainEvents()
         self.inbox = inbox if inbox is not None else Inbox()
         self._subscriptions: dict[str, list[Subscription]] = {}
+        if routing_keys is not None:
+            if isinstance(routing_keys, str) or not all(
+                isinstance(k, str) and k for k in routing_keys
+            ):
+                raise HandlerRegistrationError(
+                    f"routing_keys must be a list of non-empty strings, got {routing_keys!r}"
+                )
+            if not routing_keys:
+                raise HandlerRegistrationError("routing_keys must not be empty (or leave it out)")
+        self._routing_keys = tuple(routing_keys) if routing_keys is not None else None
 
     def on(self, target: type[Any] | str) -> Callable[[F], F]:
         """Run the decorated `function(event, session)` for every `target` event.
@@ -103,3 +121,8 @@ class Handlers:
     def types(self) -> tuple[str, ...]:
         """The event types this group subscribes to (its queues are bound to these)."""
         return tuple(sorted(self._subscriptions))
+
+    @property
+    def bindings(self) -> tuple[str, ...]:
+        """Routing keys (patterns) the group's hash exchange is bound with."""
+        return self._routing_keys if self._routing_keys is not None else self.types

@@ -99,7 +99,7 @@ class Consumer:
         self.topology = Topology(
             group=handlers.name,
             exchange=settings.exchange,
-            types=handlers.types,
+            routing_keys=handlers.bindings,
             queues=settings.queues,
             queue_type=settings.queue_type,
             source_exchange_type=settings.exchange_type,
@@ -143,12 +143,12 @@ class Consumer:
             ) from exc
         self._connection, self._channel = connection, channel
         log.info(
-            "consumer %s: group %r, queues %s behind %r (types: %s)",
+            "consumer %s: group %r, queues %s behind %r (routing keys: %s)",
             self.settings.name,
             self.topology.group,
             ", ".join(self.queues),
             self.topology.hash_exchange,
-            ", ".join(self.topology.types),
+            ", ".join(self.topology.routing_keys),
         )
 
     def request_stop(self) -> None:

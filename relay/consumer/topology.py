@@ -32,7 +32,7 @@ MAX_QUEUES = 256
 class Topology:
     group: str
     exchange: str
-    types: tuple[str, ...]
+    routing_keys: tuple[str, ...]  # bound on the relay's exchange: by default the event types
     queues: int = DEFAULT_QUEUES
     queue_type: str = "quorum"
     source_exchange_type: str = "topic"
@@ -43,7 +43,7 @@ class Topology:
             raise ConfigError(f"queues must be between 1 and {MAX_QUEUES}, got {self.queues}")
         if self.queue_type not in QUEUE_TYPES:
             raise ConfigError(f"queue_type must be one of {QUEUE_TYPES}, got {self.queue_type!r}")
-        if not self.types:
+        if not self.routing_keys:
             raise ConfigError(
                 f"consumer {self.group!r} subscribes to no event type: register a handler with "
                 "@handlers.on(...)"
@@ -77,11 +77,9 @@ class Topology:
                 durable=True,
                 arguments={"hash-header": HASH_HEADER},
             )
-            for type_name in self.types:
-                step = f"binding of {type_name!r}"
-                channel.exchange_bind(
-                    self.hash_exchange, self.exchange, routing_key=_binding_key(type_name)
-                )
+            for routing_key in self.routing_keys:
+                step = f"binding of {routing_key!r}"
+                channel.exchange_bind(self.hash_exchange, self.exchange, routing_key=routing_key)
             for queue in self.queue_names:
                 step = f"queue {queue!r}"
                 channel.queue_declare(queue, durable=True, arguments=self.queue_arguments())
@@ -94,11 +92,6 @@ class Topology:
             if exc.reply_code == 503 and "exchange type" in exc.reply_text:
                 raise BrokerConfigError(_explain(step, exc)) from exc
             raise
-
-
-def _binding_key(type_name: str) -> str:
-    # A topic binding matches words; a literal type with '*' or '#' would be a pattern.
-    return type_name
 
 
 def _explain(

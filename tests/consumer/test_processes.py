@@ -33,7 +33,9 @@ def app(pg_engine: sa.Engine, schema_name: str) -> App:
 @pytest.fixture
 def exchange(app: App, amqp_url: str) -> Iterator[str]:
     name = unique_name("ex")
-    topology = Topology(group=app.handlers.name, exchange=name, types=app.handlers.types, queues=2)
+    topology = Topology(
+        group=app.handlers.name, exchange=name, routing_keys=app.handlers.bindings, queues=2
+    )
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     topology.declare(connection.channel())
     connection.close()

@@ -65,7 +65,7 @@ def test_the_consuming_example_runs_as_written(amqp_url: str, tmp_path: Path) ->
     group, exchange = unique_name("stock"), unique_name("ex")
     code = consuming_block()
     assert README_URL in code and 'Handlers("stock"' in code
-    topology = Topology(group=group, exchange=exchange, types=("order.placed",), queues=2)
+    topology = Topology(group=group, exchange=exchange, routing_keys=("order.placed",), queues=2)
     with fresh_database() as url, cleaned_up(amqp_url, topology):
         package = tmp_path / "myapp"
         package.mkdir()

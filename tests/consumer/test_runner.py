@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -419,3 +420,32 @@ def test_inbox_health_wants_the_tables_and_a_consumer_on_every_queue(
     assert code == 5 and "inbox tables missing" in output
     code, output = health("--consumer", "never-ran", "--schema", schema_name)
     assert code == 1 and "queue never-ran.0 does not exist" in output
+
+
+def test_events_with_their_own_routing_keys_reach_a_group_bound_by_pattern(
+    app: App, pg_engine: sa.Engine, amqp_url: str, exchange: str
+) -> None:
+    from outbox.consumer import HandlerRegistrationError, Handlers
+
+    with pytest.raises(HandlerRegistrationError, match="list of non-empty strings"):
+        Handlers("x", routing_keys="orders.#")  # type: ignore[arg-type]
+    handlers = Handlers(unique_name("grp"), app.events, inbox=app.inbox, routing_keys=["orders.#"])
+    got: list[int] = []
+
+    @handlers.on(app.order_placed)
+    def record(event: Any, session: object) -> None:
+        got.append(event.n)
+
+    assert handlers.bindings == ("orders.#",)
+    settings = ConsumerSettings(
+        amqp_url=amqp_url, name=unique_name("c"), exchange=exchange, queues=1
+    )
+    consumer = Consumer(Processor(handlers, sessionmaker(pg_engine)), settings)
+    with cleaned_up(amqp_url, consumer.topology):
+        consumer.start()
+        message = dataclasses.replace(order_message("1", 7), routing_key="orders.eu.placed")
+        publish(amqp_url, exchange, [message])
+        try:
+            step_until([consumer], lambda: got == [7])
+        finally:
+            consumer.close()
