@@ -405,8 +405,9 @@ class Processor:
     ) -> int:
         """Delete inbox rows older than `retention` seconds, `batch` rows per transaction.
 
-        A duplicate that arrives after its row is gone is still caught by its key's seq (it
-        is parked as stale), but an event without a key would be applied again: keep the
+        Key rows not touched within the retention go too (never a parked key's). A duplicate
+        that arrives after its inbox row is gone is still caught by its key's seq (parked as
+        stale) while the key's row exists; otherwise it would be applied again: keep the
         retention well above the longest redelivery delay you expect.
         """
         cutoff = (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=retention)
