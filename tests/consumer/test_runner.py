@@ -449,3 +449,35 @@ def test_events_with_their_own_routing_keys_reach_a_group_bound_by_pattern(
             step_until([consumer], lambda: got == [7])
         finally:
             consumer.close()
+
+
+def test_two_consumer_groups_each_receive_every_event(
+    app: App,
+    pg_engine: sa.Engine,
+    amqp_url: str,
+    exchange: str,
+    schema_name: str,
+    make_consumer: ConsumerFactory,
+) -> None:
+    other = build(schema_name, name=unique_name("grp"))  # the same tables, another group
+    mine = make_consumer(queues=2)
+    settings = ConsumerSettings(
+        amqp_url=amqp_url, name=unique_name("c"), exchange=exchange, queues=2
+    )
+    theirs = Consumer(Processor(other.handlers, sessionmaker(pg_engine)), settings)
+    with cleaned_up(amqp_url, theirs.topology):
+        mine.start()
+        theirs.start()
+        try:
+            publish(amqp_url, exchange, [order_message(f"k{i}", 1) for i in range(10)])
+            step_until([mine, theirs], lambda: len(booked(app, pg_engine)) == 20)
+        finally:
+            theirs.close()
+    inbox = app.inbox.messages
+    with pg_engine.connect() as conn:
+        per_group = dict(
+            conn.execute(
+                sa.select(inbox.c.consumer, sa.func.count()).group_by(inbox.c.consumer)
+            ).all()
+        )
+    assert per_group == {app.handlers.name: 10, other.handlers.name: 10}
