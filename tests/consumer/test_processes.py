@@ -251,3 +251,36 @@ def test_more_threads_than_queues_is_a_usage_error(pg_url: str, amqp_url: str) -
     )  # fmt: skip
     assert result.exit_code == 2
     assert "--threads (3) must not exceed --queues (2)" in result.output
+
+
+def test_metrics_are_served_on_the_metrics_port(
+    app: App,
+    pg_engine: sa.Engine,
+    amqp_url: str,
+    exchange: str,
+    start: Callable[..., ConsumerProcess],
+) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    consumer = start(args=("--metrics-port", str(port), "--metrics-address", "127.0.0.1"))
+    publish(amqp_url, exchange, [order_message("o1", 1)])
+    wait_for(lambda: len(booked(app, pg_engine)) == 1, "applied", logs=consumer.output)
+
+    def scrape() -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                return str(page.read().decode())
+        except OSError:
+            return ""
+
+    line = (
+        f'outbox_consumer_messages_total{{consumer="{app.handlers.name}",outcome="handled",'
+        'type="order.placed"} 1.0'
+    )
+    wait_for(lambda: line in scrape(), "the metric", logs=consumer.output)
+    consumer.signal(signal.SIGTERM)
+    assert consumer.wait() == 0
