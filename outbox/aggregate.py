@@ -36,6 +36,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Mapper, Session, object_session, sessionmaker
 from sqlalchemy.orm.attributes import flag_dirty
 
+from outbox.domain import record_args
 from outbox.errors import NotInstalledError, OutboxError
 from outbox.event import Event
 from outbox.schema import Outbox
@@ -77,6 +78,7 @@ class AggregateRoot:
         key). For an aggregate the database has not given an id yet, the returned event has
         no aggregate fields; the flush fills them in (same event id) before writing it.
         """
+        event, payload, fields = record_args(event, payload, fields)  # typed domain events
         attribute_to: str | None = None
         if isinstance(event, str):
             aggregate_type = fields.pop("aggregate_type", None) or self.aggregate_type()

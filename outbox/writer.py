@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from outbox.domain import as_event
 from outbox.encoding import encode_headers, encode_json
 from outbox.errors import ClosedBindError, InvalidEventError, UnsupportedBindError
 from outbox.event import Event
@@ -32,6 +33,7 @@ def event_rows(events: Iterable[Event]) -> list[dict[str, Any]]:
     """Encode every event, or raise before anything reaches the database."""
     rows = []
     for event in events:
+        event = as_event(event)  # a typed domain event (outbox.domain) becomes an Event
         if not isinstance(event, Event):
             raise InvalidEventError(
                 f"write() takes outbox.Event objects, got {type(event).__name__}"

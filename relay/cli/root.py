@@ -6,10 +6,12 @@ from typing import Any
 
 import click
 
+from relay.cli.consume import consume
 from relay.cli.dead import dead
 from relay.cli.demo import demo
 from relay.cli.exits import EXIT_CODES_HELP, OutboxGroup
 from relay.cli.health import health
+from relay.cli.inbox import inbox
 from relay.cli.maintenance import init_db, purge
 from relay.cli.run import run
 from relay.cli.status import status
@@ -111,5 +113,5 @@ def _with_logging_options(command: click.Command) -> None:
             _with_logging_options(sub)
 
 
-for command in (run, init_db, status, dead, purge, health, demo):
+for command in (run, init_db, status, dead, purge, health, demo, consume, inbox):
     main.add_command(command)
