@@ -113,11 +113,19 @@ class TwoInFlightPerKey:
     def tokens(self) -> set[uuid.UUID]:
         return self._lanes[0].tokens() | self._lanes[1].tokens()
 
-    def add(self, events: Iterable[ClaimedEvent]) -> None:
+    def busy(self, key: str, token: uuid.UUID | None = None) -> bool:
+        return any(lane.busy(key, token) for lane in self._lanes)
+
+    def keyless_seqs(self) -> list[int]:
+        return [seq for lane in self._lanes for seq in lane.keyless_seqs()]
+
+    def add(self, events: Iterable[ClaimedEvent]) -> list[ClaimedEvent]:
+        stale: list[ClaimedEvent] = []
         for event in events:
             lane = self._added[event.key] % 2
             self._added[event.key] += 1
-            self._lanes[lane].add([event])
+            stale += self._lanes[lane].add([event])
+        return stale
 
     def take(self, limit: int | None = None) -> list[ClaimedEvent]:
         room = self.max_in_flight - self.in_flight

@@ -51,8 +51,10 @@ def test_retry_delays_double_up_to_retry_max_then_the_event_is_dead(
     store = build_store(settings, watchdog=Watchdog())
     record_failures = store.record_failures
 
-    def recorded(token: Any, failures: list[Failure], *, relay: str, now: dt.datetime) -> int:
-        written = record_failures(token, failures, relay=relay, now=now)
+    def recorded(
+        token: Any, failures: list[Failure], *, relay: str, now: dt.datetime, **more: Any
+    ) -> int:
+        written = record_failures(token, failures, relay=relay, now=now, **more)
         for failure in failures:
             due = failure.next_attempt_at
             delays[failure.attempt] = None if due is None else (due - now).total_seconds()
