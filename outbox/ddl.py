@@ -68,6 +68,7 @@ class _Names:
 
     events: str  # qualified, quoted: "Sales"."Events"
     keys: str
+    relays: str
     events_literal: str  # the same as an SQL string literal
     number_fn: str
     number_trigger: str
@@ -93,6 +94,7 @@ class _Names:
         return cls(
             events=events,
             keys=qualified(outbox.keys.name),
+            relays=qualified(outbox.relays.name),
             events_literal=_literal(events),
             number_fn=qualified(f"{outbox.name}_number_by_key"),
             number_trigger=prep.quote_identifier(f"{outbox.name}_number_by_key"),
@@ -247,6 +249,8 @@ END
 $fn$"""
     return [
         upgrade,
+        # Added after schema 2 was first released: which broker node each relay is on.
+        f"ALTER TABLE {n.relays} ADD COLUMN IF NOT EXISTS broker_node text",
         # Schema 1's index of pending rows by seq alone: a claim must never walk it.
         f"DROP INDEX IF EXISTS {n.old_pending_index}",
         number,
@@ -281,6 +285,11 @@ def create(outbox: Outbox, conn: Connection) -> SchemaReport:
     existed = {t.name for t in outbox.tables if inspector.has_table(t.name, schema=outbox.schema)}
     before = check(outbox, conn) if outbox.events.name in existed else None
     upgrading = outbox.events.name in existed and outbox.keys.name not in existed
+    if conn.dialect.name == "sqlite" and outbox.relays.name in existed:
+        columns = {c["name"] for c in inspector.get_columns(outbox.relays.name)}
+        if "broker_node" not in columns:  # SQLite has no ADD COLUMN IF NOT EXISTS
+            names = _Names.of(outbox, conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {names.relays} ADD COLUMN broker_node TEXT")
     sqlite_upgrade = upgrading and conn.dialect.name == "sqlite"
     adopt = _adopt_keys(_Names.of(outbox, conn.dialect), conn.dialect)
     for statement in ddl_statements(outbox, conn.dialect):

@@ -253,5 +253,7 @@ def _relays_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Ta
         sa.Column("pid", sa.Integer(), nullable=False),
         sa.Column("started_at", ts, nullable=False),
         sa.Column("heartbeat_at", ts, nullable=False),
+        # The broker node (host:port) it is connected to; NULL while it is not.
+        sa.Column("broker_node", sa.Text()),
         schema=schema,
     )

@@ -197,6 +197,7 @@ class Admin:
                     pid=a["pid"],
                     started_at=a["started_at"],
                     heartbeat_at=a["heartbeat_at"],
+                    broker_node=a["broker_node"],
                 )
                 for a in active
             ),

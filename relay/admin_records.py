@@ -35,6 +35,7 @@ class ActiveRelay:
     pid: int
     started_at: dt.datetime
     heartbeat_at: dt.datetime
+    broker_node: str | None = None  # host:port; None while disconnected
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class ActiveRelay:
             "pid": self.pid,
             "started_at": iso(self.started_at),
             "heartbeat_at": iso(self.heartbeat_at),
+            "broker_node": self.broker_node,
         }
 
 

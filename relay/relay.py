@@ -118,6 +118,7 @@ class Relay:
         self._next_housekeeping = now
         self._next_heartbeat = now
         self._broker_up = False
+        self._broker_node: str | None = None  # host:port of the node connected to
         self._stop_requested = threading.Event()
         self._started_at = clock()
         self._fatal: BaseException | None = None
@@ -351,6 +352,8 @@ class Relay:
             return
         if status.up:
             if status.node is not None:
+                self._broker_node = status.node
+                self._next_heartbeat = self._monotonic()  # `status` shows the node at once
                 self.metrics.broker_node(status.node)
             if not self._broker_up:
                 log.info("broker connected (node %s)", status.node)
@@ -523,6 +526,7 @@ class Relay:
             self._next_heartbeat = now + HEARTBEAT_EVERY
         wall = self._clock()
         cutoff = wall - dt.timedelta(seconds=self.settings.retention)
+        broker_node = self._broker_node if self._broker_up else None
 
         def housekeeping() -> int:
             if heartbeat:
@@ -532,6 +536,7 @@ class Relay:
                     pid=os.getpid(),
                     started_at=self._started_at,
                     now=wall,
+                    broker_node=broker_node,
                 )
             purged = 0
             for _ in range(PURGE_BATCHES_PER_TICK if purge else 0):

@@ -670,17 +670,31 @@ class Store:
         return len(ids)
 
     def heartbeat(
-        self, *, name: str, host: str, pid: int, started_at: dt.datetime, now: dt.datetime
+        self,
+        *,
+        name: str,
+        host: str,
+        pid: int,
+        started_at: dt.datetime,
+        now: dt.datetime,
+        broker_node: str | None = None,
     ) -> None:
         r = self.outbox.relays
         with self.transaction() as conn:
             updated = conn.execute(
-                sa.update(r).where(r.c.name == name).values(heartbeat_at=now)
+                sa.update(r)
+                .where(r.c.name == name)
+                .values(heartbeat_at=now, broker_node=broker_node)
             ).rowcount
             if not updated:
                 conn.execute(
                     sa.insert(r).values(
-                        name=name, host=host, pid=pid, started_at=started_at, heartbeat_at=now
+                        name=name,
+                        host=host,
+                        pid=pid,
+                        started_at=started_at,
+                        heartbeat_at=now,
+                        broker_node=broker_node,
                     )
                 )
 

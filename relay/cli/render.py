@@ -83,12 +83,13 @@ def render_status(s: OutboxStatus) -> list[str]:
         lines += [
             "  " + line
             for line in format_table(
-                ["RELAY", "HOST", "PID", "STARTED", "LAST HEARTBEAT"],
+                ["RELAY", "HOST", "PID", "BROKER NODE", "STARTED", "LAST HEARTBEAT"],
                 [
                     [
                         r.name,
                         r.host,
                         str(r.pid),
+                        r.broker_node or "-",
                         format_time(r.started_at),
                         format_time(r.heartbeat_at),
                     ]

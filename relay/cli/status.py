@@ -20,7 +20,8 @@ from relay.cli.render import emit_json, render_status
    "dead": int, "published": int (rows kept for retention),
    "oldest_pending_age_seconds": float or null,
    "keys_held_back": int keys whose later rows wait behind a dead or retrying row,
-   "active_relays": [{"name", "host", "pid", "started_at", "heartbeat_at"}],
+   "active_relays": [{"name", "host", "pid", "started_at", "heartbeat_at",
+                      "broker_node": "host:port" or null while disconnected}],
    "schema_problems": [str]  what `outbox-relay init-db` would fix (empty when none)}
 
 """

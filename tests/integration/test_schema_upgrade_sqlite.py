@@ -76,3 +76,21 @@ def test_sqlite_upgrade_keeps_a_retrying_head_waiting(sqlite_url: str) -> None:
     box.create(engine)
     got = _claim(Store(engine, box, db_timeout=10))
     assert "retry" not in got, f"a head waiting for its retry an hour from now was claimed: {got}"
+
+
+def test_sqlite_upgrade_adds_the_relays_broker_node(sqlite_url: str) -> None:
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:  # schema 1's table of relays
+        conn.exec_driver_sql(
+            "CREATE TABLE outbox_relay (name TEXT PRIMARY KEY, host TEXT NOT NULL, "
+            "pid INTEGER NOT NULL, started_at DATETIME NOT NULL, heartbeat_at DATETIME NOT NULL)"
+        )
+    Outbox(sa.MetaData()).events.create(engine)
+    box = Outbox(sa.MetaData())
+    box.create(engine)
+    moment = dt.datetime.now(dt.UTC)
+    store = Store(engine, box, db_timeout=10)
+    store.heartbeat(name="r", host="h", pid=1, started_at=moment, now=moment, broker_node="n1:5672")
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(box.relays.c.broker_node)).scalar_one() == "n1:5672"
+    engine.dispose()
