@@ -258,8 +258,12 @@ class Store:
         )
         first_rows = (
             sa.select(t)
-            .where(t.c.key == picked.c.key, t.c.status == PENDING)
-            .order_by(t.c.seq)
+            # The key as a range, ordered by (key, seq): only the index of pending rows by key
+            # gives that order. With `key = ...` the planner may treat the key as a constant,
+            # take the table's seq order instead and walk every row of other keys (a key with
+            # 100,000 events made each small key's read walk 100,000 rows).
+            .where(t.c.key >= picked.c.key, t.c.key <= picked.c.key, t.c.status == PENDING)
+            .order_by(t.c.key, t.c.seq)
             .limit(run_length)
             .lateral("first_rows")
         )
