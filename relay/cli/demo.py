@@ -34,12 +34,15 @@ DEFAULT_DATABASE_URL = "postgresql+psycopg://root@127.0.0.1:5432/outbox_demo"
     "--orders", default=5, show_default=True, type=click.IntRange(1, 200), help="Orders to place."
 )
 def demo(database_url: str, amqp_url: str, schema: str, orders: int) -> None:
-    """Run the whole loop on the local services and show what arrived.
+    """Run the whole loop on the local services and show what arrived and was applied.
 
     A sample application (an ORM aggregate Order with outbox.install) places, pays and ships
     a few orders, one transaction each, and rolls one transaction back; the relay publishes
-    the outbox to a fresh exchange; a queue bound to it receives the events. Exit 0 only if
-    every committed event arrived, in order per key, and the rolled-back one did not.
+    the outbox to a fresh exchange; a queue bound to it receives the events. A consumer group
+    (stock and email handlers, the inbox in the demo's schema) consumes them through the
+    consumer runner, and one message is published again to show it skipped as a duplicate.
+    Exit 0 only if every committed event arrived and was applied once, in order per key, the
+    rolled-back one did neither, and the duplicate was not applied twice.
     """
     from relay.demo import render, run_demo
 
@@ -53,7 +56,10 @@ def demo(database_url: str, amqp_url: str, schema: str, orders: int) -> None:
     for line in render(report):
         click.echo(line)
     if not report.ok:
-        fail(EXIT_ERROR, "the demo did not deliver every committed event in order (see above)")
+        fail(
+            EXIT_ERROR,
+            "the demo did not deliver and apply every committed event once, in order (see above)",
+        )
     click.echo(
         f"\ninspect it: outbox-relay status --database-url {mask_url(database_url)} "
         f"--schema {schema}"

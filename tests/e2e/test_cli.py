@@ -170,24 +170,57 @@ def test_requeue_of_an_unknown_id_exits_1_and_changes_nothing(
     assert "does not exist" in result.stderr and "nothing was changed" in result.stderr
 
 
-def test_demo_delivers_every_committed_event_in_order_and_cleans_up(
-    pg_url: str, amqp_url: str, schema_name: str
+def test_demo_delivers_and_applies_every_committed_event_once_in_order_and_cleans_up(
+    pg_engine: sa.Engine, pg_url: str, amqp_url: str, schema_name: str
 ) -> None:
     result = outbox_relay(
         "demo", "--database-url", pg_url, "--amqp-url", amqp_url, "--schema", schema_name
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "result       OK" in result.stdout
-    assert "rolled back  1 event (not delivered, as it must be)" in result.stdout
-    assert "written      15 events committed" in result.stdout
-    assert "duplicates   0" in result.stdout
-    # The demo's exchange is gone (it deleted what it created, nothing else).
-    exchange = result.stdout.split("exchange ", 1)[1].split()[0]
+    out = result.stdout
+    assert "result       OK" in out
+    assert "rolled back  1 event (not delivered, as it must be)" in out
+    assert "written      15 events committed" in out
+    assert "duplicates   0" in out
+    # The consumer side: applied once, in order, the injected duplicate skipped.
+    assert (
+        "applied      15 of 15 committed events, each once; none from the rolled-back "
+        "transaction" in out
+    )
+    assert "apply order  OK: in write order per key" in out
+    assert "stock        demo-widget 100 -> 95 after 5 orders placed; 10 emails sent" in out
+    assert "15 handled, 1 duplicate" in out
+    duplicate = out.split("duplicate published again: message ", 1)[1].split()[0]
+    assert f"duplicate    message {duplicate} published again: skipped, applied once" in out
+    assert "order:1  order.placed (stock) -> order.paid (email) -> order.shipped (email)" in out
+    # What the report says is what the handlers' tables and the inbox hold.
+    with pg_engine.connect() as conn:
+        moves = conn.execute(
+            sa.text(f'SELECT message_id, order_key FROM "{schema_name}".demo_stock_move')
+        ).all()
+        emails = conn.execute(
+            sa.text(f'SELECT order_key, seq FROM "{schema_name}".demo_email ORDER BY id')
+        ).all()
+        inbox = conn.execute(sa.text(f'SELECT count(*) FROM "{schema_name}".inbox')).scalar()
+        stock = conn.execute(sa.text(f'SELECT quantity FROM "{schema_name}".demo_stock')).scalar()
+    assert sorted(key for _, key in moves) == [f"order:{n}" for n in range(1, 6)]
+    assert [m for m, _ in moves].count(duplicate) == 1
+    assert len(emails) == 10 and inbox == 15 and stock == 95
+    for key in {k for k, _ in emails}:
+        seqs = [seq for k, seq in emails if k == key]
+        assert seqs == sorted(seqs), key  # paid before shipped
+    # The demo's exchanges and queues are gone (it deleted what it created, nothing else).
+    exchange = out.split("exchange ", 1)[1].split()[0]
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
-        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as error:
-            connection.channel().exchange_declare(exchange, passive=True)
-        assert error.value.reply_code == 404
+        for name in (exchange, f"{exchange}.hash"):
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as error:
+                connection.channel().exchange_declare(name, passive=True)
+            assert error.value.reply_code == 404
+        for queue in [exchange, *(f"{exchange}.{i}" for i in range(4))]:
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as error:
+                connection.channel().queue_declare(queue, passive=True)
+            assert error.value.reply_code == 404, queue
     finally:
         connection.close()
 
