@@ -76,14 +76,21 @@ def refusal(error: BaseException | str) -> str | None:
         return None
     error = root_cause(error)
     detail = " ".join(str(a) for a in error.args).strip() if error.args else ""
-    if isinstance(
-        error, pika.exceptions.ProbableAuthenticationError | pika.exceptions.AuthenticationError
+    # pika calls any connection that ends during the login or vhost phase "probable": a node
+    # shutting down (320), a vhost being recovered ("is down"), a connection limit, or a reset
+    # look the same. Only the broker's explicit answer is a refusal.
+    upper = detail.upper()
+    if isinstance(error, pika.exceptions.AuthenticationError) or (
+        isinstance(error, pika.exceptions.ProbableAuthenticationError) and "ACCESS_REFUSED" in upper
     ):
         return mask_text(
             f"the broker refused the login ({detail or type(error).__name__}): check the user "
             "name and password in the AMQP URL"
         )
-    if isinstance(error, pika.exceptions.ProbableAccessDeniedError):
+    vhost_refused = (
+        "NOT_FOUND" in upper or "NOT FOUND" in upper or "REFUSED FOR USER" in upper
+    ) and "CONNECTION LIMIT" not in upper
+    if isinstance(error, pika.exceptions.ProbableAccessDeniedError) and vhost_refused:
         return mask_text(
             f"the broker refused the virtual host ({detail or type(error).__name__}): check the "
             "vhost in the AMQP URL (the path, %2F for the default /), or create it and grant "

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 #: RabbitMQ's default `max_message_size` (3.8 and later): 128 MiB. A broker configured lower
 #: says so when it closes the channel, and the publisher adopts its figure from then on.
@@ -28,7 +29,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 134_217_728
 # rabbit_channel:check_msg_size: "message size ~B is larger than [configured ]max size ~B".
 _TOO_LARGE = re.compile(r"message size (\d+) is larger than (?:configured )?max size (\d+)")
 # 404 "no exchange 'x' in vhost '/'", 403 "access to exchange 'x' in vhost '/' refused ...".
-_EXCHANGE = re.compile(r"exchange '((?:[^'\\]|\\.)*)' in vhost")
+# RabbitMQ quotes the name raw (no escapes): take everything up to the last "' in vhost".
+_EXCHANGE = re.compile(r"exchange '(.*)' in vhost '")
 
 _NOT_FOUND = 404
 _ACCESS_REFUSED = 403
@@ -81,9 +83,29 @@ def blame(reply_code: int | None, reply_text: str, sent: Sequence[Sent]) -> Blam
     if reply_code in (_NOT_FOUND, _ACCESS_REFUSED):
         match = _EXCHANGE.search(reply_text)
         if match:
-            exchange = re.sub(r"\\(.)", r"\1", match.group(1))
+            exchange = match.group(1)
             # Every one of them would fail the same way: they do not merely share the channel.
             blamed = frozenset(s.tag for s in sent if s.exchange == exchange)
             if blamed:
                 return Blame(blamed, description)
     return Blame(frozenset({sent[0].tag}), description)
+
+
+# Headers RabbitMQ reads itself (sender-selected distribution): they must be arrays of strings,
+# or the broker closes the channel with a reply that names no message.
+DISTRIBUTION_HEADERS = ("CC", "BCC")
+
+
+def distribution_header_error(headers: Mapping[str, Any]) -> str | None:
+    """Why the broker would refuse these headers, or None."""
+    for name in DISTRIBUTION_HEADERS:
+        value = headers.get(name)
+        if value is not None and not (
+            isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        ):
+            return (
+                f"header {name!r} must be an array of routing keys for RabbitMQ "
+                f"(sender-selected distribution), got {type(value).__name__}: the broker would "
+                "close the channel on it; rename the header"
+            )
+    return None

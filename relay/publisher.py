@@ -30,7 +30,13 @@ from pika.exchange_type import ExchangeType
 
 from relay.broker_errors import describe_error, quiet_pika, refusal
 from relay.broker_urls import node_label, parse_amqp_urls, split_amqp_urls
-from relay.channel_blame import DEFAULT_MAX_MESSAGE_SIZE, Sent, blame, too_large_error
+from relay.channel_blame import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    Sent,
+    blame,
+    distribution_header_error,
+    too_large_error,
+)
 from relay.confirms import ConfirmWindow, Entry
 from relay.messages import (
     BrokerStatus,
@@ -56,6 +62,7 @@ NACKED = (
 # A channel the broker closes while we declare the exchange with this code means the exchange
 # exists with another type or other arguments: reconnecting cannot fix that.
 _PRECONDITION_FAILED = 406
+_ACCESS_REFUSED = 403
 
 
 class AmqpPublisher:
@@ -124,6 +131,7 @@ class AmqpPublisher:
         # -- I/O thread only ----------------------------------------------------------------
         self._channel: Channel | None = None
         self._declaring = False
+        self._refused_nodes: set[int] = set()  # nodes that refused the login or vhost at start
         self._fatal = False
         self._lost_handled = True
         self._abort_error: BaseException | None = None
@@ -333,8 +341,15 @@ class AmqpPublisher:
         try:
             refused = refusal(error)
             if refused is not None and not self._ever_ready:
-                # At start, the same credentials and vhost would be refused on every retry.
-                # (Later, e.g. while credentials rotate, it is retried like any outage.)
+                self._refused_nodes.add(self._node_index)
+            if (
+                refused is not None
+                and not self._ever_ready
+                and len(self._refused_nodes) >= len(self._nodes)
+            ):
+                # At start, once every node refused: the same credentials and vhost would be
+                # refused on every retry. (Another node may still accept them, so one refusal
+                # moves on; later, e.g. while credentials rotate, it is retried like an outage.)
                 self._fatal = True
                 self._lost_handled = True  # settled here, with the refusal as the reason
                 with self._lock:
@@ -480,7 +495,9 @@ class AmqpPublisher:
         description = describe_error(reason)
         logger.warning("publisher %s: channel closed: %s", self._connection_name, description)
 
-        if declaring and reply_code == _PRECONDITION_FAILED:
+        if declaring and reply_code in (_PRECONDITION_FAILED, _ACCESS_REFUSED):
+            # The exchange exists with other settings, or the user may not configure it:
+            # retrying changes neither.
             self._fatal = True
             logger.error(
                 "publisher %s: exchange %r cannot be declared as durable %s: %s",
@@ -547,6 +564,14 @@ class AmqpPublisher:
             for message in batch:
                 if not usable or channel is None:
                     events.append(PublishOutcome(message.tag, Outcome.UNKNOWN, refusal))
+                    continue
+                bad_header = distribution_header_error(message.headers)
+                if bad_header is not None:
+                    # The broker would close the channel on it without naming it: refuse it
+                    # here, for good, rather than let it cost the messages around it.
+                    events.append(
+                        PublishOutcome(message.tag, Outcome.REJECTED, bad_header, retryable=False)
+                    )
                     continue
                 if len(message.body) > self._max_message_size:
                     # The broker would close the channel on it, and with it every other

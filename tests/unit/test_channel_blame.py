@@ -33,7 +33,8 @@ def test_missing_or_forbidden_exchange_blames_the_messages_to_that_exchange() ->
         Sent(3, "good", 1),
         Sent(4, "it's-gone", 1),
     ]
-    missing = blame(404, "NOT_FOUND - no exchange 'it\\'s-gone' in vhost '/'", window)
+    # RabbitMQ quotes the name raw, without escaping its quote.
+    missing = blame(404, "NOT_FOUND - no exchange 'it's-gone' in vhost '/'", window)
     assert missing.blamed == {2, 4} and missing.retryable
     forbidden = blame(
         403, "ACCESS_REFUSED - access to exchange 'good' in vhost '/' refused for user 'u'", window
@@ -71,3 +72,14 @@ def test_a_non_retryable_refusal_is_dead_at_its_first_attempt(tmp_path: Path) ->
     ]
     assert rows[0].last_error == "too large"
     h.engine.dispose()
+
+
+def test_a_cc_or_bcc_header_that_is_not_a_list_of_routing_keys_is_refused_before_sending() -> None:
+    """RabbitMQ reads CC and BCC itself and closes the channel, naming no message, on one
+    that is not an array (found by review): such a message is refused for good here."""
+    from relay.channel_blame import distribution_header_error
+
+    assert distribution_header_error({"CC": "audit"}) is not None
+    assert distribution_header_error({"BCC": ["a", 1]}) is not None
+    assert distribution_header_error({"CC": ["audit", "billing"]}) is None
+    assert distribution_header_error({"tenant": "acme"}) is None
