@@ -42,10 +42,19 @@ def mask_url(url: str) -> str:
     return "".join(pieces)
 
 
+_KEYWORD_PASSWORD = re.compile(r"(?P<name>(?:^|\s)password\s*=\s*)(?:'(?:[^'\\]|\\.)*'|\S+)", re.I)
+
+
 def _mask_one(url: str) -> str:
     match = _SCHEME.match(url)
     if match is None:
-        return url
+        # Not a URL (a mistyped scheme, none at all, a libpq key=value string): never echo
+        # what could be a password. Everything between the first ":" and the last "@" goes.
+        masked = _KEYWORD_PASSWORD.sub(r"\g<name>***", url)
+        head, colon, tail = masked.partition(":")
+        if colon and "@" in tail:
+            masked = f"{head}:***@{tail.rpartition('@')[2]}"
+        return masked
     scheme, rest = match.group("scheme"), match.group("rest")
     userinfo, at, after = rest.rpartition("@")
     if at and ":" in userinfo:
@@ -84,7 +93,26 @@ def check_database_url(url: str) -> str:
         raise ConfigError(
             f"database URL {mask_url(url)} cannot be parsed: use {DATABASE_URL_FORMS}"
         ) from None
+    if scheme.lower().startswith("postgres"):
+        _check_libpq_options(url)
     return url
+
+
+def _check_libpq_options(url: str) -> None:
+    """libpq refuses an option it does not know (a typo such as `?sslmod=require`) only when
+    it connects: say so here, once, as a usage error."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from relay.listener import psycopg_dsn
+
+    try:
+        conninfo_to_dict(psycopg_dsn(url))
+    except psycopg.ProgrammingError as exc:
+        detail = mask_text(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        raise ConfigError(
+            f"database URL {mask_url(url)}: {detail} (a query parameter libpq does not know?)"
+        ) from None
 
 
 def amqp_urls(url: str) -> list[str]:
