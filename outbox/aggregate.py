@@ -45,6 +45,9 @@ from outbox.writer import DEFAULT_OUTBOX, event_rows, insert_rows
 _PENDING_ATTR = "_outbox_pending_events"
 _SEEN_KEY = "outbox.aggregates"
 _HOOKS_KEY = "outbox.hooks"
+# Aggregates of a session with recorded events, held strongly: the session's identity map holds
+# an unchanged (or expired) object only weakly, and its events would go with it.
+_RECORDED_KEY = "outbox.recorded"
 
 if TYPE_CHECKING:
     # Imported lazily at run time: sqlalchemy.ext.asyncio needs greenlet (the `asyncio` extra).
@@ -98,10 +101,12 @@ class AggregateRoot:
             attribute_to = self.aggregate_type()
         recorded = _Recorded(next(_tickets), event, attribute_to)
         self.__dict__.setdefault(_PENDING_ATTR, []).append(recorded)
-        if object_session(self) is not None:
+        session = object_session(self)
+        if session is not None:
             # An aggregate whose columns did not change would be skipped by the flush, and
             # its events with it: flag it so the flush (and our hook) sees it. No UPDATE runs.
             flag_dirty(self)
+            _hold(session, self)
         return event
 
     @property
@@ -157,6 +162,48 @@ def _refuse_uncovered(mapper: Mapper[Any], connection: Any, target: AggregateRoo
 
 for _operation in ("before_insert", "before_update", "before_delete"):
     sa_event.listen(AggregateRoot, _operation, _refuse_uncovered, propagate=True)
+
+
+def _hold(session: Session, aggregate: AggregateRoot) -> None:
+    session.info.setdefault(_RECORDED_KEY, set()).add(aggregate)
+
+
+def _held(session: Session) -> set[AggregateRoot]:
+    held: set[AggregateRoot] = session.info.get(_RECORDED_KEY, set())
+    return held
+
+
+def _on_attach(session: Session, instance: Any) -> None:
+    """An aggregate that recorded events while detached, added to a session."""
+    if isinstance(instance, AggregateRoot) and instance.__dict__.get(_PENDING_ATTR):
+        _hold(session, instance)
+
+
+def _flush_recorded(session: Session) -> None:
+    """Before any commit: an aggregate with recorded events that the flush would skip
+    (expired or refreshed after `record()`, recorded while detached and added back) is flagged
+    and flushed, so that its events are written (installed session) or refused (not
+    installed), never left behind while its transaction commits."""
+    waiting = [
+        obj
+        for obj in {*_held(session), *session.new, *session.identity_map.values()}
+        if isinstance(obj, AggregateRoot) and obj.__dict__.get(_PENDING_ATTR)
+    ]
+    for obj in waiting:
+        if obj in session and obj not in session.new:
+            flag_dirty(obj)
+    if waiting:
+        session.flush()
+    session.info.pop(_RECORDED_KEY, None)
+
+
+def _forget_held(session: Session, previous_transaction: Any) -> None:
+    session.info.pop(_RECORDED_KEY, None)
+
+
+sa_event.listen(Session, "before_commit", _flush_recorded)
+sa_event.listen(Session, "after_attach", _on_attach)
+sa_event.listen(Session, "after_soft_rollback", _forget_held)
 
 
 def install(
