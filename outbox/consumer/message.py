@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -50,14 +51,17 @@ class Message:
     ) -> Message:
         """Read a delivery; anything unusable is kept and described in `problem`."""
         headers = dict(headers or {})
-        problems = []
+        problems: list[str] = []
         key = headers.get(ORDERING_KEY_HEADER)
         if isinstance(key, bytes):
             key = key.decode("utf-8", "replace")
         seq = _int_or_none(headers.get(SEQ_HEADER))
+        if seq is not None and not 0 <= seq <= _MAX_BIGINT:
+            problems.append(f"header {SEQ_HEADER}={seq} is out of range")
+            seq = None
         raw_version = headers.get(VERSION_HEADER, 1)
         version = _int_or_none(raw_version)
-        if version is None or version < 1:
+        if version is None or not 1 <= version <= _MAX_INT:
             problems.append(f"header {VERSION_HEADER}={raw_version!r} is not a version number")
             version = 1
         if not message_id:
@@ -65,11 +69,17 @@ class Message:
         event_type = type or routing_key
         if not event_type:
             problems.append("it has no type property")
+        # What the inbox stores must fit its columns, or parking it would fail as well and
+        # the message would crash every consumer it reaches: unfit values are parked as a
+        # safe stand-in (escaped, or cut with a digest), with the problem said.
+        message_id = _storable(message_id or "", "message_id", problems)
+        event_type = _storable(event_type or "", "type", problems)
+        key = None if key is None else _storable(str(key), ORDERING_KEY_HEADER, problems)
         return cls(
-            message_id=message_id or "",
-            type=event_type or "",
+            message_id=message_id,
+            type=event_type,
             version=version,
-            key=None if key is None else str(key),
+            key=key,
             seq=seq,
             body=body,
             headers=headers,
@@ -88,6 +98,22 @@ class Message:
                 f"the body of {self.type} message {self.message_id} is not JSON ({exc}); it "
                 "must be what outbox.write() stored"
             ) from None
+
+
+_MAX_INT = 2**31 - 1
+_MAX_BIGINT = 2**63 - 1
+_MAX_STORED = 255
+
+
+def _storable(value: str, what: str, problems: list[str]) -> str:
+    if "\x00" in value:
+        problems.append(f"its {what} holds a NUL byte")
+        value = value.replace("\x00", "\\x00")
+    if len(value) > _MAX_STORED:
+        problems.append(f"its {what} is longer than {_MAX_STORED} characters")
+        digest = hashlib.sha256(value.encode()).hexdigest()[:16]
+        value = f"{value[: _MAX_STORED - 20]}...{digest}"
+    return value
 
 
 def _int_or_none(value: Any) -> int | None:

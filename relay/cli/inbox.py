@@ -23,6 +23,9 @@ from relay.cli.terminal import confirm
 from relay.errors import ConfigError, NotFoundError
 from relay.urls import mask_url
 
+# Parked ids are bigint: a larger number is a usage error, not a database error.
+PARKED_ID = click.IntRange(1, 2**63 - 1)
+
 if TYPE_CHECKING:
     from outbox.consumer import ParkedMessage
     from outbox.consumer.admin import ParkedAdmin
@@ -249,7 +252,7 @@ def parked_list(
 @parked.command("show", epilog=EXIT_CODES_HELP)
 @inbox_options
 @json_option
-@click.argument("parked_id", type=click.IntRange(1))
+@click.argument("parked_id", type=PARKED_ID)
 def parked_show(
     database_url: str,
     consumer: str,
@@ -283,7 +286,7 @@ def parked_show(
 @parked.command("retry", epilog=EXIT_CODES_HELP)
 @inbox_options
 @click.argument("keys", nargs=-1)
-@click.option("--id", "ids", multiple=True, type=click.IntRange(1), help="A parked message id.")
+@click.option("--id", "ids", multiple=True, type=PARKED_ID, help="A parked message id.")
 @click.option("--all", "everything", is_flag=True, help="Every parked message of the consumer.")
 @click.option("--dry-run", is_flag=True, help="Show what would be retried; change nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before retrying several.")
@@ -337,7 +340,7 @@ def parked_retry(
 @parked.command("skip", epilog=EXIT_CODES_HELP)
 @inbox_options
 @click.argument("key", required=False)
-@click.option("--id", "parked_id", type=click.IntRange(1), help="A parked message id instead.")
+@click.option("--id", "parked_id", type=PARKED_ID, help="A parked message id instead.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def parked_skip(
     database_url: str,
