@@ -7,20 +7,17 @@ password or a query does not cut a URL in two, and a URL of another scheme is na
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import pika
 
 from relay.errors import ConfigError
-from relay.urls import mask_text
-
-_NEXT_URL = re.compile(r"\s*,\s*(?=[a-z][a-z0-9+.\-]*://)", re.I)
+from relay.urls import mask_text, split_url_list
 
 
 def split_amqp_urls(value: str) -> tuple[str, ...]:
     """The URLs of a comma-separated list, stripped (empty parts dropped)."""
-    return tuple(part.strip() for part in _NEXT_URL.split(value.strip()) if part.strip())
+    return tuple(split_url_list(value))
 
 
 def join_amqp_urls(values: Iterable[str]) -> str:

@@ -115,11 +115,17 @@ def _check_libpq_options(url: str) -> None:
         ) from None
 
 
+def split_url_list(value: str) -> list[str]:
+    """The URLs of a comma-separated list, stripped; a comma inside a URL (in a password, say)
+    does not split it, only one before the next `scheme://`."""
+    return [part.strip() for part in _NEXT_URL.split(value.strip()) if part.strip()]
+
+
 def amqp_urls(url: str) -> list[str]:
     """The URLs of a comma-separated list, each one checked (see `check_amqp_url`)."""
     if not url or not url.strip():
         raise ConfigError(f"broker URL is empty: use {AMQP_URL_FORMS}")
-    urls = [part.strip() for part in _NEXT_URL.split(url)]
+    urls = split_url_list(url)
     for one in urls:
         scheme, userinfo, _ = _split(one, "broker", AMQP_URL_FORMS)
         if scheme.lower() not in _AMQP_SCHEMES:
