@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from relay.cli.exits import EXIT_CODES_HELP, META_DATABASE_URL
-from relay.cli.options import DURATION, amqp_option, checked_url
+from relay.cli.options import DURATION, amqp_option, checked_url, exchange_options
 from relay.consumer.topology import DEFAULT_QUEUES, MAX_QUEUES, QUEUE_TYPES
 from relay.errors import ConfigError
-from relay.settings import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE, EXCHANGE_TYPES
 from relay.urls import mask_url
 
 if TYPE_CHECKING:
@@ -47,22 +46,7 @@ def database_url_option(f: F) -> F:
 @click.argument("reference", metavar="MODULE:HANDLERS")
 @database_url_option
 @amqp_option()
-@click.option(
-    "--exchange",
-    envvar="OUTBOX_EXCHANGE",
-    show_envvar=True,
-    default=DEFAULT_EXCHANGE,
-    show_default=True,
-    help="The relay's exchange; the group's hash exchange is bound to it.",
-)
-@click.option(
-    "--exchange-type",
-    envvar="OUTBOX_EXCHANGE_TYPE",
-    show_envvar=True,
-    default=DEFAULT_EXCHANGE_TYPE,
-    show_default=True,
-    type=click.Choice(EXCHANGE_TYPES),
-)
+@exchange_options("The relay's exchange; the group's hash exchange is bound to it.")
 @click.option(
     "--queues",
     envvar="OUTBOX_CONSUMER_QUEUES",

@@ -8,9 +8,8 @@ import click
 
 from relay.cli.database import open_admin
 from relay.cli.exits import EXIT_CODES_HELP, EXIT_ERROR, exit_code_for
-from relay.cli.options import amqp_option, database_options, json_option
+from relay.cli.options import amqp_option, database_options, exchange_options, json_option
 from relay.cli.render import emit_json
-from relay.settings import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE, EXCHANGE_TYPES
 
 
 @click.command(
@@ -24,22 +23,7 @@ from relay.settings import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE, EXCHANGE_TYP
 )
 @database_options
 @amqp_option()
-@click.option(
-    "--exchange",
-    envvar="OUTBOX_EXCHANGE",
-    show_envvar=True,
-    default=DEFAULT_EXCHANGE,
-    show_default=True,
-    help="The exchange run publishes to: checked as run would declare it.",
-)
-@click.option(
-    "--exchange-type",
-    envvar="OUTBOX_EXCHANGE_TYPE",
-    show_envvar=True,
-    default=DEFAULT_EXCHANGE_TYPE,
-    show_default=True,
-    type=click.Choice(EXCHANGE_TYPES),
-)
+@exchange_options("The exchange run publishes to: checked as run would declare it.")
 @click.option(
     "--declare-exchange/--no-declare-exchange",
     envvar="OUTBOX_DECLARE_EXCHANGE",

@@ -12,7 +12,12 @@ import click
 from relay.broker_urls import join_amqp_urls
 from relay.cli.exits import META_AMQP_URL, META_DATABASE_URL
 from relay.errors import ConfigError
-from relay.settings import parse_duration
+from relay.settings import (
+    DEFAULT_EXCHANGE,
+    DEFAULT_EXCHANGE_TYPE,
+    EXCHANGE_TYPES,
+    parse_duration,
+)
 from relay.urls import check_amqp_url, check_database_url
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -171,6 +176,30 @@ def amqp_option(default: str | None = None) -> Callable[[F], F]:
         "that answers and moves to the next when its node goes away.",
         **defaults,
     )
+
+
+def exchange_options(help: str) -> Callable[[F], F]:
+    """`--exchange` and `--exchange-type`, the same for every command that names the exchange."""
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--exchange-type",
+            envvar="OUTBOX_EXCHANGE_TYPE",
+            show_envvar=True,
+            default=DEFAULT_EXCHANGE_TYPE,
+            show_default=True,
+            type=click.Choice(EXCHANGE_TYPES),
+        )(f)
+        return click.option(
+            "--exchange",
+            envvar="OUTBOX_EXCHANGE",
+            show_envvar=True,
+            default=DEFAULT_EXCHANGE,
+            show_default=True,
+            help=help,
+        )(f)
+
+    return decorate
 
 
 def json_option(f: F) -> F:

@@ -13,13 +13,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from relay.cli.exits import EXIT_CODES_HELP
-from relay.cli.options import DURATION, amqp_option, database_options
+from relay.cli.options import DURATION, amqp_option, database_options, exchange_options
 from relay.errors import ConfigError
 from relay.settings import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DB_TIMEOUT,
-    DEFAULT_EXCHANGE,
-    DEFAULT_EXCHANGE_TYPE,
     DEFAULT_LEASE,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_IN_FLIGHT,
@@ -28,7 +26,6 @@ from relay.settings import (
     DEFAULT_RETRY_MAX,
     DEFAULT_RETRY_MIN,
     DEFAULT_RUN_LENGTH,
-    EXCHANGE_TYPES,
     RelaySettings,
 )
 from relay.sqlite_lock import single_relay
@@ -46,22 +43,7 @@ DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 @click.command(epilog=EXIT_CODES_HELP)
 @database_options
 @amqp_option()
-@click.option(
-    "--exchange",
-    envvar="OUTBOX_EXCHANGE",
-    show_envvar=True,
-    default=DEFAULT_EXCHANGE,
-    show_default=True,
-    help="Exchange events are published to.",
-)
-@click.option(
-    "--exchange-type",
-    envvar="OUTBOX_EXCHANGE_TYPE",
-    show_envvar=True,
-    default=DEFAULT_EXCHANGE_TYPE,
-    show_default=True,
-    type=click.Choice(EXCHANGE_TYPES),
-)
+@exchange_options("Exchange events are published to.")
 @click.option(
     "--declare-exchange/--no-declare-exchange",
     envvar="OUTBOX_DECLARE_EXCHANGE",
