@@ -6,8 +6,10 @@ that number rows per key and track which keys have pending events are not tables
 refuses to run on a table without them (see `outbox.ddl`).
 
 Tables:
-- `<table>`: the events, in write order (`seq`). A row is written by the application once
-  (INSERT) and by a relay once more when it is published (UPDATE, or DELETE without retention).
+- `<table>`: the events, in write order (`seq`). A row with a key is written by the
+  application once (INSERT) and by a relay once more when it is published (UPDATE, or DELETE
+  without retention); a row without a key also carries its own lease (written at each claim
+  and renewal).
 - `<table>_key`: one row per ordering key that has (or may have) pending events: its place in
   the relays' round-robin, its lease, its retry time, and whether a dead event holds it. Keys
   are what relays claim (`FOR UPDATE SKIP LOCKED`), so leases cost one write per key and run,

@@ -46,8 +46,8 @@ def create_engine(
     if sa_url.get_backend_name() == "postgresql":
         timeout_ms = int(db_timeout * 1000)
         # The relay's transactions are never idle for more than moments. One that is (its
-        # relay froze mid-claim) holds the claim lock and stops every relay from claiming:
-        # the server ends it after this long.
+        # relay froze mid-claim) keeps the keys it locked, and the writers' locks of keys it
+        # was removing: the server ends it after this long.
         idle_ms = int((idle_in_transaction_timeout or 2 * db_timeout) * 1000)
         return sa.create_engine(
             sa_url,
