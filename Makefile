@@ -59,6 +59,7 @@ unit: $(STAMP)
 
 bench: $(STAMP) services
 	$(PY) -m bench
+	$(PY) -m bench.consumer --latency --rate 50
 
 soak: $(STAMP) services
 	OUTBOX_SOAK=1 $(PY) -m pytest tests/faults -m soak --timeout=1800
