@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from relay.cli.exits import EXIT_CODES_HELP, META_DATABASE_URL
-from relay.cli.options import DURATION, amqp_option, checked_url, exchange_options
+from relay.cli.options import DURATION, amqp_option, checked_url, exchange_options, metrics_options
 from relay.consumer.topology import DEFAULT_QUEUES, MAX_QUEUES, QUEUE_TYPES
 from relay.errors import ConfigError
 from relay.urls import mask_url
@@ -118,22 +118,7 @@ def database_url_option(f: F) -> F:
     help="This process's name in RabbitMQ's connection list and pg_stat_activity "
     "(default: host-pid-random).",
 )
-@click.option(
-    "--metrics-port",
-    envvar="OUTBOX_CONSUMER_METRICS_PORT",
-    show_envvar=True,
-    default=0,
-    show_default=True,
-    type=click.IntRange(0, 65535),
-    help="Serve Prometheus metrics on http://ADDRESS:PORT/metrics (0: off).",
-)
-@click.option(
-    "--metrics-address",
-    envvar="OUTBOX_CONSUMER_METRICS_ADDRESS",
-    show_envvar=True,
-    default="0.0.0.0",
-    show_default=True,
-)
+@metrics_options("OUTBOX_CONSUMER")
 def consume(
     reference: str,
     database_url: str,

@@ -202,6 +202,35 @@ def exchange_options(help: str) -> Callable[[F], F]:
     return decorate
 
 
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+
+
+def metrics_options(envvar_prefix: str) -> Callable[[F], F]:
+    """`--metrics-port` and `--metrics-address` (`<prefix>_METRICS_PORT`, ...), for every
+    daemon: loopback by default, every interface only when asked for."""
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--metrics-address",
+            envvar=f"{envvar_prefix}_METRICS_ADDRESS",
+            show_envvar=True,
+            default=DEFAULT_METRICS_ADDRESS,
+            show_default=True,
+            help="Address the metrics endpoint listens on (0.0.0.0: every interface).",
+        )(f)
+        return click.option(
+            "--metrics-port",
+            envvar=f"{envvar_prefix}_METRICS_PORT",
+            show_envvar=True,
+            default=0,
+            show_default=True,
+            type=click.IntRange(0, 65535),
+            help="Serve Prometheus metrics on http://ADDRESS:PORT/metrics (0: off).",
+        )(f)
+
+    return decorate
+
+
 def json_option(f: F) -> F:
     return click.option(
         "--json", "as_json", is_flag=True, help="Print JSON for scripts (see below)."

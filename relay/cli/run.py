@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from relay.cli.exits import EXIT_CODES_HELP
-from relay.cli.options import DURATION, amqp_option, database_options, exchange_options
+from relay.cli.options import (
+    DURATION,
+    amqp_option,
+    database_options,
+    exchange_options,
+    metrics_options,
+)
 from relay.errors import ConfigError
 from relay.settings import (
     DEFAULT_BATCH_SIZE,
@@ -36,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.cli")
 
-DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 """Metrics stay on this host unless a wider address is chosen explicitly."""
 
 
@@ -175,23 +180,7 @@ DEFAULT_METRICS_ADDRESS = "127.0.0.1"
     is_flag=True,
     help="Exit once nothing is ready to publish (scripts and tests).",
 )
-@click.option(
-    "--metrics-port",
-    envvar="OUTBOX_METRICS_PORT",
-    show_envvar=True,
-    default=0,
-    show_default=True,
-    type=click.IntRange(0, 65535),
-    help="Serve Prometheus metrics on http://ADDRESS:PORT/metrics (0: off).",
-)
-@click.option(
-    "--metrics-address",
-    envvar="OUTBOX_METRICS_ADDRESS",
-    show_envvar=True,
-    default=DEFAULT_METRICS_ADDRESS,
-    show_default=True,
-    help="Address the metrics endpoint listens on (0.0.0.0: every interface).",
-)
+@metrics_options("OUTBOX")
 def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
     """Run the relay daemon (SIGTERM or SIGINT: drain, exit 0).
 

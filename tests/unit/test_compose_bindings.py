@@ -32,3 +32,13 @@ def test_metrics_listen_on_the_loopback_by_default() -> None:
         "run", ["--database-url", "sqlite:///x.db", "--amqp-url", "amqp://h/"]
     )
     assert context.params["metrics_address"] == "127.0.0.1"
+
+
+def test_the_consumer_metrics_listen_on_the_loopback_by_default_too() -> None:
+    from relay.cli.consume import consume
+
+    (option,) = [
+        p for p in consume.params if isinstance(p, click.Option) and p.name == "metrics_address"
+    ]
+    assert option.default == "127.0.0.1"
+    assert option.envvar == "OUTBOX_CONSUMER_METRICS_ADDRESS"
