@@ -3,14 +3,16 @@ which concrete store, publisher and listener go together."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from relay.deadline import Watchdog
 from relay.listener import Listener
+from relay.mailbox import LoopMailbox
 from relay.messages import Sink
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher
-from relay.relay import Relay
+from relay.relay import Mail, Relay
 from relay.settings import RelaySettings
 from relay.store import Store, create_engine
 
@@ -27,6 +29,9 @@ def build_store(settings: RelaySettings, *, watchdog: Watchdog | None = None) ->
 
 def build_relay(settings: RelaySettings, *, metrics: Metrics | None = None) -> Relay:
     store = build_store(settings, watchdog=Watchdog())
+    # One loop, run by the relay's thread while it waits, carries the broker connection:
+    # confirms are handled where they are read (relay/mailbox.py says why).
+    mailbox: LoopMailbox[Mail] = LoopMailbox(asyncio.new_event_loop())
 
     def publisher(sink: Sink) -> AmqpPublisher:
         return AmqpPublisher(
@@ -36,6 +41,7 @@ def build_relay(settings: RelaySettings, *, metrics: Metrics | None = None) -> R
             exchange=settings.exchange,
             exchange_type=settings.exchange_type,
             declare_exchange=settings.declare_exchange,
+            loop=mailbox.loop,
         )
 
     listener: Callable[[Callable[[], None]], Listener] | None = None
@@ -50,4 +56,11 @@ def build_relay(settings: RelaySettings, *, metrics: Metrics | None = None) -> R
                 application_name=f"outbox-relay:{settings.name}:listen",
             )
 
-    return Relay(settings, store, publisher, listener_factory=listener, metrics=metrics)
+    return Relay(
+        settings,
+        store,
+        publisher,
+        listener_factory=listener,
+        metrics=metrics,
+        mailbox=mailbox,
+    )

@@ -1,22 +1,32 @@
-"""Publishes outgoing messages to RabbitMQ with publisher confirms, from one I/O thread.
+"""Publishes outgoing messages to RabbitMQ with publisher confirms, on one asyncio loop.
 
-pika is not thread-safe: the `SelectConnection` is created and driven by a single daemon
-thread, and every other thread talks to it only through `ioloop.add_callback_threadsafe`.
+pika is not thread-safe: its `AsyncioConnection` lives on one event loop and only that loop's
+thread touches it. Whose loop that is decides the publisher's shape:
+
+* given a `loop` (the relay daemon): the loop of the relay's own thread, which runs it while it
+  waits (`relay.mailbox.LoopMailbox`). Confirms then reach the relay in the thread that read
+  them. Every method must be called from that thread.
+* without one: a daemon thread of its own runs a private loop; other threads talk to it only
+  through `loop.call_soon_threadsafe`.
+
 Every message handed to `publish()` gets exactly one `PublishOutcome`, whatever happens to the
 connection: that is the base of the relay's at-least-once guarantee (an outcome that never
 arrives would leave an outbox row in flight forever; two would double-count attempts).
 
 Bookkeeping shared with other threads (readiness, messages waiting to be published, messages
-waiting for a confirm) lives under one lock, so that `stop()` can settle whatever an I/O thread
+waiting for a confirm) lives under one lock, so that `stop()` can settle whatever an I/O loop
 that did not finish in time still holds, without a message being settled twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, cast
 
@@ -24,7 +34,7 @@ import pika
 import pika.exceptions
 import tenacity
 from pika import spec
-from pika.adapters.select_connection import SelectConnection
+from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
@@ -66,7 +76,7 @@ _ACCESS_REFUSED = 403
 
 
 class AmqpPublisher:
-    """`relay.messages.Publisher` on a pika `SelectConnection` in a dedicated daemon thread."""
+    """`relay.messages.Publisher` on a pika `AsyncioConnection` (see the module docstring)."""
 
     def __init__(
         self,
@@ -82,6 +92,7 @@ class AmqpPublisher:
         reconnect_wait_min: float = 0.5,
         reconnect_wait_max: float = 10.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         # One entry per cluster node, tried in order; the thread moves to the next one when
         # its node refuses a connection or goes away.
@@ -94,8 +105,8 @@ class AmqpPublisher:
             params.connection_attempts = 1
             params.socket_timeout = 5
         self._urls_for_logs = [mask_url(url) for url in split_amqp_urls(amqp_url)]
-        self._node_index = 0  # I/O thread only: the node of the current (or next) connection
-        self._failed_connects = 0  # I/O thread only: failed attempts in a row, over all nodes
+        self._node_index = 0  # I/O loop only: the node of the current (or next) connection
+        self._failed_connects = 0  # I/O loop only: failed attempts in a row, over all nodes
         self._sink = sink
         self._connection_name = connection_name
         self._exchange = exchange
@@ -113,11 +124,16 @@ class AmqpPublisher:
         self._connect_backoff = tenacity.RetryCallState(retrying, None, (), {})
         self._channel_backoff = tenacity.RetryCallState(retrying, None, (), {})
 
+        # The loop the connection lives on: the owner's (driven), or made at start() for a
+        # thread of our own.
+        self._driven = loop is not None
+        self._loop = loop
+        self._task: asyncio.Task[None] | None = None  # driven: the connection lifecycle
         self._lock = threading.Lock()
         # -- guarded by _lock ---------------------------------------------------------------
         self._thread: threading.Thread | None = None
-        self._connection: SelectConnection | None = None
-        self._loop_open = False  # add_callback_threadsafe on _connection.ioloop is safe
+        self._connection: AsyncioConnection | None = None
+        self._loop_open = False  # a connection exists: scheduling work on the loop is useful
         self._ready = False
         self._stopping = False
         self._books_closed = False  # stop() settled everything; late I/O events settle nothing
@@ -128,7 +144,7 @@ class AmqpPublisher:
         # Bodies larger than this are refused before they are sent. A broker configured lower
         # says so in the channel close; its figure is adopted from then on.
         self._max_message_size = max_message_size
-        # -- I/O thread only ----------------------------------------------------------------
+        # -- I/O loop only ------------------------------------------------------------------
         self._channel: Channel | None = None
         self._declaring = False
         self._refused_nodes: set[int] = set()  # nodes that refused the login or vhost at start
@@ -139,7 +155,8 @@ class AmqpPublisher:
         # sends basic.return before the ack of the same message).
         self._returned: dict[str, collections.deque[str]] = {}
         self._published_total = 0
-        self._wake = threading.Event()
+        self._connection_ended: asyncio.Future[None] | None = None  # of the current connection
+        self._wake = asyncio.Event()  # set by stop(): no more waiting before a reconnect
         self._publish_inbox_cb = self._guard(self._publish_inbox)
         self._ever_ready = False  # a refused login is permanent only before the first success
         quiet_pika()
@@ -173,10 +190,19 @@ class AmqpPublisher:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("an AmqpPublisher cannot be started again after stop()")
-            if self._thread is not None:
+            if self._thread is not None or self._task is not None:
                 return
+            if self._loop is not None:
+                self._loop.set_exception_handler(self._on_loop_exception)
+                self._task = self._loop.create_task(self._run())
+                return
+            loop = self._loop = asyncio.new_event_loop()
+            loop.set_exception_handler(self._on_loop_exception)
             self._thread = threading.Thread(
-                target=self._run, name=f"amqp-publisher-{self._connection_name}", daemon=True
+                target=self._run_thread,
+                args=(loop,),
+                name=f"amqp-publisher-{self._connection_name}",
+                daemon=True,
             )
             self._thread.start()
 
@@ -186,12 +212,11 @@ class AmqpPublisher:
         with self._lock:
             accepted = self._ready and self._loop_open and self._connection is not None
             if accepted:
-                # A copy: the caller may reuse its list before the I/O thread gets to it.
+                # A copy: the caller may reuse its list before the I/O loop gets to it.
                 self._inbox.append(tuple(messages))
                 if not self._drain_scheduled:
-                    assert self._connection is not None
-                    # One wake-up carries every batch handed over until the I/O thread runs.
-                    self._connection.ioloop.add_callback_threadsafe(self._publish_inbox_cb)
+                    # One wake-up carries every batch handed over until the I/O loop runs.
+                    self._call_soon(self._publish_inbox_cb)
                     self._drain_scheduled = True
         if not accepted:
             self._emit([PublishOutcome(m.tag, Outcome.UNKNOWN, NOT_CONNECTED) for m in messages])
@@ -202,9 +227,11 @@ class AmqpPublisher:
             self._ready = False
             thread = self._thread
             if self._loop_open and self._connection is not None:
-                self._connection.ioloop.add_callback_threadsafe(self._close_from_io)
-        self._wake.set()
-        if thread is not None and thread is not threading.current_thread():
+                self._call_soon(self._close_from_io)
+        self._call_soon(self._wake.set)
+        if self._driven:
+            self._finish_driven(timeout)
+        elif thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
                 logger.warning(
@@ -226,15 +253,76 @@ class AmqpPublisher:
             )
         )
 
-    # -- I/O thread: connection lifecycle ----------------------------------------------------
+    def _finish_driven(self, timeout: float) -> None:
+        """Run the owner's loop (from its thread, between its own steps) until the connection
+        has closed and the lifecycle ended, at most `timeout` seconds."""
+        task, loop = self._task, self._loop
+        if task is None or loop is None or task.done() or loop.is_closed():
+            return
+        if loop.is_running():
+            raise RuntimeError("AmqpPublisher.stop() must not be called from a loop callback")
+        # run_forever rather than run_until_complete: outcomes settled while closing reach
+        # the owner's mailbox, which stops the loop to be read; here that only means go on.
+        task.add_done_callback(lambda _: loop.stop())
+        deadline = time.monotonic() + timeout
+        while not task.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                logger.warning(
+                    "publisher %s: connection did not close within %.1f s; "
+                    "settling its in-flight messages as unknown",
+                    self._connection_name,
+                    timeout,
+                )
+                return
+            timer = loop.call_later(remaining, loop.stop)
+            try:
+                loop.run_forever()
+            finally:
+                timer.cancel()
 
-    def _run(self) -> None:
+    def _call_soon(self, callback: Callable[[], None]) -> None:
+        """Run `callback` on the I/O loop. Driven, the caller is the loop's own thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            if self._driven:
+                loop.call_soon(callback)
+            else:
+                loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop closed meanwhile: nothing left to tell it
+            pass
+
+    def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An exception out of pika itself (our callbacks are guarded): its state is unknown,
+        so the connection is treated as lost."""
+        error = context.get("exception")
+        logger.error(
+            "publisher %s: I/O loop error: %s",
+            self._connection_name,
+            context.get("message", "unknown"),
+            exc_info=error if isinstance(error, BaseException) else None,
+        )
+        self._on_internal_error(error if isinstance(error, BaseException) else RuntimeError("?"))
+
+    # -- I/O loop: connection lifecycle ------------------------------------------------------
+
+    def _run_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.run_until_complete(self._run())
+        finally:
+            with self._lock:
+                self._loop_open = False
+            loop.close()
+
+    async def _run(self) -> None:
         try:
             while True:
                 with self._lock:
                     if self._stopping or self._fatal:
                         break
-                self._run_connection()
+                await self._run_connection()
                 with self._lock:
                     if self._stopping or self._fatal:
                         break
@@ -251,26 +339,30 @@ class AmqpPublisher:
                     self._url_for_logs,
                     delay,
                 )
-                self._wake.wait(delay)
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), delay)
         except Exception:  # pragma: no cover - last resort; _run_connection catches
             # publish() keeps answering UNKNOWN ("not connected"): _ready stays False.
-            logger.exception("publisher %s: I/O thread crashed", self._connection_name)
+            logger.exception("publisher %s: connection lifecycle crashed", self._connection_name)
         finally:
-            logger.info("publisher %s: I/O thread finished", self._connection_name)
+            logger.info("publisher %s: I/O loop finished", self._connection_name)
 
-    def _run_connection(self) -> None:
-        """One connection, from opening until its I/O loop stops; every outcome settled."""
+    async def _run_connection(self) -> None:
+        """One connection, from opening until it has ended; every outcome settled."""
         self._lost_handled = False
         self._abort_error = None
+        ended = self._connection_ended = asyncio.get_running_loop().create_future()
         try:
             with self._lock:
                 if self._stopping:
                     return
-                connection = SelectConnection(
+                connection = AsyncioConnection(
                     self._nodes[self._node_index],
                     on_open_callback=self._guard(self._on_connection_open),
                     on_open_error_callback=self._guard(self._on_connection_open_error),
                     on_close_callback=self._guard(self._on_connection_closed),
+                    custom_ioloop=asyncio.get_running_loop(),
                 )
                 self._connection = connection
                 self._loop_open = True
@@ -279,13 +371,7 @@ class AmqpPublisher:
             self._on_connection_lost(exc)
             return
         try:
-            connection.ioloop.start()
-        except Exception as exc:
-            # An exception out of pika itself: its state is unknown, so treat the connection
-            # as lost and close it as well as we can.
-            logger.exception("publisher %s: I/O loop failed", self._connection_name)
-            self._on_connection_lost(exc)
-            self._close_after_crash(connection)
+            await ended
         finally:
             with self._lock:
                 self._loop_open = False
@@ -294,21 +380,12 @@ class AmqpPublisher:
             # Normally a no-op (the close callbacks already settled everything).
             self._on_connection_lost(RuntimeError("I/O loop ended"))
             self._channel = None
-            try:
-                connection.ioloop.close()
-            except Exception:
-                logger.debug("closing the I/O loop failed", exc_info=True)
 
-    def _close_after_crash(self, connection: SelectConnection) -> None:
-        try:
-            if not (connection.is_closing or connection.is_closed):
-                connection.close()
-            if not connection.is_closed:
-                # Bounded: a broken connection may never report its close.
-                connection.ioloop.call_later(2.0, connection.ioloop.stop)
-                connection.ioloop.start()
-        except Exception:
-            logger.debug("closing a crashed connection failed", exc_info=True)
+    def _end_connection(self, connection: Any) -> None:
+        """The connection is over (closed, or never opened): the lifecycle moves on."""
+        ended = self._connection_ended
+        if connection is self._connection and ended is not None and not ended.done():
+            ended.set_result(None)
 
     @property
     def _url_for_logs(self) -> str:
@@ -369,7 +446,7 @@ class AmqpPublisher:
             )
             self._on_connection_lost(error)
         finally:
-            connection.ioloop.stop()
+            self._end_connection(connection)
 
     def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
         try:
@@ -382,8 +459,8 @@ class AmqpPublisher:
                 )
             self._on_connection_lost(error)
         finally:
-            # Without this, ioloop.start() never returns and nothing reconnects.
-            connection.ioloop.stop()
+            # Without this, the lifecycle never moves on and nothing reconnects.
+            self._end_connection(connection)
 
     def _on_connection_lost(self, error: BaseException | str) -> None:
         """Settle everything of this connection (idempotent until the next connection)."""
@@ -411,14 +488,14 @@ class AmqpPublisher:
             return
         try:
             if connection.is_closed:
-                connection.ioloop.stop()
+                self._end_connection(connection)
             elif not connection.is_closing:
                 connection.close()
         except Exception:
             logger.exception("publisher %s: closing the connection failed", self._connection_name)
-            connection.ioloop.stop()
+            self._end_connection(connection)
 
-    # -- I/O thread: channel lifecycle -------------------------------------------------------
+    # -- I/O loop: channel lifecycle -------------------------------------------------------
 
     def _open_channel(self) -> None:
         connection = self._connection
@@ -547,7 +624,7 @@ class AmqpPublisher:
             self._channel_backoff.attempt_number += 1
         connection.ioloop.call_later(delay, self._guard(self._open_channel))
 
-    # -- I/O thread: publishing and confirms -------------------------------------------------
+    # -- I/O loop: publishing and confirms -------------------------------------------------
 
     def _publish_inbox(self) -> None:
         with self._lock:
@@ -690,7 +767,7 @@ class AmqpPublisher:
     ) -> list[PublisherEvent]:
         """Outcomes for messages the channel or connection can no longer confirm: `outcome`,
         except a message the broker returned (routed nowhere: its fate is known); those not
-        yet published are UNKNOWN. With `use_returns`, I/O thread only."""
+        yet published are UNKNOWN. With `use_returns`, I/O loop only."""
         events: list[PublisherEvent] = []
         for tag, message_id in entries:
             returned = self._take_returned(message_id) if use_returns else None
@@ -706,7 +783,7 @@ class AmqpPublisher:
         return events
 
     def _take_returned(self, message_id: str) -> str | None:
-        """I/O thread only: the return error recorded for this message, consumed."""
+        """I/O loop only: the return error recorded for this message, consumed."""
         errors = self._returned.get(message_id)
         if not errors:
             return None
@@ -762,4 +839,4 @@ class AmqpPublisher:
                 logger.debug("closing after an internal error failed", exc_info=True)
         self._on_connection_lost(error)
         if connection is not None:
-            connection.ioloop.stop()
+            self._end_connection(connection)

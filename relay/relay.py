@@ -14,7 +14,6 @@ import dataclasses
 import datetime as dt
 import logging
 import os
-import queue
 import random
 import socket
 import threading
@@ -28,6 +27,7 @@ from relay.claim_pacing import ClaimPacer
 from relay.database_lane import DatabaseLane
 from relay.dead_letter_log import DeadLetterLog
 from relay.errors import BrokerConfigError, BrokerRefusedError, DatabaseUnavailableError
+from relay.mailbox import Mailbox, QueueMailbox
 from relay.messages import BrokerStatus, Outcome, Publisher, PublisherEvent, PublishOutcome, Sink
 from relay.metrics import Metrics
 from relay.records import Claim, ClaimedEvent, Failure
@@ -64,6 +64,9 @@ class _Wake:
 
 _WAKE = _Wake()
 
+# What the loop is told: publish outcomes and broker status, finished database jobs, wake-ups.
+Mail = Sequence[PublisherEvent] | _Wake | Completion
+
 
 @dataclasses.dataclass
 class StepReport:
@@ -89,6 +92,7 @@ class Relay:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         worker_factory: Callable[[Callable[[Completion], None]], Worker] = ThreadWorker,
+        mailbox: Mailbox[Mail] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -96,12 +100,11 @@ class Relay:
         self._clock = clock
         self._monotonic = monotonic
         self._rng = rng or random.Random()
-        self._inbox: queue.SimpleQueue[Sequence[PublisherEvent] | _Wake | Completion] = (
-            queue.SimpleQueue()
-        )
-        self.publisher = publisher_factory(self._inbox.put)
+        # Everything the loop is told (confirms, finished jobs, wake-ups) arrives here.
+        self._mailbox: Mailbox[Mail] = mailbox if mailbox is not None else QueueMailbox()
+        self.publisher = publisher_factory(self._mailbox.put)
         self._database = DatabaseLane(
-            worker_factory(self._inbox.put),
+            worker_factory(self._mailbox.put),
             monotonic=monotonic,
             rng=self._rng,
             metrics=self.metrics,
@@ -134,12 +137,12 @@ class Relay:
 
     def wake(self) -> None:
         """Thread-safe: look for new events now."""
-        self._inbox.put(_WAKE)
+        self._mailbox.interrupt(_WAKE)
 
     def request_stop(self) -> None:
         """Thread-safe (and signal-safe): stop claiming and drain."""
         self._stop_requested.set()
-        self._inbox.put(_WAKE)
+        self._mailbox.interrupt(_WAKE)
 
     @property
     def stop_requested(self) -> bool:
@@ -200,6 +203,7 @@ class Relay:
             log.warning("could not record final results (%s); their leases will expire", exc)
         finally:
             self.store.close()
+            self._mailbox.close()
 
     # -- one step --------------------------------------------------------------------------
 
@@ -255,19 +259,11 @@ class Relay:
         return min(MAX_WAIT, max(0.0, min(due) - now))
 
     def _collect(self, wait: float) -> None:
-        """Take everything in the inbox; wait up to `wait` for the first item."""
-        try:
-            item = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
+        """Take everything in the mailbox; wait up to `wait` for the first item."""
+        for item in self._mailbox.take(wait):
             self._handle(item)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
 
-    def _handle(self, item: Sequence[PublisherEvent] | _Wake | Completion) -> None:
+    def _handle(self, item: Mail) -> None:
         if isinstance(item, Completion):
             item.deliver()
             return
