@@ -21,6 +21,9 @@ Exported (all prefixed `outbox_relay_`):
   held_keys                                 gauge    from the database: keys a dead letter holds
   active_relays                             gauge    from the database: relays with a recent
                                                      heartbeat (every relay of the outbox)
+
+The dashboard and alert rules in deploy/ use these names; tests/unit/test_deploy.py fails if
+one of them names a metric that is not exported here.
 """
 
 from __future__ import annotations
