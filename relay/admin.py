@@ -96,17 +96,30 @@ class Admin:
     # -- reads ---------------------------------------------------------------------------------
 
     def gauges(self, now: dt.datetime | None = None) -> OutboxGauges:
-        """Pending and dead counts and the oldest pending event's age. They read the partial
-        indexes of pending and dead rows, never the published rows: the oldest pending event
-        is the oldest of the keys' heads (one index probe per key with pending events)."""
+        """Pending and dead counts, the oldest pending event's age, held keys and live relays.
+        They read the partial indexes of pending and dead rows, never the published rows: the
+        oldest pending event is the oldest of the keys' heads (one index probe per key with
+        pending events). Held keys and relays come from the small key and relay tables."""
         now = now or utcnow()
-        t = self.outbox.events
+        t, k, r = self.outbox.events, self.outbox.keys, self.outbox.relays
         pending = sa.select(sa.func.count()).where(t.c.status == PENDING).scalar_subquery()
         dead = sa.select(sa.func.count()).where(t.c.status == DEAD).scalar_subquery()
+        held = sa.select(sa.func.count()).where(k.c.held).scalar_subquery()
+        alive = (
+            sa.select(sa.func.count())
+            .where(r.c.heartbeat_at >= now - dt.timedelta(seconds=ACTIVE_RELAY_WINDOW))
+            .scalar_subquery()
+        )
         with self._transaction() as conn:
-            row = conn.execute(sa.select(pending, dead)).one()
+            row = conn.execute(sa.select(pending, dead, held, alive)).one()
             oldest = self._oldest_pending(conn)
-        return OutboxGauges(pending=row[0], dead=row[1], oldest_pending_age=_age(now, oldest))
+        return OutboxGauges(
+            pending=row[0],
+            dead=row[1],
+            oldest_pending_age=_age(now, oldest),
+            held_keys=row[2],
+            active_relays=row[3],
+        )
 
     def _oldest_pending(self, conn: Connection) -> Any:
         """The oldest of every key's first pending event and the first event without a key."""

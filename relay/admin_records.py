@@ -55,6 +55,8 @@ class OutboxGauges:
     pending: int
     dead: int
     oldest_pending_age: float | None  # seconds; None when nothing is pending
+    held_keys: int  # keys a dead letter holds: their later events wait for a requeue or purge
+    active_relays: int  # relays whose heartbeat is recent (as in `status`)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

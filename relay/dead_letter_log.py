@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from relay.logs import event_fields
 from relay.records import Failure
 
 BURST = 10
@@ -49,6 +50,7 @@ class DeadLetterLog:
             event.key,
             failure.attempt,
             failure.error,
+            extra=event_fields(event.id, event.type, event.key, attempt=failure.attempt),
         )
 
     def flush(self) -> None:

@@ -18,6 +18,12 @@ Exported (all prefixed `outbox_relay_`):
   broker_node{node}                         gauge    1 for the node (host:port) connected to
   pending_events, dead_events               gauge    from the database
   oldest_pending_age_seconds                gauge    from the database (0 when none pending)
+  held_keys                                 gauge    from the database: keys a dead letter holds
+  active_relays                             gauge    from the database: relays with a recent
+                                                     heartbeat (every relay of the outbox)
+
+The dashboard and alert rules in deploy/ use these names; tests/unit/test_deploy.py fails if
+one of them names a metric that is not exported here.
 """
 
 from __future__ import annotations
@@ -124,11 +130,22 @@ class OutboxCollector:
                 f"{PREFIX}_oldest_pending_age_seconds",
                 "Age of the oldest pending event (0 when none is pending).",
             ),
+            GaugeMetricFamily(
+                f"{PREFIX}_held_keys",
+                "Keys held by a dead letter: their later events wait until it is requeued or "
+                "purged.",
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}_active_relays",
+                "Relays of this outbox with a recent heartbeat (as listed by status).",
+            ),
         ]
         if values is not None:
             families[0].add_metric([], values.pending)
             families[1].add_metric([], values.dead)
             families[2].add_metric([], values.oldest_pending_age or 0.0)
+            families[3].add_metric([], values.held_keys)
+            families[4].add_metric([], values.active_relays)
         return families
 
 

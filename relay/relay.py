@@ -27,6 +27,7 @@ from relay.claim_pacing import ClaimPacer
 from relay.database_lane import DatabaseLane
 from relay.dead_letter_log import DeadLetterLog
 from relay.errors import BrokerConfigError, BrokerRefusedError, DatabaseUnavailableError
+from relay.logs import event_fields
 from relay.mailbox import Mailbox, QueueMailbox
 from relay.messages import BrokerStatus, Outcome, Publisher, PublisherEvent, PublishOutcome, Sink
 from relay.metrics import Metrics
@@ -321,6 +322,14 @@ class Relay:
                 self.settings.max_attempts,
                 failure.next_attempt_at.isoformat(timespec="seconds"),
                 failure.error,
+                extra=event_fields(
+                    event.id,
+                    event.type,
+                    event.key,
+                    attempt=failure.attempt,
+                    max_attempts=self.settings.max_attempts,
+                    next_attempt_at=failure.next_attempt_at,
+                ),
             )
         self.metrics.failed(event.type, dead=failure.next_attempt_at is None)
         self._results.failed(failure)

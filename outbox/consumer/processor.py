@@ -142,7 +142,11 @@ class Processor:
             result = self._run(message, None)
         if result.outcome is Outcome.DUPLICATE:
             # Rare (a redelivery after a crash, a relay duplicate) and worth seeing.
-            log.info("skipped duplicate %s: applied before", _describe_message(message))
+            log.info(
+                "skipped duplicate %s: applied before",
+                _describe_message(message),
+                extra=_log_fields(message),
+            )
         if self.on_result is not None:
             self.on_result(message, result, time.perf_counter() - started)
         return result
@@ -172,6 +176,9 @@ class Processor:
                     attempt,
                     self.policy.max_attempts,
                     _first_line(exc),
+                    extra=_log_fields(
+                        message, attempt=attempt, max_attempts=self.policy.max_attempts
+                    ),
                 )
                 if attempt >= self.policy.max_attempts:
                     return self._give_up(message, parked, REASON_FAILED, error, attempt)
@@ -241,7 +248,12 @@ class Processor:
             "applied; `inbox parked retry --id ID` applies it anyway, `inbox parked skip --id "
             "ID` drops it"
         )
-        log.warning("%s: %s", _describe_message(message), error)
+        log.warning(
+            "%s: %s",
+            _describe_message(message),
+            error,
+            extra=_log_fields(message, reason=REASON_STALE),
+        )
         if parked is None:
             st.park(connection, message, reason=REASON_STALE, error=error, attempts=0)
         else:
@@ -276,7 +288,12 @@ class Processor:
             )
             if message.key:
                 self.statements.clear_retry_requests(connection, message.key)
-        log.error("replay of %s failed again: %s", _describe_message(message), _first_line(error))
+        log.error(
+            "replay of %s failed again: %s",
+            _describe_message(message),
+            _first_line(error),
+            extra=_log_fields(message, attempt=attempts, reason=reason),
+        )
         return Result(Outcome.PARKED, attempts=attempts, reason=reason, error=error)
 
     def _park(self, message: Message, reason: str, error: str, attempts: int) -> Result:
@@ -294,6 +311,7 @@ class Processor:
             f" and its key {message.key!r}" if message.key else "",
             reason,
             _first_line(error),
+            extra=_log_fields(message, attempt=attempts, reason=reason),
         )
         return Result(Outcome.PARKED, attempts=attempts, reason=reason, error=error)
 
@@ -349,7 +367,12 @@ class Processor:
             self.on_result(row.message, result, time.perf_counter() - started)
         if result.outcome is Outcome.PARKED:
             return 0
-        log.info("replayed parked %s: %s", _describe_message(row.message), result.outcome.value)
+        log.info(
+            "replayed parked %s: %s",
+            _describe_message(row.message),
+            result.outcome.value,
+            extra=_log_fields(row.message),
+        )
         return 1
 
     def _still_head(self, connection: Connection, parked: ParkedMessage) -> bool:
@@ -455,6 +478,18 @@ def _first_line(value: BaseException | str) -> str:
 def _describe(exc: BaseException) -> str:
     text = "".join(traceback.format_exception(exc))
     return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 1] + "…"
+
+
+def _log_fields(message: Message, **context: Any) -> dict[str, Any]:
+    """The `extra=` of a log line about `message`: in the relay CLI's JSON log format these
+    become top-level keys, named as the relay names them (relay/logs.py `EVENT_FIELDS`)."""
+    return {
+        "event_id": message.message_id,
+        "event_type": message.type,
+        "event_key": message.key,
+        "seq": message.seq,
+        **context,
+    }
 
 
 def _describe_message(message: Message) -> str:

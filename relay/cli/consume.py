@@ -156,6 +156,7 @@ def consume(
     )
     from relay.consumer.metrics import ConsumerMetrics
     from relay.consumer.runner import ConsumerSettings
+    from relay.logs import add_log_context
 
     if retry_min > retry_max:
         raise ConfigError(
@@ -178,6 +179,7 @@ def consume(
     engine = None
     try:
         handlers = load_handlers(reference)
+        add_log_context(consumer=handlers.name)
         name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         engine = create_engine(
             database_url, application_name=f"outbox-consumer:{name}", threads=threads

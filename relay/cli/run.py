@@ -193,6 +193,7 @@ def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
     """
     from relay.admin import Admin
     from relay.app import build_relay
+    from relay.logs import add_log_context
     from relay.prometheus import PrometheusMetrics
 
     name = options.pop("name")
@@ -202,6 +203,7 @@ def run(metrics_port: int, metrics_address: str, **options: Any) -> None:
         settings = RelaySettings(**options)
     except ConfigError as exc:
         raise option_error(exc) from None
+    add_log_context(relay=settings.name)
     # Handlers first: a SIGTERM while the relay is still starting (connecting, checking the
     # schema) must end in a clean exit 0 too, not in death by the default handler.
     stopping: list[int] = []

@@ -162,3 +162,29 @@ def test_a_stale_message_is_retried_only_by_its_id_and_is_then_applied_late(
     assert processor.retry_requested() == 1
     booked = [(o, n) for h, o, n in app.applied(pg_engine) if h == "book"]
     assert booked == [("ok", 2), ("ok", 1)]  # applied late, as asked
+
+
+def test_every_json_line_of_consume_names_the_consumer_group(
+    pg_url: str, schema_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    import relay.consumer.app
+
+    monkeypatch.setenv("OUTBOX_TEST_SCHEMA", schema_name)
+    monkeypatch.setenv("OUTBOX_TEST_GROUP", "billing")
+    args = ["tests.consumer.app:handlers", "--database-url", pg_url]
+    assert invoke("inbox", "init-db", *args)[0] == 0
+
+    class Pool:  # the consumers themselves need a broker: here they only log a line
+        def run(self) -> None:
+            logging.getLogger("outbox.consumer").warning("a line from a consumer thread")
+
+    monkeypatch.setattr(relay.consumer.app, "build_consumers", lambda *a, **k: Pool())
+    result = CliRunner().invoke(
+        main, ["--log-format", "json", "consume", *args, "--amqp-url", AMQP]
+    )
+    assert result.exit_code == 0, result.output
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert any(e["message"] == "a line from a consumer thread" for e in entries), entries
+    assert {e.get("consumer") for e in entries} == {"billing"}

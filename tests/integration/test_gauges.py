@@ -39,6 +39,7 @@ def test_gauges_never_scan_the_published_rows(pg_engine: sa.Engine, outbox_schem
     finally:
         sa.event.remove(pg_engine, "before_cursor_execute", record)
     assert gauges.pending == pending and gauges.dead == 0
+    assert gauges.held_keys == 0 and gauges.active_relays == 0
     assert gauges.oldest_pending_age is not None
     reads = [(s, p) for s, p in statements if s.lstrip().upper().startswith("SELECT")]
     assert reads

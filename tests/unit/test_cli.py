@@ -725,6 +725,34 @@ def test_run_stopped_while_starting_exits_0_without_starting(
     assert built and not built[0].publisher.ready  # never connected, never claimed
 
 
+def test_every_json_line_of_run_names_the_relay(
+    db: tuple[str, sa.Engine, Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+
+    import relay.app
+
+    url, _, _ = db
+    real_build = relay.app.build_relay
+
+    def build_and_get_stopped(*args: object, **kwargs: object) -> object:
+        built = real_build(*args, **kwargs)  # type: ignore[arg-type]
+        os.kill(os.getpid(), signal.SIGTERM)
+        return built
+
+    monkeypatch.setattr(relay.app, "build_relay", build_and_get_stopped)
+    result = cli(
+        url,
+        *("--log-format", "json", "run", "--name", "relay-7"),
+        *("--amqp-url", "amqp://guest:guest@127.0.0.1:1/"),
+    )
+    assert result.exit_code == 0, result.output
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert any("stopped before it started" in e["message"] for e in entries), entries
+    assert {e.get("relay") for e in entries} == {"relay-7"}
+
+
 # -- SQLite: one relay at a time ---------------------------------------------------------------
 
 

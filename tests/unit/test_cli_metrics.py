@@ -23,7 +23,9 @@ class Source:
     def __init__(self) -> None:
         self.calls = 0
         self.fail = False
-        self.values = OutboxGauges(pending=3, dead=1, oldest_pending_age=12.5)
+        self.values = OutboxGauges(
+            pending=3, dead=1, oldest_pending_age=12.5, held_keys=2, active_relays=1
+        )
 
     def __call__(self) -> OutboxGauges:
         self.calls += 1
@@ -74,15 +76,20 @@ def test_database_gauges_are_read_at_most_every_15_seconds() -> None:
     assert sample(metrics, "outbox_relay_pending_events") == 3
     assert sample(metrics, "outbox_relay_dead_events") == 1
     assert sample(metrics, "outbox_relay_oldest_pending_age_seconds") == 12.5
+    assert sample(metrics, "outbox_relay_held_keys") == 2
+    assert sample(metrics, "outbox_relay_active_relays") == 1
     assert source.calls == 1  # one read serves every gauge and the next scrapes
     calls = source.calls
-    source.values = OutboxGauges(pending=0, dead=0, oldest_pending_age=None)
+    source.values = OutboxGauges(
+        pending=0, dead=0, oldest_pending_age=None, held_keys=0, active_relays=0
+    )
     clock.now += 14.9
     assert sample(metrics, "outbox_relay_pending_events") == 3
     assert source.calls == calls
     clock.now += 0.2
     assert sample(metrics, "outbox_relay_pending_events") == 0
     assert sample(metrics, "outbox_relay_oldest_pending_age_seconds") == 0
+    assert sample(metrics, "outbox_relay_active_relays") == 0
     assert source.calls == calls + 1
 
 
