@@ -51,9 +51,9 @@ from outbox.errors import OutboxError
 from outbox.schema import DEFAULT_TABLE, INFO_KEY, SCHEMA_VERSION, Outbox
 
 __all__ = [
-    "AlembicSetupError",
     "CreateOutboxOp",
     "DropOutboxOp",
+    "OutboxMigrationError",
     "UpgradeOutboxOp",
     "include_object",
 ]
@@ -63,8 +63,9 @@ __all__ = [
 logger = logging.getLogger("alembic.outbox")
 
 
-class AlembicSetupError(OutboxError, CommandError):
-    """The Alembic environment is not set up for the outbox.
+class OutboxMigrationError(OutboxError, CommandError):
+    """A migration cannot do what it asks of the outbox: `env.py` lacks the outbox's filter,
+    the migration needs a newer outbox-relay, or it cannot be written as SQL ahead of time.
 
     A `CommandError` too, so the alembic command prints the message (not a traceback)."""
 
@@ -179,7 +180,7 @@ def _create_outbox(operations: Operations, operation: CreateOutboxOp) -> None:
 @Operations.implementation_for(UpgradeOutboxOp)
 def _upgrade_outbox(operations: Operations, operation: UpgradeOutboxOp) -> None:
     if operation.to_version > SCHEMA_VERSION:
-        raise AlembicSetupError(
+        raise OutboxMigrationError(
             f"this migration upgrades the outbox to schema {operation.to_version}, but the "
             f"installed outbox-relay knows schema {SCHEMA_VERSION} at most: upgrade outbox-relay"
         )
@@ -187,7 +188,7 @@ def _upgrade_outbox(operations: Operations, operation: UpgradeOutboxOp) -> None:
     if context.as_sql and context.dialect.name == "sqlite":
         # On SQLite the upgrade reads which keys dead letters hold from the rows (see
         # outbox.ddl.create): static SQL would release them, and lose the relay's new column.
-        raise AlembicSetupError(
+        raise OutboxMigrationError(
             "op.upgrade_outbox() cannot write SQL for SQLite ahead of time: run this "
             "migration online (alembic upgrade without --sql)"
         )
@@ -227,7 +228,7 @@ def _outboxes(autogen_context: AutogenContext) -> list[Outbox]:
         if table.info.get(INFO_KEY) == table.name:
             found.append(Outbox(sa.MetaData(), table=table.name, schema=table.schema))
             if autogen_context.run_object_filters(table, table.name, "table", False, None):
-                raise AlembicSetupError(
+                raise OutboxMigrationError(
                     f"autogenerate would create the outbox tables of {table.fullname} with "
                     "create_table, without their triggers: pass "
                     "include_object=outbox.alembic.include_object to context.configure() in "

@@ -93,7 +93,8 @@ class AlembicProject:
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`alembic ARGS` in the project; `prepend_sys_path = .` puts `myapp` on the path."""
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         return subprocess.run(
             [sys.executable, "-m", "alembic", *args],
             cwd=self.root,
