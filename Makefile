@@ -40,6 +40,8 @@ package-check: $(STAMP) services
 	cd $(PKG) && relay/bin/python $(CURDIR)/tests/docs/readme.py run "Embedding the writer"
 	$(PKG)/relay/bin/pip install --quiet "$$(ls $(PKG)/*.whl)[relay,asyncio]"
 	cd $(PKG) && relay/bin/python $(CURDIR)/tests/docs/readme.py run "Embedding the writer" --index 1
+	$(PKG)/relay/bin/pip install --quiet "$$(ls $(PKG)/*.whl)[relay,alembic]"
+	cd $(PKG) && relay/bin/python -c "import outbox.alembic; from alembic.operations import Operations; assert hasattr(Operations, 'create_outbox')"
 
 check: lint typecheck
 

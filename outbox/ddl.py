@@ -34,7 +34,7 @@ import dataclasses
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.schema import CreateIndex, CreateTable, DDLElement
+from sqlalchemy.schema import CreateIndex, CreateTable, DDLElement, DropTable
 
 from outbox.schema import DEAD, NEVER_SERVED, PENDING, Outbox
 
@@ -140,6 +140,23 @@ def ddl_statements(outbox: Outbox, dialect: Dialect) -> list[str]:
     if dialect.name == "sqlite":
         return [*statements, _sqlite_track_trigger(names), _adopt_keys(names, dialect)]
     return statements
+
+
+def drop_statements(outbox: Outbox, dialect: Dialect) -> list[str]:
+    """Idempotent DDL that removes the outbox: its tables, which take their triggers, indexes
+    and sequences with them, then (PostgreSQL) the trigger functions, schema 1's included.
+    The schema stays: `ddl_statements()` creates it only if missing, so it may not be ours."""
+    tables = [
+        str(DropTable(table, if_exists=True).compile(dialect=dialect)).strip()
+        for table in reversed(outbox.tables)
+    ]
+    if dialect.name != "postgresql":
+        return tables
+    n = _Names.of(outbox, dialect)
+    return [
+        *tables,
+        *(f"DROP FUNCTION IF EXISTS {fn}()" for fn in (n.number_fn, n.notify_fn, n.old_fn)),
+    ]
 
 
 def _adopt_keys(n: _Names, dialect: Dialect) -> str:

@@ -2,8 +2,9 @@
 
 Defining the tables on the caller's metadata lets Alembic autogenerate see them. The triggers
 that number rows per key and track which keys have pending events are not tables: `create()`
-(or `outbox-relay init-db`, or the SQL of `ddl_statements()`) installs them, and the relay
-refuses to run on a table without them (see `outbox.ddl`).
+(or `outbox-relay init-db`, or the SQL of `ddl_statements()`, or `op.create_outbox()` in an
+Alembic migration, see `outbox.alembic`) installs them, and the relay refuses to run on a table
+without them (see `outbox.ddl`).
 
 Tables:
 - `<table>`: the events, in write order (`seq`). A row with a key is written by the
@@ -39,6 +40,10 @@ PUBLISHED = "published"
 DEAD = "dead"
 STATUSES = (PENDING, PUBLISHED, DEAD)
 SCHEMA_VERSION = 2
+
+INFO_KEY = "outbox"
+"""The `Table.info` key that marks an outbox's tables; its value is the events table's name.
+Alembic's autogenerate leaves the marked tables to `op.create_outbox` (see outbox.alembic)."""
 
 # A key row's `available_at` for a key nobody has served since it got pending events: such
 # keys take their turn before keys that were just served, and no relay's clock can find them
@@ -194,6 +199,7 @@ def _events_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Ta
             sqlite_where=sa.text(f"status = '{PUBLISHED}'"),
         ),
         schema=schema,
+        info={INFO_KEY: name},
         # Never reuse a purged rowid: write order must only grow.
         sqlite_autoincrement=True,
     )
@@ -227,6 +233,7 @@ def _keys_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Tabl
             sqlite_where=sa.text("lease_token IS NOT NULL"),
         ),
         schema=schema,
+        info={INFO_KEY: name},
     )
 
 
@@ -242,6 +249,7 @@ def _failures_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.
         sa.Column("relay", sa.Text()),
         sa.Column("error", sa.Text(), nullable=False),
         schema=schema,
+        info={INFO_KEY: name},
     )
 
 
@@ -258,4 +266,5 @@ def _relays_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Ta
         # The broker node (host:port) it is connected to; NULL while it is not.
         sa.Column("broker_node", sa.Text()),
         schema=schema,
+        info={INFO_KEY: name},
     )

@@ -31,6 +31,12 @@ PG_ADMIN_DSN = os.environ.get(
 )
 PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/{database}"
 BLOCK_TIMEOUT = 60.0
+RUN_AS_FILES = {
+    "Migrations with Alembic": "tests/integration/test_alembic.py",
+    "Upgrading the outbox's schema": "tests/integration/test_alembic.py",
+}
+"""Sections whose blocks are files of a project (env.py lines, migrations), not programs: the
+named test puts them into an Alembic project and runs that."""
 
 _FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 _ANY_FENCE = re.compile(r"^```.*?^```", re.S | re.M)

@@ -6,9 +6,17 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from tests.docs.readme import README_URL, Block, fresh_database, python_blocks, run_block
+from tests.docs.readme import (
+    README_URL,
+    RUN_AS_FILES,
+    Block,
+    fresh_database,
+    python_blocks,
+    run_block,
+)
+from tests.support.alembic_project import readme_blocks
 
-BLOCKS = python_blocks()
+BLOCKS = [b for b in python_blocks() if b.section not in RUN_AS_FILES]
 
 
 def _outbox_rows(url: str) -> list[tuple[str, str | None, str | None]]:
@@ -27,6 +35,11 @@ def test_the_readme_has_the_blocks_this_file_checks() -> None:
     for block in BLOCKS:
         if "create_engine" in block.code:
             assert README_URL in block.code, f"{block.name} connects elsewhere than {README_URL}"
+
+
+def test_every_block_run_as_a_file_is_one_the_alembic_project_uses() -> None:
+    as_files = [b.name for b in python_blocks() if b.section in RUN_AS_FILES]
+    assert sorted(as_files) == sorted(b.name for b in readme_blocks().values())
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.name for b in BLOCKS])

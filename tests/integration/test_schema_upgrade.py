@@ -113,10 +113,8 @@ def assert_upgraded(
     }
     # A schema-1 relay leasing a keyed row is refused with a name that says why.
     with pytest.raises(sa.exc.IntegrityError, match="outbox_lease_v2"), engine.begin() as conn:
-        conn.exec_driver_sql(
-            f'UPDATE "{box.schema}".outbox SET claim_token = %(t)s WHERE seq = %(s)s',
-            {"t": uuid.uuid4(), "s": seqs["a"][0]},
-        )
+        t = box.events
+        conn.execute(sa.update(t).where(t.c.seq == seqs["a"][0]).values(claim_token=uuid.uuid4()))
     # Claims now: key a in order, the free keyless row; later the leased and retrying keys.
     store = Store(engine, box, db_timeout=10)
     first = store.claim(

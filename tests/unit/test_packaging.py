@@ -34,3 +34,23 @@ def test_outbox_and_the_cli_import_without_greenlet() -> None:
 def test_both_packages_carry_the_py_typed_marker() -> None:
     for package in (outbox, relay):
         assert (Path(package.__file__).parent / "py.typed").is_file(), package.__name__
+
+
+def test_only_outbox_alembic_needs_alembic() -> None:
+    # Alembic is the `alembic` extra: the writer and the CLI must not import it, and
+    # outbox.alembic must say which extra brings it.
+    code = (
+        "import sys; sys.modules['alembic'] = None\n"
+        "import outbox, outbox.ddl, relay.cli\n"
+        "from relay.cli import main\n"
+        "main(['init-db', '--help'], standalone_mode=False)\n"
+        "try:\n"
+        "    import outbox.alembic\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'outbox-relay[alembic]'" in result.stdout
