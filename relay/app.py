@@ -4,6 +4,7 @@ which concrete store, publisher and listener go together."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from relay.deadline import Watchdog
 from relay.listener import Listener
@@ -13,6 +14,9 @@ from relay.publisher import AmqpPublisher
 from relay.relay import Relay
 from relay.settings import RelaySettings
 from relay.store import Store, create_engine
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 
 def build_store(settings: RelaySettings, *, watchdog: Watchdog | None = None) -> Store:
@@ -25,7 +29,13 @@ def build_store(settings: RelaySettings, *, watchdog: Watchdog | None = None) ->
     return Store(engine, settings.outbox(), db_timeout=settings.db_timeout, watchdog=watchdog)
 
 
-def build_relay(settings: RelaySettings, *, metrics: Metrics | None = None) -> Relay:
+def build_relay(
+    settings: RelaySettings,
+    *,
+    metrics: Metrics | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> Relay:
+    """`tracer_provider`: for the relay's PRODUCER spans; the global one when None."""
     store = build_store(settings, watchdog=Watchdog())
 
     def publisher(sink: Sink) -> AmqpPublisher:
@@ -50,4 +60,11 @@ def build_relay(settings: RelaySettings, *, metrics: Metrics | None = None) -> R
                 application_name=f"outbox-relay:{settings.name}:listen",
             )
 
-    return Relay(settings, store, publisher, listener_factory=listener, metrics=metrics)
+    return Relay(
+        settings,
+        store,
+        publisher,
+        listener_factory=listener,
+        metrics=metrics,
+        tracer_provider=tracer_provider,
+    )
