@@ -21,6 +21,9 @@ each aggregate a flush inserts, updates or deletes, in any session. If the aggre
 recorded events and the session's `install()` hook did not take charge of them (in
 `before_flush`, which runs first), the flush fails with `NotInstalledError` naming
 `outbox.install`, before anything is committed.
+
+With OpenTelemetry in use, each event stores the trace context current at `record()` (not at
+the flush, which may run later, e.g. at a commit outside the span that did the work).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import dataclasses
 import itertools
 import sys
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
@@ -40,6 +44,7 @@ from outbox.domain import record_args
 from outbox.errors import NotInstalledError, OutboxError
 from outbox.event import Event
 from outbox.schema import Outbox
+from outbox.tracing import current_trace_headers, with_trace_headers
 from outbox.writer import DEFAULT_OUTBOX, event_rows, insert_rows
 
 _PENDING_ATTR = "_outbox_pending_events"
@@ -63,6 +68,7 @@ class _Recorded:
     event: Event
     # Set when the event is to be attributed to its aggregate at flush (its id was not known).
     attribute_to: str | None = None
+    trace: Mapping[str, str] = dataclasses.field(default_factory=dict)  # see the docstring
 
 
 class AggregateRoot:
@@ -99,7 +105,7 @@ class AggregateRoot:
             raise OutboxError(f"record() takes an Event or a type, got {type(event).__name__}")
         elif event.aggregate_type is None and event.key is None:
             attribute_to = self.aggregate_type()
-        recorded = _Recorded(next(_tickets), event, attribute_to)
+        recorded = _Recorded(next(_tickets), event, attribute_to, current_trace_headers())
         self.__dict__.setdefault(_PENDING_ATTR, []).append(recorded)
         session = object_session(self)
         if session is not None:
@@ -135,7 +141,7 @@ class AggregateRoot:
             event = r.event
             if r.attribute_to is not None and aggregate_id is not None:
                 event = event.with_aggregate(r.attribute_to, aggregate_id)
-            taken.append((r.ticket, event))
+            taken.append((r.ticket, with_trace_headers(event, r.trace)))
         return taken
 
     def _outbox_discard_events(self) -> None:
@@ -286,7 +292,7 @@ class _Hooks:
             taken.extend(aggregate._outbox_take_events())
         seen.clear()
         taken.sort(key=lambda ticket_event: ticket_event[0])  # record() order
-        rows = event_rows(event for _, event in taken)
+        rows = event_rows((event for _, event in taken), trace={})  # traced at record()
         insert_rows(
             session.connection(bind_arguments={"clause": self.outbox.events}), self.outbox, rows
         )

@@ -2,13 +2,17 @@
 
 The writer never opens a connection and never commits: the events become visible to the relay
 exactly when the caller's transaction commits, and vanish with it on rollback.
+
+With OpenTelemetry in use, each event also stores the trace context current at `write()` in
+its headers (`traceparent`, `tracestate`; see outbox/tracing.py). That is part of the same
+row, so it changes nothing about the transaction: still one INSERT on the caller's connection.
 """
 
 from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -20,6 +24,7 @@ from outbox.encoding import encode_headers, encode_json
 from outbox.errors import ClosedBindError, InvalidEventError, UnsupportedBindError
 from outbox.event import Event
 from outbox.schema import Outbox
+from outbox.tracing import current_trace_headers, merged_headers
 
 if TYPE_CHECKING:
     # Imported lazily at run time: sqlalchemy.ext.asyncio needs greenlet (the `asyncio` extra).
@@ -29,8 +34,17 @@ DEFAULT_OUTBOX = Outbox()
 """The table named "outbox" in the default schema, on a MetaData of its own."""
 
 
-def event_rows(events: Iterable[Event]) -> list[dict[str, Any]]:
-    """Encode every event, or raise before anything reaches the database."""
+def event_rows(
+    events: Iterable[Event], *, trace: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Encode every event, or raise before anything reaches the database.
+
+    `trace`: headers of the current trace context to add to every event that has none
+    (`outbox.tracing.current_trace_headers()` unless given; aggregates pass `{}` because their
+    events carry the context of their `record()` already).
+    """
+    if trace is None:
+        trace = current_trace_headers()
     rows = []
     for event in events:
         event = as_event(event)  # a typed domain event (outbox.domain) becomes an Event
@@ -49,7 +63,7 @@ def event_rows(events: Iterable[Event]) -> list[dict[str, Any]]:
                 "correlation_id": event.correlation_id,
                 "version": event.version,
                 "payload": encode_json(event.payload, what=f"payload of {event.type} event"),
-                "headers": encode_headers(event.headers),
+                "headers": encode_headers(merged_headers(event.headers, trace)),
                 "occurred_at": event.occurred_at,
             }
         )

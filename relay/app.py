@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from relay.deadline import Watchdog
 from relay.listener import Listener
@@ -15,6 +16,9 @@ from relay.publisher import AmqpPublisher
 from relay.relay import Mail, Relay
 from relay.settings import RelaySettings
 from relay.store import Store, create_engine
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 
 def build_store(settings: RelaySettings, *, watchdog: Watchdog | None = None) -> Store:
@@ -27,7 +31,13 @@ def build_store(settings: RelaySettings, *, watchdog: Watchdog | None = None) ->
     return Store(engine, settings.outbox(), db_timeout=settings.db_timeout, watchdog=watchdog)
 
 
-def build_relay(settings: RelaySettings, *, metrics: Metrics | None = None) -> Relay:
+def build_relay(
+    settings: RelaySettings,
+    *,
+    metrics: Metrics | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> Relay:
+    """`tracer_provider`: for the relay's PRODUCER spans; the global one when None."""
     store = build_store(settings, watchdog=Watchdog())
     # One loop, run by the relay's thread while it waits, carries the broker connection:
     # confirms are handled where they are read (relay/mailbox.py says why).
@@ -63,4 +73,5 @@ def build_relay(settings: RelaySettings, *, metrics: Metrics | None = None) -> R
         listener_factory=listener,
         metrics=metrics,
         mailbox=mailbox,
+        tracer_provider=tracer_provider,
     )

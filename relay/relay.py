@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from relay.backoff import backoff_delay
 from relay.claim_pacing import ClaimPacer
@@ -36,7 +36,11 @@ from relay.results import PendingResults, ResultBatch
 from relay.sequencer import Sequencer
 from relay.settings import RelaySettings
 from relay.store import Store
+from relay.tracing import PublishSpans
 from relay.worker import Completion, ThreadWorker, Worker
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger("relay")
 
@@ -94,6 +98,7 @@ class Relay:
         rng: random.Random | None = None,
         worker_factory: Callable[[Callable[[Completion], None]], Worker] = ThreadWorker,
         mailbox: Mailbox[Mail] | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -128,6 +133,7 @@ class Relay:
         self._fatal: BaseException | None = None
         self._report = StepReport()
         self._dead_letters = DeadLetterLog(log, monotonic)
+        self._spans = PublishSpans(tracer_provider)  # OpenTelemetry, when installed
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -278,6 +284,7 @@ class Relay:
                 self._broker_status(event)
 
     def _outcome(self, outcome: PublishOutcome) -> None:
+        self._spans.settled(outcome)
         report = self._report
         sent_at = self._published_at.pop(outcome.tag, None)
         if outcome.outcome is Outcome.CONFIRMED:
@@ -476,7 +483,9 @@ class Relay:
         now = self._monotonic()
         for event in events:
             self._published_at[event.seq] = now
-        self.publisher.publish([event.message(self.settings.exchange) for event in events])
+        messages = [event.message(self.settings.exchange) for event in events]
+        self._spans.published(messages)
+        self.publisher.publish(messages)
         self._report.published += len(events)
 
     def _submit_renewal(self) -> None:

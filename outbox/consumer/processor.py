@@ -29,7 +29,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -48,8 +48,12 @@ from outbox.consumer.schema import (
     KeyState,
     ParkedMessage,
 )
+from outbox.consumer.tracing import ProcessSpans
 from outbox.decoding import PayloadDecodeError
 from outbox.domain import DomainEventError
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger("outbox.consumer")
 
@@ -122,24 +126,33 @@ class Processor:
         policy: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         on_result: ResultHook | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
+        """`tracer_provider`: for the CONSUMER spans around each message (OpenTelemetry, when
+        installed); the global one when None."""
         self.handlers = handlers
         self.sessions = sessions
         self.policy = policy or RetryPolicy()
         self.sleep = sleep
         self.on_result = on_result
         self.statements = InboxStatements(handlers.inbox, handlers.name)
+        self._spans = ProcessSpans(handlers.name, tracer_provider)
 
     # -- live messages ---------------------------------------------------------------------
 
-    def process(self, message: Message) -> Result:
+    def process(self, message: Message, *, queue: str | None = None) -> Result:
         """Apply, skip or park `message`; when this returns, the caller may ack it.
 
         Raises InboxUnavailableError when the database connection fails: do not ack then.
+        `queue` (the queue it came from) names its trace span.
         """
         started = time.perf_counter()
-        with _outages(f"{_describe_message(message)} was in hand"):
+        with (
+            self._spans.process(message, queue=queue) as note,
+            _outages(f"{_describe_message(message)} was in hand"),
+        ):
             result = self._run(message, None)
+            note(result)
         if result.outcome is Outcome.DUPLICATE:
             # Rare (a redelivery after a crash, a relay duplicate) and worth seeing.
             log.info(
@@ -362,7 +375,9 @@ class Processor:
 
     def _replay_one(self, row: ParkedMessage) -> int:
         started = time.perf_counter()
-        result = self._run(row.message, row)
+        with self._spans.process(row.message) as note:
+            result = self._run(row.message, row)
+            note(result)
         if self.on_result is not None:
             self.on_result(row.message, result, time.perf_counter() - started)
         if result.outcome is Outcome.PARKED:

@@ -71,6 +71,7 @@ class ConsumerSettings:
 class _Delivery:
     tag: int
     message: Message
+    queue: str | None  # names the message's trace span
 
 
 class Consumer:
@@ -115,6 +116,7 @@ class Consumer:
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._buffer: collections.deque[_Delivery] = collections.deque()
+        self._queue_of: dict[str, str] = {}  # consumer tag -> queue
         self._next_housekeeping = 0.0
         self._next_cleanup = 0.0
         self._next_depth = 0.0
@@ -131,8 +133,10 @@ class Consumer:
             channel = connection.channel()
             self.topology.declare(channel)
             channel.basic_qos(prefetch_count=1)
-            for queue in self.queues:
-                channel.basic_consume(queue, self._on_message, auto_ack=False)
+            self._queue_of = {
+                channel.basic_consume(queue, self._on_message, auto_ack=False): queue
+                for queue in self.queues
+            }
         except BrokerConfigError:
             _close_quietly(connection)
             raise
@@ -182,7 +186,7 @@ class Consumer:
             done = 0
             while self._buffer and not self._stop.is_set():
                 delivery = self._buffer.popleft()
-                result = self.processor.process(delivery.message)
+                result = self.processor.process(delivery.message, queue=delivery.queue)
                 if self.before_ack is not None:
                     self.before_ack(delivery.message, result)
                 self._channel.basic_ack(delivery.tag)
@@ -233,7 +237,8 @@ class Consumer:
             routing_key=method.routing_key,
         )
         assert method.delivery_tag is not None
-        self._buffer.append(_Delivery(tag=method.delivery_tag, message=message))
+        queue = self._queue_of.get(method.consumer_tag or "")
+        self._buffer.append(_Delivery(tag=method.delivery_tag, message=message, queue=queue))
 
     def _housekeeping(self) -> None:
         if not self.housekeeping:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -66,9 +67,11 @@ def drain_distinct(tap: QueueTap, count: int, timeout: float) -> list[Delivery]:
 
 
 @contextlib.contextmanager
-def relay_thread(settings: RelaySettings) -> Iterator[Relay]:
-    """A relay running in a thread; stopped gracefully (and checked) on exit."""
-    relay = build_relay(settings)
+def relay_thread(settings: RelaySettings, **build: Any) -> Iterator[Relay]:
+    """A relay running in a thread; stopped gracefully (and checked) on exit.
+
+    `build`: keyword arguments of `build_relay()` (metrics, tracer_provider)."""
+    relay = build_relay(settings, **build)
     errors: list[BaseException] = []
 
     def run() -> None:

@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
@@ -21,6 +22,9 @@ from relay.store import Store
 from relay.worker import Completion, Done, InlineWorker, Worker
 
 from .fakes import FakePublisher
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 
 class Clock:
@@ -46,6 +50,7 @@ class Harness:
         self,
         tmp_path: Path,
         worker: Callable[[Callable[[Completion], None]], object] | None = None,
+        tracer_provider: TracerProvider | None = None,
         **overrides: object,
     ) -> None:
         self.engine = sa.create_engine(f"sqlite:///{tmp_path}/relay.db")
@@ -69,6 +74,7 @@ class Harness:
             monotonic=self.clock.monotonic,
             rng=random.Random(1),
             worker_factory=self._make_worker,
+            tracer_provider=tracer_provider,
         )
         self.publisher: FakePublisher = self.relay.publisher  # type: ignore[assignment]
         self.relay.start()
