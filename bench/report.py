@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-PASS = "PASS"
-MISS = "MISS"
-FAIL = "FAIL"
-NOT_RUN = "n/a"
+from bench.tables import FAIL, MISS, NOT_RUN, PASS
+from bench.tables import ms as _ms
+from bench.tables import num as _num
+from bench.tables import ratio as _ratio
+from bench.tables import table as _table
+from bench.tables import target as _target
+
+__all__ = ["FAIL", "MISS", "NOT_RUN", "PASS", "render", "targets"]
 
 THROUGHPUT_KEYS = 100
 THROUGHPUT_MIN_RATIO = 0.8
@@ -128,16 +132,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def _target(name: str, goal: str, value: float | None, ok: bool | None, fmt: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "goal": goal,
-        "value": value,
-        "shown": "-" if value is None else fmt.format(value),
-        "status": NOT_RUN if ok is None else PASS if ok else MISS,
-    }
 
 
 def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -345,29 +339,3 @@ def _writer(result: dict[str, Any]) -> list[str]:
             ],
         ),
     ]
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}"
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  " + "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
