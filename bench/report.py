@@ -1,10 +1,12 @@
-"""The targets of issue 6 and the tables printed at the end of a benchmark run."""
+"""The targets of issue 6 (and issue 15's, in `bench.peer_report`) and the tables printed at
+the end of a benchmark run."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from bench import peer_report
 from bench.tables import FAIL, MISS, NOT_RUN, PASS
 from bench.tables import ms as _ms
 from bench.tables import num as _num
@@ -112,10 +114,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "{:.3f}",
         )
     )
+    rows += peer_report.targets(results.get("peer"))
     checked: list[dict[str, Any]] = []
     if "throughput" in results:
         checked += [row["correctness"] for row in results["throughput"]["per_keys"]]
     checked += [results[name]["correctness"] for name in ("latency", "backlog") if name in results]
+    if "peer" in results:
+        checked.append(results["peer"]["correctness"]["ours"])
     if checked:
         bad = {
             kind: sum(c.get(kind, 0) for c in checked)
@@ -146,6 +151,8 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += _writer(results["writer"])
     if "claims" in results:
         lines += _claims(results["claims"])
+    if "peer" in results:
+        lines += peer_report.render(results["peer"])
     lines += ["", "Targets"]
     lines += _table(
         ["target", "goal", "measured", "status"],
