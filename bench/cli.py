@@ -26,7 +26,7 @@ from typing import Any
 import pika.exceptions
 import sqlalchemy as sa
 
-from bench import backlog, claims, latency, report, throughput, writer_cost
+from bench import backlog, claims, latency, peer, report, throughput, writer_cost
 from bench.baseline import BaselineError
 from bench.config import BENCHMARKS, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, BenchConfig
 from relay.demo import ensure_database
@@ -44,6 +44,7 @@ RUNNERS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
     "backlog": backlog.run,
     "writer": writer_cost.run,
     "claims": claims.run,
+    "peer": peer.run,
 }
 
 
@@ -110,6 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     selected = [name for name in BENCHMARKS if not args.only or name in args.only]
+    unavailable = peer.missing_extra()
+    if "peer" in selected and unavailable is not None:
+        if args.only:
+            print(f"error: {unavailable}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"note: peer benchmark skipped: {unavailable}", file=sys.stderr)
+        selected.remove("peer")
     started_at = dt.datetime.now(dt.UTC)
     started = time.monotonic()
     loadavg_start = os.getloadavg()

@@ -9,7 +9,7 @@ from relay.urls import mask_url
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://root@127.0.0.1:5432/outbox_bench"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-BENCHMARKS = ("throughput", "latency", "backlog", "writer", "claims")
+BENCHMARKS = ("throughput", "latency", "backlog", "writer", "claims", "peer")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +52,13 @@ class BenchConfig:
     claim_backlog: int = 100_000
     claim_keys: int = 20_000
     claim_seconds: float = 3.0
+    # -- peer: ours against txoutbox, both relays in processes of their own ----------------
+    peer_rates: tuple[int, ...] = (200, 600)
+    peer_seconds: float = 10.0  # of writing, per latency run
+    peer_warmup: float = 1.0
+    peer_writers: int = 4
+    peer_keys: int = 100
+    peer_backlog: int = 20_000
 
     def __post_init__(self) -> None:
         if self.repeat < 1:
@@ -60,6 +67,8 @@ class BenchConfig:
             raise ValueError(f"-n must be 1 or more, got {self.n}")
         if not self.keys or min(self.keys) < 1:
             raise ValueError(f"--keys must be 1 or more, got {', '.join(map(str, self.keys))}")
+        if self.peer_writers < 1 or self.peer_keys < self.peer_writers:
+            raise ValueError("the peer benchmark needs 1 or more writers and a key for each")
         if self.backlog_small_rows < self.backlog_pending:
             raise ValueError("the small backlog table must hold at least the pending events")
         if self.backlog_big_rows < self.backlog_pending:
@@ -88,6 +97,10 @@ class BenchConfig:
             "claim_keys": 1000,
             "claim_seconds": 0.5,
             "claimers": (1, 2),
+            "peer_rates": (200,),
+            "peer_seconds": 1.5,
+            "peer_warmup": 0.3,
+            "peer_backlog": 500,
         }
         quick.update(changes)
         return cls(**quick)

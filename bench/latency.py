@@ -113,7 +113,7 @@ def _one_run(config: BenchConfig, repeat: int) -> dict[str, Any]:
         with (
             temporary_outbox(engine, "bench_lat") as box,
             BenchQueue(config.amqp_url, "bench-lat") as queue,
-            _consumer(ctx, config.amqp_url, queue.queue) as collect,
+            arrivals_consumer(ctx, config.amqp_url, queue.queue) as collect,
         ):
             settings = relay_settings(config.database_url, config.amqp_url, box, queue.exchange)
             rates: list[dict[str, Any]] = []
@@ -319,13 +319,13 @@ def _write_at_rate(
             pipes.append(parent)
             processes.append(process)
         for pipe in pipes:
-            _expect(pipe, "ready", READY_TIMEOUT)
+            expect(pipe, "ready", READY_TIMEOUT)
         start_at = time.monotonic() + 0.2
         for pipe in pipes:
             pipe.send(start_at)
         records: list[CommitRecord] = []
         for pipe in pipes:
-            records.extend(_receive(pipe, config.latency_seconds * 5 + READY_TIMEOUT))
+            records.extend(receive(pipe, config.latency_seconds * 5 + READY_TIMEOUT))
         return records
     finally:
         for process in processes:
@@ -378,7 +378,7 @@ def _writer_process(
 
 
 @contextlib.contextmanager
-def _consumer(
+def arrivals_consumer(
     ctx: SpawnContext, amqp_url: str, queue: str
 ) -> Iterator[Callable[[], list[Arrival]]]:
     """A consumer process on `queue`; yields a function that stops it and returns arrivals."""
@@ -395,11 +395,11 @@ def _consumer(
     def collect() -> list[Arrival]:
         if not result:
             stop.set()
-            result.append(_receive(parent, READY_TIMEOUT))
+            result.append(receive(parent, READY_TIMEOUT))
         return result[0]
 
     try:
-        _expect(parent, "ready", READY_TIMEOUT)
+        expect(parent, "ready", READY_TIMEOUT)
         yield collect
     finally:
         stop.set()
@@ -445,13 +445,13 @@ def _consumer_process(
         raise
 
 
-def _expect(pipe: multiprocessing.connection.Connection, what: str, timeout: float) -> None:
-    message = _receive(pipe, timeout)
+def expect(pipe: multiprocessing.connection.Connection, what: str, timeout: float) -> None:
+    message = receive(pipe, timeout)
     if message != what:
         raise RuntimeError(f"child process sent {message!r}, expected {what!r}")
 
 
-def _receive(pipe: multiprocessing.connection.Connection, timeout: float) -> Any:
+def receive(pipe: multiprocessing.connection.Connection, timeout: float) -> Any:
     if not pipe.poll(timeout):
         raise RuntimeError(f"no answer from a child process within {timeout:.0f} s")
     message = pipe.recv()

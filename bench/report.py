@@ -1,14 +1,20 @@
-"""The targets of issue 6 and the tables printed at the end of a benchmark run."""
+"""The targets of issue 6 (and issue 15's, in `bench.peer_report`) and the tables printed at
+the end of a benchmark run."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-PASS = "PASS"
-MISS = "MISS"
-FAIL = "FAIL"
-NOT_RUN = "n/a"
+from bench import peer_report
+from bench.tables import FAIL, MISS, NOT_RUN, PASS
+from bench.tables import ms as _ms
+from bench.tables import num as _num
+from bench.tables import ratio as _ratio
+from bench.tables import table as _table
+from bench.tables import target as _target
+
+__all__ = ["FAIL", "MISS", "NOT_RUN", "PASS", "render", "targets"]
 
 THROUGHPUT_KEYS = 100
 THROUGHPUT_MIN_RATIO = 0.8
@@ -108,10 +114,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "{:.3f}",
         )
     )
+    rows += peer_report.targets(results.get("peer"))
     checked: list[dict[str, Any]] = []
     if "throughput" in results:
         checked += [row["correctness"] for row in results["throughput"]["per_keys"]]
     checked += [results[name]["correctness"] for name in ("latency", "backlog") if name in results]
+    if "peer" in results:
+        checked.append(results["peer"]["correctness"]["ours"])
     if checked:
         bad = {
             kind: sum(c.get(kind, 0) for c in checked)
@@ -130,16 +139,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _target(name: str, goal: str, value: float | None, ok: bool | None, fmt: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "goal": goal,
-        "value": value,
-        "shown": "-" if value is None else fmt.format(value),
-        "status": NOT_RUN if ok is None else PASS if ok else MISS,
-    }
-
-
 def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines: list[str] = []
     if "throughput" in results:
@@ -152,6 +151,8 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += _writer(results["writer"])
     if "claims" in results:
         lines += _claims(results["claims"])
+    if "peer" in results:
+        lines += peer_report.render(results["peer"])
     lines += ["", "Targets"]
     lines += _table(
         ["target", "goal", "measured", "status"],
@@ -345,29 +346,3 @@ def _writer(result: dict[str, Any]) -> list[str]:
             ],
         ),
     ]
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}"
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  " + "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
