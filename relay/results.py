@@ -56,11 +56,10 @@ class ResultBatch:
         Order matters: a key is freed only after its events' marks are written, or the next
         claim of the key would publish them again."""
         fenced = 0
-        for token in list(self.acked):
-            seqs = self.acked[token]
-            owned = store.mark_published(token, seqs, now=now, delete=delete, relay=relay)
-            fenced += len(seqs) - owned
-            del self.acked[token]
+        if self.acked:
+            owned = store.mark_published(self.acked, now=now, delete=delete, relay=relay)
+            fenced += sum(len(seqs) for seqs in self.acked.values()) - owned
+            self.acked.clear()
         for token in list(self.failures):
             items = self.failures[token]
             recorded = store.record_failures(token, items, relay=relay, now=now, hold_key=hold_key)
@@ -69,9 +68,9 @@ class ResultBatch:
         for token in list(self.releases):
             store.release(token, self.releases[token], now=now)
             del self.releases[token]
-        for token in list(self.freed):
-            store.free_keys(token, self.freed[token], now=now)
-            del self.freed[token]
+        if self.freed:
+            store.free_keys(self.freed, now=now)
+            self.freed.clear()
         return fenced
 
 

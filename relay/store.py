@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -105,11 +106,13 @@ class Store:
         except sa.exc.DBAPIError as exc:
             raise translate_db_error(exc) from exc
 
-    def _execute_alone(self, statement: sa.Executable) -> sa.CursorResult[Any]:
+    def _execute_alone(
+        self, statement: sa.Executable, parameters: Mapping[str, Any] | None = None
+    ) -> sa.CursorResult[Any]:
         """A single statement in autocommit: one round trip, no BEGIN and COMMIT."""
         try:
             with self._autocommit.connect() as conn, self._deadline(conn):
-                return conn.execute(statement)
+                return conn.execute(statement, parameters)
         except sa.exc.DBAPIError as exc:
             raise translate_db_error(exc) from exc
 
@@ -172,16 +175,17 @@ class Store:
         with self.transaction() as conn:
             keys = self._lock_ready_keys(conn, limit=limit, now=now)
             if self._postgres:
-                statement = self._claim_statement(
-                    keys,
-                    token=token,
-                    owner=owner,
-                    limit=limit,
-                    run_length=run_length,
-                    lease_until=lease_until,
-                    now=now,
-                )
-                rows = list(conn.execute(statement).mappings())
+                parameters = {
+                    "keys": keys,
+                    "token": token,
+                    "owner": owner,
+                    "limit": limit,
+                    "keyless_limit": max(1, limit // 2),
+                    "run_length": run_length,
+                    "lease_until": lease_until,
+                    "now": now,
+                }
+                rows = self._read_and_lease(conn, parameters)
             else:
                 rows = self._claim_sqlite(
                     conn,
@@ -215,8 +219,11 @@ class Store:
             lease_until=lease_until,
         )
 
-    def _ready_now(self, now: dt.datetime) -> sa.ColumnElement[Any]:
-        """The relay's clock, as leases and retry times are set with it (hosts need NTP)."""
+    def _ready_now(self, now: dt.datetime | None = None) -> sa.ColumnElement[Any]:
+        """The relay's clock, as leases and retry times are set with it (hosts need NTP).
+        Without `now`, the parameter `now` of a statement built once."""
+        if now is None:
+            return sa.bindparam("now", type_=sa.DateTime(timezone=True))
         return sa.bindparam(None, now, type_=sa.DateTime(timezone=True))
 
     def _lock_ready_keys(self, conn: Connection, *, limit: int, now: dt.datetime) -> list[str]:
@@ -231,28 +238,24 @@ class Store:
             query = query.with_for_update(skip_locked=True)
         return list(conn.scalars(query))
 
-    def _claim_statement(
-        self,
-        keys: Sequence[str],
-        *,
-        token: uuid.UUID,
-        owner: str,
-        limit: int,
-        run_length: int,
-        lease_until: dt.datetime,
-        now: dt.datetime,
-    ) -> sa.Select[Any]:
+    def _read_and_lease(self, conn: Connection, parameters: dict[str, Any]) -> list[RowMapping]:
+        """The claim's second statement (PostgreSQL), after the keys are locked."""
+        return list(conn.execute(self._claim_statement, parameters).mappings())
+
+    @functools.cached_property
+    def _claim_statement(self) -> sa.Select[Any]:
         """PostgreSQL: one statement (one snapshot, one round trip) that leases events without
-        a key (up to half of `limit`), reads each locked key's first pending rows (at most
+        a key (up to `keyless_limit`), reads each locked key's first pending rows (at most
         `run_length`, keys in the order they were locked, `limit` rows in all) and leases the
         keys that gave rows. Every read goes by index, in index order: no bitmap scan, which
-        would visit every dead index entry that published rows leave until vacuum runs."""
+        would visit every dead index entry that published rows leave until vacuum runs.
+
+        Built once, with its values as parameters: building a statement this size (and
+        SQLAlchemy's column collections for it) cost more CPU than the rest of a claim."""
         t, k = self.outbox.events, self.outbox.keys
-        keyless = self._lease_keyless(
-            token=token, owner=owner, limit=limit, lease_until=lease_until, now=now
-        ).cte("keyless")
+        keyless = self._lease_keyless.cte("keyless")
         picked = (
-            sa.func.unnest(sa.bindparam("keys", list(keys), type_=postgresql.ARRAY(sa.Text())))
+            sa.func.unnest(sa.bindparam("keys", type_=postgresql.ARRAY(sa.Text())))
             .table_valued("key", with_ordinality="ord")
             .render_derived()
         )
@@ -264,10 +267,14 @@ class Store:
             # 100,000 events made each small key's read walk 100,000 rows).
             .where(t.c.key >= picked.c.key, t.c.key <= picked.c.key, t.c.status == PENDING)
             .order_by(t.c.key, t.c.seq)
-            .limit(run_length)
+            .limit(sa.bindparam("run_length", type_=sa.Integer()))
             .lateral("first_rows")
         )
-        room = sa.select(limit - sa.func.count()).select_from(keyless).scalar_subquery()
+        room = (
+            sa.select(sa.bindparam("limit", type_=sa.Integer()) - sa.func.count())
+            .select_from(keyless)
+            .scalar_subquery()
+        )
         keyed = (
             sa.select(first_rows)
             .select_from(picked)
@@ -279,7 +286,11 @@ class Store:
         leased = (
             sa.update(k)
             .where(k.c.key.in_(sa.select(keyed.c.key)))
-            .values(lease_token=token, leased_by=owner, available_at=lease_until)
+            .values(
+                lease_token=sa.bindparam("token", type_=k.c.lease_token.type),
+                leased_by=sa.bindparam("owner", type_=k.c.leased_by.type),
+                available_at=sa.bindparam("lease_until", type_=k.c.available_at.type),
+            )
             .returning(k.c.key)
             .cte("leased")
         )
@@ -306,10 +317,14 @@ class Store:
         """The same claim in several statements: SQLite has one writer (one relay) and a
         transaction's reads share one snapshot anyway."""
         t, k = self.outbox.events, self.outbox.keys
-        keyless = self._lease_keyless(
-            token=token, owner=owner, limit=limit, lease_until=lease_until, now=now
-        )
-        rows = list(conn.execute(keyless).mappings())
+        keyless = {
+            "token": token,
+            "owner": owner,
+            "keyless_limit": max(1, limit // 2),
+            "lease_until": lease_until,
+            "now": now,
+        }
+        rows = list(conn.execute(self._lease_keyless, keyless).mappings())
         leased: list[str] = []
         for key in keys:
             if len(rows) >= limit:
@@ -332,39 +347,39 @@ class Store:
             )
         return rows
 
-    def _lease_keyless(
-        self,
-        *,
-        token: uuid.UUID,
-        owner: str,
-        limit: int,
-        lease_until: dt.datetime,
-        now: dt.datetime,
-    ) -> sa.Update:
-        """Lease free events without a key (they keep no order), up to half of `limit`, so
-        that keyed events can never crowd them out nor they the keys."""
+    @functools.cached_property
+    def _lease_keyless(self) -> sa.Update:
+        """Lease free events without a key (they keep no order), up to `keyless_limit` (half
+        a claim), so that keyed events can never crowd them out nor they the keys. Parameters:
+        token, owner, keyless_limit, lease_until, now."""
         t = self.outbox.events
         free = (
             sa.select(t.c.seq)
-            .where(t.c.key.is_(None), t.c.status == PENDING, *self._row_free(now))
+            .where(t.c.key.is_(None), t.c.status == PENDING, *self._row_free())
             .order_by(t.c.seq)
-            .limit(max(1, limit // 2))
+            .limit(sa.bindparam("keyless_limit", type_=sa.Integer()))
         )
         if self._postgres:
             free = free.with_for_update(skip_locked=True)
         return (
             sa.update(t)
             .where(t.c.seq.in_(free.scalar_subquery()))
-            .values(claim_token=token, claimed_by=owner, lease_until=lease_until)
+            .values(
+                claim_token=sa.bindparam("token", type_=t.c.claim_token.type),
+                claimed_by=sa.bindparam("owner", type_=t.c.claimed_by.type),
+                lease_until=sa.bindparam("lease_until", type_=t.c.lease_until.type),
+            )
             .returning(*t.c)
         )
 
-    def _row_free(self, now: dt.datetime) -> tuple[sa.ColumnElement[bool], ...]:
-        """An event without a key that no relay holds and that is not waiting for a retry."""
+    def _row_free(self, now: dt.datetime | None = None) -> tuple[sa.ColumnElement[bool], ...]:
+        """An event without a key that no relay holds and that is not waiting for a retry
+        (at `now`, or at the parameter `now`)."""
         t = self.outbox.events
+        at = self._ready_now(now)
         return (
-            sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now),
-            sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= now),
+            sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= at),
+            sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= at),
         )
 
     def _drop_empty_keys(
@@ -438,36 +453,102 @@ class Store:
 
     def mark_published(
         self,
-        token: uuid.UUID,
-        seqs: Collection[int],
+        acked: Mapping[uuid.UUID, Collection[int]],
         *,
         now: dt.datetime,
         delete: bool,
         relay: str | None = None,
     ) -> int:
-        """Record confirmed rows; returns how many this claim still owned. The only write to
-        an event row between its insert and its deletion by the retention purge."""
-        if not seqs:
+        """Record confirmed rows (`seq`s by the token of the claim that leased them), in one
+        statement whatever the number of claims; returns how many rows their claims still
+        owned. The only write to an event row between its insert and its deletion by the
+        retention purge."""
+        pairs = [(seq, token) for token, seqs in acked.items() for seq in seqs]
+        if not pairs:
             return 0
+        if not self._postgres:
+            with self.transaction() as conn:
+                return sum(
+                    int(conn.execute(self._mark_one(token, seqs, now, delete, relay)).rowcount)
+                    for token, seqs in acked.items()
+                    if seqs
+                )
+        parameters = {
+            "seqs": [seq for seq, _ in pairs],
+            "tokens": [token for _, token in pairs],
+            "now": now,
+            "relay": relay,
+        }
+        statement = self._delete_published if delete else self._mark_published
+        return int(self._execute_alone(statement, parameters).rowcount)
+
+    def _mark_one(
+        self,
+        token: uuid.UUID,
+        seqs: Collection[int],
+        now: dt.datetime,
+        delete: bool,
+        relay: str | None,
+    ) -> sa.Delete | sa.Update:
+        """SQLite: the rows `seqs` of one claim, if it still owns them."""
         t = self.outbox.events
         owned = [self._one_of(t.c.seq, seqs), t.c.status == PENDING, self._owned(token, seqs)]
-        statement: sa.Delete | sa.Update
         if delete:
-            statement = sa.delete(t).where(*owned)
-        else:
-            statement = (
-                sa.update(t)
-                .where(*owned)
-                .values(
-                    status=PUBLISHED,
-                    published_at=now,
-                    claimed_by=relay,
-                    claim_token=None,
-                    lease_until=None,
-                    next_attempt_at=None,
-                )
+            return sa.delete(t).where(*owned)
+        return sa.update(t).where(*owned).values(self._published_values(now, relay))
+
+    def _published_values(self, now: Any, relay: Any) -> dict[str, Any]:
+        return {
+            "status": PUBLISHED,
+            "published_at": now,
+            "claimed_by": relay,
+            "claim_token": None,
+            "lease_until": None,
+            "next_attempt_at": None,
+        }
+
+    def _confirmed_rows(self) -> sa.ColumnElement[bool]:
+        """PostgreSQL: "the row is one of the pairs (seq, token) of the parameters `seqs` and
+        `tokens`, and that claim still owns it": its own lease (no key) or its key's.
+
+        The key rows are read with `FOR SHARE`: a takeover in progress (another relay's claim
+        has locked the key and is leasing it) is waited for, and the key is then seen leased
+        by the other token (a locked read sees the row's newest version, not the statement's
+        snapshot). Read without a lock, the old lease would still show, and this write could
+        mark an event published under a claim that already holds it."""
+        t, k = self.outbox.events, self.outbox.keys
+        seqs = sa.bindparam("seqs", type_=postgresql.ARRAY(t.c.seq.type))
+        done = (
+            sa.func.unnest(
+                seqs, sa.bindparam("tokens", type_=postgresql.ARRAY(k.c.lease_token.type))
             )
-        return int(self._execute_alone(statement).rowcount)
+            .table_valued("seq", "token")
+            .render_derived()
+        )
+        confirmed = t.alias("confirmed")
+        leases = (
+            sa.select(k.c.key, k.c.lease_token)
+            .where(k.c.key.in_(sa.select(confirmed.c.key).where(confirmed.c.seq == sa.any_(seqs))))
+            .with_for_update(read=True)
+        )
+        return sa.and_(
+            t.c.seq == done.c.seq,
+            t.c.status == PENDING,
+            sa.or_(t.c.claim_token == done.c.token, sa.tuple_(t.c.key, done.c.token).in_(leases)),
+        )
+
+    @functools.cached_property
+    def _mark_published(self) -> sa.Update:
+        t = self.outbox.events
+        values = self._published_values(
+            sa.bindparam("now", type_=t.c.published_at.type),
+            sa.bindparam("relay", type_=t.c.claimed_by.type),
+        )
+        return sa.update(t).where(self._confirmed_rows()).values(values)
+
+    @functools.cached_property
+    def _delete_published(self) -> sa.Delete:
+        return sa.delete(self.outbox.events).where(self._confirmed_rows())
 
     def record_failures(
         self,
@@ -590,13 +671,46 @@ class Store:
                 self._free_keys(conn, token, keys, now=now or _utcnow())
         return len(rows)
 
-    def free_keys(self, token: uuid.UUID, keys: Collection[str], *, now: dt.datetime) -> int:
-        """End this claim's lease on `keys` (their runs are done); drained keys are deleted.
-        Returns how many keys the claim still held."""
-        if not keys:
+    def free_keys(self, freed: Mapping[uuid.UUID, Collection[str]], *, now: dt.datetime) -> int:
+        """End the leases of claims on keys (keys by the token of the claim that leased them:
+        their runs are done), in one transaction whatever the number of claims; drained keys
+        are deleted. Returns how many keys their claims still held."""
+        if not any(freed.values()):
             return 0
         with self.transaction() as conn:
-            return self._free_keys(conn, token, keys, now=now)
+            if not self._postgres:
+                return sum(
+                    self._free_keys(conn, token, keys, now=now) for token, keys in freed.items()
+                )
+            pairs = [(key, token) for token, keys in freed.items() for key in keys]
+            held = list(
+                conn.scalars(
+                    self._end_leases,
+                    {"keys": [key for key, _ in pairs], "tokens": [token for _, token in pairs]},
+                )
+            )
+            self._drop_empty_keys(conn, held, now=now)
+            return len(held)
+
+    @functools.cached_property
+    def _end_leases(self) -> sa.Update:
+        """PostgreSQL: end the lease of each key of the parameter `keys` that the claim of the
+        same place in `tokens` still holds; returns those keys."""
+        k = self.outbox.keys
+        ending = (
+            sa.func.unnest(
+                sa.bindparam("keys", type_=postgresql.ARRAY(k.c.key.type)),
+                sa.bindparam("tokens", type_=postgresql.ARRAY(k.c.lease_token.type)),
+            )
+            .table_valued("key", "token")
+            .render_derived()
+        )
+        return (
+            sa.update(k)
+            .where(k.c.key == ending.c.key, k.c.lease_token == ending.c.token)
+            .values(lease_token=None, leased_by=None)
+            .returning(k.c.key)
+        )
 
     def _free_keys(
         self, conn: Connection, token: uuid.UUID, keys: Collection[str], *, now: dt.datetime

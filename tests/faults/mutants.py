@@ -220,7 +220,7 @@ class _MarkOnPublish:
                 by_token[token].append(message.tag)
         now = dt.datetime.now(dt.UTC)
         for token, seqs in by_token.items():
-            self.store.mark_published(token, seqs, now=now, delete=False)
+            self.store.mark_published({token: seqs}, now=now, delete=False)
         self._real.publish(messages)
 
 

@@ -43,10 +43,10 @@ LateWrite = Callable[[Store, Claim], int]
 
 LATE_WRITES: dict[str, LateWrite] = {
     "mark_published": lambda store, old: store.mark_published(
-        old.token, [e.seq for e in old.events], now=NOW, delete=False
+        {old.token: [e.seq for e in old.events]}, now=NOW, delete=False
     ),
     "mark_published_and_delete": lambda store, old: store.mark_published(
-        old.token, [e.seq for e in old.events], now=NOW, delete=True
+        {old.token: [e.seq for e in old.events]}, now=NOW, delete=True
     ),
     "record_failures_dead": lambda store, old: store.record_failures(
         old.token,
@@ -94,7 +94,7 @@ def test_a_lost_lease_cannot_overwrite_its_successor(
     # The successor's own writes land: two published, one retrying, and the fourth goes
     # back with its key (a failure ends the key's lease: the rest of the run waits behind it).
     head, second, third_row, fourth = (e for e in successor.events if e.key == "k")
-    assert store.mark_published(successor.token, [head.seq, second.seq], now=later, delete=False)
+    assert store.mark_published({successor.token: [head.seq, second.seq]}, now=later, delete=False)
     retry = Failure(event=third_row, error="refused", next_attempt_at=later)
     assert store.record_failures(successor.token, [retry], relay="successor", now=later) == 1
     assert store.release(successor.token, [fourth.seq]) == 0  # the key is no longer leased

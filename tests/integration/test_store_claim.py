@@ -123,8 +123,10 @@ def test_freed_keys_go_to_the_back_of_the_line(
     first = claim(store, limit=5, run_length=5)
     assert set(by_key(first)) == {"busy"}
     write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i}") for i in range(5)])
-    assert store.mark_published(first.token, [e.seq for e in first.events], now=now(), delete=False)
-    assert store.free_keys(first.token, {"busy"}, now=now()) == 1
+    assert store.mark_published(
+        {first.token: [e.seq for e in first.events]}, now=now(), delete=False
+    )
+    assert store.free_keys({first.token: {"busy"}}, now=now()) == 1
     second = claim(store, limit=5, run_length=5)
     assert set(by_key(second)) == {f"k{i}" for i in range(5)}
 
@@ -166,11 +168,11 @@ def test_an_expired_lease_is_taken_over_from_the_keys_first_pending_row(
     assert [e.seq for e in takeover.events] == pending_seqs(pg_engine, outbox_schema, "k")
     # The crashed relay's late writes are fenced off, every one of them.
     seqs = [e.seq for e in crashed.events]
-    assert store.mark_published(crashed.token, seqs, now=now(), delete=False) == 0
+    assert store.mark_published({crashed.token: seqs}, now=now(), delete=False) == 0
     failure = Failure(event=crashed.events[0], error="x", next_attempt_at=None)
     assert store.record_failures(crashed.token, [failure], relay="r", now=now()) == 0
     assert store.release(crashed.token, seqs) == 0
-    assert store.free_keys(crashed.token, {"k"}, now=now()) == 0
+    assert store.free_keys({crashed.token: {"k"}}, now=now()) == 0
     assert store.renew({crashed.token}, now() + dt.timedelta(minutes=1)) == set()
     assert store.renew({takeover.token}, now() + dt.timedelta(minutes=1)) == {takeover.token}
 
@@ -221,7 +223,7 @@ def test_claims_of_several_relays_overlap_in_time_and_take_disjoint_keys(
     statements); claim B runs to completion meanwhile and takes the other keys."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i}") for i in range(20)])
     a, b = (Store(pg_engine, outbox_schema, db_timeout=10) for _ in range(2))
-    pause = Paused(a, "_claim_statement")
+    pause = Paused(a, "_read_and_lease")
     join_a = pause.run(lambda: claim(a, limit=10, owner="a"))
     claim_b = claim(b, limit=100, owner="b")  # finishes while A is still inside its claim
     claim_a = join_a()
@@ -237,7 +239,7 @@ def test_a_late_writer_committing_inside_a_claim_keeps_the_key_a_gap_free_prefix
     read as part of one snapshot: what is leased is a prefix of the key's pending rows."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
     store = Store(pg_engine, outbox_schema, db_timeout=10)
-    pause = Paused(store, "_claim_statement")
+    pause = Paused(store, "_read_and_lease")
     join = pause.run(lambda: claim(store, run_length=10))
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k") for _ in range(3)])
     got = join()
@@ -256,7 +258,7 @@ def test_a_requeue_racing_a_claim_keeps_the_requeued_head_first(
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k") for _ in range(3)])
     write_events(pg_engine, outbox_schema, [Event(type="t", key="other")])
     admin = Admin(pg_engine, outbox_schema)
-    pause = Paused(store, "_claim_statement")
+    pause = Paused(store, "_read_and_lease")
     join = pause.run(lambda: claim(store))
     assert admin.requeue(admin.plan(Selector(everything=True))) == 1
     assert set(by_key(join())) == {"other"}
@@ -278,7 +280,7 @@ def test_a_purge_racing_a_claim_releases_the_key_at_its_next_row(
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k") for _ in range(3)])
     write_events(pg_engine, outbox_schema, [Event(type="t", key="other")])
     admin = Admin(pg_engine, outbox_schema)
-    pause = Paused(store, "_claim_statement")
+    pause = Paused(store, "_read_and_lease")
     join = pause.run(lambda: claim(store))
     assert admin.purge_dead(admin.plan(Selector(everything=True))) == 1
     assert set(by_key(join())) == {"other"}
@@ -314,7 +316,7 @@ def test_a_previous_owners_final_failure_racing_a_takeover_is_fenced(
         owner="old", limit=10, run_length=1, now=past, lease_until=past + dt.timedelta(seconds=1)
     )
     new = Store(pg_engine, outbox_schema, db_timeout=10)
-    pause = Paused(new, "_claim_statement")
+    pause = Paused(new, "_read_and_lease")
     join = pause.run(lambda: claim(new, run_length=10, owner="new"))
     recorded: list[int] = []
     failure = Failure(event=stale.events[0], error="unroutable", next_attempt_at=None)
@@ -375,12 +377,12 @@ def test_a_drained_key_is_removed_but_never_under_a_writer_in_progress(
     and its event is claimed after it commits."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
     c = claim(store)
-    assert store.mark_published(c.token, [e.seq for e in c.events], now=now(), delete=False)
+    assert store.mark_published({c.token: [e.seq for e in c.events]}, now=now(), delete=False)
     k = outbox_schema.keys
     with pg_engine.connect() as writer, writer.begin():
         outbox.write(writer, Event(type="t", key="k"), outbox=outbox_schema)
         # The relay frees the key while the writer is still in its transaction.
-        assert store.free_keys(c.token, {"k"}, now=now()) == 1
+        assert store.free_keys({c.token: {"k"}}, now=now()) == 1
         with pg_engine.connect() as conn:
             assert conn.execute(sa.select(k.c.key)).scalars().all() == ["k"]
     assert [e.key for e in claim(store).events] == ["k"]
@@ -394,12 +396,12 @@ def test_a_writer_whose_snapshot_predates_the_key_removal_still_tracks_its_key(
     removed since: its trigger must not trust that snapshot."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
     c = claim(store)
-    store.mark_published(c.token, [e.seq for e in c.events], now=now(), delete=False)
+    store.mark_published({c.token: [e.seq for e in c.events]}, now=now(), delete=False)
     writer = pg_engine.connect().execution_options(isolation_level=isolation)
     with writer, writer.begin():
         k = outbox_schema.keys
         assert writer.execute(sa.select(k.c.key)).scalars().all() == ["k"]  # snapshot
-        assert store.free_keys(c.token, {"k"}, now=now()) == 1  # removes the key row
+        assert store.free_keys({c.token: {"k"}}, now=now()) == 1  # removes the key row
         outbox.write(writer, Event(type="t", key="k"), outbox=outbox_schema)
     assert [e.key for e in claim(store).events] == ["k"]
 
@@ -424,23 +426,25 @@ def test_the_claim_reads_only_what_it_returns_next_to_a_huge_key(
     engine = create_engine(pg_url, application_name="outbox-relay:test", db_timeout=10)
     store = Store(engine, outbox_schema, db_timeout=10)
     moment = now()
-    statement = store._claim_statement(
-        ["busy", "small"],
-        token=uuid.uuid4(),
-        owner="t",
-        limit=100,
-        run_length=10,
-        lease_until=moment,
-        now=moment,
-    )
+    parameters = {
+        "keys": ["busy", "small"],
+        "token": uuid.uuid4(),
+        "owner": "t",
+        "limit": 100,
+        "keyless_limit": 50,
+        "run_length": 10,
+        "lease_until": moment,
+        "now": moment,
+    }
     try:
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SHOW enable_bitmapscan").scalar_one() == "on"
-            compiled = statement.compile(conn)
+            compiled = store._claim_statement.compile(conn)
             plan = "\n".join(
                 row[0]
                 for row in conn.exec_driver_sql(
-                    f"EXPLAIN (ANALYZE, FORMAT TEXT) {compiled}", compiled.params
+                    f"EXPLAIN (ANALYZE, FORMAT TEXT) {compiled}",
+                    compiled.construct_params(parameters),
                 )
             )
             conn.rollback()
@@ -526,12 +530,12 @@ def test_a_late_confirm_racing_a_takeover_is_fenced_and_no_key_is_held_without_a
         owner="a", limit=10, run_length=10, now=past, lease_until=past + dt.timedelta(seconds=1)
     )
     head = first.events[0]
-    pause = Paused(b, "_claim_statement")
+    pause = Paused(b, "_read_and_lease")
     join = pause.run(lambda: claim(b, owner="b"))
     marked: list[int] = []
     late = threading.Thread(
         target=lambda: marked.append(
-            a.mark_published(first.token, [head.seq], now=now(), delete=False)
+            a.mark_published({first.token: [head.seq]}, now=now(), delete=False)
         )
     )
     late.start()
@@ -566,3 +570,44 @@ def test_a_failure_of_an_event_published_meanwhile_frees_its_key_without_holding
         row = conn.execute(sa.select(k).where(k.c.key == "K")).one()
     assert not row.held and row.lease_token is None
     assert [e.seq for e in claim(store).events] == [c.events[1].seq]
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_one_write_records_the_results_of_several_claims_and_fences_each_on_its_own(
+    database: str, pg_engine: sa.Engine, outbox_schema: Outbox, sqlite_url: str
+) -> None:
+    """Marks and frees of many claims go in one statement (one transaction) per batch; the
+    fence still applies per pair (row, claim): the claim whose lease another relay took over
+    writes nothing, the others all they own, and the counts say which."""
+    if database == "sqlite":
+        box = Outbox()
+        engine = sa.create_engine(sqlite_url)
+        box.create(engine)
+    else:
+        box, engine = outbox_schema, pg_engine
+    store = Store(engine, box, db_timeout=10)
+    write_events(engine, box, [Event(type="t", key=k) for k in ("a", "a", "b", "c")])
+    past = now() - dt.timedelta(minutes=5)
+    stale = store.claim(
+        owner="frozen", limit=1, run_length=1, now=past, lease_until=past + dt.timedelta(seconds=30)
+    )
+    assert [e.key for e in stale.events] == ["a"]
+    fresh = [claim(store, limit=2, run_length=1) for _ in range(2)]  # takes a over, then b, c
+    held = {e.key: (c.token, e.seq) for c in fresh for e in c.events}
+    assert set(held) == {"a", "b", "c"}
+    acked = {c.token: [e.seq for e in c.events if e.key != "a"] for c in fresh}
+    acked[stale.token] = [stale.events[0].seq]
+    owned = store.mark_published(acked, now=now(), delete=False, relay="r")
+    assert owned == 2  # b and c; the stale claim's row is the one the takeover holds
+    freed = {c.token: {e.key for e in c.events if e.key != "a"} for c in fresh}
+    freed[stale.token] = {"a"}
+    assert store.free_keys(freed, now=now()) == 2
+    t, k = box.events, box.keys
+    with engine.connect() as conn:
+        status = dict(conn.execute(sa.select(t.c.seq, t.c.status)).all())
+        keys = dict(conn.execute(sa.select(k.c.key, k.c.lease_token)).all())
+    assert status[stale.events[0].seq] == "pending"
+    assert status[held["b"][1]] == status[held["c"][1]] == "published"
+    assert keys == {"a": held["a"][0]}  # a still leased by its taker; b and c drained, deleted
+    if database == "sqlite":
+        engine.dispose()
