@@ -213,12 +213,58 @@ def include_object(
     """For `context.configure(include_object=...)`: leave the outbox's tables (and everything
     on them) to `op.create_outbox`, and compare every other object as usual.
 
+    An outbox in the database that the target metadata does not declare (the application
+    writes with `Outbox()` on a MetaData of its own) is left alone too: autogenerate would
+    otherwise write `drop_table` for its tables, and the migration would delete every event.
+
     To combine it with a filter of your own: `return include_object(...) and mine(...)`."""
     table = obj if type_ == "table" else getattr(obj, "table", None)
     for candidate in (table, compare_to if type_ == "table" else None):
         if isinstance(candidate, sa.Table) and INFO_KEY in candidate.info:
             return False
-    return True
+    return not (reflected and isinstance(table, sa.Table) and _looks_like_an_outbox_table(table))
+
+
+# The columns each outbox table has had in every schema version (1 and 2; `<table>_key` is
+# new in 2): what recognises an outbox's table reflected from the database, which carries no
+# `info`. A name alone would be a guess; these column sets are not.
+_SIGNATURES = {
+    "": frozenset(
+        {
+            "seq",
+            "id",
+            "type",
+            "key",
+            "aggregate_type",
+            "aggregate_id",
+            "routing_key",
+            "correlation_id",
+            "version",
+            "payload",
+            "headers",
+            "occurred_at",
+            "status",
+            "attempts",
+            "next_attempt_at",
+            "last_error",
+            "published_at",
+            "claimed_by",
+            "claim_token",
+            "lease_until",
+        }
+    ),
+    "_key": frozenset({"key", "available_at", "held", "lease_token", "leased_by"}),
+    "_failure": frozenset({"id", "event_id", "attempt", "failed_at", "relay", "error"}),
+    "_relay": frozenset({"name", "host", "pid", "started_at", "heartbeat_at"}),
+}
+
+
+def _looks_like_an_outbox_table(table: sa.Table) -> bool:
+    columns = set(table.columns.keys())
+    return any(
+        (not suffix or table.name.endswith(suffix)) and signature <= columns
+        for suffix, signature in _SIGNATURES.items()
+    )
 
 
 def _outboxes(autogen_context: AutogenContext) -> list[Outbox]:

@@ -133,11 +133,19 @@ def extract_context(headers: Mapping[str, Any]) -> Context | None:
     """The trace context a message carries (`traceparent`, `tracestate`), or None.
 
     AMQP header values may arrive as bytes; a malformed `traceparent` counts as none.
+    Names are matched in any case, as the writer matches them (`merged_headers`): a caller's
+    own `Traceparent` stops the writer from storing the current span's, so it must be the one
+    that is read here, or the message would carry no usable context at all. The lower-case
+    spelling wins when both are there.
     Call only when opentelemetry-api is installed (a `TracerSource` gave a tracer).
     """
+    found: dict[str, Any] = {}
+    for name, value in headers.items():
+        lower = name.lower() if isinstance(name, str) else None
+        if lower in TRACE_HEADERS and (lower not in found or name == lower):
+            found[lower] = value
     carrier = {}
-    for name in TRACE_HEADERS:
-        value = headers.get(name)
+    for name, value in found.items():
         if isinstance(value, bytes):
             value = value.decode("ascii", "replace")
         if isinstance(value, str):

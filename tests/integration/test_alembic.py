@@ -303,3 +303,39 @@ def test_upgrade_outbox_refuses_what_it_cannot_do(tmp_path: Path, sqlite_url: st
     )
     newer = project.run("upgrade", "head")
     assert newer.returncode != 0 and "upgrade outbox-relay" in newer.stderr, newer.stderr
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_autogenerate_leaves_alone_an_outbox_the_metadata_does_not_declare(
+    fresh_pg_url: str, version: int
+) -> None:
+    # Given an outbox in the database that the models do not declare (the application writes
+    # with `Outbox()` on a MetaData of its own), of this version or of schema 1, with events.
+    engine = sa.create_engine(fresh_pg_url)
+    try:
+        if version == 1:
+            install_v1(engine, "public")
+        else:
+            Outbox().create(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO outbox (id, type, routing_key, payload, occurred_at) "
+                "VALUES (gen_random_uuid(), 'a', 'a', '{}', now())"
+            )
+            conn.exec_driver_sql("CREATE TABLE legacy (id int PRIMARY KEY)")
+        metadata = sa.MetaData()
+        sa.Table("orders", metadata, sa.Column("id", sa.Integer, primary_key=True))
+        with engine.begin() as conn:
+            context = _migration_context(conn, metadata, include_object=include_object)
+            # When autogenerate compares the models with the database.
+            diff = compare_metadata(context, metadata)
+        # Then it drops what is not the outbox's, as usual, and nothing of the outbox.
+        touched = sorted(
+            {
+                getattr(change[1], "name", None) or getattr(change[1], "table", None).name
+                for change in diff
+            }
+        )
+        assert touched == ["legacy", "orders"], diff
+    finally:
+        engine.dispose()

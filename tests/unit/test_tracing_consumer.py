@@ -113,6 +113,27 @@ def test_header_values_as_bytes_are_understood(processor: Processor, spans: Span
     assert ids(span.parent) == (WRITER_TRACE, WRITER_SPAN)
 
 
+@pytest.mark.parametrize("name", ["TraceParent", "TRACEPARENT"])
+def test_a_traceparent_the_caller_set_in_another_case_is_the_parent(
+    processor: Processor, spans: Spans, name: str
+) -> None:
+    # The writer keeps a caller's `TraceParent` and then stores no context of its own (README,
+    # "Tracing"): ignoring it here would leave the message with no usable context at all.
+    processor.process(message(**{name: WRITER_TRACEPARENT, "TraceState": "vendor=v1"}))
+    (span,) = spans.finished()
+    assert ids(span.parent) == (WRITER_TRACE, WRITER_SPAN)
+    assert span.context.trace_state.get("vendor") == "v1"
+
+
+def test_the_lower_case_traceparent_wins_over_another_spelling(
+    processor: Processor, spans: Spans
+) -> None:
+    other = f"00-{WRITER_TRACE:032x}-{1:016x}-01"
+    processor.process(message(Traceparent=other, traceparent=WRITER_TRACEPARENT))
+    (span,) = spans.finished()
+    assert ids(span.parent) == (WRITER_TRACE, WRITER_SPAN)
+
+
 @pytest.mark.parametrize("headers", [{}, {"traceparent": "00-zz-yy-01"}])
 def test_without_a_usable_context_the_span_is_a_root(
     processor: Processor, spans: Spans, headers: dict[str, str]

@@ -110,6 +110,17 @@ def test_an_event_written_outside_a_span_gets_a_producer_span_without_links(
     assert "traceparent" not in h.publisher.published[0].headers
 
 
+def test_a_traceparent_the_caller_set_in_another_case_is_the_link(h: Harness, spans: Spans) -> None:
+    with spans.tracer.start_as_current_span("caller's own") as own:
+        header = traceparent(own.get_span_context())
+    with spans.tracer.start_as_current_span("place order"):
+        h.write(Event(type="order.placed", headers={"TraceParent": header}))
+    h.settle_and_step()
+    (producer,) = spans.finished(SpanKind.PRODUCER)
+    assert [ids(link.context) for link in producer.links] == [ids(own.get_span_context())]
+    assert h.publisher.published[0].headers["TraceParent"] == header  # unchanged
+
+
 def test_a_malformed_stored_traceparent_is_no_link(h: Harness, spans: Spans) -> None:
     h.write(Event(type="order.placed", headers={"traceparent": "not-a-trace"}))
     h.settle_and_step()
