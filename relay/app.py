@@ -28,7 +28,13 @@ def build_store(settings: RelaySettings, *, watchdog: Watchdog | None = None) ->
         db_timeout=settings.db_timeout,
         idle_in_transaction_timeout=max(1.0, min(settings.db_timeout, settings.lease / 4)),
     )
-    return Store(engine, settings.outbox(), db_timeout=settings.db_timeout, watchdog=watchdog)
+    return Store(
+        engine,
+        settings.outbox(),
+        db_timeout=settings.db_timeout,
+        watchdog=watchdog,
+        keep_connections=True,
+    )
 
 
 def build_relay(

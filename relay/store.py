@@ -15,6 +15,8 @@ import contextlib
 import datetime as dt
 import functools
 import logging
+import select
+import threading
 import uuid
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
@@ -83,6 +85,7 @@ class Store:
         *,
         db_timeout: float,
         watchdog: Watchdog | None = None,
+        keep_connections: bool = False,
     ) -> None:
         self.engine = engine
         self.outbox = outbox
@@ -90,6 +93,15 @@ class Store:
         self._watchdog = watchdog
         self._postgres = engine.dialect.name == "postgresql"
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # With `keep_connections` (the relay daemon, whose database work runs on one thread),
+        # each thread keeps its connections (one for transactions, one in autocommit) rather
+        # than taking them from the pool for every statement: a checkout and checkin cost
+        # about as much CPU as the statement itself. A connection that failed is dropped.
+        # Without it (tools, tests: many stores on one engine), every use goes to the pool.
+        self._keep_connections = keep_connections
+        self._local = threading.local()
+        self._kept: list[Connection] = []
+        self._kept_lock = threading.Lock()
         self.queries_total = 0
         sa.event.listen(engine, "before_cursor_execute", self._count_query)
 
@@ -101,7 +113,11 @@ class Store:
         """One transaction with a deadline; driver errors become RelayErrors."""
         try:
             # The deadline spans the COMMIT too: its answer can be lost like any other.
-            with self.engine.connect() as conn, self._deadline(conn), conn.begin():
+            with (
+                self._connection("transactions", self.engine) as conn,
+                self._deadline(conn),
+                conn.begin(),
+            ):
                 yield conn
         except sa.exc.DBAPIError as exc:
             raise translate_db_error(exc) from exc
@@ -111,10 +127,48 @@ class Store:
     ) -> sa.CursorResult[Any]:
         """A single statement in autocommit: one round trip, no BEGIN and COMMIT."""
         try:
-            with self._autocommit.connect() as conn, self._deadline(conn):
+            with self._connection("autocommit", self._autocommit) as conn, self._deadline(conn):
                 return conn.execute(statement, parameters)
         except sa.exc.DBAPIError as exc:
             raise translate_db_error(exc) from exc
+
+    @contextlib.contextmanager
+    def _connection(self, role: str, engine: sa.Engine) -> Iterator[Connection]:
+        if not self._keep_connections:
+            with engine.connect() as conn:
+                yield conn
+            return
+        conn = self._kept_connection(role, engine)
+        try:
+            yield conn
+        except BaseException:
+            self._drop_connection(role, conn)
+            raise
+
+    def _kept_connection(self, role: str, engine: sa.Engine) -> Connection:
+        conn: Connection | None = getattr(self._local, role, None)
+        if conn is not None and not _idle_and_open(conn):
+            self._drop_connection(role, conn)
+            conn = None
+        if conn is None or conn.closed or conn.invalidated:
+            conn = engine.connect()
+            setattr(self._local, role, conn)
+            with self._kept_lock:
+                self._kept.append(conn)
+        return conn
+
+    def _drop_connection(self, role: str, conn: Connection) -> None:
+        """After any error: the connection's state is not known (a timeout may have cut it
+        mid-statement), so the next statement gets a new one."""
+        setattr(self._local, role, None)
+        with self._kept_lock:
+            if conn in self._kept:
+                self._kept.remove(conn)
+        try:
+            conn.invalidate()
+            conn.close()
+        except Exception:
+            log.debug("closing a failed connection failed", exc_info=True)
 
     def _one_of(
         self, column: sa.ColumnElement[Any], values: Collection[Any]
@@ -825,6 +879,14 @@ class Store:
         """Stop the deadline watchdog and close pooled connections (the engine stays usable)."""
         if self._watchdog is not None:
             self._watchdog.stop()
+        with self._kept_lock:
+            kept, self._kept = self._kept, []
+        for conn in kept:
+            try:
+                conn.close()
+            except Exception:
+                log.debug("closing a kept connection failed", exc_info=True)
+        self._local = threading.local()
         self.engine.dispose()
 
     def check(self) -> None:
@@ -848,6 +910,23 @@ def _socket_fd(conn: Connection) -> int | None:
         return int(pgconn.socket) if pgconn is not None else None
     except Exception:
         return None
+
+
+def _idle_and_open(conn: Connection) -> bool:
+    """A kept connection looks usable: not closed, and (PostgreSQL) its socket has nothing to
+    read. Between statements the server sends nothing unasked, so a readable socket means it
+    ended the session (terminated, restarted, timed out): found with one system call, rather
+    than by the next statement failing and the relay backing off for nothing."""
+    if conn.closed or conn.invalidated:
+        return False
+    fd = _socket_fd(conn)
+    if fd is None or fd < 0:
+        return True  # SQLite, or no socket to look at
+    try:
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 def translate_db_error(exc: sa.exc.DBAPIError) -> Exception:
