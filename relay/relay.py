@@ -37,6 +37,7 @@ from relay.sequencer import Sequencer
 from relay.settings import RelaySettings
 from relay.store import Store
 from relay.tracing import PublishSpans
+from relay.wake_trace import ClaimTrace
 from relay.worker import Completion, ThreadWorker, Worker
 
 if TYPE_CHECKING:
@@ -63,8 +64,11 @@ class Background(Protocol):
     def stop(self, timeout: float = ...) -> None: ...
 
 
+@dataclasses.dataclass(frozen=True)
 class _Wake:
-    """Inbox item: look for new events now (a NOTIFY arrived, or stop was requested)."""
+    """Mailbox item: look for new events now (a NOTIFY arrived, or stop was requested)."""
+
+    notified_at: float | None = None  # when the listener received the NOTIFY
 
 
 _WAKE = _Wake()
@@ -133,6 +137,10 @@ class Relay:
         self._fatal: BaseException | None = None
         self._report = StepReport()
         self._dead_letters = DeadLetterLog(log, monotonic)
+        # The first NOTIFY since the last claim went out (received, taken by the loop), and
+        # the claim whose first publish is still to be logged (relay/wake_trace.py).
+        self._notified: tuple[float, float] | None = None
+        self._untraced: tuple[ClaimTrace, int, int] | None = None
         self._spans = PublishSpans(tracer_provider)  # OpenTelemetry, when installed
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -143,8 +151,8 @@ class Relay:
             self._listener.start()
 
     def wake(self) -> None:
-        """Thread-safe: look for new events now."""
-        self._mailbox.interrupt(_WAKE)
+        """Thread-safe: look for new events now (a NOTIFY arrived)."""
+        self._mailbox.interrupt(_Wake(self._monotonic()))
 
     def request_stop(self) -> None:
         """Thread-safe (and signal-safe): stop claiming and drain."""
@@ -276,6 +284,8 @@ class Relay:
             return
         if isinstance(item, _Wake):
             self._claims.wake()
+            if item.notified_at is not None and self._notified is None:
+                self._notified = (item.notified_at, self._monotonic())
             return
         for event in item:
             if isinstance(event, PublishOutcome):
@@ -438,22 +448,31 @@ class Relay:
         now = self._clock()
         probe_first = self._claims.last_was_empty
         ticket = self._claims.started()
+        trace = ClaimTrace(submitted_at=started)
+        if self._notified is not None:
+            trace.notified_at, trace.seen_at = self._notified
+            self._notified = None
 
         def claim() -> Claim:
-            if probe_first and not self.store.has_ready(now):
-                # An idle table costs one cheap query per poll, not a whole claim.
-                return Claim(token=uuid.uuid4(), events=(), lease_until=now)
-            return self.store.claim(
-                owner=self.settings.name,
-                limit=self.settings.batch_size,
-                run_length=self.settings.run_length,
-                lease_until=now + dt.timedelta(seconds=self.settings.lease),
-                now=now,
-            )
+            trace.started_at = self._monotonic()
+            try:
+                if probe_first and not self.store.has_ready(now):
+                    # An idle table costs one cheap query per poll, not a whole claim.
+                    return Claim(token=uuid.uuid4(), events=(), lease_until=now)
+                return self.store.claim(
+                    owner=self.settings.name,
+                    limit=self.settings.batch_size,
+                    run_length=self.settings.run_length,
+                    lease_until=now + dt.timedelta(seconds=self.settings.lease),
+                    now=now,
+                )
+            finally:
+                trace.answered_at = self._monotonic()
 
-        self._database.submit(claim, lambda claim: self._claimed(claim, started, ticket))
+        self._database.submit(claim, lambda claim: self._claimed(claim, started, ticket, trace))
 
-    def _claimed(self, claim: Claim, started: float, ticket: int) -> None:
+    def _claimed(self, claim: Claim, started: float, ticket: int, trace: ClaimTrace) -> None:
+        trace.delivered_at = self._monotonic()
         count = len(claim.events)
         self._claims.finished(ticket, count=count, full=count >= self.settings.batch_size)
         if not count:
@@ -473,6 +492,8 @@ class Relay:
             )
         self._report.claimed += count
         self.metrics.claimed(count)
+        if log.isEnabledFor(logging.DEBUG):
+            self._untraced = (trace, count, len({e.key for e in claim.events}))
 
     def _publish(self) -> None:
         if not (self._broker_up and self.publisher.ready):
@@ -487,6 +508,10 @@ class Relay:
         self._spans.published(messages)
         self.publisher.publish(messages)
         self._report.published += len(events)
+        if self._untraced is not None:
+            trace, count, keys = self._untraced
+            self._untraced = None
+            trace.log(log, published_at=self._monotonic(), events=count, keys=keys)
 
     def _submit_renewal(self) -> None:
         now = self._monotonic()

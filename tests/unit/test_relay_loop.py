@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -481,3 +482,35 @@ def test_a_replacing_claim_given_back_behind_an_in_flight_event_frees_its_key(
     assert h.leased_keys() == [], (
         f"key a still leased by {t2} (T1 was {t1}) with nothing of it held by the relay"
     )
+
+
+def test_the_debug_log_says_where_a_wake_ups_milliseconds_went(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One line per claim that found events: NOTIFY, loop, lane, claim, back, published, each
+    the time since the stage before (the fake clock moves 1 ms per reading)."""
+    h.step()  # connected, first (empty) claim done
+    h.clock.tick = 0.001
+    h.write(*keyed("a", 1), *keyed("b", 1))
+    with caplog.at_level("DEBUG", logger="relay"):
+        h.relay.wake()  # as the listener does when the NOTIFY arrives
+        h.step()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("claim of")]
+    assert len(lines) == 1, lines
+    pattern = (
+        r"claim of 2 events \(2 keys\): NOTIFY \+[\d.]+ ms loop, \+[\d.]+ ms lane, "
+        r"\+[\d.]+ ms claim, \+[\d.]+ ms back, \+[\d.]+ ms published \(([\d.]+) ms in all\)"
+    )
+    match = re.fullmatch(pattern, lines[0])
+    assert match, lines[0]
+    assert float(match.group(1)) >= 5.0  # at least one fake millisecond per stage
+    # Not woken by a NOTIFY (a poll): the line starts at the lane, and says nothing of one.
+    h.publisher.settle()
+    h.step()
+    h.write(*keyed("c", 1))
+    h.clock.advance(5)
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="relay"):
+        h.step(3)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("claim of")]
+    assert lines and "NOTIFY" not in lines[0] and " ms lane" in lines[0], lines
