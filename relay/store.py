@@ -737,19 +737,31 @@ class Store:
                     self._free_keys(conn, token, keys, now=now) for token, keys in freed.items()
                 )
             pairs = [(key, token) for token, keys in freed.items() for key in keys]
-            held = list(
-                conn.scalars(
-                    self._end_leases,
-                    {"keys": [key for key, _ in pairs], "tokens": [token for _, token in pairs]},
-                )
-            )
-            self._drop_empty_keys(conn, held, now=now)
-            return len(held)
+            ended = conn.execute(
+                self._end_leases,
+                {
+                    "keys": [key for key, _ in pairs],
+                    "tokens": [token for _, token in pairs],
+                    "now": now,
+                },
+            ).all()
+            locked = [row.key for row in ended if row.writers_locked]
+            if locked:
+                conn.execute(self._delete_drained, {"keys": locked})
+            return len(ended)
 
     @functools.cached_property
     def _end_leases(self) -> sa.Update:
         """PostgreSQL: end the lease of each key of the parameter `keys` that the claim of the
-        same place in `tokens` still holds; returns those keys."""
+        same place in `tokens` still holds, and send it to the back of the line; returns those
+        keys, each with whether this transaction took its writers' lock (try, never wait).
+
+        Two round trips then free any number of keys and delete the drained ones
+        (`_delete_drained`), where `_drop_empty_keys` takes four: the argument is the same.
+        A key whose writers' lock this transaction could not take has a writer in progress
+        and is kept. The others are locked here, a statement before the DELETE, so the
+        DELETE's snapshot sees every row committed by writers before it; a writer that comes
+        later waits for the lock and, after this commits, finds no key row and inserts it."""
         k = self.outbox.keys
         ending = (
             sa.func.unnest(
@@ -759,11 +771,30 @@ class Store:
             .table_valued("key", "token")
             .render_derived()
         )
+        writers_locked = sa.func.pg_try_advisory_xact_lock(
+            sa.func.hashtextextended(k.c.key, self.outbox.key_lock_seed)
+        )
         return (
             sa.update(k)
             .where(k.c.key == ending.c.key, k.c.lease_token == ending.c.token)
-            .values(lease_token=None, leased_by=None)
-            .returning(k.c.key)
+            .values(
+                lease_token=None,
+                leased_by=None,
+                available_at=sa.bindparam("now", type_=k.c.available_at.type),
+            )
+            .returning(k.c.key, writers_locked.label("writers_locked"))
+        )
+
+    @functools.cached_property
+    def _delete_drained(self) -> sa.Delete:
+        """PostgreSQL: delete the rows of the parameter `keys` (their writers' locks taken by
+        an earlier statement of this transaction) that no pending event and no hold needs."""
+        k, t = self.outbox.keys, self.outbox.events
+        pending = sa.exists().where(t.c.key == k.c.key, t.c.status == PENDING)
+        return sa.delete(k).where(
+            k.c.key == sa.any_(sa.bindparam("keys", type_=postgresql.ARRAY(k.c.key.type))),
+            ~k.c.held,
+            ~pending,
         )
 
     def _free_keys(
