@@ -72,6 +72,7 @@ def _for_keys(config: BenchConfig, engine: sa.Engine, keys: int) -> dict[str, An
     ratios: list[float] = []
     wall_ratios: list[float] = []
     ratios_k: list[float] = []
+    cpu_ratios: list[float] = []
     counts: dict[str, int] = {}
     body_sizes_ok = True
     same_window = keys >= config.window
@@ -102,6 +103,8 @@ def _for_keys(config: BenchConfig, engine: sa.Engine, keys: int) -> dict[str, An
         ratios.append(relay_run.rate / base.rate)
         wall_ratios.append(relay_run.wall_rate / base.rate)
         ratios_k.append(relay_run.rate / base_k.rate)
+        if base_k.cpu_us_per_message > 0:
+            cpu_ratios.append(relay_run.cpu_us_per_event / base_k.cpu_us_per_message)
         progress(
             f"throughput K={keys} repeat {repeat + 1}/{config.repeat}: "
             f"relay {relay_run.rate:,.0f}/s (run() {relay_run.wall_rate:,.0f}/s), "
@@ -115,6 +118,8 @@ def _for_keys(config: BenchConfig, engine: sa.Engine, keys: int) -> dict[str, An
         "relay_wall_rate": median([r["wall_rate"] for r in relay_runs]),
         "relay_shutdown_seconds": median([r["shutdown_seconds"] for r in relay_runs]),
         "relay_cpu_us_per_event": median([r["cpu_us_per_event"] for r in relay_runs]),
+        "baseline_k_cpu_us_per_message": median([r["cpu_us_per_message"] for r in base_k_runs]),
+        "cpu_ratio_vs_window_k": median(cpu_ratios),
         "baseline_rate": median([r["rate"] for r in base_runs]),
         "baseline_k_window": min(keys, config.window),
         "baseline_k_rate": median([r["rate"] for r in base_k_runs]),
@@ -190,5 +195,6 @@ def _baseline_dict(run: BaselineRun) -> dict[str, Any]:
         "publish_seconds": round(run.publish_seconds, 4),
         "rate": round(run.rate, 1),
         "publish_rate": round(run.publish_rate, 1),
+        "cpu_us_per_message": round(run.cpu_us_per_message, 1),
         "broker_blocked": run.broker_blocked,
     }
