@@ -125,6 +125,10 @@ class Relay:
         self.sequencer = Sequencer(settings.max_in_flight)
         self._results = PendingResults(monotonic, batch_size=settings.batch_size)
         self._lease_deadline: dict[uuid.UUID, float] = {}
+        # No deadline in `_lease_deadline` is earlier (it may be later: a lower bound). The
+        # loop steps thousands of times a second and claims hundreds of times, so looking at
+        # every claim's deadline on every step cost a steady third of a core at 200 events/s.
+        self._earliest_deadline = float("inf")
         self._published_at: dict[int, float] = {}
         now = self._monotonic()
         self._next_renew = now + settings.lease / 3
@@ -482,6 +486,7 @@ class Relay:
             return
         # Measured from before the claim: the local view of the lease never outlives it.
         self._lease_deadline[claim.token] = started + self.settings.lease
+        self._earliest_deadline = min(self._earliest_deadline, started + self.settings.lease)
         stale = self.sequencer.add(claim.events)
         if stale:
             log.warning(
@@ -544,9 +549,14 @@ class Relay:
         """A claim whose lease may have run out (e.g. the process was paused) publishes no more:
         another relay may own its rows by now."""
         now = self._monotonic()
+        if now < self._earliest_deadline:
+            return
+        self._earliest_deadline = float("inf")
         for token, deadline in list(self._lease_deadline.items()):
             if now >= deadline:
                 self._lease_lost(token)
+            else:
+                self._earliest_deadline = min(self._earliest_deadline, deadline)
 
     def _lease_lost(self, token: uuid.UUID) -> None:
         withdrawn = self.sequencer.withdraw(token)
