@@ -115,12 +115,20 @@ class LoopMailbox(Generic[T]):
         return items
 
     def close(self) -> None:
-        """After the last `take`: cancel what is left on the loop and close it."""
+        """After the last `take`: cancel what is left on the loop and close it.
+
+        Not `run_until_complete`: a `loop.stop()` already queued (a worker's completion or a
+        second SIGTERM after the last `take`) or called by a cancelled task's cleanup (its
+        outcomes posted here) would make it raise "Event loop stopped before Future
+        completed", and a graceful stop end in a traceback. Every stop only ends one round."""
         if self.loop.is_closed():
             return
         pending = asyncio.all_tasks(self.loop)
         for task in pending:
             task.cancel()
         if pending:
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            finished = asyncio.gather(*pending, return_exceptions=True)
+            finished.add_done_callback(lambda _: self.loop.stop())
+            while not finished.done():
+                self.loop.run_forever()
         self.loop.close()

@@ -372,6 +372,13 @@ class AmqpPublisher:
             return
         try:
             await ended
+        except asyncio.CancelledError:
+            # The owner closes its loop after stop() timed out (a broker that stopped
+            # answering never sends close-ok): drop the socket, which nothing else would.
+            with contextlib.suppress(Exception):
+                if not connection.is_closed:
+                    cast(Any, connection)._adapter_disconnect_stream()  # no public abort
+            raise
         finally:
             with self._lock:
                 self._loop_open = False

@@ -587,6 +587,10 @@ class Store:
         )
         return sa.and_(
             t.c.seq == done.c.seq,
+            # Redundant, for the planner: it cannot know how many pairs the unnest gives
+            # (it guesses 10) and, joined to that alone, hashed a scan of the whole table on
+            # every write. `seq = ANY(seqs)` is an index condition with a known size.
+            t.c.seq == sa.any_(seqs),
             t.c.status == PENDING,
             sa.or_(t.c.claim_token == done.c.token, sa.tuple_(t.c.key, done.c.token).in_(leases)),
         )
