@@ -122,7 +122,7 @@ class Relay:
         )
         self._claims = ClaimPacer(monotonic, poll_interval=settings.poll_interval)
         self._listener = listener_factory(self.wake) if listener_factory else None
-        self.sequencer = Sequencer(settings.max_in_flight)
+        self.sequencer = Sequencer(settings.max_in_flight, per_key=settings.max_in_flight_per_key)
         self._results = PendingResults(monotonic, batch_size=settings.batch_size)
         self._lease_deadline: dict[uuid.UUID, float] = {}
         # No deadline in `_lease_deadline` is earlier (it may be later: a lower bound). The
@@ -306,7 +306,11 @@ class Relay:
             if event is None:
                 return
             report.confirmed += 1
-            run_finished = event.key is None or not self.sequencer.has_queued(event.key)
+            # The run ends with its last event settled: with a window of several, the other
+            # events of the key in flight keep the key leased until their outcomes come.
+            run_finished = event.key is None or not (
+                self.sequencer.has_queued(event.key) or self.sequencer.busy(event.key, event.token)
+            )
             self._results.confirmed(event, run_finished=run_finished)
             now = self._monotonic()
             self.metrics.published(

@@ -17,13 +17,32 @@ from relay.records import ClaimedEvent
 
 
 class Sequencer:
-    def __init__(self, max_in_flight: int) -> None:
+    """Hands out claimed events: per key in write order, at most `per_key` of a key
+    unconfirmed at a time (1 by default: strict order, see the module docstring), at most
+    `max_in_flight` in all.
+
+    With `per_key` > 1 (`--max-in-flight-per-key`), a key's next events go out before the
+    earlier ones are confirmed. Order then holds only while the broker accepts them: if it
+    refuses one, the later events of that window may already be accepted, and reach
+    consumers before the refused event's retry. Only events of one claim share a window: a
+    key's new claim (after a stale one) waits until the old claim's events are settled.
+    """
+
+    def __init__(self, max_in_flight: int, per_key: int = 1) -> None:
+        if per_key < 1:
+            raise ValueError(f"per_key must be 1 or more, got {per_key}")
         self.max_in_flight = max_in_flight
+        self.per_key = per_key
         self._runs: dict[str, deque[ClaimedEvent]] = {}  # queued, not yet handed out
-        self._ready_keys: deque[str] = deque()  # keys with a queued head and nothing in flight
+        # Keys that may have an event to hand out (checked again when taken), in turn order;
+        # `_ready` is the set of keys in that deque.
+        self._ready_keys: deque[str] = deque()
+        self._ready: set[str] = set()
         self._keyless: deque[ClaimedEvent] = deque()
         self._in_flight: dict[int, ClaimedEvent] = {}
-        self._busy_keys: dict[str, uuid.UUID] = {}  # key -> token of its event in flight
+        # key -> (token of its events in flight, how many)
+        self._busy_keys: dict[str, tuple[uuid.UUID, int]] = {}
+        self._queued = 0
 
     @property
     def in_flight(self) -> int:
@@ -31,7 +50,7 @@ class Sequencer:
 
     @property
     def queued(self) -> int:
-        return len(self._keyless) + sum(len(run) for run in self._runs.values())
+        return self._queued
 
     def has_queued(self, key: str) -> bool:
         return key in self._runs
@@ -50,7 +69,8 @@ class Sequencer:
 
     def busy(self, key: str, token: uuid.UUID | None = None) -> bool:
         """An event of `key` (of the claim `token`, if given) is in flight here."""
-        return key in self._busy_keys and token in (None, self._busy_keys[key])
+        busy = self._busy_keys.get(key)
+        return busy is not None and token in (None, busy[0])
 
     def add(self, events: Iterable[ClaimedEvent]) -> list[ClaimedEvent]:
         """Queue claimed events; within a key they must come in write order.
@@ -59,29 +79,43 @@ class Sequencer:
         claim's lease ran out in the database while the relay still held it (a lost commit,
         a clock that jumped, a pause). The older run is stale (its writes are fenced by the
         token) and is replaced by the new one, which queues behind whatever of the key is
-        still in flight, so one event per key stays in flight. Returns the stale events
-        dropped from the queue.
+        still in flight. Returns the stale events dropped from the queue.
         """
         stale: list[ClaimedEvent] = []
         for event in events:
             if event.key is None:
                 self._keyless.append(event)
+                self._queued += 1
                 continue
             run = self._runs.get(event.key)
             if run and run[0].token != event.token:
                 stale.extend(run)
+                self._queued -= len(run)
                 run.clear()
             if run is None:
                 run = self._runs[event.key] = deque()
-                if event.key not in self._busy_keys:
-                    self._ready_keys.append(event.key)
             elif run and run[-1].seq >= event.seq:
                 raise ValueError(f"event {event.seq} of key {event.key!r} added out of order")
             run.append(event)
+            self._queued += 1
+            self._offer(event.key)
         return stale
 
+    def _eligible(self, key: str) -> bool:
+        """`key` has a queued head that may go out now."""
+        run = self._runs.get(key)
+        if not run:
+            return False
+        busy = self._busy_keys.get(key)
+        return busy is None or (busy[0] == run[0].token and busy[1] < self.per_key)
+
+    def _offer(self, key: str) -> None:
+        if key not in self._ready and self._eligible(key):
+            self._ready.add(key)
+            self._ready_keys.append(key)
+
     def take(self, limit: int | None = None) -> list[ClaimedEvent]:
-        """Hand out what may be published now, within the in-flight limit."""
+        """Hand out what may be published now, within the in-flight limits."""
         room = self.max_in_flight - len(self._in_flight)
         if limit is not None:
             room = min(room, limit)
@@ -89,39 +123,57 @@ class Sequencer:
         while room > 0 and (self._ready_keys or self._keyless):
             if self._ready_keys:
                 key = self._ready_keys.popleft()
+                self._ready.discard(key)
+                if not self._eligible(key):
+                    continue  # its run was withdrawn or replaced meanwhile
                 run = self._runs[key]
                 event = run.popleft()
                 if not run:
                     del self._runs[key]
-                self._busy_keys[key] = event.token
+                busy = self._busy_keys.get(key)
+                self._busy_keys[key] = (event.token, 1 if busy is None else busy[1] + 1)
+                self._offer(key)  # room left in its window: back of the line
             else:
                 event = self._keyless.popleft()
+            self._queued -= 1
             self._in_flight[event.seq] = event
             taken.append(event)
             room -= 1
         return taken
 
+    def _settled(self, event: ClaimedEvent) -> None:
+        """One in-flight event of a key is no longer in flight."""
+        assert event.key is not None
+        busy = self._busy_keys.get(event.key)
+        if busy is None:
+            return
+        if busy[1] <= 1:
+            del self._busy_keys[event.key]
+        else:
+            self._busy_keys[event.key] = (busy[0], busy[1] - 1)
+
     def confirmed(self, seq: int) -> ClaimedEvent | None:
         """The broker confirmed `seq`: its key may go on. None if `seq` is not in flight here."""
         event = self._in_flight.pop(seq, None)
         if event is not None and event.key is not None:
-            self._busy_keys.pop(event.key, None)
-            if event.key in self._runs:
-                self._ready_keys.append(event.key)
+            self._settled(event)
+            self._offer(event.key)
         return event
 
     def stopped(self, seq: int) -> tuple[ClaimedEvent | None, list[ClaimedEvent]]:
         """`seq` was rejected or its fate is unknown: its key must wait for it.
 
         Returns the event and the rest of its key's queued run, which is withdrawn here (the
-        caller gives those rows back to the database unattempted).
+        caller gives those rows back to the database unattempted). Other events of the key
+        in flight (a window of more than one) stay in flight: their outcomes still come.
         """
         event = self._in_flight.pop(seq, None)
         if event is None or event.key is None:
             return event, []
-        self._busy_keys.pop(event.key, None)
-        # The key was busy, so it cannot be among the ready keys: dropping its run is enough.
-        return event, list(self._runs.pop(event.key, ()))
+        self._settled(event)
+        rest = list(self._runs.pop(event.key, ()))
+        self._queued -= len(rest)
+        return event, rest
 
     def withdraw(self, token: uuid.UUID | None = None) -> list[ClaimedEvent]:
         """Take back queued (not in-flight) events: of one claim, or all of them."""
@@ -135,7 +187,9 @@ class Sequencer:
                 self._runs[key] = keep
             else:
                 del self._runs[key]
+        self._queued -= len(withdrawn)
         self._ready_keys = deque(k for k in self._ready_keys if k in self._runs)
+        self._ready = set(self._ready_keys)
         return withdrawn
 
     def keyless_seqs(self) -> list[int]:

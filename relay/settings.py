@@ -61,6 +61,7 @@ class RelaySettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     run_length: int = DEFAULT_RUN_LENGTH
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_in_flight_per_key: int = 1
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     retry_min: float = DEFAULT_RETRY_MIN
     retry_max: float = DEFAULT_RETRY_MAX
@@ -95,6 +96,7 @@ class RelaySettings:
         _require(self.batch_size >= 2, "batch_size", f"must be 2 or more, got {self.batch_size}")
         _positive_int(self.run_length, "run_length", maximum=10_000)
         _positive_int(self.max_in_flight, "max_in_flight", maximum=100_000)
+        _positive_int(self.max_in_flight_per_key, "max_in_flight_per_key", maximum=1000)
         _positive_int(self.max_attempts, "max_attempts", maximum=1_000_000)
         for field in (
             "retry_min",

@@ -82,7 +82,17 @@ log = logging.getLogger("relay.cli")
     default=DEFAULT_MAX_IN_FLIGHT,
     show_default=True,
     type=click.IntRange(1, 100_000),
-    help="Most unconfirmed messages at once (one per key at most).",
+    help="Most unconfirmed messages at once.",
+)
+@click.option(
+    "--max-in-flight-per-key",
+    envvar="OUTBOX_MAX_IN_FLIGHT_PER_KEY",
+    show_envvar=True,
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Most unconfirmed messages of one key. Above 1, per-key order holds only while the "
+    "broker accepts every message (see the README).",
 )
 @click.option(
     "--max-attempts",

@@ -108,3 +108,48 @@ def test_a_claim_of_a_key_still_queued_under_an_older_lease_replaces_the_stale_r
     assert [(e.seq, e.token) for e in taken] == [(1, new)]
     seq.confirmed(1)
     assert [(e.seq, e.token) for e in seq.take()] == [(2, new)]
+
+
+def test_a_window_per_key_hands_out_up_to_n_of_a_key_in_order_round_robin() -> None:
+    s = Sequencer(max_in_flight=100, per_key=3)
+    s.add([ev(1, "a"), ev(2, "a"), ev(3, "a"), ev(4, "a"), ev(5, "b")])
+    assert seqs(s.take()) == [1, 5, 2, 3]  # a, b, then a's window fills at the back
+    assert s.take() == [] and s.busy("a", TOKEN) and s.queued == 1
+    assert s.confirmed(2) is not None  # any settled event of the window makes room
+    assert seqs(s.take()) == [4]
+    for seq in (1, 3, 4):
+        s.confirmed(seq)
+    assert not s.busy("a") and s.idle is False  # b still in flight
+    s.confirmed(5)
+    assert s.idle
+
+
+def test_a_refused_event_of_a_window_withdraws_the_queue_and_leaves_the_rest_in_flight() -> None:
+    s = Sequencer(max_in_flight=100, per_key=2)
+    s.add([ev(1, "a"), ev(2, "a"), ev(3, "a"), ev(4, "a")])
+    assert seqs(s.take()) == [1, 2]
+    event, rest = s.stopped(1)
+    assert event is not None and seqs(rest) == [3, 4]
+    assert s.busy("a", TOKEN) and s.in_flight == 1  # 2 was sent: its outcome still comes
+    assert s.take() == []
+    assert s.confirmed(2) is not None and not s.busy("a") and s.idle
+
+
+def test_a_windows_new_claim_waits_for_the_old_claims_events_to_settle() -> None:
+    old, new = uuid.uuid4(), uuid.uuid4()
+    s = Sequencer(max_in_flight=100, per_key=4)
+    s.add([ev(1, "a", old), ev(2, "a", old)])
+    assert seqs(s.take()) == [1, 2]
+    stale = s.add([ev(3, "a", new), ev(4, "a", new)])  # the old lease ran out meanwhile
+    assert stale == []
+    assert s.take() == []  # room in the window, but not for another claim's events
+    s.confirmed(1)
+    assert s.take() == []
+    s.confirmed(2)
+    assert seqs(s.take()) == [3, 4]
+
+
+@pytest.mark.parametrize("per_key", [0, -1])
+def test_a_window_has_at_least_one_event(per_key: int) -> None:
+    with pytest.raises(ValueError, match="per_key"):
+        Sequencer(max_in_flight=10, per_key=per_key)
