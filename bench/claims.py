@@ -312,5 +312,10 @@ def _claimer(database_url: str, schema: str, start: Any, counts: Any, seconds: f
         )
         if claim.events:
             done += 1
+            # Give the keys back (their events stay pending), as a relay does when a run ends:
+            # the backlog never runs out, however fast the claims are (it did once a single
+            # relay made more than 333 claims/s: every key was leased within the run).
+            keys = {e.key for e in claim.events if e.key is not None}
+            store.free_keys({claim.token: keys}, now=dt.datetime.now(dt.UTC))
     engine.dispose()
     counts.put(done)
