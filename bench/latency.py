@@ -292,27 +292,48 @@ def _write_at_rate(
 ) -> list[CommitRecord]:
     count = max(1, int(rate * config.latency_seconds))
     shares = _writers_for(config, rate)
+
+    def args(index: int, child: multiprocessing.connection.Connection) -> tuple[Any, ...]:
+        return (
+            config.database_url,
+            box.schema,
+            rate,
+            index,
+            shares,
+            count,
+            first,
+            config.latency_keys,
+            config.body_size,
+            child,
+        )
+
+    with started_writers(ctx, _writer_process, args, shares, "bench-writer", lead=0.2) as pipes:
+        records: list[CommitRecord] = []
+        for pipe in pipes:
+            records.extend(receive(pipe, config.latency_seconds * 5 + READY_TIMEOUT))
+        return records
+
+
+@contextlib.contextmanager
+def started_writers(
+    ctx: SpawnContext,
+    target: Callable[..., None],
+    args: Callable[[int, multiprocessing.connection.Connection], tuple[Any, ...]],
+    shares: int,
+    name: str,
+    *,
+    lead: float,
+) -> Iterator[list[multiprocessing.connection.Connection]]:
+    """`shares` writer processes, `target(*args(index, pipe))` each: started, waited for until
+    each says "ready", then sent one start time `lead` seconds ahead (time to connect before
+    the first event is due). Yields their pipes; joins them (or kills them) after."""
     pipes: list[multiprocessing.connection.Connection] = []
     processes: list[SpawnProcess] = []
     try:
         for index in range(shares):
             parent, child = ctx.Pipe()
             process = ctx.Process(
-                target=_writer_process,
-                args=(
-                    config.database_url,
-                    box.schema,
-                    rate,
-                    index,
-                    shares,
-                    count,
-                    first,
-                    config.latency_keys,
-                    config.body_size,
-                    child,
-                ),
-                name=f"bench-writer-{index}",
-                daemon=True,
+                target=target, args=args(index, child), name=f"{name}-{index}", daemon=True
             )
             process.start()
             child.close()
@@ -320,13 +341,10 @@ def _write_at_rate(
             processes.append(process)
         for pipe in pipes:
             expect(pipe, "ready", READY_TIMEOUT)
-        start_at = time.monotonic() + 0.2
+        start_at = time.monotonic() + lead
         for pipe in pipes:
             pipe.send(start_at)
-        records: list[CommitRecord] = []
-        for pipe in pipes:
-            records.extend(receive(pipe, config.latency_seconds * 5 + READY_TIMEOUT))
-        return records
+        yield pipes
     finally:
         for process in processes:
             process.join(10)

@@ -29,7 +29,8 @@ import multiprocessing
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from multiprocessing.context import SpawnContext, SpawnProcess
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext
 from typing import Any
 
 import sqlalchemy as sa
@@ -51,7 +52,7 @@ from bench.common import (
     temporary_outbox,
 )
 from bench.config import BenchConfig
-from bench.latency import arrivals_consumer, expect, receive
+from bench.latency import arrivals_consumer, expect, receive, started_writers
 from bench.peer_processes import KINDS, OURS, READY_TIMEOUT, TXOUTBOX, process_cpu_seconds
 from outbox import Outbox
 from tests.support.history import Delivery, Written, check_history
@@ -279,38 +280,24 @@ def _write_at_rate(
     """All writers' commit records and their CPU seconds in all."""
     count = max(1, int(rate * config.peer_seconds))
     shares = config.peer_writers
-    pipes = []
-    processes: list[SpawnProcess] = []
-    try:
-        for index in range(shares):
-            parent, child = ctx.Pipe()
-            process = ctx.Process(
-                target=peer_processes.writer,
-                args=(
-                    table.kind,
-                    config.database_url,
-                    table.schema,
-                    table.channel,
-                    rate,
-                    index,
-                    shares,
-                    count,
-                    config.peer_keys,
-                    config.body_size,
-                    child,
-                ),
-                name=f"bench-peer-writer-{index}",
-                daemon=True,
-            )
-            process.start()
-            child.close()
-            pipes.append(parent)
-            processes.append(process)
-        for pipe in pipes:
-            expect(pipe, "ready", READY_TIMEOUT)
-        start_at = time.monotonic() + 0.5  # time to connect before the first event is due
-        for pipe in pipes:
-            pipe.send(start_at)
+
+    def args(index: int, child: Connection) -> tuple[Any, ...]:
+        return (
+            table.kind,
+            config.database_url,
+            table.schema,
+            table.channel,
+            rate,
+            index,
+            shares,
+            count,
+            config.peer_keys,
+            config.body_size,
+            child,
+        )
+
+    writer = peer_processes.writer
+    with started_writers(ctx, writer, args, shares, "bench-peer-writer", lead=0.5) as pipes:
         records: list[tuple[str, int, float, float]] = []
         cpu = 0.0
         for pipe in pipes:
@@ -318,11 +305,6 @@ def _write_at_rate(
             records.extend(result["records"])
             cpu += result["cpu_seconds"]
         return records, cpu
-    finally:
-        for process in processes:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
 
 
 def _wait_drained(engine: sa.Engine, table: Table) -> None:
