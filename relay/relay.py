@@ -145,8 +145,6 @@ class Relay:
         # the claim whose first publish is still to be logged (relay/wake_trace.py).
         self._notified: tuple[float, float] | None = None
         self._untraced: tuple[ClaimTrace, int, int] | None = None
-        # Failures of a key waiting for the rest of its window (--max-in-flight-per-key).
-        self._held_failures: dict[str, list[Failure]] = {}
         self._spans = PublishSpans(tracer_provider)  # OpenTelemetry, when installed
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -314,7 +312,6 @@ class Relay:
                 self.sequencer.has_queued(event.key) or self.sequencer.busy(event.key, event.token)
             )
             self._results.confirmed(event, run_finished=run_finished)
-            self._release_failures(event)
             now = self._monotonic()
             self.metrics.published(
                 event.type,
@@ -329,7 +326,6 @@ class Relay:
             # Fate unknown (connection lost): publish again, without spending an attempt.
             report.unknown += 1
             self._give_back([event, *rest])
-            self._release_failures(event)
             return
         # The failure ends the key's lease (until its retry, or held if dead); the rest of
         # the run goes back unattempted.
@@ -361,23 +357,7 @@ class Relay:
                 ),
             )
         self.metrics.failed(event.type, dead=failure.next_attempt_at is None)
-        if event.key is not None and self.sequencer.busy(event.key, event.token):
-            # Other events of its window are still unconfirmed. Recording the failure ends
-            # the key's lease, which would fence off their confirms (they would stay pending
-            # and go out again): it waits until the last of them is settled.
-            self._held_failures.setdefault(event.key, []).append(failure)
-        else:
-            self._results.failed(failure)
-            self._release_failures(event)
-
-    def _release_failures(self, event: ClaimedEvent) -> None:
-        """The failures held for `event`'s key, once none of its window is in flight."""
-        if event.key is None or event.key not in self._held_failures:
-            return
-        if self.sequencer.busy(event.key, event.token):
-            return
-        for failure in self._held_failures.pop(event.key):
-            self._results.failed(failure)
+        self._results.failed(failure)
 
     def _give_back(self, events: Sequence[ClaimedEvent]) -> None:
         """Hand events back unattempted; their keys are freed unless still in flight here."""

@@ -568,27 +568,3 @@ def test_a_window_frees_its_key_only_when_every_event_of_it_is_settled(tmp_path:
         assert len(h.publisher.published) == 2
     finally:
         h.engine.dispose()
-
-
-def test_a_refusal_inside_a_window_waits_for_the_windows_other_confirms(tmp_path: Path) -> None:
-    """The refusal of the 2nd event comes before the 1st event's confirm (a refusal can be
-    immediate, a confirm takes a round trip). Recording it at once would end the key's lease
-    and fence off the 1st's confirm: it would stay pending and go out again."""
-    h = Harness(tmp_path, max_attempts=3, retry_min=10, retry_max=60, max_in_flight_per_key=3)
-    try:
-        h.write(*keyed("a", 3))
-        h.step()
-        first, second, third = h.publisher.outstanding
-        h.publisher.decide = lambda m: (
-            Outcome.REJECTED if m.message_id == second.message_id else Outcome.CONFIRMED
-        )
-        h.publisher.outstanding = [second]
-        h.publisher.settle()
-        h.step(3)
-        h.publisher.outstanding = [first, third]
-        h.settle_and_step()
-        assert [r.status for r in h.rows()] == ["published", "pending", "published"]
-        assert [r.attempts for r in h.rows()] == [0, 1, 0]
-        assert [f.attempt for f in h.failures()] == [1]
-    finally:
-        h.engine.dispose()
