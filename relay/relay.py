@@ -555,10 +555,12 @@ class Relay:
 
         def renewed(held: set[uuid.UUID]) -> None:
             for token in tokens:
-                if token in held:
-                    self._lease_deadline[token] = now + self.settings.lease
-                else:
+                if token not in held:
                     self._lease_lost(token)
+                elif token in self._lease_deadline:
+                    # A claim given up meanwhile (or before, with an outcome still to come)
+                    # stays given up: its queued events went back.
+                    self._lease_deadline[token] = now + self.settings.lease
 
         keyless = self.sequencer.keyless_seqs()
         self._database.submit(lambda: self.store.renew(tokens, until, keyless=keyless), renewed)

@@ -609,3 +609,24 @@ def test_a_refusal_inside_a_window_keeps_the_key_leased_until_the_window_settles
         assert {r.status for r in h.rows()} == {"published"}
     finally:
         h.engine.dispose()
+
+
+def test_a_renewal_does_not_bring_back_a_lease_the_relay_gave_up(h: Harness) -> None:
+    """a1 is in flight when the relay, paused past the lease, gives up its claim (a2 goes
+    back). The next renewal still covers the claim (a1's outcome is to come) and the
+    database still has it: that must not put the claim's deadline back, below the lower
+    bound `_expire_lost_leases` trusts (found by review: the bound's promise, that no
+    deadline is earlier, did not hold)."""
+    h.write(*keyed("a", 2))
+    h.step()
+    assert len(h.publisher.outstanding) == 1
+    h.clock.advance(31)
+    h.step()  # lease given up: a2 withdrawn, a1 still in flight
+    assert h.relay.sequencer.queued == 0 and h.relay.sequencer.in_flight == 1
+    h.clock.advance(11)
+    h.step()  # a renewal, answered "held"
+    relay = h.relay
+    assert all(d >= relay._earliest_deadline for d in relay._lease_deadline.values()), (
+        relay._lease_deadline,
+        relay._earliest_deadline,
+    )
