@@ -124,6 +124,10 @@ class Relay:
         self._listener = listener_factory(self.wake) if listener_factory else None
         self.sequencer = Sequencer(settings.max_in_flight, per_key=settings.max_in_flight_per_key)
         self._results = PendingResults(monotonic, batch_size=settings.batch_size)
+        # Refusals inside a window, by (key, token), recorded once the window has settled:
+        # recording one ends the key's lease (relay/store.py record_failures), and the
+        # confirms of the window's other events, fenced by that lease, would be dropped.
+        self._held_failures: dict[tuple[str, uuid.UUID], list[Failure]] = {}
         self._lease_deadline: dict[uuid.UUID, float] = {}
         # No deadline in `_lease_deadline` is earlier (it may be later: a lower bound). The
         # loop steps thousands of times a second and claims hundreds of times, so looking at
@@ -312,6 +316,7 @@ class Relay:
                 self.sequencer.has_queued(event.key) or self.sequencer.busy(event.key, event.token)
             )
             self._results.confirmed(event, run_finished=run_finished)
+            self._window_settled(event)
             now = self._monotonic()
             self.metrics.published(
                 event.type,
@@ -326,6 +331,7 @@ class Relay:
             # Fate unknown (connection lost): publish again, without spending an attempt.
             report.unknown += 1
             self._give_back([event, *rest])
+            self._window_settled(event)
             return
         # The failure ends the key's lease (until its retry, or held if dead); the rest of
         # the run goes back unattempted.
@@ -357,7 +363,21 @@ class Relay:
                 ),
             )
         self.metrics.failed(event.type, dead=failure.next_attempt_at is None)
-        self._results.failed(failure)
+        if event.key is None:
+            self._results.failed(failure)
+            return
+        # With others of its window in flight, the key stays leased until they are settled.
+        self._held_failures.setdefault((event.key, event.token), []).append(failure)
+        self._window_settled(event)
+
+    def _window_settled(self, event: ClaimedEvent) -> None:
+        """Record the refusals held for `event`'s window once nothing of it is in flight. They
+        go after the window's confirms (a batch writes confirms first), so what the broker
+        accepted is marked published while the claim still holds the key."""
+        if event.key is None or self.sequencer.busy(event.key, event.token):
+            return
+        for failure in self._held_failures.pop((event.key, event.token), ()):
+            self._results.failed(failure)
 
     def _give_back(self, events: Sequence[ClaimedEvent]) -> None:
         """Hand events back unattempted; their keys are freed unless still in flight here."""
@@ -535,10 +555,12 @@ class Relay:
 
         def renewed(held: set[uuid.UUID]) -> None:
             for token in tokens:
-                if token in held:
-                    self._lease_deadline[token] = now + self.settings.lease
-                else:
+                if token not in held:
                     self._lease_lost(token)
+                elif token in self._lease_deadline:
+                    # A claim given up meanwhile (or before, with an outcome still to come)
+                    # stays given up: its queued events went back.
+                    self._lease_deadline[token] = now + self.settings.lease
 
         keyless = self.sequencer.keyless_seqs()
         self._database.submit(lambda: self.store.renew(tokens, until, keyless=keyless), renewed)

@@ -568,3 +568,65 @@ def test_a_window_frees_its_key_only_when_every_event_of_it_is_settled(tmp_path:
         assert len(h.publisher.published) == 2
     finally:
         h.engine.dispose()
+
+
+def test_a_refusal_inside_a_window_keeps_the_key_leased_until_the_window_settles(
+    tmp_path: Path,
+) -> None:
+    """a1, a2, a3 go out together; the broker refuses a2 before it confirms a1 and a3 (a
+    header the relay refuses before sending is answered at once, a confirm takes a round
+    trip). The key stays this claim's until a1 and a3 are settled: their confirms are
+    recorded, not fenced off as if another relay had the key (found by review: recording a2's
+    failure ended the key's lease, so the confirms that followed were dropped and a1 and a3
+    stayed pending, to be published again, or held for good behind a dead a2)."""
+    h = Harness(tmp_path, max_attempts=3, retry_min=10, retry_max=60, max_in_flight_per_key=3)
+    try:
+        h.write(*keyed("a", 3))
+        h.step()
+        a1, a2, a3 = h.publisher.outstanding
+        (lease,) = [k.lease_token for k in h.key_rows()]
+        h.publisher.outstanding = [a2]
+        h.publisher.decide = lambda m: Outcome.REJECTED
+        h.publisher.settle()
+        h.step(3)
+        assert [k.lease_token for k in h.key_rows()] == [lease]
+        h.publisher.outstanding = [a1, a3]
+        h.publisher.decide = lambda m: Outcome.CONFIRMED
+        h.publisher.settle()
+        fenced = sum(h.relay.run_once(timeout=0).fenced for _ in range(3))
+        assert fenced == 0
+        assert [(r.status, r.attempts) for r in h.rows()] == [
+            ("published", 0),
+            ("pending", 1),
+            ("published", 0),
+        ]
+        assert h.leased_keys() == []  # the key waits for a2's retry
+        h.clock.advance(61)
+        h.relay.wake()
+        h.settle_and_step()
+        sent = [m.message_id for m in h.publisher.published]
+        assert sent == [a1.message_id, a2.message_id, a3.message_id, a2.message_id]
+        assert {r.status for r in h.rows()} == {"published"}
+    finally:
+        h.engine.dispose()
+
+
+def test_a_renewal_does_not_bring_back_a_lease_the_relay_gave_up(h: Harness) -> None:
+    """a1 is in flight when the relay, paused past the lease, gives up its claim (a2 goes
+    back). The next renewal still covers the claim (a1's outcome is to come) and the
+    database still has it: that must not put the claim's deadline back, below the lower
+    bound `_expire_lost_leases` trusts (found by review: the bound's promise, that no
+    deadline is earlier, did not hold)."""
+    h.write(*keyed("a", 2))
+    h.step()
+    assert len(h.publisher.outstanding) == 1
+    h.clock.advance(31)
+    h.step()  # lease given up: a2 withdrawn, a1 still in flight
+    assert h.relay.sequencer.queued == 0 and h.relay.sequencer.in_flight == 1
+    h.clock.advance(11)
+    h.step()  # a renewal, answered "held"
+    relay = h.relay
+    assert all(d >= relay._earliest_deadline for d in relay._lease_deadline.values()), (
+        relay._lease_deadline,
+        relay._earliest_deadline,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 import uuid
 
 import pytest
@@ -153,3 +154,79 @@ def test_a_windows_new_claim_waits_for_the_old_claims_events_to_settle() -> None
 def test_a_window_has_at_least_one_event(per_key: int) -> None:
     with pytest.raises(ValueError, match="per_key"):
         Sequencer(max_in_flight=10, per_key=per_key)
+
+
+def _drop(queued: dict[int, ClaimedEvent], events: list[ClaimedEvent]) -> None:
+    for e in events:
+        assert queued.pop(e.seq) is e
+
+
+@pytest.mark.parametrize("per_key", [1, 2, 3])
+def test_random_operations_keep_the_queued_count_and_the_windows_true(per_key: int) -> None:
+    """Random adds (stale replacements included), takes, confirms, stops and withdrawals,
+    checked after every operation against a model kept outside the sequencer: `queued` is
+    the number of events added and not yet handed out, dropped or given back; a key has at
+    most `per_key` events in flight, all of one claim, handed out in the order they were
+    added; and `take()` hands out something whenever a queued event may go out."""
+    rng = random.Random(20261201 + per_key)
+    for _ in range(300):
+        s = Sequencer(max_in_flight=rng.choice([1, 2, 5, 100]), per_key=per_key)
+        queued: dict[int, ClaimedEvent] = {}  # the model: seq -> event still queued
+        in_flight: dict[int, ClaimedEvent] = {}
+        tokens: list[uuid.UUID] = []
+        last_out: dict[tuple[str, uuid.UUID], int] = {}
+        next_seq = 0
+
+        for _ in range(40):
+            op = rng.choice(["add", "add", "take", "take", "confirm", "stop", "withdraw"])
+            if op == "add":
+                token = uuid.uuid4()
+                tokens.append(token)
+                batch = []
+                for _ in range(rng.randint(1, 5)):
+                    next_seq += 1
+                    batch.append(ev(next_seq, rng.choice(["a", "b", "c", None]), token))
+                queued.update((e.seq, e) for e in batch)
+                _drop(queued, s.add(batch))
+            elif op == "take":
+                for e in s.take(rng.choice([None, 1, 2])):
+                    assert queued.pop(e.seq) is e
+                    in_flight[e.seq] = e
+                    if e.key is not None:
+                        assert last_out.get((e.key, e.token), 0) < e.seq  # in write order
+                        last_out[(e.key, e.token)] = e.seq
+            elif op in ("confirm", "stop") and in_flight:
+                seq = rng.choice(sorted(in_flight))
+                event = in_flight.pop(seq)
+                if op == "confirm":
+                    assert s.confirmed(seq) is event
+                else:
+                    stopped, rest = s.stopped(seq)
+                    assert stopped is event
+                    _drop(queued, rest)
+            elif op == "withdraw":
+                _drop(queued, s.withdraw(rng.choice([None, *tokens[-3:]])))
+            assert s.queued == len(queued)
+            assert s.in_flight == len(in_flight)
+            assert s.idle == (not queued and not in_flight)
+            windows: dict[str, list[ClaimedEvent]] = {}
+            for e in in_flight.values():
+                if e.key is not None:
+                    windows.setdefault(e.key, []).append(e)
+            for key, window in windows.items():
+                assert len(window) <= per_key and len({e.token for e in window}) == 1
+                assert s.busy(key, window[0].token)
+            for key in ("a", "b", "c"):
+                assert s.busy(key) == (key in windows)
+                assert s.has_queued(key) == any(e.key == key for e in queued.values())
+        # Liveness: whatever may go out does, and everything ends.
+        while queued or in_flight:
+            for e in s.take():
+                queued.pop(e.seq)
+                in_flight[e.seq] = e
+            assert in_flight, "events are queued but none may go out"
+            for seq in list(in_flight):
+                s.confirmed(seq)
+                del in_flight[seq]
+            assert s.queued == len(queued)
+        assert s.idle
