@@ -28,6 +28,10 @@ class OutgoingMessage:
     correlation_id: str | None = None
     content_type: str = "application/json"
     app_id: str = "outbox-relay"
+    # `time.monotonic()` after which the message must not be sent: the relay's lease on it
+    # may have passed to another relay (a process frozen between handing it over and the
+    # I/O loop sending it). None: no limit.
+    send_by: float | None = None
 
 
 class Outcome(enum.Enum):

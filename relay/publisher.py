@@ -71,6 +71,7 @@ NACKED = (
 
 # A channel the broker closes while we declare the exchange with this code means the exchange
 # exists with another type or other arguments: reconnecting cannot fix that.
+LEASE_OVER = "not sent: its lease ran out before the I/O loop got to it"
 _PRECONDITION_FAILED = 406
 _ACCESS_REFUSED = 403
 
@@ -644,10 +645,14 @@ class AmqpPublisher:
         published: list[Entry] = []
         sent: list[Sent] = []
         events: list[PublisherEvent] = []
+        now = time.monotonic()
         for batch in batches:
             for message in batch:
                 if not usable or channel is None:
                     events.append(PublishOutcome(message.tag, Outcome.UNKNOWN, refusal))
+                    continue
+                if message.send_by is not None and now >= message.send_by:
+                    events.append(PublishOutcome(message.tag, Outcome.UNKNOWN, LEASE_OVER))
                     continue
                 bad_header = distribution_header_error(message.headers)
                 if bad_header is not None:

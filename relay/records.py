@@ -55,7 +55,7 @@ class ClaimedEvent:
             token=token,
         )
 
-    def message(self, exchange: str) -> OutgoingMessage:
+    def message(self, exchange: str, *, send_by: float | None = None) -> OutgoingMessage:
         """The AMQP message: `message_id` is the event id, the same on every attempt."""
         headers: dict[str, Any] = json.loads(self.headers) if self.headers else {}
         # The relay's own headers win over an application header of the same name.
@@ -78,6 +78,7 @@ class ClaimedEvent:
             timestamp=int(self.occurred_at.timestamp()),
             headers=headers,
             correlation_id=self.correlation_id,
+            send_by=send_by,
         )
 
 

@@ -533,7 +533,13 @@ class Relay:
         now = self._monotonic()
         for event in events:
             self._published_at[event.seq] = now
-        messages = [event.message(self.settings.exchange) for event in events]
+        # Sent by the lease's local deadline at the latest: the I/O loop sends them only when
+        # the relay next waits, and a process frozen in between must not send them after
+        # another relay took their keys over.
+        messages = [
+            event.message(self.settings.exchange, send_by=self._lease_deadline.get(event.token))
+            for event in events
+        ]
         self._spans.published(messages)
         self.publisher.publish(messages)
         self._report.published += len(events)

@@ -32,6 +32,9 @@ def test_relay_sigkilled_at_random_moments_and_restarted(rig: Rig) -> None:
     sigkill_scenario(rig, KILL_ROUNDS, seed=7)
 
 
+LINK_LATENCY = 0.1  # each way, on the frozen relay's broker link
+
+
 def test_paused_relay_is_fenced_off_after_its_lease(rig: Rig) -> None:
     """Given two relay processes sharing the outbox (lease 2 s) and writers committing, when
     one is frozen (SIGSTOP) for 4 s while it has messages waiting for their confirms and then
@@ -44,7 +47,7 @@ def test_paused_relay_is_fenced_off_after_its_lease(rig: Rig) -> None:
     each of its keys waits 200 ms for a confirm: whenever it is frozen, it holds messages
     published and not yet recorded, and their late results must meet the fence. The scenario
     fails unless the frozen relay reports fenced results after its resume."""
-    rig.amqp_proxy.set_latency(0.1)
+    rig.amqp_proxy.set_latency(LINK_LATENCY)
     slow_link = via_proxy_amqp(rig.amqp_url, rig.amqp_proxy)
     with Writers(
         rig.engine, rig.box, total=4000, keys=50, rate=400, rollback_share=0.1, seed=8
@@ -58,7 +61,10 @@ def test_paused_relay_is_fenced_off_after_its_lease(rig: Rig) -> None:
             down = rig.amqp_proxy.bytes_down
             rig.amqp_proxy.wait_until(lambda: rig.amqp_proxy.bytes_down > down + 1000, 10)
             frozen.pause()
-            paused = Fault(time.monotonic(), DUPLICATES_PER_CRASH, "SIGSTOP")
+            # Dated back by the slow link's round trip: what the frozen relay had just sent is
+            # still on the link when it freezes, reaches the consumer after this moment, and
+            # is sent again by the other relay; that redelivery is this pause's doing.
+            paused = Fault(time.monotonic() - 2 * LINK_LATENCY, DUPLICATES_PER_CRASH, "SIGSTOP")
             rig.observer.watch(PAUSE)
             other.assert_running()
             frozen.resume()

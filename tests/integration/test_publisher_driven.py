@@ -4,6 +4,7 @@ bounded even when the broker stops answering, and every message still gets one o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections import Counter
@@ -13,7 +14,7 @@ from relay.mailbox import LoopMailbox
 from relay.messages import Outcome, OutgoingMessage, PublisherEvent, PublishOutcome
 from relay.publisher import AmqpPublisher
 from tests.faults.proxy import FaultProxy
-from tests.support.rabbit import unique_name
+from tests.support.rabbit import QueueTap, unique_name
 
 
 def message(tag: int, exchange: str) -> OutgoingMessage:
@@ -63,3 +64,44 @@ def test_stop_with_a_black_holed_broker_returns_in_time_and_settles_each_message
     outcomes = [e for e in taken if isinstance(e, PublishOutcome)]
     assert Counter(o.tag for o in outcomes) == Counter(range(1, 51))
     assert {o.outcome for o in outcomes} == {Outcome.UNKNOWN}
+
+
+def test_a_message_whose_lease_ran_out_before_the_loop_sent_it_is_not_sent(
+    amqp_url: str, tapped_exchange: tuple[QueueTap, str]
+) -> None:
+    """The relay hands messages over, then is frozen before its next wait (when the loop would
+    send them) for longer than their lease: by then another relay may own their keys, so they
+    come back UNKNOWN (given back, no attempt spent) and never reach the broker."""
+    tap, exchange = tapped_exchange
+    mailbox: LoopMailbox[Sequence[PublisherEvent]] = LoopMailbox(asyncio.new_event_loop())
+    taken: list[PublisherEvent] = []
+    publisher = AmqpPublisher(
+        amqp_url,
+        mailbox.put,
+        connection_name=unique_name("test-driven"),
+        exchange=exchange,
+        loop=mailbox.loop,
+    )
+    try:
+        publisher.start()
+        deadline = time.monotonic() + 10
+        while not publisher.ready and time.monotonic() < deadline:
+            for batch in mailbox.take(0.1):
+                taken.extend(batch)
+        assert publisher.ready
+        late = dataclasses.replace(message(1, exchange), send_by=time.monotonic() + 0.2)
+        unbound = message(2, exchange)
+        publisher.publish([late, unbound])
+        time.sleep(0.3)  # "frozen": the loop does not run until the lease is over
+        deadline = time.monotonic() + 5
+        while len([e for e in taken if isinstance(e, PublishOutcome)]) < 2:
+            assert time.monotonic() < deadline
+            for batch in mailbox.take(0.1):
+                taken.extend(batch)
+        publisher.stop(timeout=2.0)
+    finally:
+        mailbox.close()
+    outcomes = {e.tag: e for e in taken if isinstance(e, PublishOutcome)}
+    assert outcomes[1].outcome is Outcome.UNKNOWN and "lease ran out" in (outcomes[1].error or "")
+    assert outcomes[2].outcome is Outcome.CONFIRMED
+    assert [d.message_id for d in tap.drain(expected=2, timeout=1)] == [unbound.message_id]
