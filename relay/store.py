@@ -24,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.sql.dml import ReturningDelete
 
 from outbox.ddl import check as schema_check
 from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
@@ -451,25 +452,17 @@ class Store:
         """
         if not keys:
             return set()
-        k, t = self.outbox.keys, self.outbox.events
+        k = self.outbox.keys
         candidates = list(keys)
         if self._postgres:
-            lock = sa.func.pg_try_advisory_xact_lock(
-                sa.func.hashtextextended(k.c.key, self.outbox.key_lock_seed)
-            )
             candidates = list(
-                conn.scalars(sa.select(k.c.key).where(self._one_of(k.c.key, keys), lock))
+                conn.scalars(
+                    sa.select(k.c.key).where(self._one_of(k.c.key, keys), self._writers_lock)
+                )
             )
         deleted: set[str] = set()
         if candidates:
-            pending = sa.exists().where(t.c.key == k.c.key, t.c.status == PENDING)
-            deleted = set(
-                conn.scalars(
-                    sa.delete(k)
-                    .where(self._one_of(k.c.key, candidates), ~k.c.held, ~pending)
-                    .returning(k.c.key)
-                )
-            )
+            deleted = set(conn.scalars(self._delete_drained, {"keys": candidates}))
         kept = [key for key in keys if key not in deleted]
         if kept:
             conn.execute(
@@ -775,9 +768,6 @@ class Store:
             .table_valued("key", "token")
             .render_derived()
         )
-        writers_locked = sa.func.pg_try_advisory_xact_lock(
-            sa.func.hashtextextended(k.c.key, self.outbox.key_lock_seed)
-        )
         return (
             sa.update(k)
             .where(k.c.key == ending.c.key, k.c.lease_token == ending.c.token)
@@ -786,20 +776,32 @@ class Store:
                 leased_by=None,
                 available_at=sa.bindparam("now", type_=k.c.available_at.type),
             )
-            .returning(k.c.key, writers_locked.label("writers_locked"))
+            .returning(k.c.key, self._writers_lock.label("writers_locked"))
+        )
+
+    @property
+    def _writers_lock(self) -> sa.ColumnElement[bool]:
+        """PostgreSQL: try (never wait for) the advisory lock writers of the key row's key hold
+        from numbering their row until they commit (`outbox.ddl`)."""
+        k = self.outbox.keys
+        return sa.func.pg_try_advisory_xact_lock(
+            sa.func.hashtextextended(k.c.key, self.outbox.key_lock_seed)
         )
 
     @functools.cached_property
-    def _delete_drained(self) -> sa.Delete:
-        """PostgreSQL: delete the rows of the parameter `keys` (their writers' locks taken by
-        an earlier statement of this transaction) that no pending event and no hold needs."""
+    def _delete_drained(self) -> ReturningDelete[tuple[str]]:
+        """Delete the rows of the parameter `keys` (on PostgreSQL, their writers' locks taken
+        by an earlier statement of this transaction) that no pending event and no hold needs;
+        returns the keys deleted."""
         k, t = self.outbox.keys, self.outbox.events
         pending = sa.exists().where(t.c.key == k.c.key, t.c.status == PENDING)
-        return sa.delete(k).where(
-            k.c.key == sa.any_(sa.bindparam("keys", type_=postgresql.ARRAY(k.c.key.type))),
-            ~k.c.held,
-            ~pending,
-        )
+        if self._postgres:
+            of_these = k.c.key == sa.any_(
+                sa.bindparam("keys", type_=postgresql.ARRAY(k.c.key.type))
+            )
+        else:
+            of_these = k.c.key.in_(sa.bindparam("keys", expanding=True))
+        return sa.delete(k).where(of_these, ~k.c.held, ~pending).returning(k.c.key)
 
     def _free_keys(
         self, conn: Connection, token: uuid.UUID, keys: Collection[str], *, now: dt.datetime
