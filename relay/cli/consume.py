@@ -12,8 +12,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from relay.cli.exits import EXIT_CODES_HELP, META_DATABASE_URL
-from relay.cli.options import DURATION, amqp_option, checked_url, exchange_options, metrics_options
+from relay.cli.exits import EXIT_CODES_HELP
+from relay.cli.options import (
+    DURATION,
+    amqp_option,
+    database_url_option,
+    exchange_options,
+    metrics_options,
+)
 from relay.consumer.topology import DEFAULT_QUEUES, MAX_QUEUES, QUEUE_TYPES
 from relay.errors import ConfigError
 from relay.urls import mask_url
@@ -31,20 +37,9 @@ one), e.g. myapp.handlers:handlers. Its name is the consumer group: queues <name
 """
 
 
-def database_url_option(f: F) -> F:
-    return click.option(
-        "--database-url",
-        envvar="OUTBOX_DATABASE_URL",
-        show_envvar=True,
-        required=True,
-        callback=checked_url(META_DATABASE_URL),
-        help="SQLAlchemy URL of the database the handlers write to (and the inbox is in).",
-    )(f)
-
-
 @click.command(epilog=HANDLERS_HELP + "\n" + EXIT_CODES_HELP)
 @click.argument("reference", metavar="MODULE:HANDLERS")
-@database_url_option
+@database_url_option("SQLAlchemy URL of the database the handlers write to (and the inbox is in).")
 @amqp_option()
 @exchange_options("The relay's exchange; the group's hash exchange is bound to it.")
 @click.option(

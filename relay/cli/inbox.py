@@ -13,11 +13,10 @@ import click
 from relay.cli.exits import (
     EXIT_CODES_HELP,
     EXIT_ERROR,
-    META_DATABASE_URL,
     OutboxGroup,
     exit_code_for,
 )
-from relay.cli.options import amqp_option, checked_url, json_option
+from relay.cli.options import amqp_option, database_url_option, json_option
 from relay.cli.render import LAST_ERROR_WIDTH, emit_json, format_table, format_time, plural, shorten
 from relay.cli.terminal import confirm
 from relay.errors import ConfigError, NotFoundError
@@ -41,15 +40,7 @@ _PARKED_JSON = """\b
 """
 
 
-def _database_url(f: F) -> F:
-    return click.option(
-        "--database-url",
-        envvar="OUTBOX_DATABASE_URL",
-        show_envvar=True,
-        required=True,
-        callback=checked_url(META_DATABASE_URL),
-        help="SQLAlchemy URL of the database that holds the inbox tables.",
-    )(f)
+_database_url = database_url_option("SQLAlchemy URL of the database that holds the inbox tables.")
 
 
 def inbox_options(f: F) -> F:

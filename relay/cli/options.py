@@ -125,6 +125,18 @@ def checked_url(key: str) -> Callable[[click.Context, click.Parameter, Any], Any
     return callback
 
 
+def database_url_option(help: str) -> Callable[[F], F]:
+    """--database-url (env OUTBOX_DATABASE_URL), checked at the edge; `help` says which."""
+    return click.option(
+        "--database-url",
+        envvar="OUTBOX_DATABASE_URL",
+        show_envvar=True,
+        required=True,
+        callback=checked_url(META_DATABASE_URL),
+        help=help,
+    )
+
+
 def database_options(f: F) -> F:
     f = click.option(
         "--schema",
@@ -141,16 +153,10 @@ def database_options(f: F) -> F:
         show_default=True,
         help="Name of the outbox table.",
     )(f)
-    f = click.option(
-        "--database-url",
-        envvar="OUTBOX_DATABASE_URL",
-        show_envvar=True,
-        required=True,
-        callback=checked_url(META_DATABASE_URL),
-        help="SQLAlchemy URL of the application database, e.g. "
-        "postgresql://user:pass@host/db or sqlite:///app.db.",
+    return database_url_option(
+        "SQLAlchemy URL of the application database, e.g. "
+        "postgresql://user:pass@host/db or sqlite:///app.db."
     )(f)
-    return f
 
 
 def amqp_option(default: str | None = None) -> Callable[[F], F]:
