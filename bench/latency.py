@@ -162,23 +162,32 @@ def _ms(value: float | None) -> str:
 def _latency_stats(
     config: BenchConfig, rate: int, records: Sequence[CommitRecord], arrived: dict[str, float]
 ) -> dict[str, Any]:
-    start = min(due for _, _, _, due in records)
-    counted = [
-        (arrived[event_id] - committed) * 1000
-        for event_id, _, committed, due in records
-        if due - start >= config.latency_warmup and event_id in arrived
-    ]
-    counted.sort()
-    commits = [committed for _, _, committed, _ in records]
-    span = max(commits) - start
+    stats = commit_to_delivery(records, arrived, warmup=config.latency_warmup)
     return {
         "rate": rate,
         "writers": _writers_for(config, rate),
+        **stats,
+        "missing": sum(1 for event_id, *_ in records if event_id not in arrived),
+    }
+
+
+def commit_to_delivery(
+    records: Sequence[CommitRecord], arrived: dict[str, float], *, warmup: float
+) -> dict[str, Any]:
+    """Milliseconds from each commit to its arrival (events due in the first `warmup`
+    seconds left out), the rate the writers reached, and how far behind schedule they fell."""
+    start = min(due for _, _, _, due in records)
+    counted = sorted(
+        (arrived[event_id] - committed) * 1000
+        for event_id, _, committed, due in records
+        if due - start >= warmup and event_id in arrived
+    )
+    span = max(committed for _, _, committed, _ in records) - start
+    return {
         "events": len(records),
         "achieved_rate": round(len(records) / span, 1) if span > 0 else None,
         "max_lag_ms": round(max(c - d for _, _, c, d in records) * 1000, 1),
         "samples": len(counted),
-        "missing": sum(1 for event_id, *_ in records if event_id not in arrived),
         "p50_ms": _round(percentile(counted, 0.50)),
         "p95_ms": _round(percentile(counted, 0.95)),
         "p99_ms": _round(percentile(counted, 0.99)),

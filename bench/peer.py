@@ -28,7 +28,7 @@ import importlib.util
 import multiprocessing
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
 from typing import Any
@@ -45,14 +45,19 @@ from bench.common import (
     create_engine,
     history_counts,
     median,
-    percentile,
     progress,
     relay_settings,
     rotate,
     temporary_outbox,
 )
 from bench.config import BenchConfig
-from bench.latency import arrivals_consumer, expect, receive, started_writers
+from bench.latency import (
+    arrivals_consumer,
+    commit_to_delivery,
+    expect,
+    receive,
+    started_writers,
+)
 from bench.peer_processes import KINDS, OURS, READY_TIMEOUT, TXOUTBOX, process_cpu_seconds
 from outbox import Outbox
 from tests.support.history import Delivery, Written, check_history
@@ -234,7 +239,7 @@ def _latency_run(ctx: SpawnContext, config: BenchConfig, kind: str, rate: int) -
         deliveries.append(Delivery(message_id, key, seq, redelivered))
         arrived.setdefault(message_id, at)
     return {
-        **_latency_stats(config, records, arrived),
+        **commit_to_delivery(records, arrived, warmup=config.peer_warmup),
         "rate": rate,
         "relay_cpu_seconds": round(relay_cpu, 3),
         "relay_cpu_percent": round(relay_cpu / span * 100, 1),
@@ -244,34 +249,6 @@ def _latency_run(ctx: SpawnContext, config: BenchConfig, kind: str, rate: int) -
         "span_seconds": round(span, 3),
         "correctness": history_counts(check_history(truth, deliveries)),
     }
-
-
-def _latency_stats(
-    config: BenchConfig,
-    records: Sequence[tuple[str, int, float, float]],
-    arrived: dict[str, float],
-) -> dict[str, Any]:
-    start = min(due for *_, due in records)
-    counted = sorted(
-        (arrived[event_id] - committed) * 1000
-        for event_id, _, committed, due in records
-        if due - start >= config.peer_warmup and event_id in arrived
-    )
-    span = max(committed for _, _, committed, _ in records) - start
-    return {
-        "events": len(records),
-        "achieved_rate": round(len(records) / span, 1) if span > 0 else None,
-        "max_lag_ms": round(max(c - d for _, _, c, d in records) * 1000, 1),
-        "samples": len(counted),
-        "p50_ms": _round(percentile(counted, 0.50)),
-        "p95_ms": _round(percentile(counted, 0.95)),
-        "p99_ms": _round(percentile(counted, 0.99)),
-        "max_ms": _round(counted[-1] if counted else None),
-    }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
 
 
 def _write_at_rate(
