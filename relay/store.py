@@ -11,6 +11,7 @@ lease (it paused past the lease, another relay took over) changes nothing.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import functools
@@ -223,8 +224,16 @@ class Store:
         Why a held or busy key never delays another: held keys are not in the index claims
         read (`NOT held`), leased and retrying keys sort after `now`, and every key gets at
         most `run_length` rows per claim and then goes to the back of the line (its
-        `available_at` becomes the time it is freed). A claim reads at most `limit` key rows
-        and `limit` event rows, whatever the backlog.
+        `available_at` becomes the time it is freed).
+
+        The claim's `limit` rows are shared among the keys it locked, in rounds: every key's
+        first row, then every key's second row, and so on (`_per_key`), so that a claim
+        that locks many keys serves all of them rather than the first few their full run:
+        with 1,000 busy keys and a batch of 2,000, two each for 1,000 keys in flight, not
+        fifty each for forty. A key with fewer rows leaves its turns to the others. Each
+        key's rows still form a prefix: a round is only reached once every earlier one is
+        in. A claim reads at most `limit` key rows and about twice `limit` event rows,
+        whatever the backlog.
         """
         token = uuid.uuid4()
         with self.transaction() as conn:
@@ -236,7 +245,7 @@ class Store:
                     "owner": owner,
                     "limit": limit,
                     "keyless_limit": max(1, limit // 2),
-                    "run_length": run_length,
+                    "run_length": _per_key(limit, len(keys), run_length),
                     "lease_until": lease_until,
                     "now": now,
                 }
@@ -252,12 +261,17 @@ class Store:
                     lease_until=lease_until,
                     now=now,
                 )
-        # Keys before the last one served that gave no rows are empty: drop them, in a
-        # transaction of their own (it takes writers' locks, which must not wait on the claim).
-        # Keys after it were cut by `limit`; their locks simply ended with the claim.
-        served = {row["key"] for row in rows if row["key"] is not None}
-        last = max((keys.index(key) for key in served), default=len(keys) - 1)
-        empty = [key for key in keys[: last + 1] if key not in served]
+        # Keys that gave no rows are empty, unless the claim's room ran out inside the first
+        # round (only keys after the last one served can have been cut then): drop the empty
+        # ones, in a transaction of their own (it takes writers' locks, which must not wait
+        # on the claim). A cut key's lock simply ended with the claim.
+        served = collections.Counter(row["key"] for row in rows if row["key"] is not None)
+        keyed = sum(served.values())
+        if keyed < limit - (len(rows) - keyed) or max(served.values(), default=0) > 1:
+            empty = [key for key in keys if key not in served]
+        else:
+            last = max((keys.index(key) for key in served), default=len(keys) - 1)
+            empty = [key for key in keys[: last + 1] if key not in served]
         if empty:
             with self.transaction() as conn:
                 k = self.outbox.keys
@@ -301,9 +315,11 @@ class Store:
     def _claim_statement(self) -> sa.Select[Any]:
         """PostgreSQL: one statement (one snapshot, one round trip) that leases events without
         a key (up to `keyless_limit`), reads each locked key's first pending rows (at most
-        `run_length`, keys in the order they were locked, `limit` rows in all) and leases the
-        keys that gave rows. Every read goes by index, in index order: no bitmap scan, which
-        would visit every dead index entry that published rows leave until vacuum runs.
+        the parameter `run_length`, see `_per_key`), keeps `limit` rows in all, in rounds
+        (every key's first row, in the order the keys were locked, then every key's second
+        row...) and leases the keys that gave rows. Every read goes by index, in index
+        order: no bitmap scan, which would visit every dead index entry that published rows
+        leave until vacuum runs.
 
         Built once, with its values as parameters: building a statement this size (and
         SQLAlchemy's column collections for it) cost more CPU than the rest of a claim."""
@@ -330,11 +346,13 @@ class Store:
             .select_from(keyless)
             .scalar_subquery()
         )
+        # Rounds: every key's first row, then every key's second row... (see `claim`).
+        turn = sa.func.row_number().over(partition_by=picked.c.ord, order_by=first_rows.c.seq)
         keyed = (
             sa.select(first_rows)
             .select_from(picked)
             .join(first_rows, sa.true())
-            .order_by(picked.c.ord, first_rows.c.seq)
+            .order_by(turn, picked.c.ord)
             .limit(room)
             .cte("keyed")
         )
@@ -380,20 +398,29 @@ class Store:
             "now": now,
         }
         rows = list(conn.execute(self._lease_keyless, keyless).mappings())
-        leased: list[str] = []
-        for key in keys:
-            if len(rows) >= limit:
-                break
-            first = (
-                sa.select(t)
-                .where(t.c.key == key, t.c.status == PENDING)
-                .order_by(t.c.seq)
-                .limit(min(run_length, limit - len(rows)))
+        per_key = _per_key(limit, len(keys), run_length)
+        firsts = [
+            list(
+                conn.execute(
+                    sa.select(t)
+                    .where(t.c.key == key, t.c.status == PENDING)
+                    .order_by(t.c.seq)
+                    .limit(per_key)
+                ).mappings()
             )
-            found = list(conn.execute(first).mappings())
-            if found:
-                leased.append(key)
-            rows.extend(found)
+            for key in keys
+        ]
+        rounds = sorted(
+            (
+                (turn, place, row)
+                for place, found in enumerate(firsts)
+                for turn, row in enumerate(found)
+            ),
+            key=lambda item: item[:2],
+        )
+        kept = [row for _, _, row in rounds[: max(0, limit - len(rows))]]
+        rows.extend(kept)
+        leased = list({row["key"]: None for row in kept})
         if leased:
             conn.execute(
                 sa.update(k)
@@ -934,6 +961,14 @@ class Store:
             raise SchemaMissingError("; ".join(result.errors))
         for warning in result.warnings:
             log.warning("%s", warning)
+
+
+def _per_key(limit: int, keys: int, run_length: int) -> int:
+    """The most rows a claim reads of each of its `keys` locked keys: `run_length`, or twice
+    the key's even share of `limit` if that is less. Twice, so that rounds a key with fewer
+    rows leaves can go to keys with more, while reading at most about twice `limit` rows."""
+    share = -(-limit // max(1, keys))  # ceil
+    return max(1, min(run_length, 2 * share))
 
 
 def _utcnow() -> dt.datetime:

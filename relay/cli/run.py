@@ -73,7 +73,7 @@ log = logging.getLogger("relay.cli")
     default=DEFAULT_RUN_LENGTH,
     show_default=True,
     type=click.IntRange(1, 10_000),
-    help="Most events of one key leased per claim.",
+    help="Most events of one key leased per claim (a claim shares its batch among its keys).",
 )
 @click.option(
     "--max-in-flight",

@@ -112,7 +112,69 @@ def test_a_busy_key_gets_its_run_per_claim_like_any_other_key(
     write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i}") for i in range(50)])
     got = by_key(claim(store, limit=200, run_length=10))
     assert set(got) == {"busy", *(f"k{i}" for i in range(50))}
-    assert len(got["busy"]) == 10
+    # Its turns, at most twice its share of the batch (200 rows over 51 keys: 4), never more
+    # than the run length: the rest of its backlog waits for the next claim.
+    assert got["busy"] == pending_seqs(pg_engine, outbox_schema, "busy")[:8]
+    assert "busy" not in by_key(claim(store, limit=1000, run_length=10))  # still leased
+
+
+def test_a_claim_shares_its_batch_among_the_keys_it_locks(
+    pg_engine: sa.Engine, outbox_schema: Outbox, store: Store
+) -> None:
+    """1,000 keys of 5 events each and a batch of 1,000: every key gets one event (the claim
+    keeps all of them in flight), rather than the first twenty keys their run of 50."""
+    write_events(
+        pg_engine,
+        outbox_schema,
+        [Event(type="t", key=f"k{i}") for _ in range(5) for i in range(1000)],
+    )
+    got = by_key(claim(store, limit=1000, run_length=50))
+    assert len(got) == 1000
+    for key, seqs in got.items():
+        assert key is not None
+        assert seqs == pending_seqs(pg_engine, outbox_schema, key)[:1]
+
+
+def test_a_claim_gives_the_turns_of_short_keys_to_longer_ones_in_rounds(
+    pg_engine: sa.Engine, outbox_schema: Outbox, store: Store
+) -> None:
+    """Rounds: every key's first row, then every key's second... A claim's room that ends
+    inside a round cuts the keys after the last one served, each key's rows still the first
+    of its pending rows (a prefix of its order)."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="big") for _ in range(30)])
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=f"s{i}") for i in range(9)])
+    # 10 keys, a batch of 20: a share of 2, at most 4 each. The nine short keys take one
+    # each; "big" takes its four.
+    got = by_key(claim(store, limit=20, run_length=50))
+    assert {key: len(seqs) for key, seqs in got.items()} == {"big": 4} | {
+        f"s{i}": 1 for i in range(9)
+    }
+    assert got["big"] == pending_seqs(pg_engine, outbox_schema, "big")[:4]
+
+    write_events(
+        pg_engine, outbox_schema, [Event(type="t", key=k) for _ in range(10) for k in "abc"]
+    )
+    # Three keys, room for 7: rounds of three, the third cut after the first key.
+    got = by_key(claim(store, limit=7, run_length=50))
+    assert {key: len(seqs) for key, seqs in got.items()} == {"a": 3, "b": 2, "c": 2}
+    for key in "abc":
+        assert got[key] == pending_seqs(pg_engine, outbox_schema, key)[: len(got[key])]
+
+
+def test_a_key_row_with_nothing_pending_is_dropped_wherever_it_is_in_the_line(
+    pg_engine: sa.Engine, outbox_schema: Outbox, store: Store
+) -> None:
+    """A key row without pending events (here: left by hand, last in line) is deleted by the
+    claim that locks it once the claim's rounds went past the first: every key with rows
+    was served then, so a key without any is empty, not cut."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="k") for _ in range(3)])
+    k = outbox_schema.keys
+    with pg_engine.begin() as conn:
+        conn.execute(sa.insert(k).values(key="ghost", available_at=now()))
+    got = by_key(claim(store, limit=4, run_length=50))
+    assert set(got) == {"k"} and len(got["k"]) == 3
+    with pg_engine.connect() as conn:
+        assert conn.execute(sa.select(k.c.key)).scalars().all() == ["k"]
 
 
 def test_freed_keys_go_to_the_back_of_the_line(
@@ -359,14 +421,20 @@ def test_concurrent_claims_never_share_a_key(pg_engine: sa.Engine, outbox_schema
         thread.join(30)
     seqs = [e.seq for c in claims for e in c.events]
     assert len(seqs) == len(set(seqs))
-    # Nothing is freed meanwhile, so each key is leased once, with its first 5 rows.
+    # Nothing is freed meanwhile, so each key is leased once, with its first rows (at most
+    # 5; fewer when the claim that took it shared its batch among more keys).
     owners: dict[str | None, set[uuid.UUID]] = {}
     for c in claims:
         for event in c.events:
             owners.setdefault(event.key, set()).add(c.token)
     assert set(owners) == {f"k{i}" for i in range(50)}
     assert all(len(tokens) == 1 for tokens in owners.values())
-    assert len(seqs) == 250
+    for key, got in by_key(
+        Claim(uuid.uuid4(), tuple(e for c in claims for e in c.events), now())
+    ).items():
+        assert key is not None
+        assert 1 <= len(got) <= 5
+        assert got == pending_seqs(pg_engine, outbox_schema, key)[: len(got)]
 
 
 def test_a_drained_key_is_removed_but_never_under_a_writer_in_progress(
