@@ -58,13 +58,20 @@ def current_trace_headers() -> dict[str, str]:
     sampling decision travels with it in the trace flags.
     """
     trace = sys.modules.get(_TRACE_MODULE)
-    if trace is None:  # never loaded: no span can be current (see the module docstring)
+    if trace is None or _initializing(trace):
+        # Never loaded, or being imported by another thread right now (it is in sys.modules
+        # before its body has run): no span can be current yet (see the module docstring).
         return {}
     if not trace.get_current_span().get_span_context().is_valid:
         return {}
     carrier: dict[str, str] = {}
     _w3c().inject(carrier)
     return carrier
+
+
+def _initializing(module: object) -> bool:
+    """The module is still being imported (importlib marks its spec until the body ran)."""
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 def merged_headers(headers: Mapping[str, str], trace: Mapping[str, str]) -> Mapping[str, str]:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 import outbox
 from outbox import AggregateRoot, Event, Outbox
+from outbox.tracing import current_trace_headers
 
 from .otel import Spans, traceparent
 
@@ -164,3 +165,21 @@ def test_pending_events_are_what_was_recorded(engine: sa.Engine, spans: Spans) -
             event = order.record("order.placed")
         assert order.pending_events == (event,)
         assert dict(event.headers) == {}  # the context is added when it is written
+
+
+def test_a_writer_ignores_opentelemetry_while_another_thread_imports_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`opentelemetry.trace` is in sys.modules from the moment another thread starts importing
+    it (the relay does on its first publish), before its functions exist: a writer in a
+    thread of its own looked it up then and failed its transaction (found by the fault
+    suite). No span can be current before the module is loaded, so there is none to store."""
+    import importlib.machinery
+    import sys
+    import types
+
+    half = types.ModuleType("opentelemetry.trace")
+    half.__spec__ = importlib.machinery.ModuleSpec("opentelemetry.trace", None)
+    half.__spec__._initializing = True  # type: ignore[attr-defined]  # what importlib sets
+    monkeypatch.setitem(sys.modules, "opentelemetry.trace", half)
+    assert current_trace_headers() == {}
