@@ -252,37 +252,35 @@ def _measure_idle(relay: Relay, config: BenchConfig) -> dict[str, Any]:
     and the pool's pre-ping) that no statement count shows."""
     time.sleep(config.idle_warmup)
     kinds: Counter[str] = Counter()
-    other: Counter[str] = Counter()
+    checkouts = 0
     schema = relay.settings.schema or ""
+    store = relay.store
 
-    def statement(conn: Any, cursor: Any, text: str, *args: Any) -> None:
+    def statement(conn: Any, text: str) -> None:
         kinds[_statement_kind(text, schema)] += 1
 
-    def begin(conn: Any) -> None:
-        other["transactions"] += 1
-
     def checkout(*args: Any) -> None:
-        other["pool_checkouts"] += 1
+        nonlocal checkouts
+        checkouts += 1
 
-    engine = relay.store.engine
-    hooks = (("before_cursor_execute", statement), ("begin", begin), ("checkout", checkout))
-    before = relay.store.queries_total
+    before, transactions_before = store.queries_total, store.transactions_total
     started = time.monotonic()
-    for name, hook in hooks:
-        sa.event.listen(engine, name, hook)
+    store.statement_observers.append(statement)
+    sa.event.listen(store.engine, "checkout", checkout)
     try:
         time.sleep(config.idle_seconds)
     finally:
-        for name, hook in hooks:
-            sa.event.remove(engine, name, hook)
+        sa.event.remove(store.engine, "checkout", checkout)
+        store.statement_observers.remove(statement)
     elapsed = time.monotonic() - started
-    queries = relay.store.queries_total - before
+    queries = store.queries_total - before
+    transactions = store.transactions_total - transactions_before
     return {
         "seconds": round(elapsed, 3),
         "queries": queries,
         "per_second": round(queries / elapsed, 3),
-        "transactions_per_second": round(other["transactions"] / elapsed, 3),
-        "pool_checkouts_per_second": round(other["pool_checkouts"] / elapsed, 3),
+        "transactions_per_second": round(transactions / elapsed, 3),
+        "pool_checkouts_per_second": round(checkouts / elapsed, 3),
         "by_statement": dict(kinds.most_common()),
     }
 

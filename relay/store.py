@@ -19,9 +19,10 @@ import logging
 import select
 import threading
 import uuid
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, RowMapping
@@ -30,6 +31,7 @@ from sqlalchemy.sql.dml import ReturningDelete
 from outbox.ddl import check as schema_check
 from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
 from relay.deadline import Watchdog
+from relay.driver_sql import DriverStatement
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import Claim, ClaimedEvent, Failure
 from relay.urls import mask_text
@@ -104,11 +106,22 @@ class Store:
         self._local = threading.local()
         self._kept: list[Connection] = []
         self._kept_lock = threading.Lock()
+        # Statements and transactions sent, through SQLAlchemy or the driver path, and who
+        # wants to see each statement's text (the benchmarks).
         self.queries_total = 0
-        sa.event.listen(engine, "before_cursor_execute", self._count_query)
+        self.transactions_total = 0
+        # Each observer is called before every statement goes out, with the connection
+        # (SQLAlchemy's; on the driver path, psycopg's) and the statement's text.
+        self.statement_observers: list[Callable[[Any, str], None]] = []
+        sa.event.listen(engine, "before_cursor_execute", self._sqlalchemy_statement)
 
-    def _count_query(self, *args: Any) -> None:
+    def _sqlalchemy_statement(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        self._sent(conn, statement)
+
+    def _sent(self, conn: Any, statement: str) -> None:
         self.queries_total += 1
+        for observer in self.statement_observers:
+            observer(conn, statement)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -120,6 +133,7 @@ class Store:
                 self._deadline(conn),
                 conn.begin(),
             ):
+                self.transactions_total += 1
                 yield conn
         except sa.exc.DBAPIError as exc:
             raise translate_db_error(exc) from exc
@@ -133,6 +147,98 @@ class Store:
                 return conn.execute(statement, parameters)
         except sa.exc.DBAPIError as exc:
             raise translate_db_error(exc) from exc
+
+    @contextlib.contextmanager
+    def _driver(self, *, transaction: bool) -> Iterator[psycopg.Cursor[Any]]:
+        """PostgreSQL: a psycopg cursor on the connection SQLAlchemy would use, for the
+        statements of `relay.driver_sql` (in one transaction, or in autocommit). The same
+        connections, deadlines and error translation as `transaction()` and
+        `_execute_alone()`; only SQLAlchemy's execution layer is left out. Of SQLAlchemy's
+        events, the connection's `commit` still fires (listeners can stop a transaction
+        there, as the fault tests do); its cursor events do not, so SQLAlchemy
+        instrumentation does not see these statements."""
+        role, engine = (
+            ("transactions", self.engine) if transaction else ("autocommit", self._autocommit)
+        )
+        try:
+            with self._connection(role, engine) as conn, self._deadline(conn):
+                driver = conn.connection.driver_connection
+                assert isinstance(driver, psycopg.Connection)
+                if transaction:
+                    self.transactions_total += 1
+                try:
+                    with driver.cursor() as cursor:
+                        yield cursor
+                    if transaction:
+                        if conn.dispatch.commit:  # SQLAlchemy's `commit` event, as it fires it
+                            conn.dispatch.commit(conn)
+                        driver.commit()
+                except psycopg.Error as exc:
+                    raise self._driver_error(conn, driver, exc) from exc
+                except BaseException:
+                    if transaction and not driver.closed:
+                        with contextlib.suppress(psycopg.Error):
+                            driver.rollback()
+                    raise
+        except sa.exc.DBAPIError as exc:
+            raise translate_db_error(exc) from exc
+
+    def _driver_error(
+        self, conn: Connection, driver: psycopg.Connection[Any], exc: psycopg.Error
+    ) -> sa.exc.DBAPIError:
+        """The exception SQLAlchemy's own error handling makes of a driver error, with its
+        side effects: a disconnect (the server ended the session, e.g. an idle-in-transaction
+        timeout, which psycopg reports as an InternalError; a cut link) invalidates the
+        connection, and the pool's connections older than it, as SQLAlchemy does, so that
+        none of them goes back into use; anything else is rolled back."""
+        error: Any = exc  # SQLAlchemy types the driver's exceptions loosely
+        disconnect = (
+            driver.closed
+            or driver.broken
+            or self.engine.dialect.is_disconnect(error, conn.connection, None)
+        )
+        wrapped = sa.exc.DBAPIError.instance(
+            None, None, exc, psycopg.Error, connection_invalidated=disconnect
+        )
+        assert isinstance(wrapped, sa.exc.DBAPIError)
+        if disconnect:
+            # SQLAlchemy's Connection._handle_dbapi_exception does the same two steps.
+            self.engine.pool._invalidate(conn.connection, exc)
+            conn.invalidate(exc)
+        elif not driver.closed:
+            with contextlib.suppress(psycopg.Error):
+                driver.rollback()
+        return wrapped
+
+    def _rows(
+        self, cursor: psycopg.Cursor[Any], name: str, parameters: Mapping[str, Any]
+    ) -> Sequence[Any]:
+        """Run the driver statement `name` (a cached statement of this class) on `cursor`."""
+        statement = self._driver_statements[name]
+        self._sent(cursor.connection, statement.sql)
+        return statement.rows(cursor, parameters)
+
+    def _count(self, cursor: psycopg.Cursor[Any], name: str, parameters: Mapping[str, Any]) -> int:
+        """Run the driver statement `name`; how many rows it changed."""
+        statement = self._driver_statements[name]
+        self._sent(cursor.connection, statement.sql)
+        return int(statement.run(cursor, parameters).rowcount)
+
+    @functools.cached_property
+    def _driver_statements(self) -> dict[str, DriverStatement]:
+        dialect = self.engine.dialect
+        return {
+            name: DriverStatement(getattr(self, name), dialect)
+            for name in (
+                "_lock_ready_keys",
+                "_claim_statement",
+                "_has_ready",
+                "_mark_published",
+                "_delete_published",
+                "_end_leases",
+                "_delete_drained",
+            )
+        }
 
     @contextlib.contextmanager
     def _connection(self, role: str, engine: sa.Engine) -> Iterator[Connection]:
@@ -236,9 +342,11 @@ class Store:
         whatever the backlog.
         """
         token = uuid.uuid4()
-        with self.transaction() as conn:
-            keys = self._lock_ready_keys(conn, limit=limit, now=now)
-            if self._postgres:
+        rows: Sequence[Mapping[str, Any] | RowMapping]
+        if self._postgres:
+            with self._driver(transaction=True) as cursor:
+                locked = self._rows(cursor, "_lock_ready_keys", {"limit": limit, "now": now})
+                keys = [key for (key,) in locked]
                 parameters = {
                     "keys": keys,
                     "token": token,
@@ -249,8 +357,10 @@ class Store:
                     "lease_until": lease_until,
                     "now": now,
                 }
-                rows = self._read_and_lease(conn, parameters)
-            else:
+                rows = self._read_and_lease(cursor, parameters)
+        else:
+            with self.transaction() as conn:
+                keys = list(conn.scalars(self._lock_ready_keys, {"limit": limit, "now": now}))
                 rows = self._claim_sqlite(
                     conn,
                     keys,
@@ -295,21 +405,30 @@ class Store:
             return sa.bindparam("now", type_=sa.DateTime(timezone=True))
         return sa.bindparam(None, now, type_=sa.DateTime(timezone=True))
 
-    def _lock_ready_keys(self, conn: Connection, *, limit: int, now: dt.datetime) -> list[str]:
+    @functools.cached_property
+    def _lock_ready_keys(self) -> sa.Select[tuple[str]]:
+        """The claim's first statement: lock up to `limit` ready keys, oldest turn first,
+        skipping keys another claim is locking. Parameters: limit, now."""
         k = self.outbox.keys
         query = (
             sa.select(k.c.key)
-            .where(~k.c.held, k.c.available_at <= self._ready_now(now))
+            .where(~k.c.held, k.c.available_at <= self._ready_now())
             .order_by(k.c.available_at)
-            .limit(limit)
+            .limit(sa.bindparam("limit", type_=sa.Integer()))
         )
         if self._postgres:
             query = query.with_for_update(skip_locked=True)
-        return list(conn.scalars(query))
+        return query
 
-    def _read_and_lease(self, conn: Connection, parameters: dict[str, Any]) -> list[RowMapping]:
+    def _read_and_lease(
+        self, cursor: psycopg.Cursor[Any], parameters: dict[str, Any]
+    ) -> list[dict[str, Any]]:
         """The claim's second statement (PostgreSQL), after the keys are locked."""
-        return list(conn.execute(self._claim_statement, parameters).mappings())
+        columns = self._driver_statements["_claim_statement"].columns
+        return [
+            dict(zip(columns, row, strict=True))
+            for row in self._rows(cursor, "_claim_statement", parameters)
+        ]
 
     @functools.cached_property
     def _claim_statement(self) -> sa.Select[Any]:
@@ -501,12 +620,20 @@ class Store:
 
     def has_ready(self, now: dt.datetime) -> bool:
         """A cheap look before a claim: is any key ready, or any event without a key?"""
+        if self._postgres:
+            with self._driver(transaction=False) as cursor:
+                ((ready,),) = self._rows(cursor, "_has_ready", {"now": now})
+            return bool(ready)
+        return bool(self._execute_alone(self._has_ready, {"now": now}).scalar())
+
+    @functools.cached_property
+    def _has_ready(self) -> sa.Select[tuple[bool]]:
         k, t = self.outbox.keys, self.outbox.events
-        key_ready = sa.exists().where(~k.c.held, k.c.available_at <= self._ready_now(now))
+        key_ready = sa.exists().where(~k.c.held, k.c.available_at <= self._ready_now())
         keyless_ready = sa.exists().where(
-            t.c.key.is_(None), t.c.status == PENDING, *self._row_free(now)
+            t.c.key.is_(None), t.c.status == PENDING, *self._row_free()
         )
-        return bool(self._execute_alone(sa.select(sa.or_(key_ready, keyless_ready))).scalar())
+        return sa.select(sa.or_(key_ready, keyless_ready))
 
     # -- results ---------------------------------------------------------------------------
 
@@ -553,8 +680,10 @@ class Store:
             "now": now,
             "relay": relay,
         }
-        statement = self._delete_published if delete else self._mark_published
-        return int(self._execute_alone(statement, parameters).rowcount)
+        with self._driver(transaction=False) as cursor:
+            return self._count(
+                cursor, "_delete_published" if delete else "_mark_published", parameters
+            )
 
     def _mark_one(
         self,
@@ -755,23 +884,25 @@ class Store:
         are deleted. Returns how many keys their claims still held."""
         if not any(freed.values()):
             return 0
-        with self.transaction() as conn:
-            if not self._postgres:
+        if not self._postgres:
+            with self.transaction() as conn:
                 return sum(
                     self._free_keys(conn, token, keys, now=now) for token, keys in freed.items()
                 )
-            pairs = [(key, token) for token, keys in freed.items() for key in keys]
-            ended = conn.execute(
-                self._end_leases,
+        pairs = [(key, token) for token, keys in freed.items() for key in keys]
+        with self._driver(transaction=True) as cursor:
+            ended = self._rows(
+                cursor,
+                "_end_leases",
                 {
                     "keys": [key for key, _ in pairs],
                     "tokens": [token for _, token in pairs],
                     "now": now,
                 },
-            ).all()
-            locked = [row.key for row in ended if row.writers_locked]
+            )
+            locked = [key for key, writers_locked in ended if writers_locked]
             if locked:
-                conn.execute(self._delete_drained, {"keys": locked})
+                self._count(cursor, "_delete_drained", {"keys": locked})
             return len(ended)
 
     @functools.cached_property

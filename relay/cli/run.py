@@ -63,7 +63,7 @@ log = logging.getLogger("relay.cli")
     show_envvar=True,
     default=DEFAULT_BATCH_SIZE,
     show_default=True,
-    type=click.IntRange(1, 10_000),
+    type=click.IntRange(2, 10_000),
     help="Events leased per claim.",
 )
 @click.option(

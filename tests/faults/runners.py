@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from relay.app import build_relay
 from relay.relay import Relay
 from relay.settings import RelaySettings
+from relay.store import Store
 from tests.faults.proxy import FaultProxy
 from tests.support.relays import start_relay_process
 
@@ -303,6 +304,10 @@ class HoldPoint:
     def __init__(
         self, engine: sa.Engine, event: str, *, within: str | None = None, max_hold: float = 10.0
     ) -> None:
+        self._setup(engine, event, within=within, max_hold=max_hold)
+        sa.event.listen(engine, event, self._hook)
+
+    def _setup(self, engine: sa.Engine, event: str, *, within: str | None, max_hold: float) -> None:
         self.engine = engine
         self.event = event
         self.within = within
@@ -312,7 +317,17 @@ class HoldPoint:
         self._reached = threading.Event()
         self._go = threading.Event()
         self.held_pid: int | None = None  # the server process of the held connection
-        sa.event.listen(engine, event, self._hook)
+
+    @classmethod
+    def before_statement(
+        cls, store: Store, *, within: str | None = None, max_hold: float = 10.0
+    ) -> HoldPoint:
+        """Hold the thread about to send a statement of `store` (through SQLAlchemy or on
+        the store's driver path, which SQLAlchemy's cursor events do not see)."""
+        hold = cls.__new__(cls)
+        hold._setup(store.engine, "statement", within=within, max_hold=max_hold)
+        store.statement_observers.append(hold._hook)
+        return hold
 
     def _hook(self, *args: object) -> None:
         if not self._armed or (self.within is not None and not _on_stack(self.within)):
@@ -350,7 +365,7 @@ class HoldPoint:
 
 def _backend_pid(conn: object) -> int | None:
     """The PostgreSQL backend pid of an SQLAlchemy Connection (the first argument of both
-    connection events and pool events), if it has one."""
+    connection events and pool events) or of a psycopg connection, if it has one."""
     dbapi = getattr(getattr(conn, "connection", None), "dbapi_connection", None)
     if dbapi is None:  # a pool event passes the DBAPI connection itself
         dbapi = conn

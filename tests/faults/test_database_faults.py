@@ -41,7 +41,7 @@ def test_database_sessions_killed_mid_claim_and_mid_update(rig: Rig) -> None:
         engine = relay.relay.store.engine
         points = {
             "mid-claim": HoldPoint(engine, "commit", within="claim"),
-            "mid-update": HoldPoint(engine, "before_cursor_execute", within="mark_published"),
+            "mid-update": HoldPoint.before_statement(relay.relay.store, within="mark_published"),
         }
         try:
             for round_ in range(rounds):

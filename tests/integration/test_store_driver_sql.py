@@ -1,0 +1,220 @@
+"""The store's hot statements on psycopg directly (`relay.driver_sql`): the same statements,
+transactions and errors as through SQLAlchemy, on PostgreSQL.
+
+What the argument of `relay.driver_sql` assumes, each tested here: a parameter the caller
+forgets is an error (not a NULL); a failed statement leaves nothing of its transaction; the
+driver's errors read as SQLAlchemy's would (an outage, a missing schema); the statement text
+is quoted by the dialect like any other (mixed case, reserved words).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from outbox import Event, Outbox
+from relay.driver_sql import DriverStatement
+from relay.errors import DatabaseUnavailableError, SchemaMissingError
+from relay.store import Store, create_engine
+from tests.support.relays import write_events
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def test_a_parameter_left_out_is_an_error_not_a_null(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    statement = DriverStatement(store._end_leases, pg_engine.dialect)
+    with pytest.raises(TypeError, match=r"missing: \['now'\]"):
+        statement.parameters({"keys": [], "tokens": []})
+    # Values the statement carries itself (the NULLs it writes, the lock seed) are filled in.
+    values = statement.parameters({"keys": ["k"], "tokens": [uuid.uuid4()], "now": now()})
+    assert values["lease_token"] is None and isinstance(values["hashtextextended_1"], int)
+
+
+def test_a_failing_statement_leaves_nothing_of_its_transaction(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """free_keys ends leases in its first statement and deletes drained keys in its second:
+    when the second fails, the first is rolled back with it, and the kept connection is
+    replaced for the next call."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
+    store = Store(pg_engine, outbox_schema, db_timeout=10, keep_connections=True)
+    moment = now()
+    claim = store.claim(
+        owner="r",
+        limit=10,
+        run_length=10,
+        lease_until=moment + dt.timedelta(seconds=30),
+        now=moment,
+    )
+    real = store._driver_statements["_delete_drained"]
+
+    class Failing(DriverStatement):
+        def __init__(self) -> None:
+            self.sql = "SELECT 1 / 0"
+            self.columns = ()
+
+        def parameters(self, given: object) -> dict[str, object]:
+            return {}
+
+    store._driver_statements["_delete_drained"] = Failing()
+    with pytest.raises(sa.exc.DataError):
+        store.free_keys({claim.token: {"k"}}, now=now())
+    k = outbox_schema.keys
+    with pg_engine.connect() as conn:
+        assert conn.execute(sa.select(k.c.lease_token)).scalar_one() == claim.token
+    store._driver_statements["_delete_drained"] = real
+    assert store.free_keys({claim.token: {"k"}}, now=now()) == 1
+    store.close()
+
+
+def test_a_killed_session_reads_as_an_outage_on_every_hot_statement(
+    pg_url: str, pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
+    engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
+    store = Store(engine, outbox_schema, db_timeout=10)
+    calls = {
+        "has_ready": lambda: store.has_ready(now()),
+        "mark_published": lambda: store.mark_published(
+            {uuid.uuid4(): [1]}, now=now(), delete=False
+        ),
+        "free_keys": lambda: store.free_keys({uuid.uuid4(): {"k"}}, now=now()),
+    }
+    try:
+        for name, call in calls.items():
+            with engine.connect() as conn:  # the pool's only connection
+                pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            with pg_engine.connect() as admin:
+                admin.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+            with pytest.raises(DatabaseUnavailableError):
+                call()
+            call()  # the dead connection was discarded: the next call reconnects
+            assert name
+    finally:
+        engine.dispose()
+
+
+def test_a_missing_outbox_reads_as_a_missing_schema(pg_engine: sa.Engine, schema_name: str) -> None:
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema_name}"')
+    store = Store(pg_engine, Outbox(schema=schema_name), db_timeout=10)
+    moment = now()
+    with pytest.raises(SchemaMissingError, match="init-db"):
+        store.claim(owner="r", limit=10, run_length=10, lease_until=moment, now=moment)
+    with pytest.raises(SchemaMissingError):
+        store.has_ready(moment)
+
+
+def test_names_that_need_quoting_on_the_driver_path(pg_engine: sa.Engine) -> None:
+    """Mixed case and a reserved word for table and schema, keys of 255 bytes."""
+    schema = f"Mixed_{uuid.uuid4().hex[:6]}"
+    box = Outbox(table="Order", schema=schema)
+    box.create(pg_engine)
+    try:
+        keys = ["é" * 127 + "x", 'quote"s', "k"]
+        write_events(pg_engine, box, [Event(type="t", key=key) for key in keys for _ in range(2)])
+        store = Store(pg_engine, box, db_timeout=10)
+        moment = now()
+        assert store.has_ready(moment)
+        claim = store.claim(
+            owner="r",
+            limit=10,
+            run_length=10,
+            lease_until=moment + dt.timedelta(seconds=30),
+            now=moment,
+        )
+        assert sorted({e.key for e in claim.events}) == sorted(keys)
+        acked = {claim.token: [e.seq for e in claim.events]}
+        assert store.mark_published(acked, now=now(), delete=False) == 6
+        assert store.free_keys({claim.token: set(keys)}, now=now()) == 3
+        with pg_engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(box.keys)).scalar() == 0
+    finally:
+        with pg_engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def test_the_driver_connection_is_psycopg(pg_engine: sa.Engine, outbox_schema: Outbox) -> None:
+    """The assumption the driver path stands on: SQLAlchemy's connection wraps psycopg 3."""
+    with pg_engine.connect() as conn:
+        assert isinstance(conn.connection.driver_connection, psycopg.Connection)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_claim_frozen_past_the_idle_timeout_reads_as_an_outage(
+    pg_url: str, pg_engine: sa.Engine, outbox_schema: Outbox, keep: bool
+) -> None:
+    """The server ends a transaction left idle (a relay frozen between the claim's two
+    statements): psycopg reports that as an InternalError, not an OperationalError, yet it
+    is a disconnect, and must read as an outage (a fatal error would stop the relay)."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
+    engine = create_engine(
+        pg_url, application_name="t", db_timeout=10, idle_in_transaction_timeout=0.3
+    )
+    store = Store(engine, outbox_schema, db_timeout=10, keep_connections=keep)
+    real = store._read_and_lease
+
+    def frozen(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    store._read_and_lease = frozen  # type: ignore[method-assign]
+    moment = now()
+    try:
+        with pytest.raises(DatabaseUnavailableError):
+            store.claim(
+                owner="r",
+                limit=10,
+                run_length=10,
+                lease_until=moment + dt.timedelta(seconds=30),
+                now=moment,
+            )
+        store._read_and_lease = real  # type: ignore[method-assign]
+        claimed = store.claim(
+            owner="r",
+            limit=10,
+            run_length=10,
+            lease_until=moment + dt.timedelta(seconds=30),
+            now=moment,
+        )
+        assert [e.key for e in claimed.events] == ["k"]
+    finally:
+        store.close()
+        engine.dispose()
+
+
+def test_a_server_restart_costs_one_failed_call_not_one_per_pooled_connection(
+    pg_url: str, pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """As through SQLAlchemy: the first disconnect invalidates the pool's older connections,
+    so the next call reconnects rather than meeting the next dead one."""
+    engine = sa.create_engine(pg_url, pool_size=3, max_overflow=0)
+    store = Store(engine, outbox_schema, db_timeout=10)
+    conns = [engine.connect() for _ in range(3)]
+    pids = [conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() for conn in conns]
+    for conn in conns:
+        conn.close()
+    with pg_engine.connect() as admin:
+        for pid in pids:
+            admin.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+    failures = 0
+    try:
+        for _ in range(4):
+            try:
+                store.has_ready(now())
+            except DatabaseUnavailableError:
+                failures += 1
+    finally:
+        engine.dispose()
+    assert failures == 1
