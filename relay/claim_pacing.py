@@ -2,7 +2,7 @@
 
 At once after a wake-up (a NOTIFY, a stop request), after a claim that came back full, or
 when keys were freed or the broker came back; otherwise on an adaptive poll that doubles from
-`MIN_POLL` up to the poll interval while claims find nothing. A NOTIFY that arrives while a
+`MIN_POLL` up to the poll interval while claims find nothing. A NOTIFY, or keys freed, while a
 claim runs may be about events that claim did not see, so it makes the next claim immediate.
 """
 
@@ -29,7 +29,10 @@ class ClaimPacer:
         self._delay = MIN_POLL
 
     def soon(self) -> None:
-        """Something became claimable (keys freed, the broker back): claim now."""
+        """Something became claimable (keys freed, the broker back): claim now. Counted like
+        a wake-up: a claim running meanwhile (on its own lane, it can start before the write
+        that freed keys commits) may not have seen them, so it is followed by another."""
+        self._wakes += 1
         self.next_at = min(self.next_at, self._monotonic())
 
     @property

@@ -1,9 +1,10 @@
-"""The relay's one lane to the database: one job at a time, and an outage with backoff.
+"""A lane to the database: one job at a time, and an outage with backoff. The relay has two,
+one for its claims and one for everything else (`relay.relay`).
 
 Three states: *open* (a job may be submitted), *busy* (one is on its way; its completion comes
 back through the loop's inbox) and *down* (the last job found the database unreachable:
 nothing is submitted before the retry time, and results wait in memory). Jobs run in
-submission order, so a claim always sees the writes submitted before it.
+submission order.
 """
 
 from __future__ import annotations
@@ -24,6 +25,27 @@ RETRY_MIN = 0.2
 RETRY_MAX = 5.0
 
 
+class DatabaseHealth:
+    """What the lanes of one relay found, told once: the database is *up* (metric, log) only
+    while no lane's last job found it unreachable."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._failing: set[int] = set()
+
+    def answered(self, lane: object) -> None:
+        if id(lane) in self._failing:
+            self._failing.discard(id(lane))
+            if not self._failing:
+                log.info("database reachable again")
+                self._metrics.database_up(True)
+
+    def unreachable(self, lane: object) -> None:
+        if not self._failing:
+            self._metrics.database_up(False)
+        self._failing.add(id(lane))
+
+
 class DatabaseLane:
     def __init__(
         self,
@@ -33,11 +55,12 @@ class DatabaseLane:
         rng: random.Random,
         metrics: Metrics,
         on_fatal: Callable[[BaseException], None],
+        health: DatabaseHealth | None = None,
     ) -> None:
         self._worker = worker
         self._monotonic = monotonic
         self._rng = rng
-        self._metrics = metrics
+        self._health = health or DatabaseHealth(metrics)
         self._on_fatal = on_fatal
         self.busy = False
         self.failures = 0  # consecutive outages; 0 while the database answers
@@ -82,8 +105,7 @@ class DatabaseLane:
 
     def _answered(self) -> None:
         if self.failures:
-            log.info("database reachable again")
-            self._metrics.database_up(True)
+            self._health.answered(self)
         self.failures = 0
 
     def _unreachable(self, exc: DatabaseUnavailableError) -> None:
@@ -91,6 +113,6 @@ class DatabaseLane:
         delay = backoff_delay(self.failures, initial=RETRY_MIN, maximum=RETRY_MAX, rng=self._rng)
         self.retry_at = self._monotonic() + delay
         if self.failures == 1:
-            self._metrics.database_up(False)
+            self._health.unreachable(self)
         if self.failures == 1 or self.failures % 20 == 0:
             log.warning("%s; retrying in %.1fs (results are kept meanwhile)", exc, delay)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from relay.backoff import backoff_delay
 from relay.claim_pacing import ClaimPacer
-from relay.database_lane import DatabaseLane
+from relay.database_lane import DatabaseHealth, DatabaseLane
 from relay.dead_letter_log import DeadLetterLog
 from relay.errors import BrokerConfigError, BrokerRefusedError, DatabaseUnavailableError
 from relay.logs import event_fields
@@ -113,12 +113,23 @@ class Relay:
         # Everything the loop is told (confirms, finished jobs, wake-ups) arrives here.
         self._mailbox: Mailbox[Mail] = mailbox if mailbox is not None else QueueMailbox()
         self.publisher = publisher_factory(self._mailbox.put)
-        self._database = DatabaseLane(
-            worker_factory(self._mailbox.put),
-            monotonic=monotonic,
-            rng=self._rng,
-            metrics=self.metrics,
-            on_fatal=self._set_fatal,
+        # Two lanes to the database, each one job at a time on a thread (and connections) of
+        # its own: results, lease renewal and housekeeping on one, claims on the other, so
+        # that a claim never waits behind a result write (on the path of every event at low
+        # rates: the claim waited about as long for the lane as it took itself). Nothing
+        # needs a claim to see a write that has not committed yet: a key this relay frees
+        # is claimable once its write commits, by whichever claim comes next.
+        health = DatabaseHealth(self.metrics)
+        self._database, self._claim_lane = (
+            DatabaseLane(
+                worker_factory(self._mailbox.put),
+                monotonic=monotonic,
+                rng=self._rng,
+                metrics=self.metrics,
+                on_fatal=self._set_fatal,
+                health=health,
+            )
+            for _ in range(2)
         )
         self._claims = ClaimPacer(monotonic, poll_interval=settings.poll_interval)
         self._listener = listener_factory(self.wake) if listener_factory else None
@@ -187,9 +198,14 @@ class Relay:
             self._claims.last_was_empty
             and self.sequencer.idle
             and not self._results
-            and not self._database.busy
+            and not self._lanes_busy
             and self._database.failures == 0
+            and self._claim_lane.failures == 0
         )
+
+    @property
+    def _lanes_busy(self) -> bool:
+        return self._database.busy or self._claim_lane.busy
 
     def _set_fatal(self, error: BaseException) -> None:
         self._fatal = error
@@ -201,9 +217,9 @@ class Relay:
         self._give_back(self.sequencer.withdraw())
         deadline = self._monotonic() + self.settings.stop_timeout
         while self._monotonic() < deadline and (
-            self.sequencer.in_flight or self._results or self._database.busy
+            self.sequencer.in_flight or self._results or self._lanes_busy
         ):
-            if not self.sequencer.in_flight and not self._database.busy and self._database.down:
+            if not self.sequencer.in_flight and not self._lanes_busy and self._database.down:
                 break  # only writes remain and the database is down: nothing to wait for
             self.run_once(timeout=min(0.2, max(0.0, deadline - self._monotonic())))
         leftover = self.sequencer.in_flight_events()
@@ -217,9 +233,10 @@ class Relay:
         if self._listener is not None:
             self._listener.stop()
         self._database.stop(timeout=self.settings.db_timeout)
-        self._collect(0)  # take in what the publisher and the worker still had to say
+        self._claim_lane.stop(timeout=self.settings.db_timeout)
+        self._collect(0)  # take in what the publisher and the workers still had to say
         try:
-            if not self._database.busy:  # a running job owns its results: leave them to it
+            if not self._database.busy:  # a running write owns its results: leave them to it
                 self._write(self._results.take())
             self.store.unregister(self.settings.name)
         except DatabaseUnavailableError as exc:
@@ -245,40 +262,43 @@ class Relay:
         return report
 
     def _schedule_database_work(self) -> None:
-        """Submit the next due database job while the lane is open, most urgent first:
+        """Submit the next due claim on the claim lane, and the next due job of the other lane
+        while it is open, most urgent first:
 
-        1. results: confirms must be recorded, and a finished run's key freed, before the next
-           claim can see the key free again;
-        2. lease renewal: a late one loses the lease and the work done under it;
-        3. the claim;
-        4. housekeeping (heartbeat, retention purge), which can always wait.
+        1. lease renewal (one statement, every third of the lease): a late one loses the
+           lease and the work done under it, and the claim lane, which does not wait for
+           this one, would then claim the relay's own keys again. Put after the writes, it
+           was starved by them when every write is slow (a slow link, runs ending all the
+           time): the fault suite saw a lease run out and an event go out twice;
+        2. results: confirms must be recorded, and a finished run's key freed, before a claim
+           can see the key free again;
+        3. housekeeping (heartbeat, retention purge), which can always wait.
 
         (A worker that runs jobs inline finishes each at once, so then every due job runs in
         this step.)"""
-        for submit in (
-            self._submit_writes,
-            self._submit_renewal,
-            self._submit_claim,
-            self._submit_housekeeping,
-        ):
+        for submit in (self._submit_renewal, self._submit_writes, self._submit_housekeeping):
             if not self._database.open:
-                return
+                break
             submit()
+        if self._claim_lane.open:
+            self._submit_claim()
 
     def _wait_time(self) -> float:
-        if self._database.busy:
-            return MAX_WAIT  # the job's completion wakes the loop
+        """Until the next job of a lane that is not busy is due (a busy lane's completion
+        wakes the loop), at most MAX_WAIT."""
         now = self._monotonic()
-        due = [self._next_renew, self._next_housekeeping, self._next_heartbeat]
-        flush_at = self._results.due_at()
-        if flush_at is not None:
-            if not self._database.down and self._results.due(stopping=self.stop_requested):
-                return 0.0
-            due.append(flush_at)
-        if self._claim_possible():
-            due.append(self._claims.next_at)
+        due = [now + MAX_WAIT]
         if self._database.down:
-            due.append(self._database.retry_at)
+            due.append(self._database.retry_at)  # nothing goes out on it before
+        elif not self._database.busy:
+            due += [self._next_renew, self._next_housekeeping, self._next_heartbeat]
+            flush_at = self._results.due_at()
+            if flush_at is not None:
+                if self._results.due(stopping=self.stop_requested):
+                    return 0.0
+                due.append(flush_at)
+        if not self._claim_lane.busy and self._claim_possible():
+            due.append(max(self._claims.next_at, self._claim_lane.retry_at))
         return min(MAX_WAIT, max(0.0, min(due) - now))
 
     def _collect(self, wait: float) -> None:
@@ -464,6 +484,11 @@ class Relay:
         return (
             self._broker_up
             and self.publisher.ready
+            # Nor while results cannot be written, until the other lane has answered again
+            # (its first job then renews the leases): leases could not be renewed meanwhile,
+            # and a claim of keys whose leases ran out would take this relay's own keys,
+            # fence off their unwritten confirms and publish those events twice.
+            and self._database.failures == 0
             and not self._stop_requested.is_set()
             and self.sequencer.queued <= self.settings.batch_size
             and self.sequencer.in_flight < self.settings.max_in_flight
@@ -497,7 +522,7 @@ class Relay:
             finally:
                 trace.answered_at = self._monotonic()
 
-        self._database.submit(claim, lambda claim: self._claimed(claim, started, ticket, trace))
+        self._claim_lane.submit(claim, lambda claim: self._claimed(claim, started, ticket, trace))
 
     def _claimed(self, claim: Claim, started: float, ticket: int, trace: ClaimTrace) -> None:
         trace.delivered_at = self._monotonic()
@@ -505,8 +530,10 @@ class Relay:
         self._claims.finished(ticket, count=count, full=count >= self.settings.batch_size)
         if not count:
             return
-        if self._stop_requested.is_set() or not self._broker_up:
-            self._give_back(claim.events)  # claimed while stopping or losing the broker
+        if self._stop_requested.is_set() or not self._broker_up or self._database.failures:
+            # Claimed while stopping, losing the broker, or while results cannot be written
+            # (nor leases renewed): back, to be written with the rest once that is possible.
+            self._give_back(claim.events)
             return
         # Measured from before the claim: the local view of the lease never outlives it.
         self._lease_deadline[claim.token] = started + self.settings.lease

@@ -58,8 +58,11 @@ def create_engine(
         idle_ms = int((idle_in_transaction_timeout or 2 * db_timeout) * 1000)
         return sa.create_engine(
             sa_url,
-            pool_size=3,
-            max_overflow=2,
+            # The daemon's two database lanes keep two connections each (one for
+            # transactions, one in autocommit); the metrics' gauge reads and the loop's final
+            # writes at shutdown take the rest.
+            pool_size=5,
+            max_overflow=3,
             # No pre-ping round trip per transaction: a broken connection fails the call,
             # which the relay treats as an outage (it retries with backoff).
             connect_args={

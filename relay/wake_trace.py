@@ -6,7 +6,7 @@ With the `relay` logger at DEBUG, every claim that found events logs one line, e
     +0.1 ms back, +0.0 ms published (2.3 ms in all)
 
 * NOTIFY -> loop: the listener thread received the notification; the loop took it.
-* loop -> lane: the claim waited for the database lane (a result write or a claim before it).
+* loop -> lane: the claim waited for the claim lane to the database (a claim before it).
 * claim: the claim's own database time (round trips and locks), on the database thread.
 * back: the answer travelled back to the loop.
 * published: the first of its events was handed to the broker connection.

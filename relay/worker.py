@@ -2,9 +2,9 @@
 
 The relay loop must keep taking confirms and handing out the next event of each key while a
 claim or a batch of result writes is on its way to the database; otherwise every round trip
-stalls the whole pipeline. Jobs run one at a time, in submission order, on one thread (so a
-claim always sees the writes submitted before it); each job's completion is handed back to
-the loop through `post`, and runs there.
+stalls the whole pipeline. A worker runs its jobs one at a time, in submission order, on one
+thread; each job's completion is handed back to the loop through `post`, and runs there. (The
+relay has two: one for claims, one for everything else; see `relay.relay`.)
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ class Harness:
         )
         self.store = Store(self.engine, self.box, db_timeout=5)
         self._worker_factory = worker or (lambda post: InlineWorker())
-        self.worker: object = None
+        self.worker: object = None  # the last one made: the claim lane's
+        self.workers: list[object] = []
         self.relay = Relay(
             settings,
             self.store,
@@ -81,7 +82,9 @@ class Harness:
         self.relay.start()
 
     def _make_worker(self, post: Callable[[Completion], None]) -> Worker:
+        # The relay makes two: its lane for results and housekeeping, then its claim lane.
         self.worker = self._worker_factory(post)
+        self.workers.append(self.worker)
         return self.worker  # type: ignore[return-value]
 
     def write(self, *events: Event) -> None:
@@ -630,3 +633,194 @@ def test_a_renewal_does_not_bring_back_a_lease_the_relay_gave_up(h: Harness) -> 
         relay._lease_deadline,
         relay._earliest_deadline,
     )
+
+
+def test_a_claim_does_not_wait_behind_a_result_write(tmp_path: Path) -> None:
+    """Claims have a database lane of their own: with a result write on its way (not yet
+    answered), a new event's claim still goes out and its event is published."""
+    h = Harness(tmp_path, worker=ManualWorker)
+    writes, claims = h.workers  # type: ignore[misc]
+    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+
+    def turn(worker: ManualWorker) -> None:
+        worker.run_jobs()
+        worker.deliver()
+        h.step()
+
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    turn(writes)  # the first housekeeping (heartbeat)
+    turn(claims)  # a1 claimed and published
+    assert [m.routing_key for m in h.publisher.published] == ["order.placed"]
+    h.publisher.settle()
+    h.step()  # a1 confirmed: its run is over, the write that frees key a goes out
+    assert writes.jobs, "a result write is on its way"
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()
+    assert claims.jobs, "the claim went out with the write still on its way"
+    turn(claims)
+    assert writes.jobs and len(h.publisher.published) == 2
+    turn(writes)  # the write lands afterwards: nothing lost, both marked in the end
+    h.publisher.settle()
+    for _ in range(5):
+        turn(writes)
+        turn(claims)
+    assert [r.status for r in h.rows()] == ["published", "published"]
+
+
+# -- the two lanes, interleaved (found by review) ------------------------------------------
+
+
+class FlakyWorker(ManualWorker):
+    """ManualWorker whose pending jobs can be made to fail as an outage."""
+
+    def fail_jobs(self) -> None:
+        while self.jobs:
+            _, done = self.jobs.pop(0)
+            self.finished.append(
+                Completion(done, None, DatabaseUnavailableError("database unavailable"))
+            )
+
+
+def _started(h: Harness) -> tuple[ManualWorker, ManualWorker]:
+    writes, claims = h.workers  # type: ignore[misc]
+    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    h.relay.wake()
+    h.step()
+    writes.run_jobs()  # the first heartbeat
+    writes.deliver()
+    h.step()
+    return writes, claims
+
+
+def test_keys_freed_while_a_claim_runs_are_claimed_next_not_at_the_poll(tmp_path: Path) -> None:
+    """A claim starts before the write that frees key a commits (so it cannot see a free);
+    the write's answer comes first, then the claim's: the freed key must still be claimed at
+    once (and `until_empty` must not think the table empty)."""
+    h = Harness(tmp_path, worker=ManualWorker, run_length=1, poll_interval=30.0, until_empty=True)
+    writes, claims = _started(h)
+    h.write(*keyed("a", 2))
+    h.relay.wake()
+    h.step()
+    claims.run_jobs()
+    claims.deliver()
+    h.step()  # a0 claimed (a run of one) and published
+    h.clock.advance(0.05)
+    h.publisher.settle()
+    h.step()  # a0 confirmed: the write that frees key a, and a claim, both on their way
+    assert writes.jobs and claims.jobs
+    claims.run_jobs()  # the claim reads first: key a still leased, nothing
+    writes.run_jobs()  # then key a is freed
+    writes.deliver()
+    h.step()
+    claims.deliver()
+    h.step()
+    assert not h.relay._finished()
+    assert claims.jobs, "the freed key is claimed at once"
+    claims.run_jobs()
+    claims.deliver()
+    h.step()
+    assert len(h.publisher.published) == 2
+
+
+def test_the_database_is_up_only_when_both_lanes_answer(tmp_path: Path) -> None:
+    h = Harness(tmp_path, worker=FlakyWorker)
+    calls: list[bool] = []
+    h.relay.metrics.database_up = calls.append  # type: ignore[method-assign]
+    writes, claims = h.workers  # type: ignore[misc]
+    assert isinstance(writes, FlakyWorker) and isinstance(claims, FlakyWorker)
+    h.relay.wake()
+    h.step()  # the heartbeat on one lane, a claim on the other
+    writes.fail_jobs()
+    writes.deliver()
+    claims.fail_jobs()
+    claims.deliver()
+    h.step()
+    assert calls == [False]  # told once
+    h.clock.advance(11)
+    h.step()  # the heartbeat again
+    writes.run_jobs()
+    writes.deliver()  # one lane answers; the claim lane has not yet
+    h.step()
+    assert calls == [False]
+    h.relay._claims.soon()
+    h.step()
+    claims.run_jobs()
+    claims.deliver()
+    h.step()
+    assert calls == [False, True]
+
+
+def test_a_claim_answered_while_results_cannot_be_written_is_given_back(tmp_path: Path) -> None:
+    """Its confirms could not be recorded nor its lease renewed: nothing of it goes out."""
+    h = Harness(tmp_path, worker=FlakyWorker)
+    writes, claims = h.workers  # type: ignore[misc]
+    assert isinstance(writes, FlakyWorker) and isinstance(claims, FlakyWorker)
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()  # the heartbeat on the write lane, the claim on the claim lane
+    writes.fail_jobs()
+    writes.deliver()
+    h.step()
+    assert h.relay._database.down
+    claims.run_jobs()
+    claims.deliver()
+    h.step()
+    assert h.publisher.published == []
+    h.clock.advance(10)  # the database answers again: the give-back is written first
+    for _ in range(6):
+        h.step()
+        writes.run_jobs()
+        writes.deliver()
+        claims.run_jobs()
+        claims.deliver()
+        h.publisher.settle()
+    assert [r.status for r in h.rows()] == ["published"]
+    assert len(h.publisher.published) == 1
+
+
+def test_the_loop_sleeps_while_the_write_lane_is_down(tmp_path: Path) -> None:
+    """Jobs come due during an outage (a renewal, a heartbeat): the loop waits for the retry
+    time, rather than stepping without a pause until then."""
+    h = Harness(tmp_path, worker=FlakyWorker)
+    writes, _ = _started(h)
+    assert isinstance(writes, FlakyWorker)
+    h.clock.advance(11)  # the heartbeat is due
+    h.step()
+    writes.fail_jobs()
+    writes.deliver()
+    h.step()
+    relay = h.relay
+    relay._next_heartbeat = h.clock.mono + 0.01
+    h.clock.advance(0.05)
+    assert relay._database.down
+    assert relay._wait_time() > 0
+
+
+def test_after_an_outage_no_claim_goes_out_before_the_write_lane_has_answered(
+    tmp_path: Path,
+) -> None:
+    """Leases may have run out during the outage: the write lane's first job renews them (and
+    writes the results kept meanwhile) before a claim could take this relay's own keys back
+    and fence off those results (found by the fault suite: events out twice)."""
+    h = Harness(tmp_path, worker=FlakyWorker)
+    writes, claims = _started(h)
+    assert isinstance(writes, FlakyWorker) and isinstance(claims, FlakyWorker)
+    claims.run_jobs()  # the first claim: nothing there
+    claims.deliver()
+    h.clock.advance(11)
+    h.step()  # the heartbeat, which fails
+    writes.fail_jobs()
+    writes.deliver()
+    h.step()
+    h.clock.advance(10)  # past the retry time: the lane is no longer down, not yet answered
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    assert not h.relay._database.down and writes.jobs and not claims.jobs
+    writes.run_jobs()
+    writes.deliver()
+    h.step()
+    assert claims.jobs
