@@ -21,12 +21,24 @@ import sqlalchemy as sa
 from outbox import Event, Outbox
 from relay.driver_sql import DriverStatement
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
+from relay.records import Claim
 from relay.store import Store, create_engine
 from tests.support.relays import write_events
 
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def claim(store: Store) -> Claim:
+    moment = now()
+    return store.claim(
+        owner="r",
+        limit=10,
+        run_length=10,
+        lease_until=moment + dt.timedelta(seconds=30),
+        now=moment,
+    )
 
 
 def test_a_parameter_left_out_is_an_error_not_a_null(
@@ -49,14 +61,7 @@ def test_a_failing_statement_leaves_nothing_of_its_transaction(
     replaced for the next call."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
     store = Store(pg_engine, outbox_schema, db_timeout=10, keep_connections=True)
-    moment = now()
-    claim = store.claim(
-        owner="r",
-        limit=10,
-        run_length=10,
-        lease_until=moment + dt.timedelta(seconds=30),
-        now=moment,
-    )
+    claimed = claim(store)
     real = store._driver_statements["_delete_drained"]
 
     class Failing(DriverStatement):
@@ -69,12 +74,12 @@ def test_a_failing_statement_leaves_nothing_of_its_transaction(
 
     store._driver_statements["_delete_drained"] = Failing()
     with pytest.raises(sa.exc.DataError):
-        store.free_keys({claim.token: {"k"}}, now=now())
+        store.free_keys({claimed.token: {"k"}}, now=now())
     k = outbox_schema.keys
     with pg_engine.connect() as conn:
-        assert conn.execute(sa.select(k.c.lease_token)).scalar_one() == claim.token
+        assert conn.execute(sa.select(k.c.lease_token)).scalar_one() == claimed.token
     store._driver_statements["_delete_drained"] = real
-    assert store.free_keys({claim.token: {"k"}}, now=now()) == 1
+    assert store.free_keys({claimed.token: {"k"}}, now=now()) == 1
     store.close()
 
 
@@ -125,19 +130,12 @@ def test_names_that_need_quoting_on_the_driver_path(pg_engine: sa.Engine) -> Non
         keys = ["é" * 127 + "x", 'quote"s', "k"]
         write_events(pg_engine, box, [Event(type="t", key=key) for key in keys for _ in range(2)])
         store = Store(pg_engine, box, db_timeout=10)
-        moment = now()
-        assert store.has_ready(moment)
-        claim = store.claim(
-            owner="r",
-            limit=10,
-            run_length=10,
-            lease_until=moment + dt.timedelta(seconds=30),
-            now=moment,
-        )
-        assert sorted({e.key for e in claim.events}) == sorted(keys)
-        acked = {claim.token: [e.seq for e in claim.events]}
+        assert store.has_ready(now())
+        claimed = claim(store)
+        assert sorted({e.key for e in claimed.events}) == sorted(keys)
+        acked = {claimed.token: [e.seq for e in claimed.events]}
         assert store.mark_published(acked, now=now(), delete=False) == 6
-        assert store.free_keys({claim.token: set(keys)}, now=now()) == 3
+        assert store.free_keys({claimed.token: set(keys)}, now=now()) == 3
         with pg_engine.connect() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(box.keys)).scalar() == 0
     finally:
@@ -170,24 +168,11 @@ def test_a_claim_frozen_past_the_idle_timeout_reads_as_an_outage(
         return real(*args, **kwargs)
 
     store._read_and_lease = frozen  # type: ignore[method-assign]
-    moment = now()
     try:
         with pytest.raises(DatabaseUnavailableError):
-            store.claim(
-                owner="r",
-                limit=10,
-                run_length=10,
-                lease_until=moment + dt.timedelta(seconds=30),
-                now=moment,
-            )
+            claim(store)
         store._read_and_lease = real  # type: ignore[method-assign]
-        claimed = store.claim(
-            owner="r",
-            limit=10,
-            run_length=10,
-            lease_until=moment + dt.timedelta(seconds=30),
-            now=moment,
-        )
+        claimed = claim(store)
         assert [e.key for e in claimed.events] == ["k"]
     finally:
         store.close()
