@@ -447,8 +447,10 @@ class Relay:
 
         def done(fenced: int) -> None:
             self._fenced(fenced)
-            if frees_keys:
-                # Keys whose runs just ended (or were given back) can be claimed again.
+            if frees_keys and (batch.left_claimable or self.settings.until_empty):
+                # Keys whose runs just ended with events left (or were given back) can be
+                # claimed again. (`until_empty` looks once more in any case, to know it is
+                # done.)
                 self._claims.soon()
 
         self._database.submit(

@@ -40,6 +40,9 @@ class ResultBatch:
     # Keys this relay is done with (run finished, or given back): their leases end.
     freed: dict[uuid.UUID, set[str]] = dataclasses.field(default_factory=lambda: defaultdict(set))
 
+    # Set by `write()`: what it wrote left something for a claim to take now.
+    left_claimable: bool = False
+
     def __bool__(self) -> bool:
         return bool(self.acked or self.failures or self.releases or self.freed)
 
@@ -65,11 +68,17 @@ class ResultBatch:
             recorded = store.record_failures(token, items, relay=relay, now=now, hold_key=hold_key)
             fenced += len(items) - recorded
             del self.failures[token]
+            self.left_claimable = True
         for token in list(self.releases):
             store.release(token, self.releases[token], now=now)
             del self.releases[token]
+            self.left_claimable = True
         if self.freed:
-            store.free_keys(self.freed, now=now)
+            # Only keys with events left are worth a claim now (the case of a backlog): a
+            # drained key's next event brings a NOTIFY. At low rates nearly every run drains
+            # its key, and claiming after each write found nothing, for a claim's CPU.
+            if store.end_runs(self.freed, now=now).kept:
+                self.left_claimable = True
             self.freed.clear()
         return fenced
 

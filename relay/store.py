@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -37,6 +38,12 @@ from relay.records import Claim, ClaimedEvent, Failure
 from relay.urls import mask_text
 
 log = logging.getLogger("relay.store")
+
+
+@dataclasses.dataclass(frozen=True)
+class FreedKeys:
+    ended: int  # leases ended (the claims still held them)
+    kept: int  # of those, keys not drained: they have pending events (or a writer)
 
 
 def create_engine(
@@ -885,16 +892,27 @@ class Store:
         """End the leases of claims on keys (keys by the token of the claim that leased them:
         their runs are done), in one transaction whatever the number of claims; drained keys
         are deleted. Returns how many keys their claims still held."""
+        return self.end_runs(freed, now=now).ended
+
+    def end_runs(
+        self, freed: Mapping[uuid.UUID, Collection[str]], *, now: dt.datetime
+    ) -> FreedKeys:
+        """`free_keys`, also telling how many of the freed keys were kept (not drained: they
+        have pending events, or a writer in progress), i.e. are worth a claim now. A drained
+        key's next event brings its own NOTIFY (or the poll finds it)."""
         if not any(freed.values()):
-            return 0
+            return FreedKeys(0, 0)
         if not self._postgres:
             with self.transaction() as conn:
-                return sum(
-                    self._free_keys(conn, token, keys, now=now) for token, keys in freed.items()
-                )
+                ended = kept = 0
+                for token, keys in freed.items():
+                    held, dropped = self._free_keys(conn, token, keys, now=now)
+                    ended += held
+                    kept += held - dropped
+                return FreedKeys(ended, kept)
         pairs = [(key, token) for token, keys in freed.items() for key in keys]
         with self._driver(transaction=True) as cursor:
-            ended = self._rows(
+            rows = self._rows(
                 cursor,
                 "_end_leases",
                 {
@@ -903,10 +921,9 @@ class Store:
                     "now": now,
                 },
             )
-            locked = [key for key, writers_locked in ended if writers_locked]
-            if locked:
-                self._count(cursor, "_delete_drained", {"keys": locked})
-            return len(ended)
+            locked = [key for key, writers_locked in rows if writers_locked]
+            drained = self._count(cursor, "_delete_drained", {"keys": locked}) if locked else 0
+            return FreedKeys(len(rows), len(rows) - drained)
 
     @functools.cached_property
     def _end_leases(self) -> sa.Update:
@@ -966,7 +983,9 @@ class Store:
 
     def _free_keys(
         self, conn: Connection, token: uuid.UUID, keys: Collection[str], *, now: dt.datetime
-    ) -> int:
+    ) -> tuple[int, int]:
+        """SQLite, and `release`: free the keys `token` still holds; returns how many it held
+        and how many of those were drained (deleted)."""
         k = self.outbox.keys
         held = list(
             conn.scalars(
@@ -981,8 +1000,8 @@ class Store:
                 .where(self._one_of(k.c.key, held))
                 .values(lease_token=None, leased_by=None)
             )
-            self._drop_empty_keys(conn, held, now=now)
-        return len(held)
+            return len(held), len(self._drop_empty_keys(conn, held, now=now))
+        return 0, 0
 
     def renew(
         self,

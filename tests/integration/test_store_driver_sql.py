@@ -22,7 +22,7 @@ from outbox import Event, Outbox
 from relay.driver_sql import DriverStatement
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import Claim
-from relay.store import Store, create_engine
+from relay.store import FreedKeys, Store, create_engine
 from tests.support.relays import write_events
 
 
@@ -203,3 +203,25 @@ def test_a_server_restart_costs_one_failed_call_not_one_per_pooled_connection(
     finally:
         engine.dispose()
     assert failures == 1
+
+
+def test_ending_runs_tells_the_keys_kept_from_the_drained(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """What the relay claims again at once: keys freed with events left (here `a`), not
+    keys drained and deleted (`b`)."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=k) for k in "aab"])
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    moment = now()
+    claimed = store.claim(
+        owner="r", limit=10, run_length=1, lease_until=moment + dt.timedelta(seconds=30), now=moment
+    )
+    assert (
+        store.mark_published(
+            {claimed.token: [e.seq for e in claimed.events]}, now=now(), delete=False
+        )
+        == 2
+    )
+    assert store.end_runs({claimed.token: {"a", "b"}}, now=now()) == FreedKeys(ended=2, kept=1)
+    with pg_engine.connect() as conn:
+        assert conn.execute(sa.select(outbox_schema.keys.c.key)).scalars().all() == ["a"]

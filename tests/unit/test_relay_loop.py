@@ -824,3 +824,32 @@ def test_after_an_outage_no_claim_goes_out_before_the_write_lane_has_answered(
     writes.deliver()
     h.step()
     assert claims.jobs
+
+
+def test_a_write_that_drains_its_keys_is_not_followed_by_a_claim(tmp_path: Path) -> None:
+    """At low rates nearly every run drains its key: claiming after each such write found
+    nothing, for a claim's CPU. A freed key with events left is claimed at once; a drained
+    key's next event brings its own NOTIFY (or the poll finds it)."""
+    h = Harness(tmp_path, worker=ManualWorker, run_length=1, poll_interval=30.0)
+    writes, claims = _started(h)
+    h.write(*keyed("a", 2), *keyed("b", 1))
+
+    def claim_and_confirm() -> None:
+        while claims.jobs:  # the claim, and the ones that follow it, finding nothing more
+            claims.run_jobs()
+            claims.deliver()
+            h.step()
+        h.publisher.settle()
+        h.step()  # confirmed: the write that frees the keys goes out
+        assert writes.jobs and not claims.jobs
+        writes.run_jobs()
+        writes.deliver()
+        h.step()
+
+    h.relay.wake()
+    h.step()
+    claim_and_confirm()  # a0 and b0: key a keeps a1, b is drained
+    assert claims.jobs, "key a has an event left: claimed at once"
+    claim_and_confirm()  # a1: key a drained
+    assert not claims.jobs, "nothing left: no claim until a NOTIFY or the poll"
+    assert [r.status for r in h.rows()] == ["published"] * 3
