@@ -524,7 +524,13 @@ class Relay:
             finally:
                 trace.answered_at = self._monotonic()
 
-        self._claim_lane.submit(claim, lambda claim: self._claimed(claim, started, ticket, trace))
+        # A failed claim claims again once its lane is back (its lane's retry time governs),
+        # not a poll interval later: the NOTIFY that asked for it was spent on it.
+        self._claim_lane.submit(
+            claim,
+            lambda claim: self._claimed(claim, started, ticket, trace),
+            on_error=self._claims.soon,
+        )
 
     def _claimed(self, claim: Claim, started: float, ticket: int, trace: ClaimTrace) -> None:
         trace.delivered_at = self._monotonic()

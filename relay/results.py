@@ -157,6 +157,8 @@ class PendingResults:
             self._batch.releases[token][:0] = seqs
         for token, keys in batch.freed.items():
             self._batch.freed[token].update(keys)
+        # What the failed write did commit (failures, releases) may have left work to claim.
+        self._batch.left_claimable |= batch.left_claimable
         if self._batch:
             self._note()
 

@@ -853,3 +853,43 @@ def test_a_write_that_drains_its_keys_is_not_followed_by_a_claim(tmp_path: Path)
     claim_and_confirm()  # a1: key a drained
     assert not claims.jobs, "nothing left: no claim until a NOTIFY or the poll"
     assert [r.status for r in h.rows()] == ["published"] * 3
+
+
+def test_a_claim_failed_in_an_outage_claims_again_once_its_lane_is_back(tmp_path: Path) -> None:
+    """The NOTIFY that asked for the claim was spent on it, and the write retried after the
+    outage drains its key (no claim follows such a write): the event must not wait for the
+    poll interval (found by review)."""
+    h = Harness(tmp_path, worker=FlakyWorker, run_length=1, poll_interval=30.0)
+    writes, claims = _started(h)
+    assert isinstance(writes, FlakyWorker) and isinstance(claims, FlakyWorker)
+
+    def turn(worker: ManualWorker) -> None:
+        worker.run_jobs()
+        worker.deliver()
+        h.step()
+
+    while claims.jobs:
+        turn(claims)
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    turn(claims)  # a0 claimed and published
+    h.publisher.settle()
+    h.step()  # confirmed: the write that frees key a goes out
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()  # b0's NOTIFY: a claim goes out
+    assert writes.jobs and claims.jobs
+    writes.fail_jobs()  # an outage hits both
+    claims.fail_jobs()
+    writes.deliver()
+    claims.deliver()
+    h.step()
+    waited = 0.0
+    while not claims.jobs and waited < 40:
+        h.clock.advance(0.25)
+        waited += 0.25
+        h.step()
+        while writes.jobs:
+            turn(writes)
+    assert waited < 10, f"the claim for b0 went out {waited} s after the outage"
