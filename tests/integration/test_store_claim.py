@@ -26,6 +26,7 @@ from relay.errors import DatabaseUnavailableError
 from relay.records import Claim, Failure
 from relay.store import Store, create_engine
 from tests.support.relays import write_events
+from tests.support.sessions import terminate_pooled_sessions
 
 
 def now() -> dt.datetime:
@@ -571,10 +572,7 @@ def test_a_claim_on_a_killed_session_fails_as_an_outage_and_the_next_one_reconne
     engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
     store = Store(engine, outbox_schema, db_timeout=10)
     try:
-        with engine.connect() as conn:
-            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-        with pg_engine.connect() as conn:
-            conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        terminate_pooled_sessions(engine, pg_engine)
         with pytest.raises(DatabaseUnavailableError):
             claim(store)
         assert [e.key for e in claim(store).events] == ["k"]

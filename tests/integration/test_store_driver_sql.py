@@ -24,6 +24,7 @@ from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import Claim
 from relay.store import FreedKeys, Store, create_engine
 from tests.support.relays import write_events
+from tests.support.sessions import terminate_pooled_sessions
 
 
 def now() -> dt.datetime:
@@ -98,10 +99,7 @@ def test_a_killed_session_reads_as_an_outage_on_every_hot_statement(
     }
     try:
         for name, call in calls.items():
-            with engine.connect() as conn:  # the pool's only connection
-                pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-            with pg_engine.connect() as admin:
-                admin.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+            terminate_pooled_sessions(engine, pg_engine)  # the pool's only connection
             with pytest.raises(DatabaseUnavailableError):
                 call()
             call()  # the dead connection was discarded: the next call reconnects
@@ -186,13 +184,7 @@ def test_a_server_restart_costs_one_failed_call_not_one_per_pooled_connection(
     so the next call reconnects rather than meeting the next dead one."""
     engine = sa.create_engine(pg_url, pool_size=3, max_overflow=0)
     store = Store(engine, outbox_schema, db_timeout=10)
-    conns = [engine.connect() for _ in range(3)]
-    pids = [conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() for conn in conns]
-    for conn in conns:
-        conn.close()
-    with pg_engine.connect() as admin:
-        for pid in pids:
-            admin.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+    terminate_pooled_sessions(engine, pg_engine, count=3)
     failures = 0
     try:
         for _ in range(4):
