@@ -31,25 +31,42 @@ def message(tag: int, exchange: str) -> OutgoingMessage:
     )
 
 
+def driven_publisher(
+    url: str, exchange: str, mailbox: LoopMailbox[Sequence[PublisherEvent]]
+) -> AmqpPublisher:
+    return AmqpPublisher(
+        url,
+        mailbox.put,
+        connection_name=unique_name("test-driven"),
+        exchange=exchange,
+        loop=mailbox.loop,
+    )
+
+
+def start_until_ready(
+    publisher: AmqpPublisher,
+    mailbox: LoopMailbox[Sequence[PublisherEvent]],
+    taken: list[PublisherEvent],
+) -> None:
+    """Start `publisher` and run the loop (keeping what it says) until it is ready."""
+    publisher.start()
+    deadline = time.monotonic() + 10
+    while not publisher.ready and time.monotonic() < deadline:
+        for batch in mailbox.take(0.1):
+            taken.extend(batch)
+    assert publisher.ready
+
+
 def test_stop_with_a_black_holed_broker_returns_in_time_and_settles_each_message_once() -> None:
     exchange = unique_name("test-driven-ex")
     mailbox: LoopMailbox[Sequence[PublisherEvent]] = LoopMailbox(asyncio.new_event_loop())
     taken: list[PublisherEvent] = []
     with FaultProxy("127.0.0.1", 5672) as proxy:
-        publisher = AmqpPublisher(
-            f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F",
-            mailbox.put,
-            connection_name=unique_name("test-driven"),
-            exchange=exchange,
-            loop=mailbox.loop,
+        publisher = driven_publisher(
+            f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F", exchange, mailbox
         )
         try:
-            publisher.start()
-            deadline = time.monotonic() + 10
-            while not publisher.ready and time.monotonic() < deadline:
-                for batch in mailbox.take(0.1):
-                    taken.extend(batch)
-            assert publisher.ready
+            start_until_ready(publisher, mailbox, taken)
             proxy.blackhole()  # bytes vanish: no confirm, no close-ok, no reset
             publisher.publish([message(tag, exchange) for tag in range(1, 51)])
             for batch in mailbox.take(0.3):
@@ -75,20 +92,9 @@ def test_a_message_whose_lease_ran_out_before_the_loop_sent_it_is_not_sent(
     tap, exchange = tapped_exchange
     mailbox: LoopMailbox[Sequence[PublisherEvent]] = LoopMailbox(asyncio.new_event_loop())
     taken: list[PublisherEvent] = []
-    publisher = AmqpPublisher(
-        amqp_url,
-        mailbox.put,
-        connection_name=unique_name("test-driven"),
-        exchange=exchange,
-        loop=mailbox.loop,
-    )
+    publisher = driven_publisher(amqp_url, exchange, mailbox)
     try:
-        publisher.start()
-        deadline = time.monotonic() + 10
-        while not publisher.ready and time.monotonic() < deadline:
-            for batch in mailbox.take(0.1):
-                taken.extend(batch)
-        assert publisher.ready
+        start_until_ready(publisher, mailbox, taken)
         late = dataclasses.replace(message(1, exchange), send_by=time.monotonic() + 0.2)
         unbound = message(2, exchange)
         publisher.publish([late, unbound])
