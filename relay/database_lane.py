@@ -31,11 +31,11 @@ class DatabaseHealth:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._failing: set[int] = set()
+        self._failing: set[object] = set()  # the lanes whose last job found it unreachable
 
     def answered(self, lane: object) -> None:
-        if id(lane) in self._failing:
-            self._failing.discard(id(lane))
+        if lane in self._failing:
+            self._failing.discard(lane)
             if not self._failing:
                 log.info("database reachable again")
                 self._metrics.database_up(True)
@@ -43,7 +43,7 @@ class DatabaseHealth:
     def unreachable(self, lane: object) -> None:
         if not self._failing:
             self._metrics.database_up(False)
-        self._failing.add(id(lane))
+        self._failing.add(lane)
 
 
 class DatabaseLane:
@@ -53,14 +53,13 @@ class DatabaseLane:
         *,
         monotonic: Callable[[], float],
         rng: random.Random,
-        metrics: Metrics,
+        health: DatabaseHealth,
         on_fatal: Callable[[BaseException], None],
-        health: DatabaseHealth | None = None,
     ) -> None:
         self._worker = worker
         self._monotonic = monotonic
         self._rng = rng
-        self._health = health or DatabaseHealth(metrics)
+        self._health = health
         self._on_fatal = on_fatal
         self.busy = False
         self.failures = 0  # consecutive outages; 0 while the database answers

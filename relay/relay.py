@@ -125,9 +125,8 @@ class Relay:
                 worker_factory(self._mailbox.put),
                 monotonic=monotonic,
                 rng=self._rng,
-                metrics=self.metrics,
-                on_fatal=self._set_fatal,
                 health=health,
+                on_fatal=self._set_fatal,
             )
             for _ in range(2)
         )

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from relay.claim_pacing import MIN_POLL, ClaimPacer
-from relay.database_lane import DatabaseLane
+from relay.database_lane import DatabaseHealth, DatabaseLane
 from relay.errors import DatabaseUnavailableError
 from relay.metrics import Metrics
 from relay.worker import InlineWorker
@@ -60,7 +60,7 @@ def test_the_lane_runs_one_job_goes_down_with_backoff_and_reports_other_errors()
         InlineWorker(),
         monotonic=clock,
         rng=random.Random(1),
-        metrics=Metrics(),
+        health=DatabaseHealth(Metrics()),
         on_fatal=fatal.append,
     )
     results: list[object] = []
