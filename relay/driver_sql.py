@@ -16,7 +16,7 @@ that they are translated alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -63,7 +63,3 @@ class DriverStatement:
         """Execute on `cursor` (prepared on the server once used often enough). Errors are the
         driver's own: the caller, which knows the connection, wraps them (`relay.store`)."""
         return cursor.execute(self.sql, self.parameters(given))
-
-    def rows(self, cursor: psycopg.Cursor[Any], given: Mapping[str, Any]) -> Sequence[Any]:
-        result = self.run(cursor, given)
-        return result.fetchall() if result.description is not None else []

@@ -220,19 +220,24 @@ class Store:
                 driver.rollback()
         return wrapped
 
-    def _rows(
+    def _run(
         self, cursor: psycopg.Cursor[Any], name: str, parameters: Mapping[str, Any]
-    ) -> Sequence[Any]:
+    ) -> psycopg.Cursor[Any]:
         """Run the driver statement `name` (a cached statement of this class) on `cursor`."""
         statement = self._driver_statements[name]
         self._sent(cursor.connection, statement.sql)
-        return statement.rows(cursor, parameters)
+        return statement.run(cursor, parameters)
+
+    def _rows(
+        self, cursor: psycopg.Cursor[Any], name: str, parameters: Mapping[str, Any]
+    ) -> Sequence[Any]:
+        """Run the driver statement `name`; the rows it returns."""
+        result = self._run(cursor, name, parameters)
+        return result.fetchall() if result.description is not None else []
 
     def _count(self, cursor: psycopg.Cursor[Any], name: str, parameters: Mapping[str, Any]) -> int:
         """Run the driver statement `name`; how many rows it changed."""
-        statement = self._driver_statements[name]
-        self._sent(cursor.connection, statement.sql)
-        return int(statement.run(cursor, parameters).rowcount)
+        return int(self._run(cursor, name, parameters).rowcount)
 
     @functools.cached_property
     def _driver_statements(self) -> dict[str, DriverStatement]:
