@@ -38,6 +38,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
+from relay.amqp_frames import PublishEncoder, frames_encoder, write_frames
 from relay.broker_errors import describe_error, quiet_pika, refusal
 from relay.broker_urls import node_label, parse_amqp_urls, split_amqp_urls
 from relay.channel_blame import (
@@ -147,6 +148,7 @@ class AmqpPublisher:
         self._max_message_size = max_message_size
         # -- I/O loop only ------------------------------------------------------------------
         self._channel: Channel | None = None
+        self._encoder: PublishEncoder | None = None  # of the channel, once it confirms
         self._declaring = False
         self._refused_nodes: set[int] = set()  # nodes that refused the login or vhost at start
         self._fatal = False
@@ -547,6 +549,7 @@ class AmqpPublisher:
             # rather than dropped, because tags restart at 1 on every channel.
             leftovers = self._confirms.new_channel()
             self._ready = not self._stopping
+        self._encoder = frames_encoder(channel)
         if leftovers:
             logger.error(
                 "publisher %s: %d unsettled messages from an old channel",
@@ -640,15 +643,26 @@ class AmqpPublisher:
         if not batches:
             return
         channel = self._channel
-        usable = channel is not None and channel.is_open and self._ready and not self._stopping
+        connection = self._connection
+        encoder = self._encoder
+        usable = (
+            channel is not None
+            and channel.is_open
+            and connection is not None
+            and connection.is_open
+            and encoder is not None
+            and self._ready
+            and not self._stopping
+        )
         refusal = "publisher stopped" if self._stopping else NOT_CONNECTED
+        frames: list[bytes] = []
         published: list[Entry] = []
         sent: list[Sent] = []
         events: list[PublisherEvent] = []
         now = time.monotonic()
         for batch in batches:
             for message in batch:
-                if not usable or channel is None:
+                if not usable or encoder is None:
                     events.append(PublishOutcome(message.tag, Outcome.UNKNOWN, refusal))
                     continue
                 if message.send_by is not None and now >= message.send_by:
@@ -675,29 +689,10 @@ class AmqpPublisher:
                     )
                     continue
                 try:
-                    channel.basic_publish(
-                        exchange=message.exchange,
-                        routing_key=message.routing_key,
-                        body=message.body,
-                        properties=spec.BasicProperties(
-                            delivery_mode=2,  # persistent: an ack then means "on disk"
-                            message_id=message.message_id,
-                            type=message.type,
-                            timestamp=message.timestamp,
-                            headers=dict(message.headers),
-                            correlation_id=message.correlation_id,
-                            content_type=message.content_type,
-                            app_id=message.app_id,
-                        ),
-                        mandatory=True,  # without it an unroutable message is acked and lost
-                    )
-                except (pika.exceptions.AMQPChannelError, pika.exceptions.AMQPConnectionError):
-                    usable = False
-                    events.append(PublishOutcome(message.tag, Outcome.UNKNOWN, refusal))
-                    continue
+                    frames.append(encoder.encode(message))
                 except Exception as exc:
-                    # pika marshals all frames before writing any, so nothing was sent and the
-                    # channel is intact; the same message would fail again on any connection.
+                    # Encoded before anything is written: nothing was sent and the channel
+                    # is intact; the same message would fail again on any connection.
                     logger.warning(
                         "publisher %s: cannot encode message %s: %r",
                         self._connection_name,
@@ -715,16 +710,21 @@ class AmqpPublisher:
                     continue
                 published.append((message.tag, message.message_id))
                 sent.append(Sent(message.tag, message.exchange, len(message.body)))
-        self._published_total += len(published)
         with self._lock:
             if self._books_closed:
                 events.extend(
                     PublishOutcome(tag, Outcome.UNKNOWN, "publisher stopped")
                     for tag, _ in published
                 )
+                frames.clear()
             else:
                 self._confirms.published(published)
                 self._sent.update((s.tag, s) for s in sent)
+                self._published_total += len(published)
+        if frames and connection is not None:
+            # After the books: should the write fail, the connection's close settles every
+            # message of the window, these included.
+            write_frames(connection, b"".join(frames))
         if events:
             self._emit(events)
 

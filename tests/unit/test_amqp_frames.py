@@ -1,0 +1,242 @@
+"""`relay.amqp_frames` sends exactly the bytes pika's `basic_publish` would send.
+
+pika is the oracle: every case encodes one message both ways (pika's `Basic.Publish`,
+`BasicProperties` and frames, as `Connection._send_message` builds them) and compares the
+bytes; a value pika refuses must be refused here too, with the same exception type.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import random
+import struct
+from typing import Any
+
+import pytest
+from pika import exceptions, frame, spec
+from pika.connection import Connection
+
+from relay.amqp_frames import PublishEncoder
+from relay.messages import OutgoingMessage
+
+FRAME_MAX = 131_072  # RabbitMQ's default
+
+
+def message(**overrides: Any) -> OutgoingMessage:
+    fields: dict[str, Any] = {
+        "tag": 1,
+        "exchange": "orders",
+        "routing_key": "order.placed",
+        "body": b'{"n": 1}',
+        "message_id": "0191c6a2-7b4c-7c7d-9e2f-2b1c3d4e5f60",
+        "type": "order.placed",
+        "timestamp": 1_700_000_000,
+        "headers": {
+            "ordering-key": "k1",
+            "aggregate-type": None,
+            "aggregate-id": None,
+            "event-version": 1,
+            "outbox-seq": 42,
+        },
+        "correlation_id": None,
+    }
+    fields.update(overrides)
+    return OutgoingMessage(**fields)
+
+
+def pika_bytes(m: OutgoingMessage, channel: int = 1, frame_max: int = FRAME_MAX) -> bytes:
+    """What pika's `Channel.basic_publish` sends for `m` with the publisher's properties."""
+    properties = spec.BasicProperties(
+        delivery_mode=2,
+        message_id=m.message_id,
+        type=m.type,
+        timestamp=m.timestamp,
+        headers=dict(m.headers),
+        correlation_id=m.correlation_id,
+        content_type=m.content_type,
+        app_id=m.app_id,
+    )
+    method = spec.Basic.Publish(exchange=m.exchange, routing_key=m.routing_key, mandatory=True)
+    out = [
+        frame.Method(channel, method).marshal(),
+        frame.Header(channel, len(m.body), properties).marshal(),
+    ]
+    body_max = frame_max - 8
+    out += [
+        frame.Body(channel, m.body[start : start + body_max]).marshal()
+        for start in range(0, len(m.body), body_max)
+    ]
+    return b"".join(out)
+
+
+def ours(m: OutgoingMessage, channel: int = 1, frame_max: int = FRAME_MAX) -> bytes:
+    return PublishEncoder(channel, frame_max).encode(m)
+
+
+def test_the_relays_usual_message_is_encoded_as_pika_encodes_it() -> None:
+    m = message()
+    assert ours(m) == pika_bytes(m)
+
+
+@pytest.mark.parametrize("correlation_id", [None, "", "corr-1", "ü" * 127])
+@pytest.mark.parametrize("content_type", ["application/json", "", "text/plain; charset=utf-8"])
+@pytest.mark.parametrize("app_id", ["outbox-relay", ""])
+def test_every_property_combination_the_relay_sends(
+    correlation_id: str | None, content_type: str, app_id: str
+) -> None:
+    m = message(correlation_id=correlation_id, content_type=content_type, app_id=app_id)
+    assert ours(m) == pika_bytes(m)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "plain",
+        "ünïcødé ✓",
+        "x" * 70_000,  # a long string: 32-bit length, not a short string
+        0,
+        -1,
+        2**31 - 1,  # the last int pika sends as a 32-bit "I"
+        -(2**31),
+        2**31,  # the first it sends as a 64-bit "l"
+        -(2**31) - 1,
+        2**63 - 1,
+        -(2**63),
+        True,
+        False,
+        None,
+        b"\x00raw",
+        [1, "a", None, True, [2]],
+        [],
+        {"nested": {"deeper": 1}, "s": "v"},
+        {},
+        decimal.Decimal("12.50"),
+        decimal.Decimal("7"),
+        dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC),
+    ],
+    ids=repr,
+)
+def test_every_header_value_type(value: Any) -> None:
+    m = message(headers={"ordering-key": "k1", "value": value})
+    assert ours(m) == pika_bytes(m)
+
+
+class IntFlag(int):
+    """An int subclass: pika's isinstance rules apply to it, not the exact-type fast path."""
+
+
+def test_subclasses_of_str_and_int_are_encoded_as_pika_encodes_them() -> None:
+    class Name(str):
+        pass
+
+    m = message(headers={"a": Name("x"), "b": IntFlag(5), "c": IntFlag(2**40)})
+    assert ours(m) == pika_bytes(m)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1.5, 2**63, -(2**63) - 1, object(), {1, 2}],
+    ids=["float", "int beyond 64 bits", "int below 64 bits", "object", "set"],
+)
+def test_a_header_value_pika_refuses_is_refused_with_the_same_error(value: Any) -> None:
+    m = message(headers={"value": value})
+    with pytest.raises(Exception) as theirs:
+        pika_bytes(m)
+    with pytest.raises(type(theirs.value)):
+        ours(m)
+
+
+@pytest.mark.parametrize("field", ["exchange", "routing_key", "message_id", "type", "app_id"])
+def test_short_strings_take_255_bytes_and_refuse_256(field: str) -> None:
+    at_limit = message(**{field: "é" * 127 + "x"})  # 255 bytes of UTF-8
+    assert ours(at_limit) == pika_bytes(at_limit)
+    over = message(**{field: "é" * 128})  # 256 bytes
+    with pytest.raises(exceptions.ShortStringTooLong):
+        pika_bytes(over)
+    with pytest.raises(exceptions.ShortStringTooLong):
+        ours(over)
+
+
+def test_header_names_are_short_strings_too() -> None:
+    assert ours(message(headers={"n" * 255: 1})) == pika_bytes(message(headers={"n" * 255: 1}))
+    with pytest.raises(exceptions.ShortStringTooLong):
+        ours(message(headers={"n" * 256: 1}))
+
+
+@pytest.mark.parametrize("size", [0, 1, 4088 - 1, 4088, 4088 + 1, 3 * 4088, 3 * 4088 + 5])
+def test_bodies_are_split_into_frames_of_frame_max(size: int) -> None:
+    """frame_max 4096: body frames carry at most 4088 bytes; an empty body has none."""
+    m = message(body=bytes(random.Random(size).randrange(256) for _ in range(size)))
+    assert ours(m, frame_max=4096) == pika_bytes(m, frame_max=4096)
+
+
+@pytest.mark.parametrize("channel", [1, 2, 255, 256, 65_535])
+def test_the_channel_number_is_in_every_frame(channel: int) -> None:
+    m = message(body=b"y" * 10_000)
+    assert ours(m, channel=channel, frame_max=4096) == pika_bytes(
+        m, channel=channel, frame_max=4096
+    )
+
+
+def test_negative_timestamps_are_refused_as_pika_refuses_them() -> None:
+    with pytest.raises(struct.error):
+        pika_bytes(message(timestamp=-1))
+    with pytest.raises(struct.error):
+        ours(message(timestamp=-1))
+
+
+def test_one_encoder_gives_each_message_its_own_frames() -> None:
+    """The encoder keeps method frames by (exchange, routing key): a later message never
+    gets an earlier one's routing, and the cache's bound does not change the bytes."""
+    encoder = PublishEncoder(1, FRAME_MAX)
+    rng = random.Random(7)
+    for i in range(5000):
+        m = message(
+            exchange=rng.choice(["a", "b", ""]),
+            routing_key=f"rk.{rng.randrange(6000)}",
+            type=f"t{rng.randrange(5000)}",
+            message_id=f"id-{i}",
+            correlation_id=rng.choice([None, f"c{i}"]),
+            body=b"z" * rng.randrange(200),
+        )
+        assert encoder.encode(m) == pika_bytes(m), m
+
+
+def test_random_headers_match_pika() -> None:
+    rng = random.Random(15)
+
+    def value(depth: int) -> Any:
+        kinds = ["s", "i", "big", "b", "n", "bytes"] + (["l", "d"] if depth < 3 else [])
+        kind = rng.choice(kinds)
+        if kind == "s":
+            return "".join(rng.choice("aé✓ \x00") for _ in range(rng.randrange(8)))
+        if kind == "i":
+            return rng.randrange(-(2**31), 2**31)
+        if kind == "big":
+            return rng.choice([-1, 1]) * rng.randrange(2**31, 2**63)
+        if kind == "b":
+            return rng.random() < 0.5
+        if kind == "n":
+            return None
+        if kind == "bytes":
+            return rng.randbytes(rng.randrange(5))
+        if kind == "l":
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        return {f"k{j}": value(depth + 1) for j in range(rng.randrange(4))}
+
+    for _ in range(500):
+        headers = {f"h{j}": value(0) for j in range(rng.randrange(8))}
+        m = message(headers=headers)
+        assert ours(m) == pika_bytes(m), headers
+
+
+def test_frame_max_must_leave_room_for_a_body() -> None:
+    with pytest.raises(ValueError, match="frame_max"):
+        PublishEncoder(1, 8)
+
+
+def test_the_installed_pika_still_has_the_call_frames_are_written_with() -> None:
+    """`relay.amqp_frames.write_frames` relies on it (pika has no public call for frames)."""
+    assert callable(getattr(Connection, "_output_marshaled_frames", None))
