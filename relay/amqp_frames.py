@@ -58,7 +58,10 @@ _PERSISTENT = b"\x02"  # delivery mode 2: an ack then means "on disk"
 _INT32 = struct.Struct(">ci")
 _INT64 = struct.Struct(">cq")
 _FRAME_START = struct.Struct(">BHI")
-_HEADER_START = struct.Struct(">HxxQH")
+# A content header frame up to its properties: frame start, class 60, weight 0, body size,
+# property flags.
+_HEADER_FRAME_START = struct.Struct(">BHIHxxQH")
+_LONG_STRING = struct.Struct(">cI")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _TRUE = b"t\x01"
@@ -67,9 +70,11 @@ _VOID = b"V"
 _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
 
-# Method frames by (exchange, routing key): a relay publishes to a handful of routing keys,
-# so nearly every message finds its frame here. Bounded: cleared when it grows past this.
-_METHOD_CACHE_SIZE = 4096
+# Method frames by (exchange, routing key) and short strings many messages share: a relay
+# publishes to a handful of routing keys and event types, so nearly every message finds its
+# frame and strings cached. Bounded: a cache is cleared when it grows past this.
+_CACHE_SIZE = 4096
+_FLAGS = _CONTENT_TYPE | _HEADERS | _DELIVERY_MODE | _MESSAGE_ID | _TIMESTAMP | _TYPE | _APP_ID
 
 
 def short_string(value: str) -> bytes:
@@ -94,18 +99,35 @@ class PublishEncoder:
 
     def encode(self, message: OutgoingMessage) -> bytes:
         """The method, header and body frames of `message`, in one piece."""
+        constant = self._constant
+        flags = _FLAGS
+        properties = [
+            constant(message.content_type),
+            self._table(message.headers),
+            _PERSISTENT,
+        ]
+        if message.correlation_id is not None:
+            flags |= _CORRELATION_ID
+            properties.append(short_string(message.correlation_id))
+        properties.append(short_string(message.message_id))
+        properties.append(_U64.pack(message.timestamp))
+        properties.append(constant(message.type))
+        properties.append(constant(message.app_id))
+        encoded = b"".join(properties)
         body = message.body
-        pieces = [self._method_frame(message.exchange, message.routing_key)]
-        flags, properties = self._properties(message)
         size = len(body)
-        # class, weight, body size and flags come before the properties: 14 bytes.
-        pieces.append(_FRAME_START.pack(_FRAME_HEADER, self._channel, 14 + len(properties)))
-        pieces.append(_HEADER_START.pack(60, size, flags))
-        pieces.append(properties)
-        pieces.append(_FRAME_END)
+        pieces = [
+            self._method_frame(message.exchange, message.routing_key),
+            # class, weight, body size and flags come before the properties: 14 bytes.
+            _HEADER_FRAME_START.pack(
+                _FRAME_HEADER, self._channel, 14 + len(encoded), 60, size, flags
+            ),
+            encoded,
+            _FRAME_END,
+        ]
         body_max = self._body_max
         for start in range(0, size, body_max):
-            fragment = body[start : start + body_max]
+            fragment = body[start : start + body_max] if size > body_max else body
             pieces.append(_FRAME_START.pack(_FRAME_BODY, self._channel, len(fragment)))
             pieces.append(fragment)
             pieces.append(_FRAME_END)
@@ -124,61 +146,46 @@ class PublishEncoder:
             )
             frame = _FRAME_START.pack(_FRAME_METHOD, self._channel, len(payload)) + payload
             frame += _FRAME_END
-            if len(self._methods) >= _METHOD_CACHE_SIZE:
+            if len(self._methods) >= _CACHE_SIZE:
                 self._methods.clear()
             self._methods[key] = frame
         return frame
 
     def _constant(self, value: str) -> bytes:
-        """A short string the relay sends with many messages (content type, app id)."""
+        """A short string that many messages share: content type, app id, event type, header
+        name."""
         encoded = self._strings.get(value)
         if encoded is None:
             encoded = short_string(value)
-            if len(self._strings) >= _METHOD_CACHE_SIZE:
+            if len(self._strings) >= _CACHE_SIZE:
                 self._strings.clear()
             self._strings[value] = encoded
         return encoded
 
-    def _properties(self, message: OutgoingMessage) -> tuple[int, bytes]:
-        """The property flags and the encoded property list."""
-        flags = _CONTENT_TYPE | _HEADERS | _DELIVERY_MODE | _MESSAGE_ID | _TIMESTAMP | _TYPE
-        pieces = [self._constant(message.content_type), encode_table(message.headers)]
-        pieces.append(_PERSISTENT)
-        if message.correlation_id is not None:
-            flags |= _CORRELATION_ID
-            pieces.append(short_string(message.correlation_id))
-        pieces.append(short_string(message.message_id))
-        pieces.append(_U64.pack(message.timestamp))
-        pieces.append(self._constant(message.type))
-        flags |= _APP_ID
-        pieces.append(self._constant(message.app_id))
-        return flags, b"".join(pieces)
-
-
-def encode_table(table: Mapping[str, Any]) -> bytes:
-    """An AMQP field table, as `pika.data.encode_table` encodes it."""
-    pieces: list[bytes] = []
-    for name, value in table.items():
-        pieces.append(short_string(name))
-        kind = type(value)
-        if kind is str:
-            encoded = value.encode()
-            pieces.append(b"S" + _U32.pack(len(encoded)))
-            pieces.append(encoded)
-        elif kind is int and _INT32_MIN <= value <= _INT32_MAX:
-            pieces.append(_INT32.pack(b"I", value))
-        elif kind is int:
-            pieces.append(_INT64.pack(b"l", value))  # struct.error beyond 64 bits, as pika
-        elif value is None:
-            pieces.append(_VOID)
-        elif kind is bool:
-            pieces.append(_TRUE if value else _FALSE)
-        else:
-            rest: list[bytes] = []
-            encode_value(rest, value)
-            pieces.extend(rest)
-    encoded_table = b"".join(pieces)
-    return _U32.pack(len(encoded_table)) + encoded_table
+    def _table(self, table: Mapping[str, Any]) -> bytes:
+        """An AMQP field table, as `pika.data.encode_table` encodes it."""
+        pieces: list[bytes] = []
+        append = pieces.append
+        constant = self._constant
+        for name, value in table.items():
+            append(constant(name))
+            kind = type(value)
+            if kind is str:
+                encoded = value.encode()
+                append(_LONG_STRING.pack(b"S", len(encoded)))
+                append(encoded)
+            elif kind is int and _INT32_MIN <= value <= _INT32_MAX:
+                append(_INT32.pack(b"I", value))
+            elif kind is int:
+                append(_INT64.pack(b"l", value))  # struct.error beyond 64 bits, as pika
+            elif value is None:
+                append(_VOID)
+            elif kind is bool:
+                append(_TRUE if value else _FALSE)
+            else:
+                encode_value(pieces, value)
+        encoded_table = b"".join(pieces)
+        return _U32.pack(len(encoded_table)) + encoded_table
 
 
 def frames_encoder(channel: Channel) -> PublishEncoder:
