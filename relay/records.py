@@ -57,17 +57,16 @@ class ClaimedEvent:
 
     def message(self, exchange: str, *, send_by: float | None = None) -> OutgoingMessage:
         """The AMQP message: `message_id` is the event id, the same on every attempt."""
-        headers: dict[str, Any] = json.loads(self.headers) if self.headers else {}
-        # The relay's own headers win over an application header of the same name.
-        headers.update(
-            {
-                "ordering-key": self.key,
-                "aggregate-type": self.aggregate_type,
-                "aggregate-id": self.aggregate_id,
-                "event-version": self.version,
-                "outbox-seq": self.seq,
-            }
-        )
+        headers: dict[str, Any] = {
+            "ordering-key": self.key,
+            "aggregate-type": self.aggregate_type,
+            "aggregate-id": self.aggregate_id,
+            "event-version": self.version,
+            "outbox-seq": self.seq,
+        }
+        if self.headers:
+            # The relay's own headers win over an application header of the same name.
+            headers = {**json.loads(self.headers), **headers}
         return OutgoingMessage(
             tag=self.seq,
             exchange=exchange,
@@ -80,6 +79,11 @@ class ClaimedEvent:
             correlation_id=self.correlation_id,
             send_by=send_by,
         )
+
+
+# The outbox columns a claim reads, in the order of ClaimedEvent's fields (all but the
+# token, which is the claim's): a claimed row is then ClaimedEvent(*row, token).
+CLAIMED_COLUMNS = tuple(field.name for field in dataclasses.fields(ClaimedEvent))[:-1]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

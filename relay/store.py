@@ -34,7 +34,7 @@ from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
 from relay.deadline import Watchdog
 from relay.driver_sql import DriverStatement
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
-from relay.records import Claim, ClaimedEvent, Failure
+from relay.records import CLAIMED_COLUMNS, Claim, ClaimedEvent, Failure
 from relay.urls import mask_text
 
 log = logging.getLogger("relay.store")
@@ -357,7 +357,7 @@ class Store:
         whatever the backlog.
         """
         token = uuid.uuid4()
-        rows: Sequence[Mapping[str, Any] | RowMapping]
+        events: list[ClaimedEvent]
         if self._postgres:
             with self._driver(transaction=True) as cursor:
                 locked = self._rows(cursor, "_lock_ready_keys", {"limit": limit, "now": now})
@@ -372,7 +372,7 @@ class Store:
                     "lease_until": lease_until,
                     "now": now,
                 }
-                rows = self._read_and_lease(cursor, parameters)
+                events = self._read_and_lease(cursor, parameters, token)
         else:
             with self.transaction() as conn:
                 keys = list(conn.scalars(self._lock_ready_keys, {"limit": limit, "now": now}))
@@ -386,13 +386,14 @@ class Store:
                     lease_until=lease_until,
                     now=now,
                 )
+                events = [ClaimedEvent.from_row(row, token) for row in rows]
         # Keys that gave no rows are empty, unless the claim's room ran out inside the first
         # round (only keys after the last one served can have been cut then): drop the empty
         # ones, in a transaction of their own (it takes writers' locks, which must not wait
         # on the claim). A cut key's lock simply ended with the claim.
-        served = collections.Counter(row["key"] for row in rows if row["key"] is not None)
+        served = collections.Counter(e.key for e in events if e.key is not None)
         keyed = sum(served.values())
-        if keyed < limit - (len(rows) - keyed) or max(served.values(), default=0) > 1:
+        if keyed < limit - (len(events) - keyed) or max(served.values(), default=0) > 1:
             empty = [key for key in keys if key not in served]
         else:
             last = max((keys.index(key) for key in served), default=len(keys) - 1)
@@ -406,7 +407,6 @@ class Store:
                 if self._postgres:
                     free = free.with_for_update(skip_locked=True)
                 self._drop_empty_keys(conn, list(conn.scalars(free)), now=now)
-        events = (ClaimedEvent.from_row(row, token) for row in rows)
         return Claim(
             token=token,
             events=tuple(sorted(events, key=lambda e: e.seq)),
@@ -436,14 +436,12 @@ class Store:
         return query
 
     def _read_and_lease(
-        self, cursor: psycopg.Cursor[Any], parameters: dict[str, Any]
-    ) -> list[dict[str, Any]]:
-        """The claim's second statement (PostgreSQL), after the keys are locked."""
-        columns = self._driver_statements["_claim_statement"].columns
-        return [
-            dict(zip(columns, row, strict=True))
-            for row in self._rows(cursor, "_claim_statement", parameters)
-        ]
+        self, cursor: psycopg.Cursor[Any], parameters: dict[str, Any], token: uuid.UUID
+    ) -> list[ClaimedEvent]:
+        """The claim's second statement (PostgreSQL), after the keys are locked. Its columns
+        are `ClaimedEvent`'s fields in order (`CLAIMED_COLUMNS`): a row is the event."""
+        rows: Sequence[tuple[Any, ...]] = self._rows(cursor, "_claim_statement", parameters)
+        return [ClaimedEvent(*(*row, token)) for row in rows]
 
     @functools.cached_property
     def _claim_statement(self) -> sa.Select[Any]:
@@ -501,13 +499,8 @@ class Store:
             .returning(k.c.key)
             .cte("leased")
         )
-        return (
-            sa.select(keyed)
-            .union_all(sa.select(keyless))
-            .subquery("claimed")
-            .select()
-            .add_cte(leased)
-        )
+        claimed = sa.select(keyed).union_all(sa.select(keyless)).subquery("claimed")
+        return sa.select(*(claimed.c[name] for name in CLAIMED_COLUMNS)).add_cte(leased)
 
     def _claim_sqlite(
         self,

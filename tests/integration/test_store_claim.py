@@ -23,7 +23,7 @@ from outbox import Event, Outbox
 from relay.admin import Admin
 from relay.admin_records import Selector
 from relay.errors import DatabaseUnavailableError
-from relay.records import Claim, Failure
+from relay.records import Claim, ClaimedEvent, Failure
 from relay.store import Store, create_engine
 from tests.support.relays import write_events
 from tests.support.sessions import terminate_pooled_sessions
@@ -728,3 +728,41 @@ def test_recording_confirms_reads_only_the_confirmed_rows_next_to_a_large_table(
     assert not re.search(r"Seq Scan on outbox\b", plan) and "Bitmap" not in plan, plan
     assert f"{outbox_schema.name}_pkey" in plan, plan
     assert owned == len(pairs) == 10
+
+
+def test_a_claimed_event_carries_every_field_of_its_row(
+    pg_engine: sa.Engine, outbox_schema: Outbox, store: Store
+) -> None:
+    """The claim builds events from its row's columns by position (CLAIMED_COLUMNS): each
+    field must come from the column of its name, for keyed and keyless events, every
+    optional field set or not, and a retried event's attempts."""
+    write_events(
+        pg_engine,
+        outbox_schema,
+        [
+            Event(
+                type="order.placed",
+                key="k" * 255,
+                aggregate_type="Order",
+                aggregate_id="o-1",
+                routing_key="orders.eu.placed",
+                correlation_id="corr-ü",
+                version=3,
+                payload={"total": 1},
+                headers={"tenant": "t1"},
+            ),
+            Event(type="audit.logged", key=None, payload={"n": 2}),
+        ],
+    )
+    t = outbox_schema.events
+    with pg_engine.begin() as conn:
+        conn.execute(sa.update(t).where(t.c.key.is_(None)).values(attempts=2))
+        rows = {row["seq"]: row for row in conn.execute(sa.select(t)).mappings()}
+
+    claimed = claim(store)
+
+    assert len(claimed.events) == 2
+    for event in claimed.events:
+        row = rows[event.seq]
+        assert event == ClaimedEvent.from_row(row, claimed.token)
+    assert {e.attempts for e in claimed.events} == {0, 2}
