@@ -142,7 +142,8 @@ class AmqpPublisher:
         self._inbox: list[Sequence[OutgoingMessage]] = []
         self._drain_scheduled = False
         self._confirms = ConfirmWindow()
-        self._sent: dict[int, Sent] = {}  # relay tag -> what a channel close is judged on
+        # relay tag -> the message, kept until its confirm: what a channel close is judged on
+        self._sent: dict[int, OutgoingMessage] = {}
         # Bodies larger than this are refused before they are sent. A broker configured lower
         # says so in the channel close; its figure is adopted from then on.
         self._max_message_size = max_message_size
@@ -604,7 +605,10 @@ class AmqpPublisher:
             was_ready = self._ready
             self._ready = False
             entries = self._confirms.take_all()
-            sent = [self._sent.pop(tag) for tag, _ in entries if tag in self._sent]
+            sent = [
+                Sent(m.tag, m.exchange, len(m.body))
+                for m in (self._sent.pop(tag) for tag, _ in entries if tag in self._sent)
+            ]
             self._sent.clear()
             inbox = self._take_inbox()
         events = self._settle_all(entries, inbox, Outcome.UNKNOWN, f"channel closed: {description}")
@@ -657,7 +661,7 @@ class AmqpPublisher:
         refusal = "publisher stopped" if self._stopping else NOT_CONNECTED
         frames: list[bytes] = []
         published: list[Entry] = []
-        sent: list[Sent] = []
+        sent: list[OutgoingMessage] = []
         events: list[PublisherEvent] = []
         now = time.monotonic()
         for batch in batches:
@@ -709,7 +713,7 @@ class AmqpPublisher:
                     )
                     continue
                 published.append((message.tag, message.message_id))
-                sent.append(Sent(message.tag, message.exchange, len(message.body)))
+                sent.append(message)
         with self._lock:
             if self._books_closed:
                 events.extend(
@@ -719,7 +723,7 @@ class AmqpPublisher:
                 frames.clear()
             else:
                 self._confirms.published(published)
-                self._sent.update((s.tag, s) for s in sent)
+                self._sent.update((m.tag, m) for m in sent)
                 self._published_total += len(published)
         if frames and connection is not None:
             # After the books: should the write fail, the connection's close settles every

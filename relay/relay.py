@@ -314,13 +314,16 @@ class Relay:
             if item.notified_at is not None and self._notified is None:
                 self._notified = (item.notified_at, self._monotonic())
             return
+        # One reading of the clocks for the whole delivery: outcomes come in hundreds at once.
+        settled_at = self._clock()
+        monotonic = self._monotonic()
         for event in item:
             if isinstance(event, PublishOutcome):
-                self._outcome(event)
+                self._outcome(event, settled_at, monotonic)
             else:
                 self._broker_status(event)
 
-    def _outcome(self, outcome: PublishOutcome) -> None:
+    def _outcome(self, outcome: PublishOutcome, settled_at: dt.datetime, monotonic: float) -> None:
         self._spans.settled(outcome)
         report = self._report
         sent_at = self._published_at.pop(outcome.tag, None)
@@ -336,11 +339,10 @@ class Relay:
             )
             self._results.confirmed(event, run_finished=run_finished)
             self._window_settled(event)
-            now = self._monotonic()
             self.metrics.published(
                 event.type,
-                (self._clock() - event.occurred_at).total_seconds(),
-                now - sent_at if sent_at is not None else 0.0,
+                (settled_at - event.occurred_at).total_seconds(),
+                monotonic - sent_at if sent_at is not None else 0.0,
             )
             return
         event, rest = self.sequencer.stopped(outcome.tag)
