@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class OutgoingMessage:
-    """One AMQP message. `tag` is the relay's handle for it (the outbox row's seq)."""
+class OutgoingMessage(NamedTuple):
+    """One AMQP message. `tag` is the relay's handle for it (the outbox row's seq).
+
+    Named tuples rather than frozen dataclasses for what is made once per event: see
+    `relay.records.ClaimedEvent`."""
 
     tag: int
     exchange: str
@@ -40,8 +42,7 @@ class Outcome(enum.Enum):
     UNKNOWN = "unknown"  # connection lost before a confirm: publish again, attempt not spent
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PublishOutcome:
+class PublishOutcome(NamedTuple):
     tag: int
     outcome: Outcome
     error: str | None = None

@@ -4,7 +4,6 @@ bounded even when the broker stops answering, and every message still gets one o
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections import Counter
@@ -95,7 +94,7 @@ def test_a_message_whose_lease_ran_out_before_the_loop_sent_it_is_not_sent(
     publisher = driven_publisher(amqp_url, exchange, mailbox)
     try:
         start_until_ready(publisher, mailbox, taken)
-        late = dataclasses.replace(message(1, exchange), send_by=time.monotonic() + 0.2)
+        late = message(1, exchange)._replace(send_by=time.monotonic() + 0.2)
         unbound = message(2, exchange)
         publisher.publish([late, unbound])
         time.sleep(0.3)  # "frozen": the loop does not run until the lease is over

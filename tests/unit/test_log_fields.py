@@ -3,7 +3,6 @@ top-level keys (and the attempt, the relay); text mode is what it was."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -112,7 +111,7 @@ def test_the_daemons_name_is_on_every_line_once_added(
 
 
 def test_a_dead_letter_line_carries_the_event() -> None:
-    event = dataclasses.replace(ev(1, "order:9"), attempts=2)
+    event = ev(1, "order:9")._replace(attempts=2)
     dead = DeadLetterLog(logging.getLogger("relay"), lambda: 0.0)
     with json_log() as log:
         dead.dead(Failure(event=event, error="unroutable", next_attempt_at=None))
