@@ -25,7 +25,7 @@ over every property combination the relay sends and every header value type):
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from pika import exceptions
@@ -74,7 +74,14 @@ _INT32_MAX = 2**31 - 1
 # publishes to a handful of routing keys and event types, so nearly every message finds its
 # frame and strings cached. Bounded: a cache is cleared when it grows past this.
 _CACHE_SIZE = 4096
+# Frames are written in pieces of about this size (see `chunks`): a batch of a thousand
+# small events is a few writes, and a partial send copies at most this much again.
+CHUNK_SIZE = 128 * 1024
 _FLAGS = _CONTENT_TYPE | _HEADERS | _DELIVERY_MODE | _MESSAGE_ID | _TIMESTAMP | _TYPE | _APP_ID
+
+
+class FrameTooLargeError(ValueError):
+    """A message whose content header would not fit in one frame of the connection."""
 
 
 def short_string(value: str) -> bytes:
@@ -97,8 +104,10 @@ class PublishEncoder:
         self._methods: dict[tuple[str, str], bytes] = {}
         self._strings: dict[str, bytes] = {}
 
-    def encode(self, message: OutgoingMessage) -> bytes:
-        """The method, header and body frames of `message`, in one piece."""
+    def encode(self, message: OutgoingMessage) -> list[bytes]:
+        """The frames of `message`: the method and header frames with the first body frame
+        in one piece, then each further body frame (at most `frame_max` bytes each, so that
+        a large body never makes one large piece; see `chunks`)."""
         constant = self._constant
         flags = _FLAGS
         properties = [
@@ -114,24 +123,37 @@ class PublishEncoder:
         properties.append(constant(message.type))
         properties.append(constant(message.app_id))
         encoded = b"".join(properties)
+        # class, weight, body size and flags come before the properties: 14 bytes.
+        if 14 + len(encoded) > self._body_max:
+            # pika would send it, and the broker would close the connection (a frame larger
+            # than frame_max), with every message in flight on it, on every attempt.
+            raise FrameTooLargeError(
+                f"its properties and headers take {14 + len(encoded)} bytes, more than a "
+                f"frame holds ({self._body_max} bytes of the broker's frame_max "
+                f"{self._body_max + _FRAME_OVERHEAD}); make its headers smaller"
+            )
         body = message.body
         size = len(body)
-        pieces = [
+        channel = self._channel
+        first = [
             self._method_frame(message.exchange, message.routing_key),
-            # class, weight, body size and flags come before the properties: 14 bytes.
-            _HEADER_FRAME_START.pack(
-                _FRAME_HEADER, self._channel, 14 + len(encoded), 60, size, flags
-            ),
+            _HEADER_FRAME_START.pack(_FRAME_HEADER, channel, 14 + len(encoded), 60, size, flags),
             encoded,
             _FRAME_END,
         ]
         body_max = self._body_max
+        if size <= body_max:
+            if size:
+                first += (_FRAME_START.pack(_FRAME_BODY, channel, size), body, _FRAME_END)
+            return [b"".join(first)]
+        frames = [b"".join(first)]
         for start in range(0, size, body_max):
-            fragment = body[start : start + body_max] if size > body_max else body
-            pieces.append(_FRAME_START.pack(_FRAME_BODY, self._channel, len(fragment)))
-            pieces.append(fragment)
-            pieces.append(_FRAME_END)
-        return b"".join(pieces)
+            fragment = body[start : start + body_max]
+            frames.append(
+                b"".join((_FRAME_START.pack(_FRAME_BODY, channel, len(fragment)), fragment))
+                + _FRAME_END
+            )
+        return frames
 
     def _method_frame(self, exchange: str, routing_key: str) -> bytes:
         key = (exchange, routing_key)
@@ -196,12 +218,32 @@ def frames_encoder(channel: Channel) -> PublishEncoder:
     return PublishEncoder(channel.channel_number, params.frame_max)
 
 
-def write_frames(connection: Connection, frames: bytes) -> None:
-    """Hand encoded frames to the connection's transport, in one write.
+def chunks(frames: Sequence[bytes], size: int = CHUNK_SIZE) -> list[bytes]:
+    """Frames joined into pieces of about `size` bytes (a frame is never split): few writes
+    for many small messages, and no piece much larger than a frame. The transport sends a
+    piece from its start again after a partial send, copying the rest of it: one piece of a
+    whole large batch would be copied over and over."""
+    pieces: list[bytes] = []
+    current: list[bytes] = []
+    length = 0
+    for frame in frames:
+        if current and length + len(frame) > size:
+            pieces.append(b"".join(current))
+            current = []
+            length = 0
+        current.append(frame)
+        length += len(frame)
+    if current:
+        pieces.append(b"".join(current))
+    return pieces
+
+
+def write_frames(connection: Connection, pieces: Sequence[bytes]) -> None:
+    """Hand encoded frames to the connection's transport, one write per piece.
 
     pika has no public call for bytes that are already frames; `_output_marshaled_frames` is
     what its own `basic_publish` ends in (it counts the bytes for the heartbeat checker, then
     writes). `tests/unit/test_amqp_frames.py` checks that the installed pika still has it, and
     pyproject.toml bounds pika to the releases it was checked on.
     """
-    cast(Any, connection)._output_marshaled_frames([frames])
+    cast(Any, connection)._output_marshaled_frames(pieces)

@@ -38,7 +38,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
-from relay.amqp_frames import PublishEncoder, frames_encoder, write_frames
+from relay.amqp_frames import PublishEncoder, chunks, frames_encoder, write_frames
 from relay.broker_errors import describe_error, quiet_pika, refusal
 from relay.broker_urls import node_label, parse_amqp_urls, split_amqp_urls
 from relay.channel_blame import (
@@ -693,7 +693,7 @@ class AmqpPublisher:
                     )
                     continue
                 try:
-                    frames.append(encoder.encode(message))
+                    frames += encoder.encode(message)
                 except Exception as exc:
                     # Encoded before anything is written: nothing was sent and the channel
                     # is intact; the same message would fail again on any connection.
@@ -728,7 +728,7 @@ class AmqpPublisher:
         if frames and connection is not None:
             # After the books: should the write fail, the connection's close settles every
             # message of the window, these included.
-            write_frames(connection, b"".join(frames))
+            write_frames(connection, chunks(frames))
         if events:
             self._emit(events)
 

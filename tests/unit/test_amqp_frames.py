@@ -17,7 +17,7 @@ import pytest
 from pika import exceptions, frame, spec
 from pika.connection import Connection
 
-from relay.amqp_frames import PublishEncoder
+from relay.amqp_frames import FrameTooLargeError, PublishEncoder, chunks
 from relay.messages import OutgoingMessage
 
 FRAME_MAX = 131_072  # RabbitMQ's default
@@ -71,7 +71,9 @@ def pika_bytes(m: OutgoingMessage, channel: int = 1, frame_max: int = FRAME_MAX)
 
 
 def ours(m: OutgoingMessage, channel: int = 1, frame_max: int = FRAME_MAX) -> bytes:
-    return PublishEncoder(channel, frame_max).encode(m)
+    frames = PublishEncoder(channel, frame_max).encode(m)
+    assert all(len(frame) <= frame_max for frame in frames[1:])
+    return b"".join(frames)
 
 
 def test_the_relays_usual_message_is_encoded_as_pika_encodes_it() -> None:
@@ -201,7 +203,7 @@ def test_one_encoder_gives_each_message_its_own_frames() -> None:
             correlation_id=rng.choice([None, f"c{i}"]),
             body=b"z" * rng.randrange(200),
         )
-        assert encoder.encode(m) == pika_bytes(m), m
+        assert b"".join(encoder.encode(m)) == pika_bytes(m), m
 
 
 def test_random_headers_match_pika() -> None:
@@ -240,3 +242,41 @@ def test_frame_max_must_leave_room_for_a_body() -> None:
 def test_the_installed_pika_still_has_the_call_frames_are_written_with() -> None:
     """`relay.amqp_frames.write_frames` relies on it (pika has no public call for frames)."""
     assert callable(getattr(Connection, "_output_marshaled_frames", None))
+
+
+def test_a_large_body_comes_as_one_piece_per_frame() -> None:
+    """Never one piece of the whole body: the transport copies the rest of a piece after a
+    partial send, which for one piece of many megabytes is quadratic."""
+    m = message(body=b"b" * (10 * 4088 + 3))
+    frames = PublishEncoder(1, 4096).encode(m)
+    assert len(frames) == 1 + 11
+    assert all(len(frame) <= 4096 for frame in frames[1:])
+    assert b"".join(frames) == pika_bytes(m, frame_max=4096)
+
+
+def test_a_small_message_is_one_piece() -> None:
+    assert len(PublishEncoder(1, FRAME_MAX).encode(message())) == 1
+
+
+def test_a_content_header_larger_than_a_frame_is_refused() -> None:
+    """pika would send it and the broker would close the connection (a frame over
+    frame_max), with every message in flight on it, on every attempt of this one."""
+    encoder = PublishEncoder(1, 4096)
+    fits = len(PublishEncoder(1, FRAME_MAX).encode(message(body=b""))[0])
+    # The header frame's payload of message(): everything but the method frame and 8 bytes.
+    method = len(PublishEncoder(1, FRAME_MAX)._method_frame("orders", "order.placed"))
+    header_payload = fits - method - 8
+    pad = 4088 - header_payload - len("x") - 1 - 5  # name's length octet, "S" + length
+    at_limit = message(headers={**message().headers, "x": "p" * pad})
+    assert b"".join(encoder.encode(at_limit)) == pika_bytes(at_limit, frame_max=4096)
+    over = message(headers={**message().headers, "x": "p" * (pad + 1)})
+    with pytest.raises(FrameTooLargeError, match="make its headers smaller"):
+        encoder.encode(over)
+
+
+def test_chunks_join_small_frames_and_never_split_one() -> None:
+    frames = [bytes([i]) * 100 for i in range(25)] + [b"L" * 1000] + [b"s" * 10]
+    pieces = chunks(frames, size=1000)
+    assert b"".join(pieces) == b"".join(frames)
+    assert [len(p) for p in pieces] == [1000, 1000, 500, 1000, 10]
+    assert chunks([]) == []
