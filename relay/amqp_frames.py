@@ -80,8 +80,19 @@ CHUNK_SIZE = 128 * 1024
 _FLAGS = _CONTENT_TYPE | _HEADERS | _DELIVERY_MODE | _MESSAGE_ID | _TIMESTAMP | _TYPE | _APP_ID
 
 
-class FrameTooLargeError(ValueError):
+class EncodingError(ValueError):
+    """A message AMQP 0-9-1 cannot carry as it is: no connection would take it."""
+
+
+class FrameTooLargeError(EncodingError):
     """A message whose content header would not fit in one frame of the connection."""
+
+
+# What pika's encoding (and this module's) raises for a value AMQP cannot carry: a short
+# string over 255 bytes or a value type tables have no field for (AMQPError), an int beyond
+# 64 bits or a negative timestamp (struct.error), text that is not valid Unicode
+# (UnicodeEncodeError), a decimal pika cannot scale (ArithmeticError).
+_ENCODING_FAILURES = (exceptions.AMQPError, struct.error, UnicodeEncodeError, ArithmeticError)
 
 
 def short_string(value: str) -> bytes:
@@ -107,7 +118,14 @@ class PublishEncoder:
     def encode(self, message: OutgoingMessage) -> list[bytes]:
         """The frames of `message`: the method and header frames with the first body frame
         in one piece, then each further body frame (at most `frame_max` bytes each, so that
-        a large body never makes one large piece; see `chunks`)."""
+        a large body never makes one large piece; see `chunks`). Raises `EncodingError`
+        for a message AMQP cannot carry."""
+        try:
+            return self._encode(message)
+        except _ENCODING_FAILURES as exc:
+            raise EncodingError(f"{exc!r}") from exc
+
+    def _encode(self, message: OutgoingMessage) -> list[bytes]:
         constant = self._constant
         flags = _FLAGS
         properties = [

@@ -38,7 +38,13 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
-from relay.amqp_frames import PublishEncoder, chunks, frames_encoder, write_frames
+from relay.amqp_frames import (
+    EncodingError,
+    PublishEncoder,
+    chunks,
+    frames_encoder,
+    write_frames,
+)
 from relay.broker_errors import describe_error, quiet_pika, refusal
 from relay.broker_urls import node_label, parse_amqp_urls, split_amqp_urls
 from relay.channel_blame import (
@@ -696,19 +702,22 @@ class AmqpPublisher:
                     frames += encoder.encode(message)
                 except Exception as exc:
                     # Encoded before anything is written: nothing was sent and the channel
-                    # is intact; the same message would fail again on any connection.
+                    # is intact. A message AMQP cannot carry would fail again on any
+                    # connection: refused for good. Anything else (memory) spends an
+                    # attempt: it may pass next time, and can never loop.
+                    lasting = isinstance(exc, EncodingError)
                     logger.warning(
-                        "publisher %s: cannot encode message %s: %r",
+                        "publisher %s: cannot encode message %s: %s",
                         self._connection_name,
                         message.message_id,
-                        exc,
+                        exc if lasting else repr(exc),
                     )
                     events.append(
                         PublishOutcome(
                             message.tag,
                             Outcome.REJECTED,
-                            f"cannot encode message: {exc!r}",
-                            retryable=False,
+                            f"cannot encode message: {exc if lasting else repr(exc)}",
+                            retryable=not lasting,
                         )
                     )
                     continue
@@ -725,11 +734,13 @@ class AmqpPublisher:
                 self._confirms.published(published)
                 self._sent.update((m.tag, m) for m in sent)
                 self._published_total += len(published)
-        if frames and connection is not None:
-            # After the books: should the write fail, the connection's close settles every
-            # message of the window, these included.
-            write_frames(connection, chunks(frames))
-        if events:
+        try:
+            if frames and connection is not None:
+                # After the books: should the write fail, the connection's close settles
+                # every message of the window, these included.
+                write_frames(connection, chunks(frames))
+        finally:
+            # The outcomes settled here go out whatever the write did.
             self._emit(events)
 
     def _on_return(

@@ -27,6 +27,7 @@ from pika.spec import BasicProperties
 
 from outbox import Outbox
 from relay import publisher as publisher_module
+from relay.amqp_frames import PublishEncoder
 from relay.messages import (
     BrokerStatus,
     Outcome,
@@ -432,6 +433,63 @@ def test_a_message_that_cannot_be_encoded_is_refused_for_good_and_spares_its_bat
     received = [properties.message_id for properties, _ in side.get(queue, 2)]
     assert received == [batch[0].message_id, batch[3].message_id]
     assert [s.up for s in recorder.statuses()] == [True]
+
+
+def test_an_unexpected_error_while_encoding_spends_an_attempt_not_the_event(
+    side: SideBroker, make_publisher: PublisherFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given an encoder that runs out of memory on one message, that message is REJECTED but
+    retryable (the next attempt may pass; attempts bound the retries), and the rest of
+    its batch is confirmed."""
+    real_encode = PublishEncoder.encode
+
+    def short_of_memory(self: PublishEncoder, m: OutgoingMessage) -> list[bytes]:
+        if m.tag == 1:
+            raise MemoryError
+        return real_encode(self, m)
+
+    monkeypatch.setattr(PublishEncoder, "encode", short_of_memory)
+    exchange = side.exchange()
+    side.queue(exchange)
+    publisher, recorder = make_publisher(exchange)
+    recorder.wait_up()
+    publisher.publish([message(tag, exchange) for tag in range(3)])
+
+    settled = by_tag(recorder.wait_outcomes(3))
+    assert settled[1].outcome is Outcome.REJECTED and settled[1].retryable
+    assert settled[1].error is not None and "MemoryError" in settled[1].error
+    assert settled[0].outcome is settled[2].outcome is Outcome.CONFIRMED
+
+
+def test_a_failed_write_still_settles_every_message_of_its_batch_once(
+    side: SideBroker, make_publisher: PublisherFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given a write to the connection that raises, the messages refused before it (too
+    large) keep their outcome, and those counted as sent come back UNKNOWN when the
+    connection closes: each message of the batch gets exactly one outcome."""
+    failures = [RuntimeError("write failed")]
+    real_write = publisher_module.write_frames
+
+    def failing_write(connection: Any, pieces: Sequence[bytes]) -> None:
+        if failures:
+            raise failures.pop()
+        real_write(connection, pieces)
+
+    monkeypatch.setattr(publisher_module, "write_frames", failing_write)
+    exchange = side.exchange()
+    side.queue(exchange)
+    publisher, recorder = make_publisher(exchange, max_message_size=1000)
+    recorder.wait_up()
+    batch = [message(0, exchange), message(1, exchange, body=b"x" * 2000), message(2, exchange)]
+    publisher.publish(batch)
+
+    settled = by_tag(recorder.wait_outcomes(3))
+    assert settled[1].outcome is Outcome.REJECTED and not settled[1].retryable
+    assert settled[0].outcome is settled[2].outcome is Outcome.UNKNOWN
+    recorder.wait_up(times=2)  # the publisher reconnected
+    publisher.publish([message(3, exchange)])
+    assert by_tag(recorder.wait_outcomes(4))[3].outcome is Outcome.CONFIRMED
+    assert len(recorder.outcomes()) == 4
 
 
 def test_a_batch_is_written_to_the_connection_at_once(

@@ -1,8 +1,8 @@
 """`relay.amqp_frames` sends exactly the bytes pika's `basic_publish` would send.
 
-pika is the oracle: every case encodes one message both ways (pika's `Basic.Publish`,
-`BasicProperties` and frames, as `Connection._send_message` builds them) and compares the
-bytes; a value pika refuses must be refused here too, with the same exception type.
+pika is the oracle: every case publishes one message both ways (pika's own
+`Channel.basic_publish` down to its transport, with the publisher's properties) and compares
+the bytes; a value pika refuses must be refused here too, with the same exception type.
 """
 
 from __future__ import annotations
@@ -13,11 +13,19 @@ import random
 import struct
 from typing import Any
 
+import pika
 import pytest
-from pika import exceptions, frame, spec
+from pika import exceptions, spec
+from pika.channel import Channel
 from pika.connection import Connection
 
-from relay.amqp_frames import FrameTooLargeError, PublishEncoder, chunks
+from relay.amqp_frames import (
+    EncodingError,
+    FrameTooLargeError,
+    PublishEncoder,
+    chunks,
+    write_frames,
+)
 from relay.messages import OutgoingMessage
 
 FRAME_MAX = 131_072  # RabbitMQ's default
@@ -45,9 +53,42 @@ def message(**overrides: Any) -> OutgoingMessage:
     return OutgoingMessage(**fields)
 
 
-def pika_bytes(m: OutgoingMessage, channel: int = 1, frame_max: int = FRAME_MAX) -> bytes:
-    """What pika's `Channel.basic_publish` sends for `m` with the publisher's properties."""
-    properties = spec.BasicProperties(
+class CapturingConnection(Connection):
+    """pika's own `Connection`, open, with a transport that keeps what it is given: the
+    oracle runs pika's real `Channel.basic_publish` down to the bytes it would send."""
+
+    def __init__(self, frame_max: int) -> None:
+        self.written: list[bytes] = []
+        params = pika.ConnectionParameters(frame_max=frame_max)
+        super().__init__(params, None, None, None, internal_connection_workflow=False)
+        self._body_max_length = self._get_body_frame_max_length()
+        self.connection_state = Connection.CONNECTION_OPEN
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def _adapter_connect_stream(self) -> None:
+        pass
+
+    def _adapter_disconnect_stream(self) -> None:
+        pass
+
+    def _adapter_call_later(self, delay: float, callback: Any) -> Any:
+        return None
+
+    def _adapter_remove_timeout(self, timeout_id: Any) -> None:
+        pass
+
+    def _adapter_add_callback_threadsafe(self, callback: Any) -> None:
+        pass
+
+    def _adapter_get_write_buffer_size(self) -> int:
+        return 0
+
+
+def properties_of(m: OutgoingMessage) -> spec.BasicProperties:
+    """The properties the publisher sent through pika before it encoded frames itself."""
+    return spec.BasicProperties(
         delivery_mode=2,
         message_id=m.message_id,
         type=m.type,
@@ -57,17 +98,15 @@ def pika_bytes(m: OutgoingMessage, channel: int = 1, frame_max: int = FRAME_MAX)
         content_type=m.content_type,
         app_id=m.app_id,
     )
-    method = spec.Basic.Publish(exchange=m.exchange, routing_key=m.routing_key, mandatory=True)
-    out = [
-        frame.Method(channel, method).marshal(),
-        frame.Header(channel, len(m.body), properties).marshal(),
-    ]
-    body_max = frame_max - 8
-    out += [
-        frame.Body(channel, m.body[start : start + body_max]).marshal()
-        for start in range(0, len(m.body), body_max)
-    ]
-    return b"".join(out)
+
+
+def pika_bytes(m: OutgoingMessage, channel: int = 1, frame_max: int = FRAME_MAX) -> bytes:
+    """What pika's `Channel.basic_publish` sends for `m` with the publisher's properties."""
+    connection = CapturingConnection(frame_max)
+    pika_channel = Channel(connection, channel, lambda *_: None)
+    pika_channel._set_state(Channel.OPEN)
+    pika_channel.basic_publish(m.exchange, m.routing_key, m.body, properties_of(m), mandatory=True)
+    return b"".join(connection.written)
 
 
 def ours(m: OutgoingMessage, channel: int = 1, frame_max: int = FRAME_MAX) -> bytes:
@@ -139,15 +178,23 @@ def test_subclasses_of_str_and_int_are_encoded_as_pika_encodes_them() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [1.5, 2**63, -(2**63) - 1, object(), {1, 2}],
-    ids=["float", "int beyond 64 bits", "int below 64 bits", "object", "set"],
+    [1.5, 2**63, -(2**63) - 1, object(), {1, 2}, "\ud800"],
+    ids=[
+        "float",
+        "int beyond 64 bits",
+        "int below 64 bits",
+        "object",
+        "set",
+        "lone surrogate",
+    ],
 )
 def test_a_header_value_pika_refuses_is_refused_with_the_same_error(value: Any) -> None:
     m = message(headers={"value": value})
     with pytest.raises(Exception) as theirs:
         pika_bytes(m)
-    with pytest.raises(type(theirs.value)):
+    with pytest.raises(EncodingError) as refused:
         ours(m)
+    assert type(refused.value.__cause__) is type(theirs.value)
 
 
 @pytest.mark.parametrize("field", ["exchange", "routing_key", "message_id", "type", "app_id"])
@@ -157,13 +204,13 @@ def test_short_strings_take_255_bytes_and_refuse_256(field: str) -> None:
     over = message(**{field: "é" * 128})  # 256 bytes
     with pytest.raises(exceptions.ShortStringTooLong):
         pika_bytes(over)
-    with pytest.raises(exceptions.ShortStringTooLong):
+    with pytest.raises(EncodingError, match="ShortStringTooLong"):
         ours(over)
 
 
 def test_header_names_are_short_strings_too() -> None:
     assert ours(message(headers={"n" * 255: 1})) == pika_bytes(message(headers={"n" * 255: 1}))
-    with pytest.raises(exceptions.ShortStringTooLong):
+    with pytest.raises(EncodingError, match="ShortStringTooLong"):
         ours(message(headers={"n" * 256: 1}))
 
 
@@ -185,8 +232,9 @@ def test_the_channel_number_is_in_every_frame(channel: int) -> None:
 def test_negative_timestamps_are_refused_as_pika_refuses_them() -> None:
     with pytest.raises(struct.error):
         pika_bytes(message(timestamp=-1))
-    with pytest.raises(struct.error):
+    with pytest.raises(EncodingError) as refused:
         ours(message(timestamp=-1))
+    assert isinstance(refused.value.__cause__, struct.error)
 
 
 def test_one_encoder_gives_each_message_its_own_frames() -> None:
@@ -239,9 +287,20 @@ def test_frame_max_must_leave_room_for_a_body() -> None:
         PublishEncoder(1, 8)
 
 
-def test_the_installed_pika_still_has_the_call_frames_are_written_with() -> None:
-    """`relay.amqp_frames.write_frames` relies on it (pika has no public call for frames)."""
-    assert callable(getattr(Connection, "_output_marshaled_frames", None))
+def test_frames_written_through_pikas_private_call_reach_its_transport_as_pikas_own() -> None:
+    """`write_frames` relies on pika's `_output_marshaled_frames` (pika has no public call
+    for frames): through the installed pika's Connection, the relay's pieces reach the
+    transport as the bytes pika's own publish writes, and count the same for its heartbeat
+    checker."""
+    m = message(body=b"b" * 10_000, headers={"ordering-key": "k", "n": 2**40})
+    theirs = CapturingConnection(4096)
+    pika_channel = Channel(theirs, 7, lambda *_: None)
+    pika_channel._set_state(Channel.OPEN)
+    pika_channel.basic_publish(m.exchange, m.routing_key, m.body, properties_of(m), mandatory=True)
+    ours = CapturingConnection(4096)
+    write_frames(ours, chunks(PublishEncoder(7, 4096).encode(m)))
+    assert b"".join(ours.written) == b"".join(theirs.written)
+    assert ours.bytes_sent == theirs.bytes_sent
 
 
 def test_a_large_body_comes_as_one_piece_per_frame() -> None:
