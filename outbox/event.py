@@ -145,6 +145,11 @@ def _frozen_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
                 "aggregate_id, version)"
             )
         _no_nul(name, "header name")
+        if len(name.encode()) > MAX_SHORT_STRING:
+            raise InvalidEventError(
+                f"header name {name[:40]!r}... is {len(name.encode())} bytes; AMQP allows at "
+                f"most {MAX_SHORT_STRING}"
+            )
         if not isinstance(value, str):
             raise InvalidEventError(
                 f"header {name!r} has a {type(value).__name__} value; header values must be "

@@ -156,3 +156,10 @@ def test_payload_encoding_of_common_python_values() -> None:
 def test_unserialisable_payload_names_the_event_type() -> None:
     with pytest.raises(PayloadNotSerializableError, match="payload of order.placed event"):
         event_rows([Event(type="order.placed", payload=object())])
+
+
+def test_a_header_name_over_255_bytes_is_refused_at_write_time() -> None:
+    """A header name is an AMQP short string: the relay could never send the event."""
+    Event(type="t", headers={"é" * 127 + "x": "v"})  # 255 bytes
+    with pytest.raises(InvalidEventError, match="256 bytes; AMQP allows at most 255"):
+        Event(type="t", headers={"é" * 128: "v"})
