@@ -435,6 +435,17 @@ def test_a_message_that_cannot_be_encoded_is_refused_for_good_and_spares_its_bat
     assert [s.up for s in recorder.statuses()] == [True]
 
 
+def ready_publisher(
+    side: SideBroker, make_publisher: PublisherFactory, **options: Any
+) -> tuple[str, AmqpPublisher, Recorder]:
+    """An exchange with a queue bound, and a publisher on it that is up."""
+    exchange = side.exchange()
+    side.queue(exchange)
+    publisher, recorder = make_publisher(exchange, **options)
+    recorder.wait_up()
+    return exchange, publisher, recorder
+
+
 def test_an_unexpected_error_while_encoding_spends_an_attempt_not_the_event(
     side: SideBroker, make_publisher: PublisherFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -449,10 +460,7 @@ def test_an_unexpected_error_while_encoding_spends_an_attempt_not_the_event(
         return real_encode(self, m)
 
     monkeypatch.setattr(PublishEncoder, "encode", short_of_memory)
-    exchange = side.exchange()
-    side.queue(exchange)
-    publisher, recorder = make_publisher(exchange)
-    recorder.wait_up()
+    exchange, publisher, recorder = ready_publisher(side, make_publisher)
     publisher.publish([message(tag, exchange) for tag in range(3)])
 
     settled = by_tag(recorder.wait_outcomes(3))
@@ -476,10 +484,7 @@ def test_a_failed_write_still_settles_every_message_of_its_batch_once(
         real_write(connection, pieces)
 
     monkeypatch.setattr(publisher_module, "write_frames", failing_write)
-    exchange = side.exchange()
-    side.queue(exchange)
-    publisher, recorder = make_publisher(exchange, max_message_size=1000)
-    recorder.wait_up()
+    exchange, publisher, recorder = ready_publisher(side, make_publisher, max_message_size=1000)
     batch = [message(0, exchange), message(1, exchange, body=b"x" * 2000), message(2, exchange)]
     publisher.publish(batch)
 
@@ -505,10 +510,7 @@ def test_a_batch_is_written_to_the_connection_at_once(
         real_write(connection, pieces)
 
     monkeypatch.setattr(publisher_module, "write_frames", counting_write)
-    exchange = side.exchange()
-    side.queue(exchange)
-    publisher, recorder = make_publisher(exchange)
-    recorder.wait_up()
+    exchange, publisher, recorder = ready_publisher(side, make_publisher)
     publisher.publish([message(tag, exchange) for tag in range(300)])
 
     settled = by_tag(recorder.wait_outcomes(300))

@@ -15,10 +15,11 @@ from typing import Any
 
 import pika
 import pytest
-from pika import exceptions, spec
+from pika import exceptions
 from pika.channel import Channel
 from pika.connection import Connection
 
+from bench.baseline import properties_of
 from relay.amqp_frames import (
     EncodingError,
     FrameTooLargeError,
@@ -84,20 +85,6 @@ class CapturingConnection(Connection):
 
     def _adapter_get_write_buffer_size(self) -> int:
         return 0
-
-
-def properties_of(m: OutgoingMessage) -> spec.BasicProperties:
-    """The properties the publisher sent through pika before it encoded frames itself."""
-    return spec.BasicProperties(
-        delivery_mode=2,
-        message_id=m.message_id,
-        type=m.type,
-        timestamp=m.timestamp,
-        headers=dict(m.headers),
-        correlation_id=m.correlation_id,
-        content_type=m.content_type,
-        app_id=m.app_id,
-    )
 
 
 def pika_bytes(m: OutgoingMessage, channel: int = 1, frame_max: int = FRAME_MAX) -> bytes:
