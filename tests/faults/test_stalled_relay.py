@@ -27,7 +27,9 @@ def test_relay_stalled_inside_its_claim_does_not_stop_the_others(rig: Rig) -> No
     stalls inside its claim transaction (held just before its COMMIT, locks taken), then the
     other still claims and delivers an event of a key nobody holds within lease + 2 s; and
     after the stall everything arrives once, in order."""
-    backlog = interleaved_events(2000, keys=50)
+    # Enough that both relays are still claiming when the hold is armed: the relays drain
+    # thousands a second, and an idle one only probes (no claim, no COMMIT to hold).
+    backlog = interleaved_events(8000, keys=50)
     write_events(rig.engine, rig.box, backlog)
     settings = rig.settings(lease=LEASE, db_timeout=DB_TIMEOUT)
     with (
