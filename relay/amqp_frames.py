@@ -91,8 +91,15 @@ class FrameTooLargeError(EncodingError):
 # What pika's encoding (and this module's) raises for a value AMQP cannot carry: a short
 # string over 255 bytes or a value type tables have no field for (AMQPError), an int beyond
 # 64 bits or a negative timestamp (struct.error), text that is not valid Unicode
-# (UnicodeEncodeError), a decimal pika cannot scale (ArithmeticError).
-_ENCODING_FAILURES = (exceptions.AMQPError, struct.error, UnicodeEncodeError, ArithmeticError)
+# (UnicodeEncodeError), a decimal pika cannot scale (ArithmeticError), headers nested too
+# deep for pika's recursion (RecursionError).
+_ENCODING_FAILURES = (
+    exceptions.AMQPError,
+    struct.error,
+    UnicodeEncodeError,
+    ArithmeticError,
+    RecursionError,
+)
 
 
 def short_string(value: str) -> bytes:
@@ -165,11 +172,13 @@ class PublishEncoder:
                 first += (_FRAME_START.pack(_FRAME_BODY, channel, size), body, _FRAME_END)
             return [b"".join(first)]
         frames = [b"".join(first)]
+        view = memoryview(body)
         for start in range(0, size, body_max):
-            fragment = body[start : start + body_max]
+            fragment = view[start : start + body_max]  # no copy until the frame's join
             frames.append(
-                b"".join((_FRAME_START.pack(_FRAME_BODY, channel, len(fragment)), fragment))
-                + _FRAME_END
+                b"".join(
+                    (_FRAME_START.pack(_FRAME_BODY, channel, len(fragment)), fragment, _FRAME_END)
+                )
             )
         return frames
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 #: RabbitMQ's default `max_message_size` (3.8 and later): 128 MiB. A broker configured lower
 #: says so when it closes the channel, and the publisher adopts its figure from then on.
@@ -37,9 +37,9 @@ _ACCESS_REFUSED = 403
 _PRECONDITION_FAILED = 406
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Sent:
-    """What the publisher remembers of a message waiting for its confirm."""
+class Sent(NamedTuple):
+    """What the publisher remembers of a message waiting for its confirm (a named tuple:
+    made once per message, see `relay.records.ClaimedEvent`)."""
 
     tag: int
     exchange: str

@@ -83,6 +83,10 @@ _PRECONDITION_FAILED = 406
 _ACCESS_REFUSED = 403
 
 
+def _encoding_error(error: BaseException) -> str:
+    return str(error) if isinstance(error, EncodingError) else repr(error)
+
+
 class AmqpPublisher:
     """`relay.messages.Publisher` on a pika `AsyncioConnection` (see the module docstring)."""
 
@@ -148,8 +152,7 @@ class AmqpPublisher:
         self._inbox: list[Sequence[OutgoingMessage]] = []
         self._drain_scheduled = False
         self._confirms = ConfirmWindow()
-        # relay tag -> the message, kept until its confirm: what a channel close is judged on
-        self._sent: dict[int, OutgoingMessage] = {}
+        self._sent: dict[int, Sent] = {}  # relay tag -> what a channel close is judged on
         # Bodies larger than this are refused before they are sent. A broker configured lower
         # says so in the channel close; its figure is adopted from then on.
         self._max_message_size = max_message_size
@@ -611,10 +614,7 @@ class AmqpPublisher:
             was_ready = self._ready
             self._ready = False
             entries = self._confirms.take_all()
-            sent = [
-                Sent(m.tag, m.exchange, len(m.body))
-                for m in (self._sent.pop(tag) for tag, _ in entries if tag in self._sent)
-            ]
+            sent = [self._sent.pop(tag) for tag, _ in entries if tag in self._sent]
             self._sent.clear()
             inbox = self._take_inbox()
         events = self._settle_all(entries, inbox, Outcome.UNKNOWN, f"channel closed: {description}")
@@ -667,7 +667,7 @@ class AmqpPublisher:
         refusal = "publisher stopped" if self._stopping else NOT_CONNECTED
         frames: list[bytes] = []
         published: list[Entry] = []
-        sent: list[OutgoingMessage] = []
+        sent: list[Sent] = []
         events: list[PublisherEvent] = []
         now = time.monotonic()
         for batch in batches:
@@ -702,27 +702,27 @@ class AmqpPublisher:
                     frames += encoder.encode(message)
                 except Exception as exc:
                     # Encoded before anything is written: nothing was sent and the channel
-                    # is intact. A message AMQP cannot carry would fail again on any
-                    # connection: refused for good. Anything else (memory) spends an
-                    # attempt: it may pass next time, and can never loop.
-                    lasting = isinstance(exc, EncodingError)
+                    # is intact. Encoding is deterministic: the same message would fail again
+                    # on any connection, so it is refused for good, except when memory ran
+                    # out (that may pass; the attempt it spends bounds the retries).
+                    lasting = not isinstance(exc, MemoryError)
                     logger.warning(
                         "publisher %s: cannot encode message %s: %s",
                         self._connection_name,
                         message.message_id,
-                        exc if lasting else repr(exc),
+                        _encoding_error(exc),
                     )
                     events.append(
                         PublishOutcome(
                             message.tag,
                             Outcome.REJECTED,
-                            f"cannot encode message: {exc if lasting else repr(exc)}",
+                            f"cannot encode message: {_encoding_error(exc)}",
                             retryable=not lasting,
                         )
                     )
                     continue
                 published.append((message.tag, message.message_id))
-                sent.append(message)
+                sent.append(Sent(message.tag, message.exchange, len(message.body)))
         with self._lock:
             if self._books_closed:
                 events.extend(
@@ -732,7 +732,7 @@ class AmqpPublisher:
                 frames.clear()
             else:
                 self._confirms.published(published)
-                self._sent.update((m.tag, m) for m in sent)
+                self._sent.update((s.tag, s) for s in sent)
                 self._published_total += len(published)
         try:
             if frames and connection is not None:

@@ -39,9 +39,6 @@ class ClaimedEvent(NamedTuple):
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any] | RowMapping, token: uuid.UUID) -> ClaimedEvent:
-        occurred_at = row["occurred_at"]
-        if occurred_at.tzinfo is None:  # SQLite keeps no zone: the writer stored UTC
-            occurred_at = occurred_at.replace(tzinfo=dt.UTC)
         return cls(
             seq=row["seq"],
             id=row["id"],
@@ -54,10 +51,18 @@ class ClaimedEvent(NamedTuple):
             version=row["version"],
             payload=row["payload"],
             headers=row["headers"],
-            occurred_at=occurred_at,
+            occurred_at=utc(row["occurred_at"]),
             attempts=row["attempts"],
             token=token,
         )
+
+    @classmethod
+    def from_values(cls, values: tuple[Any, ...], token: uuid.UUID) -> ClaimedEvent:
+        """The event of a claimed row whose columns are `CLAIMED_COLUMNS`, in that order."""
+        event = cls(*(*values, token))
+        if event.occurred_at.tzinfo is None:
+            return event._replace(occurred_at=utc(event.occurred_at))
+        return event
 
     def message(self, exchange: str, *, send_by: float | None = None) -> OutgoingMessage:
         """The AMQP message: `message_id` is the event id, the same on every attempt."""
@@ -83,6 +88,14 @@ class ClaimedEvent(NamedTuple):
             correlation_id=self.correlation_id,
             send_by=send_by,
         )
+
+
+def utc(occurred_at: dt.datetime) -> dt.datetime:
+    """A zone-less time as the writer stored it: UTC (SQLite keeps no zone, nor does a table
+    made by hand with `timestamp` rather than `timestamptz`)."""
+    if occurred_at.tzinfo is None:
+        return occurred_at.replace(tzinfo=dt.UTC)
+    return occurred_at
 
 
 # The outbox columns a claim reads, in the order of ClaimedEvent's fields (all but the

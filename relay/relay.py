@@ -29,7 +29,15 @@ from relay.dead_letter_log import DeadLetterLog
 from relay.errors import BrokerConfigError, BrokerRefusedError, DatabaseUnavailableError
 from relay.logs import event_fields
 from relay.mailbox import Mailbox, QueueMailbox
-from relay.messages import BrokerStatus, Outcome, Publisher, PublisherEvent, PublishOutcome, Sink
+from relay.messages import (
+    BrokerStatus,
+    Outcome,
+    OutgoingMessage,
+    Publisher,
+    PublisherEvent,
+    PublishOutcome,
+    Sink,
+)
 from relay.metrics import Metrics
 from relay.records import Claim, ClaimedEvent, Failure
 from relay.results import PendingResults, ResultBatch
@@ -572,13 +580,32 @@ class Relay:
         # Sent by the lease's local deadline at the latest: the I/O loop sends them only when
         # the relay next waits, and a process frozen in between must not send them after
         # another relay took their keys over.
-        messages = [
-            event.message(self.settings.exchange, send_by=self._lease_deadline.get(event.token))
-            for event in events
-        ]
+        messages: list[OutgoingMessage] = []
+        unsendable: list[PublishOutcome] = []
+        for event in events:
+            try:
+                messages.append(
+                    event.message(
+                        self.settings.exchange, send_by=self._lease_deadline.get(event.token)
+                    )
+                )
+            except Exception as exc:
+                # A row no message can be made of (its headers text is not a JSON object:
+                # written around the writer). Refused for good, as the publisher refuses a
+                # message it cannot encode: it must not stop the relay on every claim of it.
+                unsendable.append(
+                    PublishOutcome(
+                        event.seq,
+                        Outcome.REJECTED,
+                        f"cannot build the message from the outbox row: {exc!r}",
+                        retryable=False,
+                    )
+                )
         self._spans.published(messages)
         self.publisher.publish(messages)
-        self._report.published += len(events)
+        self._report.published += len(messages)
+        for outcome in unsendable:
+            self._outcome(outcome, self._clock(), self._monotonic())
         if self._untraced is not None:
             trace, count, keys = self._untraced
             self._untraced = None

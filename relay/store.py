@@ -441,7 +441,7 @@ class Store:
         """The claim's second statement (PostgreSQL), after the keys are locked. Its columns
         are `ClaimedEvent`'s fields in order (`CLAIMED_COLUMNS`): a row is the event."""
         rows: Sequence[tuple[Any, ...]] = self._rows(cursor, "_claim_statement", parameters)
-        return [ClaimedEvent(*(*row, token)) for row in rows]
+        return [ClaimedEvent.from_values(row, token) for row in rows]
 
     @functools.cached_property
     def _claim_statement(self) -> sa.Select[Any]:

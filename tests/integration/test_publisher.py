@@ -446,26 +446,34 @@ def ready_publisher(
     return exchange, publisher, recorder
 
 
-def test_an_unexpected_error_while_encoding_spends_an_attempt_not_the_event(
-    side: SideBroker, make_publisher: PublisherFactory, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("error", "retryable"), [(MemoryError, True), (RuntimeError, False)], ids=["memory", "bug"]
+)
+def test_an_error_while_encoding_refuses_the_message_for_good_unless_memory_ran_out(
+    side: SideBroker,
+    make_publisher: PublisherFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    error: type[Exception],
+    retryable: bool,
 ) -> None:
-    """Given an encoder that runs out of memory on one message, that message is REJECTED but
-    retryable (the next attempt may pass; attempts bound the retries), and the rest of
+    """Encoding is deterministic: a message that failed to encode would fail on every
+    attempt, and is refused for good (as one AMQP cannot carry). Out of memory, it is
+    refused but retryable (it may pass; attempts bound the retries). Either way the rest of
     its batch is confirmed."""
     real_encode = PublishEncoder.encode
 
-    def short_of_memory(self: PublishEncoder, m: OutgoingMessage) -> list[bytes]:
+    def failing(self: PublishEncoder, m: OutgoingMessage) -> list[bytes]:
         if m.tag == 1:
-            raise MemoryError
+            raise error
         return real_encode(self, m)
 
-    monkeypatch.setattr(PublishEncoder, "encode", short_of_memory)
+    monkeypatch.setattr(PublishEncoder, "encode", failing)
     exchange, publisher, recorder = ready_publisher(side, make_publisher)
     publisher.publish([message(tag, exchange) for tag in range(3)])
 
     settled = by_tag(recorder.wait_outcomes(3))
-    assert settled[1].outcome is Outcome.REJECTED and settled[1].retryable
-    assert settled[1].error is not None and "MemoryError" in settled[1].error
+    assert settled[1].outcome is Outcome.REJECTED and settled[1].retryable is retryable
+    assert settled[1].error is not None and error.__name__ in settled[1].error
     assert settled[0].outcome is settled[2].outcome is Outcome.CONFIRMED
 
 

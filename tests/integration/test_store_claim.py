@@ -783,3 +783,24 @@ def test_a_claimed_event_carries_every_field_of_its_row(
         row = rows[event.seq]
         assert event == ClaimedEvent.from_row(row, claimed.token)
     assert {e.attempts for e in claimed.events} == {0, 2}
+
+
+def test_an_occurred_at_without_a_zone_is_read_as_utc(
+    pg_engine: sa.Engine, outbox_schema: Outbox, store: Store
+) -> None:
+    """A table made by hand with `timestamp` rather than `timestamptz` passes the schema
+    check: its zone-less times are the writer's UTC, as on SQLite (a naive time made the
+    message's timestamp local and the confirm's latency metric raise, stopping the relay)."""
+    table = f'"{outbox_schema.schema}"."{outbox_schema.name}"'
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"ALTER TABLE {table} ALTER COLUMN occurred_at TYPE timestamp "
+            "USING occurred_at AT TIME ZONE 'UTC'"
+        )
+    event = Event(type="t", key="k")
+    write_events(pg_engine, outbox_schema, [event])
+
+    (claimed,) = claim(store).events
+
+    assert claimed.occurred_at.tzinfo is dt.UTC
+    assert abs(claimed.occurred_at - event.occurred_at) < dt.timedelta(seconds=1)

@@ -326,3 +326,13 @@ def test_chunks_join_small_frames_and_never_split_one() -> None:
     assert b"".join(pieces) == b"".join(frames)
     assert [len(p) for p in pieces] == [1000, 1000, 500, 1000, 10]
     assert chunks([]) == []
+
+
+def test_headers_nested_past_the_encoders_recursion_are_refused_for_good() -> None:
+    """JSON parses deeper than pika's encoder recurses: such headers are a message AMQP (as
+    pika writes it) cannot carry, not a passing failure."""
+    deep: dict[str, object] = {}
+    for _ in range(2000):
+        deep = {"d": deep}
+    with pytest.raises(EncodingError, match="RecursionError"):
+        ours(message(headers={"deep": deep}))

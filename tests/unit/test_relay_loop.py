@@ -220,6 +220,27 @@ def test_dead_after_max_attempts_and_dead_letter_holds_its_key(h: Harness) -> No
     assert h.rows()[1].status == "pending" and h.rows()[1].attempts == 0
 
 
+@pytest.mark.parametrize("headers", ["[]", "null", '"text"'])
+def test_a_row_no_message_can_be_made_of_is_dead_and_the_relay_goes_on(
+    h: Harness, headers: str
+) -> None:
+    """A row written around the writer whose headers text is JSON but not an object: it is
+    dead at once, saying why, its key held like any dead letter's; other keys flow and the
+    relay keeps running (it raised in its loop on every claim of the row, a crash loop)."""
+    h.write(*keyed("a", 2), *keyed("b", 2))
+    bad = h.rows()[0]
+    with h.engine.begin() as conn:
+        t = h.box.events
+        conn.execute(sa.update(t).where(t.c.seq == bad.seq).values(headers=headers))
+    h.settle_and_step()
+    rows = {r.seq: r for r in h.rows()}
+    assert rows[bad.seq].status == "dead" and rows[bad.seq].attempts == 1
+    assert "cannot build the message" in (rows[bad.seq].last_error or "")
+    assert [r.status for r in rows.values() if r.key == "a"] == ["dead", "pending"]
+    assert all(r.status == "published" for r in rows.values() if r.key == "b")
+    assert str(bad.id) not in {m.message_id for m in h.publisher.published}
+
+
 def test_dead_letter_can_let_its_key_continue(tmp_path: Path) -> None:
     h = Harness(tmp_path, max_attempts=1, dead_letters_hold_key=False)
     h.write(*keyed("a", 2))
