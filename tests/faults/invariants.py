@@ -110,6 +110,7 @@ class Fault:
     at: float
     allowed: int
     what: str = ""
+    until: float | None = None  # when a fault that lasts ended (a pause); None: an instant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +183,12 @@ def fault_duplicates_problem(
 ) -> str | None:
     """Each fault caused at most its own bound of redeliveries (`redeliveries_per_fault`)."""
     ordered = sorted(faults, key=lambda f: f.at)
-    per_fault, unexplained = redeliveries_per_fault(deliveries, arrivals, [f.at for f in ordered])
+    per_fault, unexplained = redeliveries_per_fault(
+        deliveries,
+        arrivals,
+        [f.at for f in ordered],
+        until=[f.at if f.until is None else f.until for f in ordered],
+    )
     over = [
         f"{f.what or 'fault'} #{n}: {count} > {f.allowed}"
         for n, (f, count) in enumerate(zip(ordered, per_fault, strict=True), start=1)

@@ -64,11 +64,14 @@ def test_paused_relay_is_fenced_off_after_its_lease(rig: Rig) -> None:
             # Dated back by the slow link's round trip: what the frozen relay had just sent is
             # still on the link when it freezes, reaches the consumer after this moment, and
             # is sent again by the other relay; that redelivery is this pause's doing.
-            paused = Fault(time.monotonic() - 2 * LINK_LATENCY, DUPLICATES_PER_CRASH, "SIGSTOP")
+            # And it lasts until the resume: under load the link (a Python proxy) may take
+            # longer than its latency, and what it still carries arrives during the pause.
+            paused_at = time.monotonic() - 2 * LINK_LATENCY
             rig.observer.watch(PAUSE)
             other.assert_running()
             frozen.resume()
             resumed_at = time.monotonic()
+            paused = Fault(paused_at, DUPLICATES_PER_CRASH, "SIGSTOP", until=resumed_at)
             recovery = rig.probe_recovery(resumed_at, 2 * RECOVERY_LIMIT)
             writers.join()
 

@@ -12,7 +12,6 @@ Pure Python and O(n) so the same checker serves unit tests and million-message s
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -243,7 +242,11 @@ def check_write_order(
 
 
 def redeliveries_per_fault(
-    deliveries: Sequence[Delivery], arrivals: Sequence[float], faults: Sequence[float]
+    deliveries: Sequence[Delivery],
+    arrivals: Sequence[float],
+    faults: Sequence[float],
+    *,
+    until: Sequence[float] | None = None,
 ) -> tuple[list[int], int]:
     """Charge every redelivery to the fault that caused it; returns (per fault, unexplained).
 
@@ -253,12 +256,18 @@ def redeliveries_per_fault(
     to the first fault (monotonic times, `faults` ascending) after the *previous* delivery of
     the same id. `arrivals[i]` is when `deliveries[i]` was seen; a stamp may be late by the
     observer's step, so a fault up to `ARRIVAL_SLACK` seconds before a stamp still counts as
-    after it. A redelivery with no fault after its previous delivery is unexplained.
+    after it. A fault that lasts (a paused relay) ends at `until[i]`: an earlier delivery
+    that arrives while it lasts may have been published before it began (it was on the
+    link), so the fault counts as after it too. A redelivery with no fault after its previous
+    delivery is unexplained.
     """
     if len(arrivals) != len(deliveries):
         raise ValueError(f"{len(deliveries)} deliveries but {len(arrivals)} arrival times")
     if list(faults) != sorted(faults):
         raise ValueError("fault times must be in ascending order")
+    ends = list(faults) if until is None else list(until)
+    if len(ends) != len(faults) or any(end < at for at, end in zip(faults, ends, strict=True)):
+        raise ValueError("each fault needs an end, at or after its start")
     per_fault = [0] * len(faults)
     unexplained = 0
     previous: dict[str, float] = {}
@@ -267,9 +276,13 @@ def redeliveries_per_fault(
         previous[delivery.message_id] = at
         if before is None:
             continue
-        index = bisect.bisect_right(faults, before - ARRIVAL_SLACK)
-        if index < len(faults) and faults[index] <= at:
-            per_fault[index] += 1
+        for index, (start, end) in enumerate(zip(faults, ends, strict=True)):
+            if end > before - ARRIVAL_SLACK:
+                if start <= at:
+                    per_fault[index] += 1
+                    break
+                unexplained += 1
+                break
         else:
             unexplained += 1
     return per_fault, unexplained

@@ -350,9 +350,19 @@ def test_third_delivery_is_charged_to_the_fault_after_the_second() -> None:
     assert redeliveries_per_fault(deliveries, arrivals, [2.0, 4.0]) == ([1, 1], 0)
 
 
+def test_a_fault_that_lasts_covers_earlier_deliveries_that_arrive_while_it_lasts() -> None:
+    """A pause from 2 to 6: m1 was on the link when it began and arrived at 3 (past the
+    slack), m2 arrived after it ended; m1's redelivery is the pause's, m2's is not."""
+    deliveries, arrivals = _stamped(("m1", 3.0), ("m2", 6.8), ("m1", 7.0), ("m2", 7.5))
+    assert redeliveries_per_fault(deliveries, arrivals, [2.0], until=[6.0]) == ([1], 1)
+    assert redeliveries_per_fault(deliveries, arrivals, [2.0]) == ([0], 2)
+
+
 def test_redeliveries_need_a_stamp_per_delivery_and_ordered_faults() -> None:
     deliveries, arrivals = _stamped(("m1", 1.0))
     with pytest.raises(ValueError, match="arrival times"):
         redeliveries_per_fault(deliveries, [], [])
     with pytest.raises(ValueError, match="ascending"):
         redeliveries_per_fault(deliveries, arrivals, [2.0, 1.0])
+    with pytest.raises(ValueError, match="an end"):
+        redeliveries_per_fault(deliveries, arrivals, [2.0], until=[1.0])
