@@ -26,7 +26,7 @@ demo: $(STAMP) services
 	$(VENV)/bin/outbox-relay demo
 
 test: $(STAMP) services check package-check
-	$(PY) -m pytest
+	bash .ci/pytest-in-two $(PY)
 
 # The package as users install it: the wheel, in fresh virtualenvs, with only its declared
 # extras (never the dev ones), run from outside the source tree so that the source cannot

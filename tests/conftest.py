@@ -7,6 +7,7 @@ would not do, because the relay reads on its own connection.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -32,7 +33,11 @@ def _ensure_database() -> None:
             "SELECT 1 FROM pg_database WHERE datname = %s", (TEST_DATABASE,)
         ).fetchone()
         if not exists:
-            conn.execute(f'CREATE DATABASE "{TEST_DATABASE}"')
+            # Two pytest processes may start at once (`make test`): one of them creates it.
+            with contextlib.suppress(
+                psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation
+            ):
+                conn.execute(f'CREATE DATABASE "{TEST_DATABASE}"')
 
 
 @pytest.fixture(scope="session")
