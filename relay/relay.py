@@ -582,7 +582,15 @@ class Relay:
         # another relay took their keys over.
         messages: list[OutgoingMessage] = []
         unsendable: list[PublishOutcome] = []
+        held_back: list[PublishOutcome] = []
+        broken: set[str] = set()  # keys with an event no message can be made of
         for event in events:
+            if event.key in broken:
+                # Behind it in its window (--max-in-flight-per-key): not sent past it.
+                held_back.append(
+                    PublishOutcome(event.seq, Outcome.UNKNOWN, "not sent: behind a refusal")
+                )
+                continue
             try:
                 messages.append(
                     event.message(
@@ -592,19 +600,22 @@ class Relay:
             except Exception as exc:
                 # A row no message can be made of (its headers text is not a JSON object:
                 # written around the writer). Refused for good, as the publisher refuses a
-                # message it cannot encode: it must not stop the relay on every claim of it.
+                # message it cannot encode (out of memory: retryable): it must not stop the
+                # relay on every claim of it.
+                if event.key is not None:
+                    broken.add(event.key)
                 unsendable.append(
                     PublishOutcome(
                         event.seq,
                         Outcome.REJECTED,
                         f"cannot build the message from the outbox row: {exc!r}",
-                        retryable=False,
+                        retryable=isinstance(exc, MemoryError),
                     )
                 )
         self._spans.published(messages)
         self.publisher.publish(messages)
         self._report.published += len(messages)
-        for outcome in unsendable:
+        for outcome in (*unsendable, *held_back):
             self._outcome(outcome, self._clock(), self._monotonic())
         if self._untraced is not None:
             trace, count, keys = self._untraced

@@ -974,7 +974,13 @@ class Store:
         by an earlier statement of this transaction) that no pending event and no hold needs;
         returns the keys deleted."""
         k, t = self.outbox.keys, self.outbox.events
-        pending = sa.exists().where(t.c.key == k.c.key, t.c.status == PENDING)
+        # OFFSET 0 keeps the test a probe of each key's pending rows: pulled up into an anti
+        # join, it walked the whole index of pending rows once per key whenever statistics
+        # said pending rows were rare (a burst after a quiet time: 1.3 s for 100 keys with
+        # 30,000 rows of one key pending).
+        pending = (
+            sa.select(sa.literal(1)).where(t.c.key == k.c.key, t.c.status == PENDING).offset(0)
+        ).exists()
         if self._postgres:
             of_these = k.c.key == sa.any_(
                 sa.bindparam("keys", type_=postgresql.ARRAY(k.c.key.type))

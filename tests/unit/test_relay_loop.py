@@ -241,6 +241,26 @@ def test_a_row_no_message_can_be_made_of_is_dead_and_the_relay_goes_on(
     assert str(bad.id) not in {m.message_id for m in h.publisher.published}
 
 
+def test_an_unbuildable_head_of_a_window_sends_nothing_of_its_key_past_it(
+    tmp_path: Path,
+) -> None:
+    """With a window of 3 per key, the rest of the window behind an event no message can be
+    made of is not sent (the key is held by the dead head); other keys flow."""
+    h = Harness(tmp_path, max_attempts=3, max_in_flight_per_key=3)
+    h.write(*keyed("a", 3), *keyed("b", 2))
+    head = h.rows()[0]
+    with h.engine.begin() as conn:
+        t = h.box.events
+        conn.execute(sa.update(t).where(t.c.seq == head.seq).values(headers="[]"))
+    h.settle_and_step()
+    rows = [r for r in h.rows() if r.key == "a"]
+    assert [r.status for r in rows] == ["dead", "pending", "pending"]
+    assert [r.attempts for r in rows] == [1, 0, 0]
+    assert not [m for m in h.publisher.published if m.headers["ordering-key"] == "a"]
+    assert all(r.status == "published" for r in h.rows() if r.key == "b")
+    h.engine.dispose()
+
+
 def test_dead_letter_can_let_its_key_continue(tmp_path: Path) -> None:
     h = Harness(tmp_path, max_attempts=1, dead_letters_hold_key=False)
     h.write(*keyed("a", 2))
