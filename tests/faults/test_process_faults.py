@@ -17,7 +17,8 @@ from tests.faults.runners import via_proxy_amqp
 pytestmark = pytest.mark.slow
 
 KILL_ROUNDS = 20  # make soak runs OUTBOX_SOAK_ROUNDS (30 by default)
-PAUSE = 4.0  # seconds frozen: twice the lease
+LEASE = 2.0  # the relays' lease (tests.faults.processes.start_relay)
+PAUSE = 2 * LEASE  # seconds frozen
 # What a relay logs (relay/relay.py) when the store fenced its results off, and when queued
 # events of a claim whose lease ran out are given up.
 FENCED = re.compile(r"(\d+) results were not recorded: the lease had passed to another relay")
@@ -64,14 +65,17 @@ def test_paused_relay_is_fenced_off_after_its_lease(rig: Rig) -> None:
             # Dated back by the slow link's round trip: what the frozen relay had just sent is
             # still on the link when it freezes, reaches the consumer after this moment, and
             # is sent again by the other relay; that redelivery is this pause's doing.
-            # And it lasts until the resume: under load the link (a Python proxy) may take
-            # longer than its latency, and what it still carries arrives during the pause.
+            # And it lasts until its lease is over (no other relay can send its events
+            # before that): under load the link (a Python proxy) and the consumer's stamps
+            # may lag well past the link's latency, and what the frozen relay sent before
+            # it froze arrives during the pause. Not until the resume: a redelivery of what
+            # the other relay sent after the takeover would be a fencing failure.
             paused_at = time.monotonic() - 2 * LINK_LATENCY
+            paused = Fault(paused_at, DUPLICATES_PER_CRASH, "SIGSTOP", until=paused_at + LEASE)
             rig.observer.watch(PAUSE)
             other.assert_running()
             frozen.resume()
             resumed_at = time.monotonic()
-            paused = Fault(paused_at, DUPLICATES_PER_CRASH, "SIGSTOP", until=resumed_at)
             recovery = rig.probe_recovery(resumed_at, 2 * RECOVERY_LIMIT)
             writers.join()
 
