@@ -79,9 +79,14 @@ def create_engine(
                 # A server crash can forget the last moments of marks and leases; that only
                 # makes those events go out again (same message_id), it never loses one.
                 # The application's own transactions are not affected.
+                # plan_cache_mode=force_custom_plan: psycopg prepares a statement used five
+                # times, and PostgreSQL may then keep a generic plan, made without the values:
+                # one made while the table was small seq-scanned it after a burst (the mark:
+                # 45 to 250 ms per write), and none can use the index of pending rows (its
+                # status is a parameter). Plans see the values, at the cost of planning.
                 "options": f"-c statement_timeout={timeout_ms} "
                 f"-c idle_in_transaction_session_timeout={idle_ms} "
-                "-c synchronous_commit=off",
+                "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan",
                 "keepalives": 1,
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,

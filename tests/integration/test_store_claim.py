@@ -843,3 +843,35 @@ def test_freeing_drained_keys_probes_each_key_after_a_burst_statistics_have_not_
         engine.dispose()
     assert "Anti Join" not in plan, plan
     assert f"{outbox_schema.name}_bykey_idx" in plan, plan  # a probe per key, by index
+
+
+def test_the_relays_prepared_statements_are_never_planned_without_their_values(
+    pg_url: str, pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """psycopg prepares a statement used five times; PostgreSQL may then keep a generic plan,
+    made without the values, which cannot use the index of pending rows (the status is a
+    parameter) and, made while the table was small, seq-scanned it after a burst. The
+    relay's sessions plan every execution with its values."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i % 5}") for i in range(40)])
+    engine = create_engine(pg_url, application_name="outbox-relay:test", db_timeout=10)
+    store = Store(engine, outbox_schema, db_timeout=10, keep_connections=True)
+    plans: list[tuple[str, int, int]] = []
+    try:
+        for _ in range(20):
+            c = claim(store, limit=2, run_length=1)
+            store.mark_published({c.token: [e.seq for e in c.events]}, now=now(), delete=False)
+            store.end_runs({c.token: [e.key for e in c.events if e.key]}, now=now())
+        for role in ("transactions", "autocommit"):
+            conn = getattr(store._local, role)
+            driver = conn.connection.driver_connection
+            with driver.cursor() as cursor:
+                cursor.execute(
+                    "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+                )
+                plans += cursor.fetchall()
+            driver.rollback()
+    finally:
+        store.close()
+        engine.dispose()
+    assert len(plans) >= 4, plans  # the claim's two statements, the mark, freeing keys
+    assert all(generic == 0 for _, generic, _ in plans), plans
