@@ -100,6 +100,7 @@ def test_broker_unreachable_then_back(rig: Rig) -> None:
     )
 
 
+@pytest.mark.broker_wide
 def test_broker_memory_alarm_blocks_then_everything_arrives(rig: Rig) -> None:
     """Given a publishing relay, when the broker raises a memory alarm for 5 s (publishers
     blocked, below pika's 30 s blocked-connection timeout), then the relay waits it out and

@@ -237,6 +237,7 @@ def test_rabbitmqctl_failure_is_reported_clearly() -> None:
         rabbitmqctl("close_connection", "#PID<0.0.0>", "not a usable pid")
 
 
+@pytest.mark.broker_wide
 def test_memory_alarm_blocks_publishers_and_is_lifted() -> None:
     """... and afterwards the node has the watermark it had before, not RabbitMQ's default:
     here one set just before (0.41); the node's original one is set back at the end."""
