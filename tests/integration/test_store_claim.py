@@ -875,3 +875,55 @@ def test_the_relays_prepared_statements_are_never_planned_without_their_values(
         engine.dispose()
     assert len(plans) >= 4, plans  # the claim's two statements, the mark, freeing keys
     assert all(generic == 0 for _, generic, _ in plans), plans
+
+
+def test_statements_that_find_rows_by_seq_go_by_primary_key_after_an_unseen_burst(
+    pg_url: str, pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """A burst nearly all of one key that ANALYZE has not seen: recording a failure,
+    releasing a claim and renewing keyless leases find their rows by seq, and must not walk
+    the index of pending rows by key for it (its second column)."""
+    table = f'"{outbox_schema.schema}"."{outbox_schema.name}"'
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+        conn.exec_driver_sql(
+            f"INSERT INTO {table} (id, type, key, routing_key, payload, occurred_at) "
+            "SELECT gen_random_uuid(), 't', CASE WHEN g <= 20 THEN 'k' || g "
+            "WHEN g <= 40 THEN NULL ELSE 'huge' END, 't', '{}', now() "
+            "FROM generate_series(1, 20000) AS g"
+        )
+    engine = create_engine(pg_url, application_name="outbox-relay:test", db_timeout=10)
+    store = Store(engine, outbox_schema, db_timeout=10)
+    seen: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if f"{outbox_schema.name}.seq" in statement and statement.lstrip().startswith(
+            ("UPDATE", "SELECT")
+        ):
+            seen.append((statement, parameters))
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        moment = now()
+        first = claim(store, limit=40, run_length=1)
+        small = [e for e in first.events if e.key != "huge"]
+        store.renew(
+            [first.token],
+            moment + dt.timedelta(seconds=60),
+            keyless=[e.seq for e in small if e.key is None],
+        )
+        failure = Failure(event=small[0], error="x", next_attempt_at=moment)
+        store.record_failures(first.token, [failure], relay="r", now=moment)
+        store.release(first.token, [e.seq for e in small[1:]], now=moment)
+        sa.event.remove(engine, "before_cursor_execute", capture)
+        plans = []
+        with engine.connect() as conn:
+            for statement, parameters in seen:
+                rows = conn.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+                plans.append("\n".join(row[0] for row in rows))
+            conn.rollback()
+    finally:
+        engine.dispose()
+    assert len(plans) >= 3, seen
+    for (statement, _), plan in zip(seen, plans, strict=True):
+        assert f"{outbox_schema.name}_bykey_idx" not in plan, f"{statement}\n{plan}"
