@@ -122,22 +122,32 @@ class Admin:
         )
 
     def _oldest_pending(self, conn: Connection) -> Any:
-        """The oldest of every key's first pending event and the first event without a key."""
+        """The oldest of every key's first pending event and the first event without a key.
+
+        Each key's head is read for its key row (correlated: uncorrelated, the subquery
+        joined both tables and read the lowest-seq row of any key, which is not the oldest
+        head when writers set `occurred_at`), as the claim reads it: the key as a range,
+        ordered by (key, seq), which only the index of pending rows by key gives."""
         t, k = self.outbox.events, self.outbox.keys
-
-        def first(condition: sa.ColumnElement[bool]) -> sa.ScalarSelect[Any]:
-            return (
-                sa.select(t.c.occurred_at)
-                .where(condition, t.c.status == PENDING)
-                .order_by(t.c.seq)
-                .limit(1)
-                .scalar_subquery()
-            )
-
+        key_head = (
+            sa.select(t.c.occurred_at)
+            .where(t.c.key >= k.c.key, t.c.key <= k.c.key, t.c.status == PENDING)
+            .order_by(t.c.key, t.c.seq)
+            .limit(1)
+            .correlate(k)
+            .scalar_subquery()
+        )
+        keyless_head = (
+            sa.select(t.c.occurred_at)
+            .where(t.c.key.is_(None), t.c.status == PENDING)
+            .order_by(t.c.seq)
+            .limit(1)
+            .scalar_subquery()
+        )
         heads = conn.execute(
             sa.select(
-                sa.select(sa.func.min(first(t.c.key == k.c.key))).scalar_subquery(),
-                first(t.c.key.is_(None)),
+                sa.select(sa.func.min(key_head)).select_from(k).scalar_subquery(),
+                keyless_head,
             )
         ).one()
         moments = [moment for value in heads if (moment := as_utc(_datetime(value))) is not None]

@@ -3,6 +3,8 @@ never scanned every 15 s."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import sqlalchemy as sa
 
 from outbox import Event, Outbox
@@ -48,3 +50,24 @@ def test_gauges_never_scan_the_published_rows(pg_engine: sa.Engine, outbox_schem
             explained = conn.exec_driver_sql(f"EXPLAIN {statement}", parameters)  # type: ignore[arg-type]
             plan = "\n".join(row[0] for row in explained)
             assert f"Seq Scan on {outbox_schema.name} " not in plan + " ", plan
+
+
+def test_the_oldest_pending_age_is_the_oldest_of_the_keys_heads(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """Writers may set occurred_at: the oldest pending event is not always the first
+    written. Key a's head comes first but is younger than key b's head; b's second event is
+    older still, but behind its head."""
+    now = dt.datetime.now(dt.UTC)
+    write_events(
+        pg_engine,
+        outbox_schema,
+        [
+            Event(type="t", key="a", occurred_at=now - dt.timedelta(seconds=10)),
+            Event(type="t", key="b", occurred_at=now - dt.timedelta(seconds=60)),
+            Event(type="t", key="b", occurred_at=now - dt.timedelta(seconds=300)),
+        ],
+    )
+    gauges = Admin(pg_engine, outbox_schema).gauges(now=now)
+    assert gauges.oldest_pending_age is not None
+    assert abs(gauges.oldest_pending_age - 60) < 1
