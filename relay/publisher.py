@@ -705,7 +705,7 @@ class AmqpPublisher:
                     # is intact. Encoding is deterministic: the same message would fail again
                     # on any connection, so it is refused for good, except when memory ran
                     # out (that may pass; the attempt it spends bounds the retries).
-                    lasting = not isinstance(exc, MemoryError)
+                    retryable = isinstance(exc, MemoryError)
                     logger.warning(
                         "publisher %s: cannot encode message %s: %s",
                         self._connection_name,
@@ -717,7 +717,7 @@ class AmqpPublisher:
                             message.tag,
                             Outcome.REJECTED,
                             f"cannot encode message: {_encoding_error(exc)}",
-                            retryable=not lasting,
+                            retryable=retryable,
                         )
                     )
                     continue

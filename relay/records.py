@@ -99,7 +99,7 @@ def utc(occurred_at: dt.datetime) -> dt.datetime:
 
 
 # The outbox columns a claim reads, in the order of ClaimedEvent's fields (all but the
-# token, which is the claim's): a claimed row is then ClaimedEvent(*row, token).
+# token, which is the claim's): a claimed row is then `ClaimedEvent.from_values(row, token)`.
 CLAIMED_COLUMNS = ClaimedEvent._fields[:-1]
 
 
