@@ -8,6 +8,9 @@ the relay runs about nine statements per event at a low rate. A `DriverStatement
 compiled once; each call only merges its parameters and hands the SQL text to psycopg, which
 prepares it on the server after a few uses.
 
+The claim goes one step further (`PreparedOnServer`): its statements are sent as one script,
+one round trip, and its read is prepared on the server by name and runs a generic plan.
+
 Semantics are unchanged: the same SQL text SQLAlchemy would send (the parameters carry the
 dialect's casts), on the same connection, with the same transaction boundaries. `relay.store`
 wraps the driver's errors as SQLAlchemy's error handling would (disconnects included), so
@@ -16,26 +19,24 @@ that they are translated alike.
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
 
-class DriverStatement:
-    """A SQLAlchemy statement compiled once for psycopg's `%(name)s` parameters."""
+class _Bound:
+    """A compiled statement's parameters: the values it carries itself (literals such as a
+    status), the names a call must give (a missing one would otherwise be sent as NULL) and
+    the dialect's conversions of the values."""
 
-    def __init__(self, statement: sa.ClauseElement, dialect: Dialect) -> None:
-        compiled = statement.compile(dialect=dialect)
-        assert isinstance(compiled, SQLCompiler)
-        if compiled.positional:
-            raise ValueError("DriverStatement needs a dialect with named parameters")
-        self.sql = str(compiled)
-        # Values the statement carries itself (literals such as a status), then the names a
-        # call must give: a missing one would otherwise be sent as NULL.
+    def __init__(self, compiled: SQLCompiler, dialect: Dialect) -> None:
         self._defaults = dict(compiled.params)
         self._required = frozenset(
             name for name, bind in compiled.binds.items() if bind.required and bind.value is None
@@ -46,9 +47,6 @@ class DriverStatement:
         self._processors: dict[str, Callable[[Any], Any]] = {
             name: processor for name, processor in processors.items() if processor is not None
         }
-        self.columns: tuple[str, ...] = tuple(
-            name for name, *_ in getattr(compiled, "_result_columns", ())
-        )
 
     def parameters(self, given: Mapping[str, Any]) -> dict[str, Any]:
         missing = self._required - given.keys()
@@ -59,7 +57,63 @@ class DriverStatement:
             values[name] = processor(values[name])
         return values
 
+
+class DriverStatement(_Bound):
+    """A SQLAlchemy statement compiled once for psycopg's `%(name)s` parameters."""
+
+    def __init__(self, statement: sa.ClauseElement, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        if compiled.positional:
+            raise ValueError("DriverStatement needs a dialect with named parameters")
+        super().__init__(compiled, dialect)
+        self.sql = str(compiled)
+        self.columns: tuple[str, ...] = tuple(
+            name for name, *_ in getattr(compiled, "_result_columns", ())
+        )
+
     def run(self, cursor: psycopg.Cursor[Any], given: Mapping[str, Any]) -> psycopg.Cursor[Any]:
         """Execute on `cursor` (prepared on the server once used often enough). Errors are the
         driver's own: the caller, which knows the connection, wraps them (`relay.store`)."""
         return cursor.execute(self.sql, self.parameters(given))
+
+
+class PreparedOnServer(_Bound):
+    """A statement prepared by name on the server (SQL `PREPARE`), for a script of several
+    statements sent as one query (`Store.claim`): psycopg prepares only single statements,
+    and a script is what makes a transaction one round trip.
+
+    `prepare_sql` and `execute_sql` are written for a client-side bound cursor
+    (`psycopg.ClientCursor`, `%(name)s` parameters): `execute_sql` passes the parameters
+    by name, `prepare_sql` has none of its own. Which sessions have it prepared is
+    remembered per connection object (`needs_prepare`, `prepared_on`, `forget`); a session
+    that lost it (psycopg sends `DEALLOCATE ALL` after a ROLLBACK or DROP on a session
+    where it prepared statements itself) answers `InvalidSqlStatementName`, and one that
+    has it already `DuplicatePreparedStatement`: the caller corrects this record then and
+    runs its script again."""
+
+    def __init__(self, statement: sa.ClauseElement, dialect: Dialect, *, prefix: str) -> None:
+        assert isinstance(dialect, DefaultDialect)
+        numbered = type(dialect)(paramstyle="numeric_dollar")
+        compiled = statement.compile(dialect=numbered)
+        assert isinstance(compiled, SQLCompiler) and compiled.positiontup is not None
+        super().__init__(compiled, dialect)
+        sql = str(compiled)
+        if "%" in sql:  # a client-side bound script would read it as a placeholder
+            raise ValueError("PreparedOnServer: a statement without '%' is needed")
+        # Named by its text: stores of different outboxes (or versions) on one session never
+        # run each other's statement.
+        self.name = f"{prefix}_{hashlib.sha1(sql.encode()).hexdigest()[:16]}"
+        self.prepare_sql = f"PREPARE {self.name} AS {sql}"
+        arguments = ", ".join(f"%({name})s" for name in compiled.positiontup)
+        self.execute_sql = f"EXECUTE {self.name}({arguments})"
+        self._sessions: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+
+    def needs_prepare(self, conn: psycopg.Connection[Any]) -> bool:
+        return conn not in self._sessions
+
+    def prepared_on(self, conn: psycopg.Connection[Any]) -> None:
+        self._sessions.add(conn)
+
+    def forget(self, conn: psycopg.Connection[Any]) -> None:
+        self._sessions.discard(conn)

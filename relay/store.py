@@ -26,18 +26,23 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.sql.dml import ReturningDelete
 
 from outbox.ddl import check as schema_check
 from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
 from relay.deadline import Watchdog
-from relay.driver_sql import DriverStatement
+from relay.driver_sql import DriverStatement, PreparedOnServer
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import CLAIMED_COLUMNS, Claim, ClaimedEvent, Failure
 from relay.urls import mask_text
 
 log = logging.getLogger("relay.store")
+
+# A claim's locked keys, for its read (`Store._lock_claim_keys`): a transaction-local
+# setting of the claim's session.
+CLAIM_KEYS = "outbox_relay.claim_keys"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +65,9 @@ def create_engine(
     if sa_url.get_backend_name() == "postgresql":
         timeout_ms = int(db_timeout * 1000)
         # The relay's transactions are never idle for more than moments. One that is (its
-        # relay froze mid-claim) keeps the keys it locked, and the writers' locks of keys it
-        # was removing: the server ends it after this long.
+        # relay froze between two of its statements) keeps the keys it locked, and the
+        # writers' locks of keys it was removing: the server ends it after this long. (A
+        # claim is one round trip: the server never waits for the relay inside it.)
         idle_ms = int((idle_in_transaction_timeout or 2 * db_timeout) * 1000)
         return sa.create_engine(
             sa_url,
@@ -84,6 +90,8 @@ def create_engine(
                 # one made while the table was small seq-scanned it after a burst (the mark:
                 # 45 to 250 ms per write), and none can use the index of pending rows (its
                 # status is a parameter). Plans see the values, at the cost of planning.
+                # The claim's read is the one exception, written for its generic plan
+                # (`Store._claim_script`).
                 "options": f"-c statement_timeout={timeout_ms} "
                 f"-c idle_in_transaction_session_timeout={idle_ms} "
                 "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan",
@@ -94,6 +102,13 @@ def create_engine(
             },
         )
     return sa.create_engine(sa_url)
+
+
+def _is_pending(events: sa.Table) -> sa.ColumnElement[bool]:
+    """`status = 'pending'` with the value in the statement's text, not a parameter: a
+    generic plan (one made without the values) can then read the index of pending rows,
+    whose predicate is that same test."""
+    return events.c.status == sa.literal_column(f"'{PENDING}'", events.c.status.type)
 
 
 def _pending_by_seq(events: sa.Table) -> sa.ColumnElement[bool]:
@@ -259,8 +274,7 @@ class Store:
         return {
             name: DriverStatement(getattr(self, name), dialect)
             for name in (
-                "_lock_ready_keys",
-                "_claim_statement",
+                "_lock_claim_keys",
                 "_has_ready",
                 "_mark_published",
                 "_delete_published",
@@ -344,7 +358,9 @@ class Store:
         1. The key rows are locked (`FOR UPDATE SKIP LOCKED`) *before* the statement that reads
            their events starts, so that statement's snapshot sees every lease, hold and
            requeue committed before the lock, and nothing can change them until this claim
-           commits (requeue and purge lock the key row too; see `relay.admin`).
+           commits (requeue and purge lock the key row too; see `relay.admin`). On
+           PostgreSQL both statements go in one script, one round trip (`_claim_postgres`):
+           each statement of it still takes its own snapshot, after the one before it ended.
         2. A key is only ready when no relay holds a lease on it, its head is not waiting for
            a retry, and no dead event holds it: all of that is the key row's state, checked
            on the locked row (PostgreSQL re-checks the WHERE clause of a locked row that
@@ -353,8 +369,9 @@ class Store:
            snapshot sees of a key is a prefix of its order; a row committing later has a
            larger seq and comes after.
         Keys that are locked by another claim right now are skipped, never waited for: claims
-        of several relays take disjoint keys at the same moment, and a relay frozen inside
-        its claim only keeps the keys it had locked.
+        of several relays take disjoint keys at the same moment, and a claim stalled on the
+        server (or, on SQLite, a relay frozen inside its claim) only keeps the keys it had
+        locked.
 
         Why a held or busy key never delays another: held keys are not in the index claims
         read (`NOT held`), leased and retrying keys sort after `now`, and every key gets at
@@ -373,20 +390,17 @@ class Store:
         token = uuid.uuid4()
         events: list[ClaimedEvent]
         if self._postgres:
-            with self._driver(transaction=True) as cursor:
-                locked = self._rows(cursor, "_lock_ready_keys", {"limit": limit, "now": now})
-                keys = [key for (key,) in locked]
-                parameters = {
-                    "keys": keys,
-                    "token": token,
-                    "owner": owner,
-                    "limit": limit,
-                    "keyless_limit": max(1, limit // 2),
-                    "run_length": _per_key(limit, len(keys), run_length),
-                    "lease_until": lease_until,
-                    "now": now,
-                }
-                events = self._read_and_lease(cursor, parameters, token)
+            parameters = {
+                "token": token,
+                "owner": owner,
+                "limit": limit,
+                "keyless_limit": max(1, limit // 2),
+                "run_length": run_length,
+                "lease_until": lease_until,
+                "now": now,
+            }
+            keys, rows = self._claim_postgres(parameters)
+            events = [ClaimedEvent.from_values(row, token) for row in rows]
         else:
             with self.transaction() as conn:
                 keys = list(conn.scalars(self._lock_ready_keys, {"limit": limit, "now": now}))
@@ -434,13 +448,77 @@ class Store:
             return sa.bindparam("now", type_=sa.DateTime(timezone=True))
         return sa.bindparam(None, now, type_=sa.DateTime(timezone=True))
 
+    def _claim_postgres(self, given: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
+        """The claim's statements as one script (`_claim_script`): one query, one implicit
+        transaction, one round trip. The locked keys (in the order they were locked) and
+        the rows read, each row a `ClaimedEvent`'s values (`CLAIMED_COLUMNS`).
+
+        Each statement of a script takes its own snapshot (READ COMMITTED), so the read
+        sees every change committed before the keys were locked, exactly as two
+        statements in a transaction would (see `claim`); the keys go from the first to the
+        second statement through a transaction-local setting (`CLAIM_KEYS`), as the
+        second is sent before the first has answered."""
+        read = self._claim_prepared
+        lock = self._driver_statements["_lock_claim_keys"]
+        values = {**lock.parameters(given), **read.parameters(given)}
+        with self._driver(transaction=False) as cursor:
+            conn = cursor.connection
+            script = psycopg.ClientCursor(conn)
+            self.transactions_total += 1
+            for retry in (False, True):
+                steps = self._claim_script(conn)
+                sql = ";\n".join(text for _, text in steps)
+                self._sent(conn, sql)
+                try:
+                    script.execute(sql, values)
+                except psycopg.errors.InvalidSqlStatementName:
+                    if retry:
+                        raise
+                    read.forget(conn)  # deallocated: the whole script was rolled back
+                    continue
+                except psycopg.errors.DuplicatePreparedStatement:
+                    if retry:
+                        raise
+                    read.prepared_on(conn)  # the script stopped at its PREPARE
+                    continue
+                read.prepared_on(conn)
+                break
+            keys: list[str] = []
+            rows: list[Any] = []
+            for index, (step, _) in enumerate(steps):
+                if index:
+                    script.nextset()
+                if step == "lock":
+                    locked = script.fetchone()
+                    keys = list(locked[0] or []) if locked else []
+                elif step == "read":
+                    rows = script.fetchall()
+        return keys, rows
+
+    def _claim_script(self, conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+        """The claim's statements, named, in the order they run: the read prepared on this
+        session if it is not yet, its generic plan chosen (planning this statement cost
+        more than running it: about 1 ms, and 5 under load; its plan cannot depend on the
+        keys, which come from a setting, and its status test is a literal, so that the
+        generic plan reads the index of pending rows too, which a test pins), the keys
+        locked, the events read and leased."""
+        read = self._claim_prepared
+        steps = [("prepare", read.prepare_sql)] if read.needs_prepare(conn) else []
+        steps.append(("plan", "SET LOCAL plan_cache_mode = force_generic_plan"))
+        steps.append(("lock", self._driver_statements["_lock_claim_keys"].sql))
+        steps.append(("read", read.execute_sql))
+        return steps
+
     @functools.cached_property
-    def _lock_ready_keys(self) -> sa.Select[tuple[str]]:
-        """The claim's first statement: lock up to `limit` ready keys, oldest turn first,
-        skipping keys another claim is locking. Parameters: limit, now."""
+    def _claim_prepared(self) -> PreparedOnServer:
+        return PreparedOnServer(self._claim_statement, self.engine.dialect, prefix="outbox_claim")
+
+    def _ready_keys(self, *columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
+        """Up to `limit` ready keys, oldest turn first, locked, skipping keys another claim
+        is locking. Parameters: limit, now."""
         k = self.outbox.keys
         query = (
-            sa.select(k.c.key)
+            sa.select(*columns)
             .where(~k.c.held, k.c.available_at <= self._ready_now())
             .order_by(k.c.available_at)
             .limit(sa.bindparam("limit", type_=sa.Integer()))
@@ -449,13 +527,23 @@ class Store:
             query = query.with_for_update(skip_locked=True)
         return query
 
-    def _read_and_lease(
-        self, cursor: psycopg.Cursor[Any], parameters: dict[str, Any], token: uuid.UUID
-    ) -> list[ClaimedEvent]:
-        """The claim's second statement (PostgreSQL), after the keys are locked. Its columns
-        are `ClaimedEvent`'s fields in order (`CLAIMED_COLUMNS`): a row is the event."""
-        rows: Sequence[tuple[Any, ...]] = self._rows(cursor, "_claim_statement", parameters)
-        return [ClaimedEvent.from_values(row, token) for row in rows]
+    @functools.cached_property
+    def _lock_ready_keys(self) -> sa.Select[tuple[str]]:
+        """SQLite: the claim's first statement, the keys it locks."""
+        return self._ready_keys(self.outbox.keys.c.key)
+
+    @functools.cached_property
+    def _lock_claim_keys(self) -> sa.Select[Any]:
+        """PostgreSQL: the claim's first statement. It locks the keys, keeps them in the
+        transaction-local setting `CLAIM_KEYS` for the read (a text array: any key's
+        characters survive it) and returns them in the order they were locked."""
+        k = self.outbox.keys
+        locked = self._ready_keys(k.c.key, k.c.available_at).cte("locked")
+        keys = sa.func.array_agg(aggregate_order_by(locked.c.key, locked.c.available_at))
+        as_text = sa.func.coalesce(sa.cast(keys, sa.Text()), sa.literal_column("'{}'"))
+        return sa.select(
+            keys, sa.func.set_config(sa.literal_column(f"'{CLAIM_KEYS}'"), as_text, sa.true())
+        ).select_from(locked)
 
     @functools.cached_property
     def _claim_statement(self) -> sa.Select[Any]:
@@ -471,10 +559,19 @@ class Store:
         SQLAlchemy's column collections for it) cost more CPU than the rest of a claim."""
         t, k = self.outbox.events, self.outbox.keys
         keyless = self._lease_keyless.cte("keyless")
-        picked = (
-            sa.func.unnest(sa.bindparam("keys", type_=postgresql.ARRAY(sa.Text())))
-            .table_valued("key", with_ordinality="ord")
-            .render_derived()
+        keys = sa.cast(
+            sa.func.current_setting(sa.literal_column(f"'{CLAIM_KEYS}'")),
+            postgresql.ARRAY(sa.Text()),
+        )
+        picked = sa.func.unnest(keys).table_valued("key", with_ordinality="ord").render_derived()
+        # `_per_key`, in SQL: the number of keys is known only on the server.
+        n = sa.func.greatest(1, sa.func.cardinality(keys))
+        limit = sa.bindparam("limit", type_=sa.Integer())
+        per_key = sa.func.greatest(
+            1,
+            sa.func.least(
+                sa.bindparam("run_length", type_=sa.Integer()), 2 * ((limit + n - 1) // n)
+            ),
         )
         first_rows = (
             sa.select(t)
@@ -482,16 +579,12 @@ class Store:
             # gives that order. With `key = ...` the planner may treat the key as a constant,
             # take the table's seq order instead and walk every row of other keys (a key with
             # 100,000 events made each small key's read walk 100,000 rows).
-            .where(t.c.key >= picked.c.key, t.c.key <= picked.c.key, t.c.status == PENDING)
+            .where(t.c.key >= picked.c.key, t.c.key <= picked.c.key, _is_pending(t))
             .order_by(t.c.key, t.c.seq)
-            .limit(sa.bindparam("run_length", type_=sa.Integer()))
+            .limit(per_key)
             .lateral("first_rows")
         )
-        room = (
-            sa.select(sa.bindparam("limit", type_=sa.Integer()) - sa.func.count())
-            .select_from(keyless)
-            .scalar_subquery()
-        )
+        room = sa.select(limit - sa.func.count()).select_from(keyless).scalar_subquery()
         # Rounds: every key's first row, then every key's second row... (see `claim`).
         turn = sa.func.row_number().over(partition_by=picked.c.ord, order_by=first_rows.c.seq)
         keyed = (
@@ -578,7 +671,7 @@ class Store:
         t = self.outbox.events
         free = (
             sa.select(t.c.seq)
-            .where(t.c.key.is_(None), t.c.status == PENDING, *self._row_free())
+            .where(t.c.key.is_(None), _is_pending(t), *self._row_free())
             .order_by(t.c.seq)
             .limit(sa.bindparam("keyless_limit", type_=sa.Integer()))
         )

@@ -12,6 +12,7 @@ from tests.faults.invariants import RECOVERY_LIMIT, Fault, verify
 from tests.faults.load import Writers
 from tests.faults.rig import Rig
 from tests.faults.runners import HoldPoint, terminate_relay_sessions
+from tests.support.claim_pause import ClaimPause
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +25,10 @@ def test_database_sessions_killed_mid_claim_and_mid_update(rig: Rig) -> None:
     published) - then nothing is lost, duplicated or reordered, no attempt is spent, and an
     event committed after each kill arrives within seconds.
 
-    The moments are chosen, not hoped for: the relay's database thread is held at the point
-    (`HoldPoint`) while its session is killed, and the test checks that the held session is
-    among those killed."""
+    The moments are chosen, not hoped for: the relay is held at the point while its session
+    is killed (`HoldPoint` holds its thread before the mark; `ClaimPause` holds the claim on
+    the server, as the claim is one round trip), and the test checks that the held session
+    is among those killed."""
     rounds = 3
     settings = rig.settings()
     recoveries: list[float | None] = []
@@ -38,9 +40,8 @@ def test_database_sessions_killed_mid_claim_and_mid_update(rig: Rig) -> None:
         ) as writers,
         rig.relay(settings) as relay,
     ):
-        engine = relay.relay.store.engine
-        points = {
-            "mid-claim": HoldPoint(engine, "commit", within="claim"),
+        points: dict[str, HoldPoint | ClaimPause] = {
+            "mid-claim": ClaimPause(relay.relay.store, after="read"),
             "mid-update": HoldPoint.before_statement(relay.relay.store, within="mark_published"),
         }
         try:

@@ -10,7 +10,8 @@ import pytest
 from tests.faults.invariants import Fault, verify
 from tests.faults.load import log_of
 from tests.faults.rig import Rig
-from tests.faults.runners import HoldPoint, describe_sessions
+from tests.faults.runners import describe_sessions
+from tests.support.claim_pause import ClaimPause
 from tests.support.rabbit import unique_name
 from tests.support.relays import interleaved_events, write_events
 
@@ -24,7 +25,8 @@ CLAIM_LIMIT = LEASE + 2.0
 
 def test_relay_stalled_inside_its_claim_does_not_stop_the_others(rig: Rig) -> None:
     """Given two relays (lease 2 s, db_timeout 5 s) delivering a backlog, when one of them
-    stalls inside its claim transaction (held just before its COMMIT, locks taken), then the
+    stalls inside its claim transaction (held on the server just before its COMMIT, locks
+    taken: `ClaimPause`), then the
     other still claims and delivers an event of a key nobody holds within lease + 2 s; and
     after the stall everything arrives once, in order."""
     # Enough that both relays are still claiming when the hold is armed: the relays drain
@@ -37,7 +39,7 @@ def test_relay_stalled_inside_its_claim_does_not_stop_the_others(rig: Rig) -> No
         rig.relay(settings.replace(name=unique_name("relay"))) as healthy,
     ):
         rig.observer.wait_for_count(200, timeout=30)
-        hold = HoldPoint(stalled.relay.store.engine, "commit", within="claim", max_hold=15.0)
+        hold = ClaimPause(stalled.relay.store, after="read", max_hold=15.0)
         try:
             hold.arm()
             hold.wait_held()

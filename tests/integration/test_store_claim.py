@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -24,7 +25,8 @@ from relay.admin import Admin
 from relay.admin_records import Selector
 from relay.errors import DatabaseUnavailableError
 from relay.records import Claim, ClaimedEvent, Failure
-from relay.store import Store, create_engine
+from relay.store import CLAIM_KEYS, Store, create_engine
+from tests.support.claim_pause import ClaimPause
 from tests.support.relays import write_events
 from tests.support.sessions import terminate_pooled_sessions
 
@@ -241,18 +243,11 @@ def test_an_expired_lease_is_taken_over_from_the_keys_first_pending_row(
 
 
 class Paused:
-    """Stops a store's claim between two of its statements until released."""
+    """Stops a store's next claim on the server between its two statements (keys locked,
+    events not yet read: `ClaimPause`) until released."""
 
-    def __init__(self, store: Store, method: str) -> None:
-        self.reached, self.go = threading.Event(), threading.Event()
-        real: Callable[..., Any] = getattr(store, method)
-
-        def paused(*args: Any, **kwargs: Any) -> Any:
-            self.reached.set()
-            assert self.go.wait(20), "the test never released the claim"
-            return real(*args, **kwargs)
-
-        setattr(store, method, paused)
+    def __init__(self, store: Store) -> None:
+        self.pause = ClaimPause(store, after="lock")
 
     def run(self, job: Callable[[], Claim]) -> Callable[[], Claim]:
         """Start `job` in a thread; returns a function that joins it and gives its result."""
@@ -265,12 +260,13 @@ class Paused:
             except BaseException as exc:  # handed to the test thread
                 errors.append(exc)
 
+        self.pause.arm()
         thread = threading.Thread(target=target)
         thread.start()
-        assert self.reached.wait(20), "the claim never reached the pause"
+        self.pause.wait_held(20)
 
         def join() -> Claim:
-            self.go.set()
+            self.pause.release()
             thread.join(20)
             if errors:
                 raise errors[0]
@@ -286,7 +282,7 @@ def test_claims_of_several_relays_overlap_in_time_and_take_disjoint_keys(
     statements); claim B runs to completion meanwhile and takes the other keys."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i}") for i in range(20)])
     a, b = (Store(pg_engine, outbox_schema, db_timeout=10) for _ in range(2))
-    pause = Paused(a, "_read_and_lease")
+    pause = Paused(a)
     join_a = pause.run(lambda: claim(a, limit=10, owner="a"))
     claim_b = claim(b, limit=100, owner="b")  # finishes while A is still inside its claim
     claim_a = join_a()
@@ -302,7 +298,7 @@ def test_a_late_writer_committing_inside_a_claim_keeps_the_key_a_gap_free_prefix
     read as part of one snapshot: what is leased is a prefix of the key's pending rows."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
     store = Store(pg_engine, outbox_schema, db_timeout=10)
-    pause = Paused(store, "_read_and_lease")
+    pause = Paused(store)
     join = pause.run(lambda: claim(store, run_length=10))
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k") for _ in range(3)])
     got = join()
@@ -321,7 +317,7 @@ def test_a_requeue_racing_a_claim_keeps_the_requeued_head_first(
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k") for _ in range(3)])
     write_events(pg_engine, outbox_schema, [Event(type="t", key="other")])
     admin = Admin(pg_engine, outbox_schema)
-    pause = Paused(store, "_read_and_lease")
+    pause = Paused(store)
     join = pause.run(lambda: claim(store))
     assert admin.requeue(admin.plan(Selector(everything=True))) == 1
     assert set(by_key(join())) == {"other"}
@@ -343,7 +339,7 @@ def test_a_purge_racing_a_claim_releases_the_key_at_its_next_row(
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k") for _ in range(3)])
     write_events(pg_engine, outbox_schema, [Event(type="t", key="other")])
     admin = Admin(pg_engine, outbox_schema)
-    pause = Paused(store, "_read_and_lease")
+    pause = Paused(store)
     join = pause.run(lambda: claim(store))
     assert admin.purge_dead(admin.plan(Selector(everything=True))) == 1
     assert set(by_key(join())) == {"other"}
@@ -379,7 +375,7 @@ def test_a_previous_owners_final_failure_racing_a_takeover_is_fenced(
         owner="old", limit=10, run_length=1, now=past, lease_until=past + dt.timedelta(seconds=1)
     )
     new = Store(pg_engine, outbox_schema, db_timeout=10)
-    pause = Paused(new, "_read_and_lease")
+    pause = Paused(new)
     join = pause.run(lambda: claim(new, run_length=10, owner="new"))
     recorded: list[int] = []
     failure = Failure(event=stale.events[0], error="unroutable", next_attempt_at=None)
@@ -493,10 +489,9 @@ def test_the_claim_reads_only_what_it_returns_next_to_a_huge_key(
     with pg_engine.begin() as conn:
         conn.exec_driver_sql(f"ANALYZE {table}")
     engine = create_engine(pg_url, application_name="outbox-relay:test", db_timeout=10)
-    store = Store(engine, outbox_schema, db_timeout=10)
+    store = Store(engine, outbox_schema, db_timeout=10, keep_connections=True)
     moment = now()
     parameters = {
-        "keys": ["busy", "small"],
         "token": uuid.uuid4(),
         "owner": "t",
         "limit": 100,
@@ -505,20 +500,33 @@ def test_the_claim_reads_only_what_it_returns_next_to_a_huge_key(
         "lease_until": moment,
         "now": moment,
     }
+    read = store._claim_prepared
     try:
+        # The plan the relay runs: the generic plan of the prepared read, keys from the setting.
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SHOW enable_bitmapscan").scalar_one() == "on"
-            compiled = store._claim_statement.compile(conn)
-            plan = "\n".join(
-                row[0]
-                for row in conn.exec_driver_sql(
-                    f"EXPLAIN (ANALYZE, FORMAT TEXT) {compiled}",
-                    compiled.construct_params(parameters),
-                )
+            driver = conn.connection.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            script = psycopg.ClientCursor(driver)
+            script.execute(read.prepare_sql)
+            script.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            script.execute(f"SELECT set_config('{CLAIM_KEYS}', '{{busy,small}}', true)")
+            script.execute(
+                "EXPLAIN (ANALYZE, FORMAT TEXT) " + read.execute_sql, read.parameters(parameters)
             )
+            plan = "\n".join(row[0] for row in script.fetchall())
             conn.rollback()
         claimed = by_key(claim(store))
+        # ...and the relay's session chose it too.
+        with store._driver(transaction=False) as cursor:
+            cursor.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = %s",
+                (read.name,),
+            )
+            generic, custom = cursor.fetchone() or (0, 0)
+        assert generic >= 1 and custom == 0
     finally:
+        store.close()
         engine.dispose()
     removed = [int(n) for n in re.findall(r"Rows Removed by Filter: (\d+)", plan)]
     assert max(removed, default=0) < 100, plan
@@ -596,7 +604,7 @@ def test_a_late_confirm_racing_a_takeover_is_fenced_and_no_key_is_held_without_a
         owner="a", limit=10, run_length=10, now=past, lease_until=past + dt.timedelta(seconds=1)
     )
     head = first.events[0]
-    pause = Paused(b, "_read_and_lease")
+    pause = Paused(b)
     join = pause.run(lambda: claim(b, owner="b"))
     marked: list[int] = []
     late = threading.Thread(
@@ -851,7 +859,9 @@ def test_the_relays_prepared_statements_are_never_planned_without_their_values(
     """psycopg prepares a statement used five times; PostgreSQL may then keep a generic plan,
     made without the values, which cannot use the index of pending rows (the status is a
     parameter) and, made while the table was small, seq-scanned it after a burst. The
-    relay's sessions plan every execution with its values."""
+    relay's sessions plan every execution with its values, except the claim's read, which
+    is written for its generic plan (its status is a literal, its keys come from a setting:
+    see `test_the_claim_reads_only_what_it_returns_next_to_a_huge_key`)."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i % 5}") for i in range(40)])
     engine = create_engine(pg_url, application_name="outbox-relay:test", db_timeout=10)
     store = Store(engine, outbox_schema, db_timeout=10, keep_connections=True)
@@ -866,15 +876,18 @@ def test_the_relays_prepared_statements_are_never_planned_without_their_values(
             driver = conn.connection.driver_connection
             with driver.cursor() as cursor:
                 cursor.execute(
-                    "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+                    "SELECT name, generic_plans, custom_plans FROM pg_prepared_statements"
                 )
                 plans += cursor.fetchall()
             driver.rollback()
     finally:
         store.close()
         engine.dispose()
-    assert len(plans) >= 4, plans  # the claim's two statements, the mark, freeing keys
-    assert all(generic == 0 for _, generic, _ in plans), plans
+    read = store._claim_prepared.name
+    assert [(generic, custom) for name, generic, custom in plans if name == read] == [(20, 0)]
+    others = [plan for plan in plans if plan[0] != read]
+    assert len(others) >= 3, plans  # the claim's lock, the mark, freeing keys
+    assert all(generic == 0 for _, generic, _ in others), plans
 
 
 def test_statements_that_find_rows_by_seq_go_by_primary_key_after_an_unseen_burst(
@@ -927,3 +940,52 @@ def test_statements_that_find_rows_by_seq_go_by_primary_key_after_an_unseen_burs
     assert len(plans) >= 3, seen
     for (statement, _), plan in zip(seen, plans, strict=True):
         assert f"{outbox_schema.name}_bykey_idx" not in plan, f"{statement}\n{plan}"
+
+
+def test_keys_with_any_characters_reach_the_read_through_the_setting(
+    pg_engine: sa.Engine, outbox_schema: Outbox, store: Store
+) -> None:
+    """The locked keys go from the claim's first statement to its read as a text array in a
+    setting: every key must come back as it was written, whatever its characters."""
+    keys = [
+        "a,b",
+        '"quoted"',
+        "{braces}",
+        "NULL",
+        "null",
+        " spaced ",
+        "back\\slash",
+        "tab\t",
+        "new\nline",
+        "semi;colon",
+        "'single'",
+        "é" * 127 + "x",
+        "$1",
+        "%(now)s",
+    ]
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=key) for key in keys])
+    got = by_key(claim(store, limit=100))
+    assert set(got) == set(keys)
+    assert all(got[key] == pending_seqs(pg_engine, outbox_schema, key) for key in keys)
+
+
+def test_a_session_that_lost_or_already_has_the_prepared_read_still_claims(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """The read is prepared once per session. psycopg deallocates every prepared statement
+    of a session after a ROLLBACK or DROP it sees there, and another store of the same
+    outbox may have prepared it on a pooled session: either way the claim goes on."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i}") for i in range(6)])
+    engine = sa.create_engine(pg_engine.url, pool_size=1, max_overflow=0)
+    first, second = (Store(engine, outbox_schema, db_timeout=10) for _ in range(2))
+    try:
+        assert len(claim(first, limit=2).events) == 2
+        with engine.connect() as conn:  # the one pooled session
+            conn.exec_driver_sql("DEALLOCATE ALL")
+        assert len(claim(first, limit=2).events) == 2  # lost: prepared again
+        assert len(claim(second, limit=2).events) == 2  # there already: used
+        with engine.connect() as conn:
+            names = conn.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars()
+            assert list(names) == [first._claim_prepared.name]
+    finally:
+        engine.dispose()

@@ -91,6 +91,7 @@ def test_a_killed_session_reads_as_an_outage_on_every_hot_statement(
     engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
     store = Store(engine, outbox_schema, db_timeout=10)
     calls = {
+        "claim": lambda: claim(store),
         "has_ready": lambda: store.has_ready(now()),
         "mark_published": lambda: store.mark_published(
             {uuid.uuid4(): [1]}, now=now(), delete=False
@@ -148,10 +149,10 @@ def test_the_driver_connection_is_psycopg(pg_engine: sa.Engine, outbox_schema: O
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_a_claim_frozen_past_the_idle_timeout_reads_as_an_outage(
+def test_a_transaction_frozen_past_the_idle_timeout_reads_as_an_outage(
     pg_url: str, pg_engine: sa.Engine, outbox_schema: Outbox, keep: bool
 ) -> None:
-    """The server ends a transaction left idle (a relay frozen between the claim's two
+    """The server ends a transaction left idle (a relay frozen between free_keys' two
     statements): psycopg reports that as an InternalError, not an OperationalError, yet it
     is a disconnect, and must read as an outage (a fatal error would stop the relay)."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
@@ -159,22 +160,54 @@ def test_a_claim_frozen_past_the_idle_timeout_reads_as_an_outage(
         pg_url, application_name="t", db_timeout=10, idle_in_transaction_timeout=0.3
     )
     store = Store(engine, outbox_schema, db_timeout=10, keep_connections=keep)
-    real = store._read_and_lease
+    claimed = claim(store)
+    real = store._driver_statements["_delete_drained"]
 
-    def frozen(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(1.0)
-        return real(*args, **kwargs)
+    class Frozen(DriverStatement):
+        def __init__(self) -> None:
+            self.sql = real.sql
+            self.columns = real.columns
 
-    store._read_and_lease = frozen  # type: ignore[method-assign]
+        def run(self, cursor: psycopg.Cursor[Any], given: Any) -> psycopg.Cursor[Any]:
+            time.sleep(1.0)
+            return real.run(cursor, given)
+
+    store._driver_statements["_delete_drained"] = Frozen()
     try:
         with pytest.raises(DatabaseUnavailableError):
-            claim(store)
-        store._read_and_lease = real  # type: ignore[method-assign]
-        claimed = claim(store)
-        assert [e.key for e in claimed.events] == ["k"]
+            store.free_keys({claimed.token: {"k"}}, now=now())
+        store._driver_statements["_delete_drained"] = real
+        assert store.free_keys({claimed.token: {"k"}}, now=now()) == 1  # rolled back: held
+        assert [e.key for e in claim(store).events] == ["k"]
     finally:
         store.close()
         engine.dispose()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_claim_whose_read_fails_leaves_nothing_locked_or_leased(
+    pg_engine: sa.Engine, outbox_schema: Outbox, keep: bool
+) -> None:
+    """The claim is one script in one implicit transaction: when its read fails after its
+    keys were locked, the locks and everything else of it end with it."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="k"), Event(type="t")])
+    store = Store(pg_engine, outbox_schema, db_timeout=10, keep_connections=keep)
+    real = store._claim_script
+
+    def failing(conn: Any) -> list[tuple[str, str]]:
+        return [(n, "SELECT 1 / 0" if n == "read" else text) for n, text in real(conn)]
+
+    store._claim_script = failing  # type: ignore[method-assign]
+    try:
+        with pytest.raises(sa.exc.DataError):
+            claim(store)
+        other = Store(pg_engine, outbox_schema, db_timeout=10)
+        k = outbox_schema.keys
+        with pg_engine.connect() as conn:
+            assert conn.execute(sa.select(k.c.lease_token)).scalar_one() is None
+        assert sorted(e.key or "" for e in claim(other).events) == ["", "k"]
+    finally:
+        store.close()
 
 
 def test_a_server_restart_costs_one_failed_call_not_one_per_pooled_connection(
