@@ -244,7 +244,7 @@ class Relay:
         self._collect(0)  # take in what the publisher and the workers still had to say
         try:
             if not self._database.busy:  # a running write owns its results: leave them to it
-                self._write(self._results.take())
+                self._fenced(self._write(self._results.take()))
             self.store.unregister(self.settings.name)
         except DatabaseUnavailableError as exc:
             log.warning("could not record final results (%s); their leases will expire", exc)

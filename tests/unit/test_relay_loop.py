@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -311,6 +312,47 @@ def test_results_of_a_lost_lease_are_fenced_off(h: Harness) -> None:
     (row,) = h.rows()
     (key,) = h.key_rows()
     assert row.status == "pending" and key.lease_token == takeover.token
+
+
+def test_results_fenced_off_by_the_final_write_at_stop_are_reported(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relay resumed past its lease whose first result write fails (its database call was
+    cut while it was frozen) and that is stopped right away records its results in its final
+    write at shutdown: those fenced off there are reported like any others (found by the
+    SIGSTOP fault test, which then saw none)."""
+    h.write(*keyed("a", 1))
+    h.step()
+    with h.engine.begin() as conn:
+        conn.execute(sa.update(h.box.keys).values(available_at=h.clock.now()))
+    other = Store(h.engine, h.box, db_timeout=5)
+    takeover = other.claim(
+        owner="relay-2",
+        limit=10,
+        run_length=10,
+        now=h.clock.now(),
+        lease_until=h.clock.now() + dt.timedelta(seconds=30),
+    )
+    assert len(takeover.events) == 1
+    real = h.store.mark_published
+    calls = {"failing": 1}
+
+    def once_down(*args: object, **kwargs: object) -> int:
+        if calls["failing"]:
+            calls["failing"] -= 1
+            raise DatabaseUnavailableError("database unavailable: server closed the connection")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    h.store.mark_published = once_down  # type: ignore[method-assign]
+    h.publisher.settle()
+    h.relay.run_once(timeout=0)  # the write fails: the database is down, results kept
+    assert calls["failing"] == 0
+    h.relay.request_stop()
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        h.relay.shutdown()
+    assert "1 results were not recorded: the lease had passed to another relay" in caplog.text
+    (row,) = h.rows()
+    assert row.status == "pending"
 
 
 def test_paused_relay_stops_publishing_a_claim_whose_lease_ran_out(h: Harness) -> None:
