@@ -143,6 +143,8 @@ class Store:
         # Without it (tools, tests: many stores on one engine), every use goes to the pool.
         self._keep_connections = keep_connections
         self._local = threading.local()
+        # Until prepared statements turn out not to stay with a session (`_claim_postgres`).
+        self._claims_prepared = True
         self._kept: list[Connection] = []
         self._kept_lock = threading.Lock()
         # Statements and transactions sent, through SQLAlchemy or the driver path, and who
@@ -157,8 +159,8 @@ class Store:
     def _sqlalchemy_statement(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         self._sent(conn, statement)
 
-    def _sent(self, conn: Any, statement: str) -> None:
-        self.queries_total += 1
+    def _sent(self, conn: Any, statement: str, *, statements: int = 1) -> None:
+        self.queries_total += statements
         for observer in self.statement_observers:
             observer(conn, statement)
 
@@ -275,6 +277,7 @@ class Store:
             name: DriverStatement(getattr(self, name), dialect)
             for name in (
                 "_lock_claim_keys",
+                "_claim_statement",
                 "_has_ready",
                 "_mark_published",
                 "_delete_published",
@@ -457,57 +460,88 @@ class Store:
         sees every change committed before the keys were locked, exactly as two
         statements in a transaction would (see `claim`); the keys go from the first to the
         second statement through a transaction-local setting (`CLAIM_KEYS`), as the
-        second is sent before the first has answered."""
-        read = self._claim_prepared
-        lock = self._driver_statements["_lock_claim_keys"]
-        values = {**lock.parameters(given), **read.parameters(given)}
+        second is sent before the first has answered.
+
+        The read is prepared on the session first if it is not yet (a statement of its
+        own, once per session). A session that lost it (psycopg deallocates every prepared
+        statement of a session after some commands) prepares it again; a read missing twice
+        in a row means prepared statements do not stay with the connection (PgBouncer in
+        transaction mode): this store then sends the read itself every time."""
         with self._driver(transaction=False) as cursor:
             conn = cursor.connection
-            script = psycopg.ClientCursor(conn)
             self.transactions_total += 1
-            for retry in (False, True):
-                steps = self._claim_script(conn)
-                sql = ";\n".join(text for _, text in steps)
-                self._sent(conn, sql)
+            for attempt in range(3):
+                read = self._claim_prepared if self._claims_prepared else None
+                if read is not None and read.needs_prepare(conn):
+                    self._prepare(cursor, read)
                 try:
-                    script.execute(sql, values)
+                    return self._run_claim_script(conn, given, read)
                 except psycopg.errors.InvalidSqlStatementName:
-                    if retry:
+                    # The whole script was rolled back with it: nothing is locked or leased.
+                    if read is None:
                         raise
-                    read.forget(conn)  # deallocated: the whole script was rolled back
-                    continue
-                except psycopg.errors.DuplicatePreparedStatement:
-                    if retry:
-                        raise
-                    read.prepared_on(conn)  # the script stopped at its PREPARE
-                    continue
-                read.prepared_on(conn)
-                break
-            keys: list[str] = []
-            rows: list[Any] = []
-            for index, (step, _) in enumerate(steps):
-                if index:
-                    script.nextset()
-                if step == "lock":
-                    locked = script.fetchone()
-                    keys = list(locked[0] or []) if locked else []
-                elif step == "read":
-                    rows = script.fetchall()
+                    read.forget(conn)
+                    if attempt > 0:
+                        self._claims_prepared = False
+                        log.warning(
+                            "the claim's prepared statement did not stay on the database "
+                            "session (a pooler in transaction mode?): claims now send and "
+                            "plan their read every time"
+                        )
+            raise AssertionError("a claim without a prepared statement cannot miss it")
+
+    def _prepare(self, cursor: psycopg.Cursor[Any], read: PreparedOnServer) -> None:
+        self._sent(cursor.connection, read.prepare_sql)
+        # Already there: another store of this outbox prepared it on this pooled session.
+        with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
+            cursor.execute(read.prepare_sql)
+        read.prepared_on(cursor.connection)
+
+    def _run_claim_script(
+        self, conn: psycopg.Connection[Any], given: Mapping[str, Any], read: PreparedOnServer | None
+    ) -> tuple[list[str], list[Any]]:
+        steps = self._claim_script(read)
+        lock = self._driver_statements["_lock_claim_keys"]
+        statement = read if read is not None else self._driver_statements["_claim_statement"]
+        values = {**lock.parameters(given), **statement.parameters(given)}
+        sql = ";\n".join(text for _, text in steps)
+        self._sent(conn, sql, statements=len(steps))
+        script = psycopg.ClientCursor(conn)
+        script.execute(sql, values)
+        keys: list[str] = []
+        rows: list[Any] = []
+        for index, (step, _) in enumerate(steps):
+            if index:
+                script.nextset()
+            if step == "lock":
+                locked = script.fetchone()
+                keys = list(locked[0] or []) if locked else []
+            elif step == "read":
+                rows = script.fetchall()
         return keys, rows
 
-    def _claim_script(self, conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
-        """The claim's statements, named, in the order they run: the read prepared on this
-        session if it is not yet, its generic plan chosen (planning this statement cost
-        more than running it: about 1 ms, and 5 under load; its plan cannot depend on the
-        keys, which come from a setting, and its status test is a literal, so that the
-        generic plan reads the index of pending rows too, which a test pins), the keys
-        locked, the events read and leased."""
-        read = self._claim_prepared
-        steps = [("prepare", read.prepare_sql)] if read.needs_prepare(conn) else []
-        steps.append(("plan", "SET LOCAL plan_cache_mode = force_generic_plan"))
-        steps.append(("lock", self._driver_statements["_lock_claim_keys"].sql))
-        steps.append(("read", read.execute_sql))
-        return steps
+    def _claim_script(self, read: PreparedOnServer | None) -> list[tuple[str, str]]:
+        """The claim's statements, named, in the order they run.
+
+        With the read prepared on the session (`read`): its generic plan chosen, as
+        planning this statement cost more than running it (about 1 ms, and 5 under load).
+        Its plan cannot depend on the keys, which come from a setting, and its status test
+        is a literal, so the generic plan can read the index of pending rows. Sequential
+        scans are off for it: a generic plan made while the table was small would
+        otherwise seq-scan the table once per key after a burst (2 s per claim, until the
+        next ANALYZE), as the plan is kept while the table grows. Tests pin both shapes.
+        Then the keys locked, and the events read and leased."""
+        if read is None:
+            return [
+                ("lock", self._driver_statements["_lock_claim_keys"].sql),
+                ("read", self._driver_statements["_claim_statement"].sql),
+            ]
+        return [
+            ("plan", "SET LOCAL plan_cache_mode = force_generic_plan"),
+            ("no seq scan", "SET LOCAL enable_seqscan = off"),
+            ("lock", self._driver_statements["_lock_claim_keys"].sql),
+            ("read", read.execute_sql),
+        ]
 
     @functools.cached_property
     def _claim_prepared(self) -> PreparedOnServer:

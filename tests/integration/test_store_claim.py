@@ -8,6 +8,7 @@ read of the keys' rows) and a second connection, not left to chance.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import threading
 import time
@@ -1008,3 +1009,90 @@ def test_a_claim_of_thousands_of_long_keys_stays_within_the_statement_timeout(
     finally:
         engine.dispose()
     assert sorted(e.key for e in got.events) == sorted(keys)
+
+
+def test_a_generic_plan_made_while_the_table_was_small_still_reads_by_index_after_a_burst(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """The relay's session prepares the read (and makes its generic plan) while the table
+    has three rows; then 20,000 events of one key and 200 small keys arrive before any
+    ANALYZE (autovacuum off for these tables stands for "not yet"). The plan the session
+    keeps must still read each key by the index of pending rows: one made with sequential
+    scans allowed seq-scanned the table once per key (2 s per claim). Found by review."""
+    table = f'"{outbox_schema.schema}"."{outbox_schema.name}"'
+    keys_table = f'"{outbox_schema.schema}"."{outbox_schema.name}_key"'
+    with pg_engine.begin() as conn:
+        for name in (table, keys_table):
+            conn.exec_driver_sql(f"ALTER TABLE {name} SET (autovacuum_enabled = false)")
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=f"s{i}") for i in range(3)])
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(f"ANALYZE {table}")
+        conn.exec_driver_sql(f"ANALYZE {keys_table}")
+    store = Store(pg_engine, outbox_schema, db_timeout=10, keep_connections=True)
+    try:
+        for _ in range(3):
+            c = claim(store, limit=100, run_length=50)
+            store.mark_published({c.token: [e.seq for e in c.events]}, now=now(), delete=False)
+            store.end_runs({c.token: [e.key for e in c.events if e.key]}, now=now())
+        with pg_engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"INSERT INTO {table} (id, type, key, routing_key, payload, occurred_at) "
+                "SELECT gen_random_uuid(), 't', 'busy', 't', '{}', now() "
+                "FROM generate_series(1, 20000)"
+            )
+        write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i}") for i in range(200)])
+        read = store._claim_prepared
+        lock = store._driver_statements["_lock_claim_keys"]
+        moment = now()
+        given = {
+            "token": uuid.uuid4(),
+            "owner": "t",
+            "limit": 2000,
+            "keyless_limit": 1000,
+            "run_length": 50,
+            "lease_until": moment + dt.timedelta(seconds=30),
+            "now": moment,
+        }
+        # The session's own plan, explained on that session, rolled back.
+        driver = store._local.autocommit.connection.driver_connection
+        script = psycopg.ClientCursor(driver)
+        script.execute("BEGIN")
+        for _, text in store._claim_script(read)[:-1]:
+            script.execute(text, lock.parameters(given))
+        script.execute("EXPLAIN (ANALYZE, FORMAT TEXT) " + read.execute_sql, read.parameters(given))
+        plan = "\n".join(row[0] for row in script.fetchall())
+        script.execute("ROLLBACK")
+        got = by_key(claim(store, limit=2000, run_length=50))
+    finally:
+        store.close()
+    assert not re.search(r"Seq Scan on \S*outbox ", plan), plan
+    removed = [int(n) for n in re.findall(r"Rows Removed by Filter: (\d+)", plan)]
+    assert max(removed, default=0) < 100, plan
+    assert len(got) == 201 and len(got["busy"]) <= 50
+
+
+def test_a_pooler_that_loses_the_prepared_read_turns_claims_to_sending_it(
+    pg_engine: sa.Engine, outbox_schema: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind a pooler in transaction mode the session that prepared the read is not the
+    one the next claim runs on. Stood for here by deallocating every prepared statement
+    before each claim's script: the claim prepares again once, and when the read is missing
+    a second time the store sends the read itself from then on, saying so once."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i}") for i in range(6)])
+    store = Store(pg_engine, outbox_schema, db_timeout=10, keep_connections=True)
+    scripts: list[str] = []
+
+    def pooled(conn: Any, sql: str) -> None:
+        if "outbox_relay.claim_keys" in sql and "PREPARE" not in sql:
+            scripts.append(sql)
+            conn.execute("DEALLOCATE ALL")
+
+    store.statement_observers.append(pooled)
+    try:
+        with caplog.at_level(logging.WARNING, logger="relay.store"):
+            got = [len(claim(store, limit=2).events) for _ in range(3)]
+    finally:
+        store.close()
+    assert got == [2, 2, 2]
+    assert [("EXECUTE" in sql) for sql in scripts] == [True, True, False, False, False]
+    assert caplog.text.count("did not stay on the database session") == 1

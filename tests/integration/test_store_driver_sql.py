@@ -194,8 +194,8 @@ def test_a_claim_whose_read_fails_leaves_nothing_locked_or_leased(
     store = Store(pg_engine, outbox_schema, db_timeout=10, keep_connections=keep)
     real = store._claim_script
 
-    def failing(conn: Any) -> list[tuple[str, str]]:
-        return [(n, "SELECT 1 / 0" if n == "read" else text) for n, text in real(conn)]
+    def failing(read: Any) -> list[tuple[str, str]]:
+        return [(n, "SELECT 1 / 0" if n == "read" else text) for n, text in real(read)]
 
     store._claim_script = failing  # type: ignore[method-assign]
     try:

@@ -46,8 +46,8 @@ class ClaimPause:
         self._timer: threading.Timer | None = None
         real = store._claim_script
 
-        def with_pause(conn: Any) -> list[tuple[str, str]]:
-            steps = real(conn)
+        def with_pause(read: Any) -> list[tuple[str, str]]:
+            steps = real(read)
             with self._guard:
                 if not self._armed:
                     return steps
