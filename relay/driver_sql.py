@@ -8,13 +8,15 @@ the relay runs about nine statements per event at a low rate. A `DriverStatement
 compiled once; each call only merges its parameters and hands the SQL text to psycopg, which
 prepares it on the server after a few uses.
 
-The claim goes one step further (`PreparedOnServer`): its statements are sent as one script,
-one round trip, and its read is prepared on the server by name and runs a generic plan.
-
 Semantics are unchanged: the same SQL text SQLAlchemy would send (the parameters carry the
 dialect's casts), on the same connection, with the same transaction boundaries. `relay.store`
 wraps the driver's errors as SQLAlchemy's error handling would (disconnects included), so
 that they are translated alike.
+
+The claim goes further, and its own transaction boundaries are its own (`Store.claim`): its
+statements are sent as one script in one implicit transaction, one round trip, on the
+autocommit connection, and its read is prepared on the server by name (`PreparedOnServer`)
+and runs a generic plan.
 """
 
 from __future__ import annotations
@@ -79,18 +81,19 @@ class DriverStatement(_Bound):
 
 
 class PreparedOnServer(_Bound):
-    """A statement prepared by name on the server (SQL `PREPARE`), for a script of several
-    statements sent as one query (`Store.claim`): psycopg prepares only single statements,
-    and a script is what makes a transaction one round trip.
+    """A statement prepared by name on the server (SQL `PREPARE`), to be run from a script of
+    several statements sent as one query (`Store.claim`): psycopg prepares only single
+    statements, and a script is what makes a transaction one round trip.
 
-    `prepare_sql` and `execute_sql` are written for a client-side bound cursor
-    (`psycopg.ClientCursor`, `%(name)s` parameters): `execute_sql` passes the parameters
-    by name, `prepare_sql` has none of its own. Which sessions have it prepared is
-    remembered per connection object (`needs_prepare`, `prepared_on`, `forget`); a session
-    that lost it (psycopg sends `DEALLOCATE ALL` after a ROLLBACK or DROP on a session
-    where it prepared statements itself) answers `InvalidSqlStatementName`, and one that
-    has it already `DuplicatePreparedStatement`: the caller corrects this record then and
-    runs its script again."""
+    `prepare_sql` is sent alone, without parameters; `execute_sql` is written for a
+    client-side bound cursor (`psycopg.ClientCursor`, `%(name)s` parameters, passed by
+    name). Which sessions have it prepared is remembered per connection object
+    (`needs_prepare`, `prepared_on`, `forget`). A session can lose it: psycopg sends
+    `DEALLOCATE ALL` after a ROLLBACK, DROP, ALTER, DISCARD ALL or DEALLOCATE ALL on a
+    session where it prepared statements itself, and a pooler in transaction mode hands
+    out another server session. Running it then fails with `InvalidSqlStatementName`
+    (and the script's transaction with it); preparing it where it is already, with
+    `DuplicatePreparedStatement`. The caller corrects this record and goes on."""
 
     def __init__(self, statement: sa.ClauseElement, dialect: Dialect, *, prefix: str) -> None:
         assert isinstance(dialect, DefaultDialect)
