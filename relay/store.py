@@ -104,6 +104,13 @@ def create_engine(
     return sa.create_engine(sa_url)
 
 
+def _array_of(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The values of a subquery's column as one array (cast: `= ANY (SELECT ...)` would
+    compare with each row of the subquery instead)."""
+    array = sa.select(sa.func.array_agg(column)).scalar_subquery()
+    return sa.cast(array, postgresql.ARRAY(column.type))
+
+
 def _is_pending(events: sa.Table) -> sa.ColumnElement[bool]:
     """`status = 'pending'` with the value in the statement's text, not a parameter: a
     generic plan (one made without the values) can then read the index of pending rows,
@@ -529,7 +536,10 @@ class Store:
         is a literal, so the generic plan can read the index of pending rows. Sequential
         scans are off for it: a generic plan made while the table was small would
         otherwise seq-scan the table once per key after a burst (2 s per claim, until the
-        next ANALYZE), as the plan is kept while the table grows. Tests pin both shapes.
+        next ANALYZE), as the plan is kept while the table grows; for the same reason its
+        updates find their rows by `= ANY(array)`. And no JIT compilation: the planner
+        cannot see the per-key limit, so its cost estimate of a large backlog crosses the
+        JIT thresholds (1 to 2 s of compiling per claim). Tests pin these shapes.
         Then the keys locked, and the events read and leased."""
         if read is None:
             return [
@@ -539,6 +549,7 @@ class Store:
         return [
             ("plan", "SET LOCAL plan_cache_mode = force_generic_plan"),
             ("no seq scan", "SET LOCAL enable_seqscan = off"),
+            ("no jit", "SET LOCAL jit = off"),
             ("lock", self._driver_statements["_lock_claim_keys"].sql),
             ("read", read.execute_sql),
         ]
@@ -635,9 +646,12 @@ class Store:
             .limit(room)
             .cte("keyed")
         )
+        # `= ANY(array)`, not `IN (subquery)`: a generic plan made while the key table was
+        # small joined the two by walking every key row once per claimed key (12 s per
+        # claim with 10,000 keys); an array parameter can only be probed by index.
         leased = (
             sa.update(k)
-            .where(k.c.key.in_(sa.select(keyed.c.key)))
+            .where(k.c.key == sa.any_(_array_of(keyed.c.key)))
             .values(
                 lease_token=sa.bindparam("token", type_=k.c.lease_token.type),
                 leased_by=sa.bindparam("owner", type_=k.c.leased_by.type),
@@ -715,11 +729,16 @@ class Store:
             .order_by(t.c.seq)
             .limit(sa.bindparam("keyless_limit", type_=sa.Integer()))
         )
-        if self._postgres:
-            free = free.with_for_update(skip_locked=True)
+        chosen: sa.ColumnElement[bool]
+        if not self._postgres:
+            chosen = t.c.seq.in_(free.scalar_subquery())
+        else:
+            # As the keys' lease in `_claim_statement`: probed by index whatever the plan.
+            rows = free.with_for_update(skip_locked=True).subquery("free")
+            chosen = t.c.seq == sa.any_(_array_of(rows.c.seq))
         return (
             sa.update(t)
-            .where(t.c.seq.in_(free.scalar_subquery()))
+            .where(chosen)
             .values(
                 claim_token=sa.bindparam("token", type_=t.c.claim_token.type),
                 claimed_by=sa.bindparam("owner", type_=t.c.claimed_by.type),

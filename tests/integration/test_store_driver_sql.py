@@ -185,17 +185,17 @@ def test_a_transaction_frozen_past_the_idle_timeout_reads_as_an_outage(
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_a_claim_whose_read_fails_leaves_nothing_locked_or_leased(
+def test_a_claim_that_fails_after_its_read_leaves_nothing_locked_or_leased(
     pg_engine: sa.Engine, outbox_schema: Outbox, keep: bool
 ) -> None:
-    """The claim is one script in one implicit transaction: when its read fails after its
-    keys were locked, the locks and everything else of it end with it."""
+    """The claim is one script in one implicit transaction: when a statement after its read
+    fails (the keys locked, events and keys leased), the locks and leases end with it."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k"), Event(type="t")])
     store = Store(pg_engine, outbox_schema, db_timeout=10, keep_connections=keep)
     real = store._claim_script
 
     def failing(read: Any) -> list[tuple[str, str]]:
-        return [(n, "SELECT 1 / 0" if n == "read" else text) for n, text in real(read)]
+        return [*real(read), ("fail", "SELECT 1 / 0")]
 
     store._claim_script = failing  # type: ignore[method-assign]
     try:
