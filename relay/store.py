@@ -726,7 +726,10 @@ class Store:
         free = (
             sa.select(t.c.seq)
             .where(t.c.key.is_(None), _is_pending(t), *self._row_free())
-            .order_by(t.c.seq)
+            # (key, seq), the same order as seq here: only the index of pending rows by key
+            # gives it, so no plan walks the table in seq order past every keyed row (a
+            # generic plan did: 40,000 published rows read per claim; found by review).
+            .order_by(t.c.key, t.c.seq)
             .limit(sa.bindparam("keyless_limit", type_=sa.Integer()))
         )
         chosen: sa.ColumnElement[bool]

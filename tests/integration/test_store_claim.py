@@ -1106,3 +1106,51 @@ def test_a_pooler_that_loses_the_prepared_read_turns_claims_to_sending_it(
     assert got == [2, 2, 2]
     assert [("EXECUTE" in sql) for sql in scripts] == [True, True, False, False, False]
     assert caplog.text.count("did not stay on the database session") == 1
+
+
+def test_the_keyless_lease_reads_only_keyless_rows_past_a_published_history(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """4,000 published keyed rows kept for retention, then 300 pending events without a
+    key, statistics fresh. The generic plan cannot see the lease's limit nor `now`, and
+    walked the table in seq order past every published row to find the keyless ones
+    (found by review); the lease now asks for an order only the pending index gives."""
+    table = f'"{outbox_schema.schema}"."{outbox_schema.name}"'
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"INSERT INTO {table} (id, type, key, routing_key, payload, occurred_at, status) "
+            "SELECT gen_random_uuid(), 't', 'p' || (i %% 10), 't', '{}', now(), 'published' "
+            "FROM generate_series(1, 4000) AS i"
+        )
+        conn.execute(sa.delete(outbox_schema.keys))  # drained keys, as the relay leaves them
+    write_events(pg_engine, outbox_schema, [Event(type="t") for _ in range(300)])
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(f"ANALYZE {table}")
+    store = Store(pg_engine, outbox_schema, db_timeout=10, keep_connections=True)
+    try:
+        first = claim(store, limit=20, run_length=5)  # the session makes its plan here
+        read = store._claim_prepared
+        lock = store._driver_statements["_lock_claim_keys"]
+        moment = now()
+        given = {
+            "token": uuid.uuid4(),
+            "owner": "t",
+            "limit": 20,
+            "keyless_limit": 10,
+            "run_length": 5,
+            "lease_until": moment + dt.timedelta(seconds=30),
+            "now": moment,
+        }
+        driver = store._local.autocommit.connection.driver_connection
+        script = psycopg.ClientCursor(driver)
+        script.execute("BEGIN")
+        for _, text in store._claim_script(read)[:-1]:
+            script.execute(text, lock.parameters(given))
+        script.execute("EXPLAIN (ANALYZE, FORMAT TEXT) " + read.execute_sql, read.parameters(given))
+        plan = "\n".join(row[0] for row in script.fetchall())
+        script.execute("ROLLBACK")
+    finally:
+        store.close()
+    assert len(first.events) == 10 and all(e.key is None for e in first.events)
+    removed = [int(n) for n in re.findall(r"Rows Removed by (?:Join )?Filter: (\d+)", plan)]
+    assert max(removed, default=0) < 100, plan
