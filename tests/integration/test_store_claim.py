@@ -1019,6 +1019,32 @@ def test_a_claim_of_thousands_of_long_keys_stays_within_the_statement_timeout(
     assert sorted(e.key for e in got.events) == sorted(keys)
 
 
+def session_plan(store: Store, *, limit: int, run_length: int) -> str:
+    """EXPLAIN ANALYZE of the claim's read on the store's own kept session, with the plan
+    that session keeps (the claim's settings and lock first, then rolled back)."""
+    read = store._claim_prepared
+    lock = store._driver_statements["_lock_claim_keys"]
+    moment = now()
+    given = {
+        "token": uuid.uuid4(),
+        "owner": "t",
+        "limit": limit,
+        "keyless_limit": max(1, limit // 2),
+        "run_length": run_length,
+        "lease_until": moment + dt.timedelta(seconds=30),
+        "now": moment,
+    }
+    script = psycopg.ClientCursor(store._local.autocommit.connection.driver_connection)
+    script.execute("BEGIN")
+    try:
+        for _, text in store._claim_script(read)[:-1]:
+            script.execute(text, lock.parameters(given))
+        script.execute("EXPLAIN (ANALYZE, FORMAT TEXT) " + read.execute_sql, read.parameters(given))
+        return "\n".join(row[0] for row in script.fetchall())
+    finally:
+        script.execute("ROLLBACK")
+
+
 def test_a_generic_plan_made_while_the_table_was_small_still_reads_by_index_after_a_burst(
     pg_engine: sa.Engine, outbox_schema: Outbox
 ) -> None:
@@ -1049,27 +1075,7 @@ def test_a_generic_plan_made_while_the_table_was_small_still_reads_by_index_afte
                 "FROM generate_series(1, 20000)"
             )
         write_events(pg_engine, outbox_schema, [Event(type="t", key=f"k{i}") for i in range(200)])
-        read = store._claim_prepared
-        lock = store._driver_statements["_lock_claim_keys"]
-        moment = now()
-        given = {
-            "token": uuid.uuid4(),
-            "owner": "t",
-            "limit": 2000,
-            "keyless_limit": 1000,
-            "run_length": 50,
-            "lease_until": moment + dt.timedelta(seconds=30),
-            "now": moment,
-        }
-        # The session's own plan, explained on that session, rolled back.
-        driver = store._local.autocommit.connection.driver_connection
-        script = psycopg.ClientCursor(driver)
-        script.execute("BEGIN")
-        for _, text in store._claim_script(read)[:-1]:
-            script.execute(text, lock.parameters(given))
-        script.execute("EXPLAIN (ANALYZE, FORMAT TEXT) " + read.execute_sql, read.parameters(given))
-        plan = "\n".join(row[0] for row in script.fetchall())
-        script.execute("ROLLBACK")
+        plan = session_plan(store, limit=2000, run_length=50)
         got = by_key(claim(store, limit=2000, run_length=50))
     finally:
         store.close()
@@ -1129,26 +1135,7 @@ def test_the_keyless_lease_reads_only_keyless_rows_past_a_published_history(
     store = Store(pg_engine, outbox_schema, db_timeout=10, keep_connections=True)
     try:
         first = claim(store, limit=20, run_length=5)  # the session makes its plan here
-        read = store._claim_prepared
-        lock = store._driver_statements["_lock_claim_keys"]
-        moment = now()
-        given = {
-            "token": uuid.uuid4(),
-            "owner": "t",
-            "limit": 20,
-            "keyless_limit": 10,
-            "run_length": 5,
-            "lease_until": moment + dt.timedelta(seconds=30),
-            "now": moment,
-        }
-        driver = store._local.autocommit.connection.driver_connection
-        script = psycopg.ClientCursor(driver)
-        script.execute("BEGIN")
-        for _, text in store._claim_script(read)[:-1]:
-            script.execute(text, lock.parameters(given))
-        script.execute("EXPLAIN (ANALYZE, FORMAT TEXT) " + read.execute_sql, read.parameters(given))
-        plan = "\n".join(row[0] for row in script.fetchall())
-        script.execute("ROLLBACK")
+        plan = session_plan(store, limit=20, run_length=5)
     finally:
         store.close()
     assert len(first.events) == 10 and all(e.key is None for e in first.events)

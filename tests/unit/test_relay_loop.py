@@ -18,6 +18,7 @@ import outbox
 from outbox import Event, Outbox
 from relay.errors import DatabaseUnavailableError
 from relay.messages import Outcome, OutgoingMessage
+from relay.records import Claim
 from relay.relay import Relay
 from relay.settings import RelaySettings
 from relay.store import Store
@@ -291,10 +292,11 @@ def test_broker_loss_gives_rows_back_without_spending_attempts(h: Harness) -> No
     assert len(set(ids)) == 6
 
 
-def test_results_of_a_lost_lease_are_fenced_off(h: Harness) -> None:
+def claimed_then_taken_over(h: Harness) -> Claim:
+    """The relay claims and publishes one event of "a"; then another relay takes the key
+    over (as when our lease expired while we were paused)."""
     h.write(*keyed("a", 1))
     h.step()
-    # Another relay takes the key over (our lease expired while we were paused).
     with h.engine.begin() as conn:
         conn.execute(sa.update(h.box.keys).values(available_at=h.clock.now()))
     other = Store(h.engine, h.box, db_timeout=5)
@@ -306,6 +308,11 @@ def test_results_of_a_lost_lease_are_fenced_off(h: Harness) -> None:
         lease_until=h.clock.now() + dt.timedelta(seconds=30),
     )
     assert len(takeover.events) == 1
+    return takeover
+
+
+def test_results_of_a_lost_lease_are_fenced_off(h: Harness) -> None:
+    takeover = claimed_then_taken_over(h)
     h.publisher.settle()
     report = h.relay.run_once(timeout=0)
     assert report.fenced == 1
@@ -321,19 +328,7 @@ def test_results_fenced_off_by_the_final_write_at_stop_are_reported(
     cut while it was frozen) and that is stopped right away records its results in its final
     write at shutdown: those fenced off there are reported like any others (found by the
     SIGSTOP fault test, which then saw none)."""
-    h.write(*keyed("a", 1))
-    h.step()
-    with h.engine.begin() as conn:
-        conn.execute(sa.update(h.box.keys).values(available_at=h.clock.now()))
-    other = Store(h.engine, h.box, db_timeout=5)
-    takeover = other.claim(
-        owner="relay-2",
-        limit=10,
-        run_length=10,
-        now=h.clock.now(),
-        lease_until=h.clock.now() + dt.timedelta(seconds=30),
-    )
-    assert len(takeover.events) == 1
+    claimed_then_taken_over(h)
     real = h.store.mark_published
     calls = {"failing": 1}
 
