@@ -292,6 +292,22 @@ def test_broker_loss_gives_rows_back_without_spending_attempts(h: Harness) -> No
     assert len(set(ids)) == 6
 
 
+def failing_marks(h: Harness, times: int) -> dict[str, int]:
+    """The store's next `times` marks of published rows fail as an outage would; the
+    returned count says how many failures are left."""
+    real = h.store.mark_published
+    calls = {"failing": times}
+
+    def flaky(*args: object, **kwargs: object) -> int:
+        if calls["failing"]:
+            calls["failing"] -= 1
+            raise DatabaseUnavailableError("database unavailable: connection refused")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    h.store.mark_published = flaky  # type: ignore[method-assign]
+    return calls
+
+
 def claimed_then_taken_over(h: Harness) -> Claim:
     """The relay claims and publishes one event of "a"; then another relay takes the key
     over (as when our lease expired while we were paused)."""
@@ -329,16 +345,7 @@ def test_results_fenced_off_by_the_final_write_at_stop_are_reported(
     write at shutdown: those fenced off there are reported like any others (found by the
     SIGSTOP fault test, which then saw none)."""
     claimed_then_taken_over(h)
-    real = h.store.mark_published
-    calls = {"failing": 1}
-
-    def once_down(*args: object, **kwargs: object) -> int:
-        if calls["failing"]:
-            calls["failing"] -= 1
-            raise DatabaseUnavailableError("database unavailable: server closed the connection")
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    h.store.mark_published = once_down  # type: ignore[method-assign]
+    calls = failing_marks(h, 1)
     h.publisher.settle()
     h.relay.run_once(timeout=0)  # the write fails: the database is down, results kept
     assert calls["failing"] == 0
@@ -423,16 +430,7 @@ def test_published_rows_are_purged_after_retention(tmp_path: Path) -> None:
 
 def test_database_outage_keeps_results_and_writes_them_once_it_is_back(h: Harness) -> None:
     h.write(*keyed("a", 2), *keyed("b", 2))
-    real = h.store.mark_published
-    calls = {"failing": 3}
-
-    def flaky(*args: object, **kwargs: object) -> int:
-        if calls["failing"]:
-            calls["failing"] -= 1
-            raise DatabaseUnavailableError("database unavailable: connection refused")
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    h.store.mark_published = flaky  # type: ignore[method-assign]
+    calls = failing_marks(h, 3)
     h.step()
     h.publisher.settle()  # a1 and b1 confirmed; writing them fails for a while
     for _ in range(5):
