@@ -195,7 +195,18 @@ def fault_duplicates_problem(
         if count > f.allowed
     ]
     if unexplained:
-        over.append(f"{unexplained} redeliveries after no fault")
+        # Times relative to the first fault, with every fault's span: enough to tell a late
+        # stamp from a relay that sent a message twice on its own.
+        origin = ordered[0].at if ordered else 0.0
+        spans = ", ".join(
+            f"{f.at - origin:.2f}" + ("" if f.until is None else f"..{f.until - origin:.2f}")
+            for f in ordered
+        )
+        seen = "; ".join(
+            f"{r.message_id} at {r.before - origin:.2f} and {r.at - origin:.2f}"
+            for r in unexplained[:5]
+        )
+        over.append(f"{len(unexplained)} redeliveries after no fault ({seen}; faults at {spans})")
     return "duplicates over the bound of their fault: " + "; ".join(over) if over else None
 
 

@@ -7,6 +7,7 @@ import time
 
 from tests.faults.invariants import RECOVERY_LIMIT, Fault, ScenarioResult, verify
 from tests.faults.load import Writers
+from tests.faults.observe import Observer
 from tests.faults.rig import Rig
 from tests.faults.runners import RelayProcess
 from tests.support.rabbit import unique_name
@@ -57,9 +58,27 @@ def kill_rounds(
             rig.observer.watch(rng.uniform(0.05, 1.0))
             relay.assert_running()
         finally:
-            kills.append(Fault(time.monotonic(), DUPLICATES_PER_CRASH, "SIGKILL"))
+            killed_at = time.monotonic()
             relay.kill()
+            kills.append(
+                Fault(
+                    killed_at, DUPLICATES_PER_CRASH, "SIGKILL", until=drain_unstamped(rig.observer)
+                )
+            )
     return recoveries, kills
+
+
+def drain_unstamped(observer: Observer) -> float:
+    """Stamp every delivery still on its way, while no relay runs; returns when it is done.
+
+    The observer stamps a delivery when the test thread next looks, and it did not look while
+    it killed the relay: what the dead relay sent just before (or while the kill was under way)
+    would otherwise be stamped once the next relay runs, as if that one had sent it, and its
+    redelivery would look like a duplicate no fault explains. Everything stamped until this
+    returns was sent before the kill, so the kill lasts until then."""
+    while observer.step() > 0:
+        pass
+    return time.monotonic()
 
 
 def sigkill_scenario(rig: Rig, rounds: int, seed: int) -> ScenarioResult:

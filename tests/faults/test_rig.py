@@ -29,8 +29,9 @@ from tests.faults.invariants import (
 )
 from tests.faults.load import Writers
 from tests.faults.observe import Observer
+from tests.faults.processes import drain_unstamped
 from tests.faults.runners import CallGate, HoldPoint
-from tests.support.history import Delivery
+from tests.support.history import ARRIVAL_SLACK, Delivery
 from tests.support.rabbit import QueueTap
 from tests.support.relays import interleaved_events, write_events, written
 
@@ -188,6 +189,29 @@ def test_observer_stamps_arrivals_and_finds_deliveries_after_a_moment(amqp_url: 
         assert [d.message_id for d in observer.deliveries] == ["a", "b", "c", "a"]
         with pytest.raises(AssertionError, match="only 4 of 5"):
             observer.wait_for_count(5, timeout=0.3)
+
+
+def test_a_kill_lasts_until_what_the_dead_relay_sent_is_stamped(amqp_url: str) -> None:
+    """What a relay sent just before its kill is stamped only when the test next looks: a
+    slow kill makes the stamp late, past the slack, and the next relay's redelivery looks
+    unexplained unless the kill lasts until `drain_unstamped` has stamped it."""
+    with QueueTap(amqp_url, prefix="rig-kill") as tap:
+        observer = Observer(tap)
+        _publish(amqp_url, tap.queue, ["a"])  # the dead relay's last message
+        killed_at = time.monotonic()
+        time.sleep(ARRIVAL_SLACK + 0.3)  # the kill and the reaping, while nobody looks
+        until = drain_unstamped(observer)
+        assert observer.count == 1 and observer.arrivals[0] > killed_at + ARRIVAL_SLACK
+        _publish(amqp_url, tap.queue, ["a"])  # the next relay sends it again
+        observer.settle(idle=0.3)
+        deliveries, arrivals = observer.deliveries, observer.arrivals
+    assert len(deliveries) == 2
+    lasting = Fault(killed_at, 1, "SIGKILL", until=until)
+    assert fault_duplicates_problem(deliveries, arrivals, [lasting]) is None
+    instant = Fault(killed_at, 1, "SIGKILL")
+    assert "1 redeliveries after no fault" in str(
+        fault_duplicates_problem(deliveries, arrivals, [instant])
+    )
 
 
 # -- holding a relay's thread --------------------------------------------------------------------

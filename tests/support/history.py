@@ -241,13 +241,22 @@ def check_write_order(
     return lost, reordered
 
 
+@dataclass(frozen=True, slots=True)
+class Redelivery:
+    """A message seen again: when its previous copy arrived, and when this one did."""
+
+    message_id: str
+    before: float
+    at: float
+
+
 def redeliveries_per_fault(
     deliveries: Sequence[Delivery],
     arrivals: Sequence[float],
     faults: Sequence[float],
     *,
     until: Sequence[float] | None = None,
-) -> tuple[list[int], int]:
+) -> tuple[list[int], list[Redelivery]]:
     """Charge every redelivery to the fault that caused it; returns (per fault, unexplained).
 
     A message is delivered again only when a fault cut off the record of its earlier
@@ -269,7 +278,7 @@ def redeliveries_per_fault(
     if len(ends) != len(faults) or any(end < at for at, end in zip(faults, ends, strict=True)):
         raise ValueError("each fault needs an end, at or after its start")
     per_fault = [0] * len(faults)
-    unexplained = 0
+    unexplained: list[Redelivery] = []
     previous: dict[str, float] = {}
     for delivery, at in zip(deliveries, arrivals, strict=True):
         before = previous.get(delivery.message_id)
@@ -281,8 +290,8 @@ def redeliveries_per_fault(
                 if start <= at:
                     per_fault[index] += 1
                     break
-                unexplained += 1
+                unexplained.append(Redelivery(delivery.message_id, before, at))
                 break
         else:
-            unexplained += 1
+            unexplained.append(Redelivery(delivery.message_id, before, at))
     return per_fault, unexplained

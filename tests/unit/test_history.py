@@ -12,6 +12,7 @@ from tests.support.history import (
     ARRIVAL_SLACK,
     Delivery,
     HistoryReport,
+    Redelivery,
     Written,
     check_history,
     check_write_order,
@@ -329,33 +330,39 @@ def test_redelivery_is_charged_to_the_first_fault_after_the_earlier_delivery() -
     )
     # m1 and m2 were out before the fault at 2, m3 before the one at 10: m2's late
     # redelivery still belongs to the first fault, not to the one just before it.
-    assert redeliveries_per_fault(deliveries, arrivals, [2.0, 10.0]) == ([2, 1], 0)
+    assert redeliveries_per_fault(deliveries, arrivals, [2.0, 10.0]) == ([2, 1], [])
 
 
 def test_redelivery_with_no_fault_after_the_earlier_delivery_is_unexplained() -> None:
     deliveries, arrivals = _stamped(("m1", 1.0), ("m1", 1.5), ("m2", 5.0), ("m2", 8.0))
     # m1 again before any fault; m2 again after the last fault, which came before its first.
-    assert redeliveries_per_fault(deliveries, arrivals, [3.0]) == ([0], 2)
+    assert redeliveries_per_fault(deliveries, arrivals, [3.0]) == (
+        [0],
+        [Redelivery("m1", 1.0, 1.5), Redelivery("m2", 5.0, 8.0)],
+    )
 
 
 def test_a_late_stamp_still_counts_as_before_a_fault_within_the_slack() -> None:
     """The observer stamps an arrival up to a step late: a delivery stamped just after a
     fault may have been on its way before it."""
     deliveries, arrivals = _stamped(("m1", 2.0 + ARRIVAL_SLACK / 2), ("m1", 4.0))
-    assert redeliveries_per_fault(deliveries, arrivals, [2.0]) == ([1], 0)
+    assert redeliveries_per_fault(deliveries, arrivals, [2.0]) == ([1], [])
 
 
 def test_third_delivery_is_charged_to_the_fault_after_the_second() -> None:
     deliveries, arrivals = _stamped(("m1", 1.0), ("m1", 3.0), ("m1", 5.0))
-    assert redeliveries_per_fault(deliveries, arrivals, [2.0, 4.0]) == ([1, 1], 0)
+    assert redeliveries_per_fault(deliveries, arrivals, [2.0, 4.0]) == ([1, 1], [])
 
 
 def test_a_fault_that_lasts_covers_earlier_deliveries_that_arrive_while_it_lasts() -> None:
     """A pause from 2 to 6: m1 was on the link when it began and arrived at 3 (past the
     slack), m2 arrived after it ended; m1's redelivery is the pause's, m2's is not."""
     deliveries, arrivals = _stamped(("m1", 3.0), ("m2", 6.8), ("m1", 7.0), ("m2", 7.5))
-    assert redeliveries_per_fault(deliveries, arrivals, [2.0], until=[6.0]) == ([1], 1)
-    assert redeliveries_per_fault(deliveries, arrivals, [2.0]) == ([0], 2)
+    assert redeliveries_per_fault(deliveries, arrivals, [2.0], until=[6.0]) == (
+        [1],
+        [Redelivery("m2", 6.8, 7.5)],
+    )
+    assert len(redeliveries_per_fault(deliveries, arrivals, [2.0])[1]) == 2
 
 
 def test_redeliveries_need_a_stamp_per_delivery_and_ordered_faults() -> None:
