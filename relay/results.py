@@ -56,9 +56,19 @@ class ResultBatch:
     ) -> int:
         """Write every result; returns how many were fenced off (the lease had passed on).
 
-        Order matters: a key is freed only after its events' marks are written, or the next
-        claim of the key would publish them again."""
+        Order matters: a key is freed only with or after its events' marks, or the next claim
+        of the key would publish them again."""
         fenced = 0
+        if self.acked and not self.failures and not self.releases:
+            # The usual batch, confirms and the runs they finished: one write, one round trip.
+            owned, freed = store.mark_and_end_runs(
+                self.acked, self.freed, now=now, delete=delete, relay=relay
+            )
+            fenced += sum(len(seqs) for seqs in self.acked.values()) - owned
+            self.left_claimable = self.left_claimable or freed.kept > 0
+            self.acked.clear()
+            self.freed.clear()
+            return fenced
         if self.acked:
             owned = store.mark_published(self.acked, now=now, delete=delete, relay=relay)
             fenced += sum(len(seqs) for seqs in self.acked.values()) - owned

@@ -21,7 +21,7 @@ import select
 import threading
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 import sqlalchemy as sa
@@ -43,6 +43,17 @@ log = logging.getLogger("relay.store")
 # A claim's locked keys, for its read (`Store._lock_claim_keys`): a transaction-local
 # setting of the claim's session.
 CLAIM_KEYS = "outbox_relay.claim_keys"
+# The keys whose leases a result write ended and whose writers' locks it took, for its
+# deletion of the drained ones (`Store._end_leases_noting_lockable`): likewise.
+DRAINABLE_KEYS = "outbox_relay.drainable_keys"
+
+
+class StepResult(NamedTuple):
+    """What one statement of a script (`Store._script`) gave: its rows (none unless it
+    returns rows) and how many rows it returned or changed."""
+
+    rows: list[Any]
+    rowcount: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,37 +208,22 @@ class Store:
             raise translate_db_error(exc) from exc
 
     @contextlib.contextmanager
-    def _driver(self, *, transaction: bool) -> Iterator[psycopg.Cursor[Any]]:
-        """PostgreSQL: a psycopg cursor on the connection SQLAlchemy would use, for the
-        statements of `relay.driver_sql` (in one transaction, or in autocommit). The same
-        connections, deadlines and error translation as `transaction()` and
-        `_execute_alone()`; only SQLAlchemy's execution layer is left out. Of SQLAlchemy's
-        events, the connection's `commit` still fires (listeners can stop a transaction
-        there, as the fault tests do); its cursor events do not, so SQLAlchemy
-        instrumentation does not see these statements."""
-        role, engine = (
-            ("transactions", self.engine) if transaction else ("autocommit", self._autocommit)
-        )
+    def _driver(self) -> Iterator[psycopg.Cursor[Any]]:
+        """PostgreSQL: a psycopg cursor on the autocommit connection SQLAlchemy would use,
+        for the statements of `relay.driver_sql` and the scripts (`_script`), each its own
+        transaction. The same connections, deadlines and error translation as
+        `_execute_alone()`; only SQLAlchemy's execution layer is left out: its cursor events
+        do not fire, so SQLAlchemy instrumentation does not see these statements
+        (`statement_observers` do)."""
         try:
-            with self._connection(role, engine) as conn, self._deadline(conn):
+            with self._connection("autocommit", self._autocommit) as conn, self._deadline(conn):
                 driver = conn.connection.driver_connection
                 assert isinstance(driver, psycopg.Connection)
-                if transaction:
-                    self.transactions_total += 1
                 try:
                     with driver.cursor() as cursor:
                         yield cursor
-                    if transaction:
-                        if conn.dispatch.commit:  # SQLAlchemy's `commit` event, as it fires it
-                            conn.dispatch.commit(conn)
-                        driver.commit()
                 except psycopg.Error as exc:
                     raise self._driver_error(conn, driver, exc) from exc
-                except BaseException:
-                    if transaction and not driver.closed:
-                        with contextlib.suppress(psycopg.Error):
-                            driver.rollback()
-                    raise
         except sa.exc.DBAPIError as exc:
             raise translate_db_error(exc) from exc
 
@@ -288,8 +284,8 @@ class Store:
                 "_has_ready",
                 "_mark_published",
                 "_delete_published",
-                "_end_leases",
-                "_delete_drained",
+                "_end_leases_noting_lockable",
+                "_delete_drainable",
             )
         }
 
@@ -474,7 +470,7 @@ class Store:
         statement of a session after some commands) prepares it again; a read missing twice
         in a row means prepared statements do not stay with the connection (PgBouncer in
         transaction mode): this store then sends the read itself every time."""
-        with self._driver(transaction=False) as cursor:
+        with self._driver() as cursor:
             conn = cursor.connection
             self.transactions_total += 1
             for attempt in range(3):
@@ -507,25 +503,13 @@ class Store:
     def _run_claim_script(
         self, conn: psycopg.Connection[Any], given: Mapping[str, Any], read: PreparedOnServer | None
     ) -> tuple[list[str], list[Any]]:
-        steps = self._claim_script(read)
         lock = self._driver_statements["_lock_claim_keys"]
         statement = read if read is not None else self._driver_statements["_claim_statement"]
-        values = {**lock.parameters(given), **statement.parameters(given)}
-        sql = ";\n".join(text for _, text in steps)
-        self._sent(conn, sql, statements=len(steps))
-        script = psycopg.ClientCursor(conn)
-        script.execute(sql, values)
-        keys: list[str] = []
-        rows: list[Any] = []
-        for index, (step, _) in enumerate(steps):
-            if index:
-                script.nextset()
-            if step == "lock":
-                locked = script.fetchone()
-                keys = list(locked[0] or []) if locked else []
-            elif step == "read":
-                rows = script.fetchall()
-        return keys, rows
+        values = {"lock": lock.parameters(given), "read": statement.parameters(given)}
+        results = self._script(conn, self._claim_script(read), values)
+        locked = results["lock"].rows
+        keys = list(locked[0][0] or []) if locked else []
+        return keys, results["read"].rows
 
     def _claim_script(self, read: PreparedOnServer | None) -> list[tuple[str, str]]:
         """The claim's statements, named, in the order they run.
@@ -798,7 +782,7 @@ class Store:
     def has_ready(self, now: dt.datetime) -> bool:
         """A cheap look before a claim: is any key ready, or any event without a key?"""
         if self._postgres:
-            with self._driver(transaction=False) as cursor:
+            with self._driver() as cursor:
                 ((ready,),) = self._rows(cursor, "_has_ready", {"now": now})
             return bool(ready)
         return bool(self._execute_alone(self._has_ready, {"now": now}).scalar())
@@ -851,16 +835,24 @@ class Store:
                     for token, seqs in acked.items()
                     if seqs
                 )
-        parameters = {
+        with self._driver() as cursor:
+            return self._count(
+                cursor,
+                "_delete_published" if delete else "_mark_published",
+                self._mark_values(acked, now, relay),
+            )
+
+    @staticmethod
+    def _mark_values(
+        acked: Mapping[uuid.UUID, Collection[int]], now: dt.datetime, relay: str | None
+    ) -> dict[str, Any]:
+        pairs = [(seq, token) for token, seqs in acked.items() for seq in seqs]
+        return {
             "seqs": [seq for seq, _ in pairs],
             "tokens": [token for _, token in pairs],
             "now": now,
             "relay": relay,
         }
-        with self._driver(transaction=False) as cursor:
-            return self._count(
-                cursor, "_delete_published" if delete else "_mark_published", parameters
-            )
 
     def _mark_one(
         self,
@@ -1077,20 +1069,92 @@ class Store:
                     ended += held
                     kept += held - dropped
                 return FreedKeys(ended, kept)
-        pairs = [(key, token) for token, keys in freed.items() for key in keys]
-        with self._driver(transaction=True) as cursor:
-            rows = self._rows(
-                cursor,
-                "_end_leases",
-                {
-                    "keys": [key for key, _ in pairs],
-                    "tokens": [token for _, token in pairs],
-                    "now": now,
-                },
+        with self._driver() as cursor:
+            self.transactions_total += 1
+            results = self._script(cursor.connection, *self._end_runs_steps(freed, now))
+        return self._freed_keys(results)
+
+    def mark_and_end_runs(
+        self,
+        acked: Mapping[uuid.UUID, Collection[int]],
+        freed: Mapping[uuid.UUID, Collection[str]],
+        *,
+        now: dt.datetime,
+        delete: bool,
+        relay: str | None = None,
+    ) -> tuple[int, FreedKeys]:
+        """`mark_published`, then `end_runs`: what a batch of confirms writes. Returns how
+        many rows their claims still owned, and the keys freed.
+
+        On PostgreSQL in one script (one transaction, one round trip; `_script`), the marks
+        first: the keys are freed with their events' marks or not at all, never before
+        them (a claim of a key freed first would publish its events again)."""
+        if not self._postgres or not any(acked.values()) or not any(freed.values()):
+            owned = self.mark_published(acked, now=now, delete=delete, relay=relay)
+            return owned, self.end_runs(freed, now=now)
+        mark = self._driver_statements["_delete_published" if delete else "_mark_published"]
+        steps, values = self._end_runs_steps(freed, now)
+        with self._driver() as cursor:
+            self.transactions_total += 1
+            results = self._script(
+                cursor.connection,
+                [("mark", mark.sql), *steps],
+                {"mark": mark.parameters(self._mark_values(acked, now, relay)), **values},
             )
-            locked = [key for key, writers_locked in rows if writers_locked]
-            drained = self._count(cursor, "_delete_drained", {"keys": locked}) if locked else 0
-            return FreedKeys(len(rows), len(rows) - drained)
+        return results["mark"].rowcount, self._freed_keys(results)
+
+    def _end_runs_steps(
+        self, freed: Mapping[uuid.UUID, Collection[str]], now: dt.datetime
+    ) -> tuple[list[tuple[str, str]], dict[str, dict[str, Any]]]:
+        """PostgreSQL: `end_runs` as two statements of a script (`_script`): end the leases
+        and take the writers' locks it can, then delete the drained keys among those. Each
+        statement of a script takes its own snapshot (READ COMMITTED), so the deletion sees
+        every row committed by writers before their locks were taken, as `_drop_empty_keys`
+        requires; the keys go from the first statement to the second through a
+        transaction-local setting (`DRAINABLE_KEYS`)."""
+        pairs = [(key, token) for token, keys in freed.items() for key in keys]
+        given = {
+            "keys": [key for key, _ in pairs],
+            "tokens": [token for _, token in pairs],
+            "now": now,
+        }
+        end = self._driver_statements["_end_leases_noting_lockable"]
+        delete = self._driver_statements["_delete_drainable"]
+        return (
+            [("end", end.sql), ("delete", delete.sql)],
+            {"end": end.parameters(given), "delete": delete.parameters(given)},
+        )
+
+    @staticmethod
+    def _freed_keys(results: Mapping[str, StepResult]) -> FreedKeys:
+        ended = int(results["end"].rows[0][0])
+        return FreedKeys(ended, ended - results["delete"].rowcount)
+
+    def _script(
+        self,
+        conn: psycopg.Connection[Any],
+        steps: Sequence[tuple[str, str]],
+        values: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, StepResult]:
+        """Send `steps` (named statements) as one query: one implicit transaction, one round
+        trip. Each step is bound on the client with the `values` of its name, if any (each on
+        its own: statements compiled apart may give different values the same name). Returns
+        what each step gave, by name. A failing step fails the query and rolls back every
+        step of it."""
+        results: dict[str, StepResult] = {}
+        with psycopg.ClientCursor(conn) as script:
+            sql = ";\n".join(
+                script.mogrify(text, values[name]) if name in values else text
+                for name, text in steps
+            )
+            self._sent(conn, sql, statements=len(steps))
+            script.execute(sql)
+            for index, (name, _) in enumerate(steps):
+                if index:
+                    script.nextset()
+                rows = script.fetchall() if script.description is not None else []
+                results[name] = StepResult(rows, script.rowcount)
+        return results
 
     @functools.cached_property
     def _end_leases(self) -> sa.Update:
@@ -1124,6 +1188,19 @@ class Store:
             .returning(k.c.key, self._writers_lock.label("writers_locked"))
         )
 
+    @functools.cached_property
+    def _end_leases_noting_lockable(self) -> sa.Select[Any]:
+        """PostgreSQL: `_end_leases`, keeping the keys whose writers' locks it took in the
+        transaction-local setting `DRAINABLE_KEYS` (a text array: any key's characters
+        survive it); returns how many leases it ended."""
+        ended = self._end_leases.cte("ended")
+        lockable = sa.func.array_agg(ended.c.key).filter(ended.c.writers_locked)
+        as_text = sa.func.coalesce(sa.cast(lockable, sa.Text()), sa.literal_column("'{}'"))
+        return sa.select(
+            sa.func.count(),
+            sa.func.set_config(sa.literal_column(f"'{DRAINABLE_KEYS}'"), as_text, sa.true()),
+        ).select_from(ended)
+
     @property
     def _writers_lock(self) -> sa.ColumnElement[bool]:
         """PostgreSQL: try (never wait for) the advisory lock writers of the key row's key hold
@@ -1138,6 +1215,26 @@ class Store:
         """Delete the rows of the parameter `keys` (on PostgreSQL, their writers' locks taken
         by an earlier statement of this transaction) that no pending event and no hold needs;
         returns the keys deleted."""
+        k = self.outbox.keys
+        if self._postgres:
+            of_these = k.c.key == sa.any_(
+                sa.bindparam("keys", type_=postgresql.ARRAY(k.c.key.type))
+            )
+        else:
+            of_these = k.c.key.in_(sa.bindparam("keys", expanding=True))
+        return self._delete_drained_of(of_these)
+
+    @functools.cached_property
+    def _delete_drainable(self) -> ReturningDelete[tuple[str]]:
+        """PostgreSQL: `_delete_drained` of the keys in the setting `DRAINABLE_KEYS`."""
+        k = self.outbox.keys
+        keys = sa.cast(
+            sa.func.current_setting(sa.literal_column(f"'{DRAINABLE_KEYS}'")),
+            postgresql.ARRAY(k.c.key.type),
+        )
+        return self._delete_drained_of(k.c.key == sa.any_(keys))
+
+    def _delete_drained_of(self, of_these: sa.ColumnElement[bool]) -> ReturningDelete[tuple[str]]:
         k, t = self.outbox.keys, self.outbox.events
         # OFFSET 0 keeps the test a probe of each key's pending rows: pulled up into an anti
         # join, it walked the whole index of pending rows once per key whenever statistics
@@ -1146,12 +1243,6 @@ class Store:
         pending = (
             sa.select(sa.literal(1)).where(t.c.key == k.c.key, t.c.status == PENDING).offset(0)
         ).exists()
-        if self._postgres:
-            of_these = k.c.key == sa.any_(
-                sa.bindparam("keys", type_=postgresql.ARRAY(k.c.key.type))
-            )
-        else:
-            of_these = k.c.key.in_(sa.bindparam("keys", expanding=True))
         return sa.delete(k).where(of_these, ~k.c.held, ~pending).returning(k.c.key)
 
     def _free_keys(

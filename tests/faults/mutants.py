@@ -22,7 +22,7 @@ import functools
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -249,15 +249,25 @@ def ignore_claim_tokens(claims: ClaimLog) -> Callable[[Store], None]:
     def mutate(store: Store) -> None:
         claims.spy(store)
         mark, fail, release = store.mark_published, store.record_failures, store.release
+        mark_and_end = store.mark_and_end_runs
 
         def owner(seq: int, token: uuid.UUID) -> uuid.UUID:
             return claims.token(seq) or token
 
-        def mark_published(token: uuid.UUID, seqs: Sequence[int], **kwargs: Any) -> int:
+        def to_owners(acked: Mapping[uuid.UUID, Sequence[int]]) -> dict[uuid.UUID, list[int]]:
             groups: dict[uuid.UUID, list[int]] = defaultdict(list)
-            for seq in seqs:
-                groups[owner(seq, token)].append(seq)
-            return sum(mark(t, group, **kwargs) for t, group in groups.items())
+            for token, seqs in acked.items():
+                for seq in seqs:
+                    groups[owner(seq, token)].append(seq)
+            return groups
+
+        def mark_published(acked: Mapping[uuid.UUID, Sequence[int]], **kwargs: Any) -> int:
+            return mark(to_owners(acked), **kwargs)
+
+        def mark_and_end_runs(
+            acked: Mapping[uuid.UUID, Sequence[int]], freed: Any, **kwargs: Any
+        ) -> Any:
+            return mark_and_end(to_owners(acked), freed, **kwargs)
 
         def record_failures(token: uuid.UUID, failures: Sequence[Any], **kwargs: Any) -> int:
             groups: dict[uuid.UUID, list[Any]] = defaultdict(list)
@@ -272,6 +282,7 @@ def ignore_claim_tokens(claims: ClaimLog) -> Callable[[Store], None]:
             return sum(release(t, group) for t, group in groups.items())
 
         store.mark_published = mark_published  # type: ignore[method-assign,assignment]
+        store.mark_and_end_runs = mark_and_end_runs  # type: ignore[method-assign]
         store.record_failures = record_failures  # type: ignore[method-assign,assignment]
         store.release = release_  # type: ignore[method-assign,assignment]
 

@@ -42,7 +42,7 @@ def test_database_sessions_killed_mid_claim_and_mid_update(rig: Rig) -> None:
     ):
         points: dict[str, HoldPoint | ClaimPause] = {
             "mid-claim": ClaimPause(relay.relay.store, after="read"),
-            "mid-update": HoldPoint.before_statement(relay.relay.store, within="mark_published"),
+            "mid-update": HoldPoint.before_statement(relay.relay.store, within="mark_and_end_runs"),
         }
         try:
             for round_ in range(rounds):
@@ -128,16 +128,16 @@ def test_database_unreachable_then_back(rig: Rig) -> None:
 
 def test_blackholed_database_link_times_out_and_recovers(rig: Rig) -> None:
     """Given writers committing and a relay running, when its database link silently drops
-    every byte for 5 s, starting while the answer to one of its COMMITs is on its way back,
-    then the relay's deadline (db_timeout 2 s) ends every blocked call, it keeps running, and
-    after the link heals it delivers again within seconds: nothing lost, duplicated or
-    reordered.
+    every byte for 5 s, starting while the answer to one of its result writes is on its way
+    back, then the relay's deadline (db_timeout 2 s) ends every blocked call, it keeps
+    running, and after the link heals it delivers again within seconds: nothing lost,
+    duplicated or reordered.
 
-    The moment is chosen, not random: the relay's database thread is held just before a
-    COMMIT, the link is slowed down so that the answer spends 0.5 s in the proxy, and the
-    blackhole starts as soon as the COMMIT has gone upstream. (A blackhole starting anywhere
-    else ends either in a guarded statement, or, for a COMMIT that never arrived, in the
-    server's idle_in_transaction_session_timeout, whose FIN reaches the relay after the heal.)
+    The moment is chosen, not random: the relay's database thread is held just before it
+    sends a write of confirms (one script, one implicit transaction: the server commits it
+    and its answer says so), the link is slowed down so that the answer spends 0.5 s in the
+    proxy, and the blackhole starts as soon as the write has gone upstream. (A blackhole
+    starting anywhere else ends in a guarded statement.)
     """
     settings = rig.settings()
     proxy = rig.pg_proxy
@@ -148,7 +148,7 @@ def test_blackholed_database_link_times_out_and_recovers(rig: Rig) -> None:
         rig.relay(settings) as relay,
     ):
         rig.observer.wait_for_count(300, timeout=30)
-        hold = HoldPoint(relay.relay.store.engine, "commit")
+        hold = HoldPoint.before_statement(relay.relay.store, within="mark_and_end_runs")
         try:
             hold.arm()
             hold.wait_held()

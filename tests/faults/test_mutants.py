@@ -222,7 +222,7 @@ def test_ignoring_the_claim_token_is_caught(rig: Rig, variant: str) -> None:
     )
     b = build_relay_with(b_settings, store=claims.spy)
     a_gate = CallGate(a.store, "record_failures")
-    b_gate = CallGate(b.store, "mark_published")
+    b_gate = CallGate(b.store, "mark_and_end_runs")
     a_gate.arm()
     b_gate.arm()
     try:

@@ -1,7 +1,8 @@
 """Fencing on PostgreSQL: a relay whose lease ran out (paused, partitioned, slow) and was taken
 over cannot change its successor's rows with any of its late result writes.
 
-Why this holds: every result write (`mark_published`, `record_failures`, `release`) and the
+Why this holds: every result write (`mark_published`, `mark_and_end_runs`, `record_failures`,
+`release`) and the
 renewal name the claim token they act for, and a takeover claims the rows under a new token,
 so the old token matches no row any more. Each test here loses a lease the way production
 does (another relay claims once the lease has expired, by the clock passed to `claim`), makes
@@ -48,6 +49,13 @@ LATE_WRITES: dict[str, LateWrite] = {
     "mark_published_and_delete": lambda store, old: store.mark_published(
         {old.token: [e.seq for e in old.events]}, now=NOW, delete=True
     ),
+    # What a batch of confirms writes (one script): the marks, and the runs they finished.
+    "mark_and_end_runs": lambda store, old: store.mark_and_end_runs(
+        {old.token: [e.seq for e in old.events]},
+        {old.token: {e.key for e in old.events if e.key is not None}},
+        now=NOW,
+        delete=False,
+    )[0],
     "record_failures_dead": lambda store, old: store.record_failures(
         old.token,
         [Failure(event=e, error="late", next_attempt_at=None) for e in old.events],

@@ -10,7 +10,6 @@ is quoted by the dialect like any other (mixed case, reserved words).
 from __future__ import annotations
 
 import datetime as dt
-import time
 import uuid
 from typing import Any
 
@@ -22,7 +21,7 @@ from outbox import Event, Outbox
 from relay.driver_sql import DriverStatement
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import Claim
-from relay.store import FreedKeys, Store, create_engine
+from relay.store import FreedKeys, Store
 from tests.support.relays import write_events
 from tests.support.sessions import terminate_pooled_sessions
 
@@ -54,34 +53,79 @@ def test_a_parameter_left_out_is_an_error_not_a_null(
     assert values["lease_token"] is None and isinstance(values["hashtextextended_1"], int)
 
 
-def test_a_failing_statement_leaves_nothing_of_its_transaction(
-    pg_engine: sa.Engine, outbox_schema: Outbox
+class _Failing(DriverStatement):
+    """A statement that fails on the server (division by zero)."""
+
+    def __init__(self) -> None:
+        self.sql = "SELECT 1 / 0"
+        self.columns = ()
+
+    def parameters(self, given: object) -> dict[str, object]:
+        return {}
+
+
+@pytest.mark.parametrize("write", ["end_runs", "mark_and_end_runs"])
+def test_a_failing_step_of_a_write_leaves_nothing_of_it(
+    pg_engine: sa.Engine, outbox_schema: Outbox, write: str
 ) -> None:
-    """free_keys ends leases in its first statement and deletes drained keys in its second:
-    when the second fails, the first is rolled back with it, and the kept connection is
-    replaced for the next call."""
+    """A write of results is one script (one transaction): its leases end in its first
+    statements and drained keys go in its last; when the last fails, the marks and the
+    ended leases are rolled back with it, and the kept connection serves the next call."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
     store = Store(pg_engine, outbox_schema, db_timeout=10, keep_connections=True)
     claimed = claim(store)
-    real = store._driver_statements["_delete_drained"]
+    acked = {claimed.token: [e.seq for e in claimed.events]}
+    freed = {claimed.token: {"k"}}
 
-    class Failing(DriverStatement):
-        def __init__(self) -> None:
-            self.sql = "SELECT 1 / 0"
-            self.columns = ()
+    def run() -> FreedKeys:
+        if write == "end_runs":
+            return store.end_runs(freed, now=now())
+        owned, ended = store.mark_and_end_runs(acked, freed, now=now(), delete=False)
+        assert owned == 1
+        return ended
 
-        def parameters(self, given: object) -> dict[str, object]:
-            return {}
-
-    store._driver_statements["_delete_drained"] = Failing()
+    real = store._driver_statements["_delete_drainable"]
+    store._driver_statements["_delete_drainable"] = _Failing()
     with pytest.raises(sa.exc.DataError):
-        store.free_keys({claimed.token: {"k"}}, now=now())
-    k = outbox_schema.keys
+        run()
+    k, t = outbox_schema.keys, outbox_schema.events
     with pg_engine.connect() as conn:
         assert conn.execute(sa.select(k.c.lease_token)).scalar_one() == claimed.token
-    store._driver_statements["_delete_drained"] = real
-    assert store.free_keys({claimed.token: {"k"}}, now=now()) == 1
+        assert conn.execute(sa.select(t.c.status)).scalar_one() == "pending"
+    store._driver_statements["_delete_drainable"] = real
+    # Without its mark (end_runs alone), the event keeps its key.
+    drained = write == "mark_and_end_runs"
+    assert run() == FreedKeys(ended=1, kept=0 if drained else 1)
+    with pg_engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(k)).scalar() == (not drained)
     store.close()
+
+
+def test_a_write_of_confirms_is_one_query(pg_engine: sa.Engine, outbox_schema: Outbox) -> None:
+    """The marks, the ends of the runs and the deletion of drained keys go to the server as
+    one query: key `a` keeps events (kept), `b` drains (deleted)."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=k) for k in "aab"])
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    moment = now()
+    claimed = store.claim(
+        owner="r", limit=10, run_length=1, lease_until=moment + dt.timedelta(seconds=30), now=moment
+    )
+    sent: list[str] = []
+    store.statement_observers.append(lambda conn, sql: sent.append(sql))
+    owned, freed = store.mark_and_end_runs(
+        {claimed.token: [e.seq for e in claimed.events]},
+        {claimed.token: {"a", "b"}},
+        now=now(),
+        delete=False,
+    )
+    assert (owned, freed) == (2, FreedKeys(ended=2, kept=1))
+    assert len(sent) == 1
+    with pg_engine.connect() as conn:
+        assert conn.execute(sa.select(outbox_schema.keys.c.key)).scalars().all() == ["a"]
+        statuses = conn.execute(
+            sa.select(outbox_schema.events.c.status).order_by(outbox_schema.events.c.seq)
+        )
+        assert statuses.scalars().all() == ["published", "pending", "published"]
 
 
 def test_a_killed_session_reads_as_an_outage_on_every_hot_statement(
@@ -97,6 +141,9 @@ def test_a_killed_session_reads_as_an_outage_on_every_hot_statement(
             {uuid.uuid4(): [1]}, now=now(), delete=False
         ),
         "free_keys": lambda: store.free_keys({uuid.uuid4(): {"k"}}, now=now()),
+        "mark_and_end_runs": lambda: store.mark_and_end_runs(
+            {uuid.uuid4(): [1]}, {uuid.uuid4(): {"k"}}, now=now(), delete=False
+        ),
     }
     try:
         for name, call in calls.items():
@@ -146,42 +193,6 @@ def test_the_driver_connection_is_psycopg(pg_engine: sa.Engine, outbox_schema: O
     """The assumption the driver path stands on: SQLAlchemy's connection wraps psycopg 3."""
     with pg_engine.connect() as conn:
         assert isinstance(conn.connection.driver_connection, psycopg.Connection)
-
-
-@pytest.mark.parametrize("keep", [False, True])
-def test_a_transaction_frozen_past_the_idle_timeout_reads_as_an_outage(
-    pg_url: str, pg_engine: sa.Engine, outbox_schema: Outbox, keep: bool
-) -> None:
-    """The server ends a transaction left idle (a relay frozen between free_keys' two
-    statements): psycopg reports that as an InternalError, not an OperationalError, yet it
-    is a disconnect, and must read as an outage (a fatal error would stop the relay)."""
-    write_events(pg_engine, outbox_schema, [Event(type="t", key="k")])
-    engine = create_engine(
-        pg_url, application_name="t", db_timeout=10, idle_in_transaction_timeout=0.3
-    )
-    store = Store(engine, outbox_schema, db_timeout=10, keep_connections=keep)
-    claimed = claim(store)
-    real = store._driver_statements["_delete_drained"]
-
-    class Frozen(DriverStatement):
-        def __init__(self) -> None:
-            self.sql = real.sql
-            self.columns = real.columns
-
-        def run(self, cursor: psycopg.Cursor[Any], given: Any) -> psycopg.Cursor[Any]:
-            time.sleep(1.0)
-            return real.run(cursor, given)
-
-    store._driver_statements["_delete_drained"] = Frozen()
-    try:
-        with pytest.raises(DatabaseUnavailableError):
-            store.free_keys({claimed.token: {"k"}}, now=now())
-        store._driver_statements["_delete_drained"] = real
-        assert store.free_keys({claimed.token: {"k"}}, now=now()) == 1  # rolled back: held
-        assert [e.key for e in claim(store).events] == ["k"]
-    finally:
-        store.close()
-        engine.dispose()
 
 
 @pytest.mark.parametrize("keep", [False, True])
