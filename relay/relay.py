@@ -154,6 +154,10 @@ class Relay:
         self._published_at: dict[int, float] = {}
         now = self._monotonic()
         self._next_renew = now + settings.lease / 3
+        # When the last renewal that answered was sent: every lease this relay holds runs at
+        # least `lease` past it (claims since run later). Moved on at once while it holds none.
+        self._renewed_at = now
+        self._writing: ResultBatch | None = None  # the results on their way to the database
         self._next_housekeeping = now
         self._next_heartbeat = now
         self._broker_up = False
@@ -455,6 +459,7 @@ class Relay:
         frees_keys = batch.gives_keys_back  # known now: writing empties the batch
 
         def done(fenced: int) -> None:
+            self._writing = None
             self._fenced(fenced)
             if frees_keys and (batch.left_claimable or self.settings.until_empty):
                 # Keys whose runs just ended with events left (or were given back) can be
@@ -462,11 +467,12 @@ class Relay:
                 # done.)
                 self._claims.soon()
 
-        self._database.submit(
-            lambda: self._write(batch),
-            done,
-            on_error=lambda: self._results.put_back(batch),
-        )
+        def failed() -> None:
+            self._writing = None
+            self._results.put_back(batch)
+
+        self._writing = batch
+        self._database.submit(lambda: self._write(batch), done, on_error=failed)
 
     def _write(self, batch: ResultBatch) -> int:
         return batch.write(
@@ -500,10 +506,25 @@ class Relay:
             # and a claim of keys whose leases ran out would take this relay's own keys,
             # fence off their unwritten confirms and publish those events twice.
             and self._database.failures == 0
+            and self._leases_safe()
             and not self._stop_requested.is_set()
             and self.sequencer.queued <= self.settings.batch_size
             and self.sequencer.in_flight < self.settings.max_in_flight
         )
+
+    def _leases_safe(self) -> bool:
+        """Nor while a renewal is overdue (its lane stuck on a slow write, or the renewal
+        itself slow): this relay's own leases may then run out in the database, and a claim
+        of this relay would take its own keys, fence off their unwritten confirms and
+        publish those events twice. Renewals go out every third of the lease and answer in
+        milliseconds, so claims stop only once the last answered one is two thirds of a
+        lease old: a third of a lease before any lease it renewed can run out, as a claim
+        already on its way takes only keys whose leases ran out before it was sent. They go
+        on once a renewal answers (or, holding nothing, is due)."""
+        if self._monotonic() < self._renewed_at + 2 * self.settings.lease / 3:
+            return True
+        # Overdue: safe only while this relay holds no lease that matters.
+        return self._writing is None and not self._results and self.sequencer.idle
 
     def _submit_claim(self) -> None:
         if not (self._claim_possible() and self._claims.due):
@@ -627,13 +648,18 @@ class Relay:
         if now < self._next_renew:
             return
         self._next_renew = now + self.settings.lease / 3
-        tokens = self.sequencer.tokens()
+        # Claims with events here, and claims whose results are still to be written: a
+        # lease that ran out before the write would let a claim (this relay's own, too)
+        # publish the confirmed events again.
+        tokens = self.sequencer.tokens() | self._results.tokens()
         self._forget_finished_claims(tokens)
         if not tokens:
+            self._renewed_at = now
             return
         until = self._clock() + dt.timedelta(seconds=self.settings.lease)
 
         def renewed(held: set[uuid.UUID]) -> None:
+            self._renewed_at = max(self._renewed_at, now)
             for token in tokens:
                 if token not in held:
                     self._lease_lost(token)
@@ -642,13 +668,12 @@ class Relay:
                     # stays given up: its queued events went back.
                     self._lease_deadline[token] = now + self.settings.lease
 
-        keyless = self.sequencer.keyless_seqs()
+        keyless = self.sequencer.keyless_seqs() + self._results.confirmed_seqs()
         self._database.submit(lambda: self.store.renew(tokens, until, keyless=keyless), renewed)
 
     def _forget_finished_claims(self, live: set[uuid.UUID]) -> None:
-        unwritten = self._results.tokens()
         for token in list(self._lease_deadline):
-            if token not in live and token not in unwritten:
+            if token not in live:
                 del self._lease_deadline[token]
 
     def _expire_lost_leases(self) -> None:

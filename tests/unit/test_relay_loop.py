@@ -7,9 +7,10 @@ import json
 import logging
 import random
 import re
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
@@ -969,3 +970,108 @@ def test_a_claim_failed_in_an_outage_claims_again_once_its_lane_is_back(tmp_path
         while writes.jobs:
             turn(writes)
     assert waited < 10, f"the claim for b0 went out {waited} s after the outage"
+
+
+def test_no_claim_takes_this_relays_own_keys_while_its_write_is_stuck(tmp_path: Path) -> None:
+    """a1 is confirmed and its write (the mark, and the end of key a's run) is stuck on the
+    lane, slow but not failing, past the lease: the database then sees key a free. A claim
+    then would take key a back under a new token and publish a1 again (its confirm is not
+    written). Claims stop while the renewal is overdue (b's, before, still goes out); once
+    the write lands and a renewal answers, they go on, and each event was published once
+    (found by review)."""
+    h = Harness(tmp_path, worker=ManualWorker, lease=3.0)
+    writes, claims = _started(h)
+
+    def turn(worker: ManualWorker) -> None:
+        worker.run_jobs()
+        worker.deliver()
+        h.step()
+
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    turn(claims)  # a1 claimed and published
+    h.publisher.settle()
+    h.step()  # a1 confirmed: its write goes out and gets stuck
+    assert writes.jobs, "the write is on its way"
+    h.write(*keyed("a", 1), *keyed("b", 1))
+    for _ in range(8):  # 4 s: past the lease, which the database now sees over
+        h.clock.advance(0.5)
+        h.relay.wake()
+        h.step()
+        turn(claims)
+        h.publisher.settle()
+        h.step()
+    published = [m.message_id for m in h.publisher.published]
+    assert len(published) == len(set(published)) == 2  # a1, and b1 before the renewal was due
+    assert not claims.jobs, "no claim while the renewal is overdue"
+    for _ in range(6):  # the write lands, a renewal answers, claims go on
+        turn(writes)
+        h.relay.wake()
+        turn(claims)
+        h.publisher.settle()
+        h.step()
+    published = [m.message_id for m in h.publisher.published]
+    assert len(published) == len(set(published)) == 3
+    assert [r.status for r in h.rows()] == ["published"] * 3
+
+
+def test_claims_go_on_while_a_stuck_lane_holds_nothing_of_this_relay(tmp_path: Path) -> None:
+    """The other lane stuck on housekeeping (the first heartbeat, never answered) and nothing
+    held here: no lease can run out, and claims go on."""
+    h = Harness(tmp_path, worker=ManualWorker, lease=3.0)
+    writes, claims = h.workers  # type: ignore[misc]
+    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    h.relay.wake()
+    h.step()
+    claims.run_jobs()  # the first claim finds nothing
+    claims.deliver()
+    h.step()
+    assert writes.jobs
+    h.clock.advance(10)
+    h.write(*keyed("a", 1))
+    for _ in range(3):
+        h.relay.wake()
+        h.step()
+        claims.run_jobs()
+        claims.deliver()
+        h.step()
+    assert len(h.publisher.published) == 1
+    assert writes.jobs, "the heartbeat is still on its way"
+
+
+def test_a_renewal_keeps_the_leases_of_claims_whose_confirms_are_not_yet_written(
+    tmp_path: Path,
+) -> None:
+    """Both events of claim T confirmed while the other lane is busy: T has nothing left in
+    flight, but its confirms are still to be written. The renewal that goes out first must
+    renew T's leases, or they could run out before the write (and a claim, this relay's
+    own too, publish the events again)."""
+    h = Harness(tmp_path, worker=ManualWorker, lease=3.0)
+    writes, claims = h.workers  # type: ignore[misc]
+    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    renewed: list[set[uuid.UUID]] = []
+    real_renew = h.store.renew
+
+    def renew(tokens: Collection[uuid.UUID], *args: Any, **kwargs: Any) -> set[uuid.UUID]:
+        renewed.append(set(tokens))
+        return real_renew(tokens, *args, **kwargs)
+
+    h.store.renew = renew  # type: ignore[method-assign]
+    h.write(*keyed("a", 1), *keyed("b", 1))
+    h.relay.wake()
+    h.step()  # the first heartbeat goes out (and waits), and a claim
+    claims.run_jobs()
+    claims.deliver()
+    h.step()
+    assert len(h.publisher.published) == 2
+    (token,) = {k.lease_token for k in h.key_rows()}
+    h.publisher.settle()
+    h.step()  # both confirmed; their write waits for the lane
+    assert h.relay.sequencer.idle
+    h.clock.advance(1.1)  # a renewal is due
+    writes.run_jobs()  # the heartbeat answers
+    writes.deliver()
+    h.step()  # the lane is open: the renewal goes first
+    writes.run_jobs()
+    assert renewed and token in renewed[0]
