@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 
 from tests.faults.invariants import RECOVERY_LIMIT, Fault, ScenarioResult, verify
@@ -27,6 +28,21 @@ PROCESS_OPTIONS = (
 # it: the messages waiting for their confirm, and confirmed results not yet written (they are
 # written in batches of up to BATCH_SIZE).
 DUPLICATES_PER_CRASH = MAX_IN_FLIGHT + BATCH_SIZE
+# What a relay says when results it wrote were fenced off, and when queued events' lease ran
+# out before they went out: in a scenario's notes, they tell a relay's own lease losses from
+# the faults the test made.
+FENCED = re.compile(r"(\d+) results were not recorded: the lease had passed to another relay")
+EXPIRED = re.compile(r"lease of (\d+) queued events ran out before they were published")
+
+
+def lease_notes(outputs: list[str]) -> str:
+    fenced = sum(int(n) for output in outputs for n in FENCED.findall(output))
+    expired = sum(int(n) for output in outputs for n in EXPIRED.findall(output))
+    return f"results fenced off={fenced}, queued given up at lease end={expired}"
+
+
+# After a kill, nothing arriving for this long means the dead relay's last messages are in.
+QUIET = 0.25
 
 
 def start_relay(rig: Rig, prefix: str = "relay", *, amqp_url: str | None = None) -> RelayProcess:
@@ -42,12 +58,13 @@ def start_relay(rig: Rig, prefix: str = "relay", *, amqp_url: str | None = None)
 
 def kill_rounds(
     rig: Rig, rounds: int, rng: random.Random
-) -> tuple[list[float | None], list[Fault]]:
+) -> tuple[list[float | None], list[Fault], list[str]]:
     """Start a relay, let it deliver for a random moment, SIGKILL it; `rounds` times.
-    Returns, per round, the seconds from the start to the new relay's first delivery, and
-    the kills (each may duplicate at most `DUPLICATES_PER_CRASH`)."""
+    Returns, per round, the seconds from the start to the new relay's first delivery, the
+    kills (each may duplicate at most `DUPLICATES_PER_CRASH`) and what each relay printed."""
     recoveries: list[float | None] = []
     kills: list[Fault] = []
+    outputs: list[str] = []
     for _ in range(rounds):
         relay = start_relay(rig, "killed")
         try:
@@ -65,7 +82,8 @@ def kill_rounds(
                     killed_at, DUPLICATES_PER_CRASH, "SIGKILL", until=drain_unstamped(rig.observer)
                 )
             )
-    return recoveries, kills
+            outputs.append(relay.output)
+    return recoveries, kills, outputs
 
 
 def drain_unstamped(observer: Observer) -> float:
@@ -76,7 +94,7 @@ def drain_unstamped(observer: Observer) -> float:
     would otherwise be stamped once the next relay runs, as if that one had sent it, and its
     redelivery would look like a duplicate no fault explains. Everything stamped until this
     returns was sent before the kill, so the kill lasts until then."""
-    while observer.step() > 0:
+    while observer.step(QUIET) > 0:
         pass
     return time.monotonic()
 
@@ -87,7 +105,7 @@ def sigkill_scenario(rig: Rig, rounds: int, seed: int) -> ScenarioResult:
     with Writers(
         rig.engine, rig.box, total=10**9, keys=50, rate=250, rollback_share=0.1, seed=seed
     ) as writers:
-        recoveries, kills = kill_rounds(rig, rounds, rng)
+        recoveries, kills, outputs = kill_rounds(rig, rounds, rng)
         writers.stop()
     final = start_relay(rig, "final")
     try:
@@ -108,5 +126,5 @@ def sigkill_scenario(rig: Rig, rounds: int, seed: int) -> ScenarioResult:
         write_log=writers.log,
         faults=kills,
         arrivals=rig.observer.arrivals,
-        notes=f"seed={seed}",
+        notes=f"seed={seed}, {lease_notes([*outputs, final.output])}",
     )

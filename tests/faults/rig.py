@@ -4,6 +4,7 @@ real broker, an observer of arrivals, and the report of the scenario's figures."
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -91,8 +92,25 @@ class Rig:
         already held, "the next delivery" proves nothing; this one needs a claim after the
         fault and a publish on a working connection."""
         probe = Event(type="order.probe", key=unique_name("probe"))
-        write_events(self.engine, self.box, [probe])
-        return self.observer.seconds_until_delivered(str(probe.id), since, timeout)
+        # Committed on another thread while this one keeps stamping deliveries: stamps held
+        # back by the commit would make what the relay sent before the fault look as if it
+        # came after, and its redelivery look unexplained.
+        failed: list[BaseException] = []
+
+        def commit() -> None:
+            try:
+                write_events(self.engine, self.box, [probe])
+            except BaseException as exc:  # raised again in the test thread
+                failed.append(exc)
+
+        writer = threading.Thread(target=commit, name="probe-writer", daemon=True)
+        writer.start()
+        try:
+            return self.observer.seconds_until_delivered(str(probe.id), since, timeout)
+        finally:
+            writer.join(timeout)
+            if failed:
+                raise failed[0]
 
     def record_stuck(self, scenario: str, notes: str) -> None:
         """Record a scenario that could not finish (the relay stopped making progress)."""
