@@ -154,10 +154,12 @@ class Relay:
         self._published_at: dict[int, float] = {}
         now = self._monotonic()
         self._next_renew = now + settings.lease / 3
-        # When the last renewal that answered was sent: every lease this relay holds runs at
-        # least `lease` past it (claims since run later). Moved on at once while it holds none.
+        # Every lease this relay holds runs at least `lease` past this: when the last renewal
+        # that answered was sent, or the claim on its way then, if earlier (claims sent since
+        # run later). Moved on at once while the relay holds nothing.
         self._renewed_at = now
         self._writing: ResultBatch | None = None  # the results on their way to the database
+        self._claim_sent_at: float | None = None  # the claim on its way, when it was sent
         self._next_housekeeping = now
         self._next_heartbeat = now
         self._broker_up = False
@@ -554,15 +556,19 @@ class Relay:
             finally:
                 trace.answered_at = self._monotonic()
 
-        # A failed claim claims again once its lane is back (its lane's retry time governs),
-        # not a poll interval later: the NOTIFY that asked for it was spent on it.
+        def failed() -> None:
+            self._claim_sent_at = None
+            # A failed claim claims again once its lane is back (its lane's retry time
+            # governs), not a poll interval later: the NOTIFY that asked for it was spent.
+            self._claims.soon()
+
+        self._claim_sent_at = started
         self._claim_lane.submit(
-            claim,
-            lambda claim: self._claimed(claim, started, ticket, trace),
-            on_error=self._claims.soon,
+            claim, lambda claim: self._claimed(claim, started, ticket, trace), on_error=failed
         )
 
     def _claimed(self, claim: Claim, started: float, ticket: int, trace: ClaimTrace) -> None:
+        self._claim_sent_at = None
         trace.delivered_at = self._monotonic()
         count = len(claim.events)
         self._claims.finished(ticket, count=count, full=count >= self.settings.batch_size)
@@ -653,13 +659,15 @@ class Relay:
         # publish the confirmed events again.
         tokens = self.sequencer.tokens() | self._results.tokens()
         self._forget_finished_claims(tokens)
+        # A claim on its way is not renewed here: its leases run from when it was sent.
+        floor = now if self._claim_sent_at is None else min(now, self._claim_sent_at)
         if not tokens:
-            self._renewed_at = now
+            self._renewed_at = floor
             return
         until = self._clock() + dt.timedelta(seconds=self.settings.lease)
 
         def renewed(held: set[uuid.UUID]) -> None:
-            self._renewed_at = max(self._renewed_at, now)
+            self._renewed_at = max(self._renewed_at, floor)
             for token in tokens:
                 if token not in held:
                     self._lease_lost(token)
