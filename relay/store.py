@@ -78,7 +78,8 @@ def create_engine(
         # The relay's transactions are never idle for more than moments. One that is (its
         # relay froze between two of its statements) keeps the keys it locked, and the
         # writers' locks of keys it was removing: the server ends it after this long. (A
-        # claim is one round trip: the server never waits for the relay inside it.)
+        # claim, and a write of confirms, is one round trip: the server never waits for the
+        # relay inside it.)
         idle_ms = int((idle_in_transaction_timeout or 2 * db_timeout) * 1000)
         return sa.create_engine(
             sa_url,
@@ -103,9 +104,13 @@ def create_engine(
                 # status is a parameter). Plans see the values, at the cost of planning.
                 # The claim's read is the one exception, written for its generic plan
                 # (`Store._claim_script`).
+                # default_transaction_isolation: the claim and the writes of results rely on
+                # each statement of a transaction taking its own snapshot (READ COMMITTED),
+                # whatever default the database or role sets.
                 "options": f"-c statement_timeout={timeout_ms} "
                 f"-c idle_in_transaction_session_timeout={idle_ms} "
-                "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan",
+                "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan "
+                "-c default_transaction_isolation=read\\ committed",
                 "keepalives": 1,
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
@@ -830,11 +835,7 @@ class Store:
             return 0
         if not self._postgres:
             with self.transaction() as conn:
-                return sum(
-                    int(conn.execute(self._mark_one(token, seqs, now, delete, relay)).rowcount)
-                    for token, seqs in acked.items()
-                    if seqs
-                )
+                return self._mark_sqlite(conn, acked, now, delete, relay)
         with self._driver() as cursor:
             return self._count(
                 cursor,
@@ -853,6 +854,30 @@ class Store:
             "now": now,
             "relay": relay,
         }
+
+    def _mark_sqlite(
+        self,
+        conn: Connection,
+        acked: Mapping[uuid.UUID, Collection[int]],
+        now: dt.datetime,
+        delete: bool,
+        relay: str | None,
+    ) -> int:
+        return sum(
+            int(conn.execute(self._mark_one(token, seqs, now, delete, relay)).rowcount)
+            for token, seqs in acked.items()
+            if seqs
+        )
+
+    def _end_runs_sqlite(
+        self, conn: Connection, freed: Mapping[uuid.UUID, Collection[str]], now: dt.datetime
+    ) -> FreedKeys:
+        ended = kept = 0
+        for token, keys in freed.items():
+            held, dropped = self._free_keys(conn, token, keys, now=now)
+            ended += held
+            kept += held - dropped
+        return FreedKeys(ended, kept)
 
     def _mark_one(
         self,
@@ -1063,12 +1088,7 @@ class Store:
             return FreedKeys(0, 0)
         if not self._postgres:
             with self.transaction() as conn:
-                ended = kept = 0
-                for token, keys in freed.items():
-                    held, dropped = self._free_keys(conn, token, keys, now=now)
-                    ended += held
-                    kept += held - dropped
-                return FreedKeys(ended, kept)
+                return self._end_runs_sqlite(conn, freed, now)
         with self._driver() as cursor:
             self.transactions_total += 1
             results = self._script(cursor.connection, *self._end_runs_steps(freed, now))
@@ -1083,15 +1103,20 @@ class Store:
         delete: bool,
         relay: str | None = None,
     ) -> tuple[int, FreedKeys]:
-        """`mark_published`, then `end_runs`: what a batch of confirms writes. Returns how
-        many rows their claims still owned, and the keys freed.
+        """`mark_published`, then `end_runs`, in one transaction: what a batch of confirms
+        writes. Returns how many rows their claims still owned, and the keys freed.
 
-        On PostgreSQL in one script (one transaction, one round trip; `_script`), the marks
-        first: the keys are freed with their events' marks or not at all, never before
-        them (a claim of a key freed first would publish its events again)."""
-        if not self._postgres or not any(acked.values()) or not any(freed.values()):
+        The keys are freed with their events' marks or not at all, never before them (a
+        claim of a key freed first would publish its events again), and a failed write
+        leaves nothing to mark again (which would read as marks fenced off). On PostgreSQL
+        one script (one round trip; `_script`), the marks first."""
+        if not any(acked.values()) or not any(freed.values()):
             owned = self.mark_published(acked, now=now, delete=delete, relay=relay)
             return owned, self.end_runs(freed, now=now)
+        if not self._postgres:
+            with self.transaction() as conn:
+                owned = self._mark_sqlite(conn, acked, now, delete, relay)
+                return owned, self._end_runs_sqlite(conn, freed, now)
         mark = self._driver_statements["_delete_published" if delete else "_mark_published"]
         steps, values = self._end_runs_steps(freed, now)
         with self._driver() as cursor:

@@ -21,7 +21,7 @@ from outbox import Event, Outbox
 from relay.driver_sql import DriverStatement
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import Claim
-from relay.store import FreedKeys, Store
+from relay.store import FreedKeys, Store, create_engine
 from tests.support.relays import write_events
 from tests.support.sessions import terminate_pooled_sessions
 
@@ -261,3 +261,34 @@ def test_ending_runs_tells_the_keys_kept_from_the_drained(
     assert store.end_runs({claimed.token: {"a", "b"}}, now=now()) == FreedKeys(ended=2, kept=1)
     with pg_engine.connect() as conn:
         assert conn.execute(sa.select(outbox_schema.keys.c.key)).scalars().all() == ["a"]
+
+
+def test_the_relays_sessions_read_committed_whatever_the_databases_default(pg_url: str) -> None:
+    """The claim and the writes of results rely on each statement of a transaction taking
+    its own snapshot (READ COMMITTED): under a database default of REPEATABLE READ, a
+    writer's event committed during a write of confirms lost its key row and was stranded
+    (found by review). The relay's sessions set their own default."""
+    name = f"outbox_rr_{uuid.uuid4().hex[:8]}"
+    admin = sa.make_url(pg_url).set(drivername="postgresql", database="postgres")
+    conninfo = admin.render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(
+            f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'"
+        )
+    engine = create_engine(
+        sa.make_url(pg_url).set(database=name).render_as_string(hide_password=False),
+        application_name="outbox-relay:test",
+        db_timeout=10,
+    )
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "read committed"
+        plain = sa.create_engine(sa.make_url(pg_url).set(database=name))
+        with plain.connect() as conn:  # the database's own default, for any other session
+            assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "repeatable read"
+        plain.dispose()
+    finally:
+        engine.dispose()
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}"')

@@ -22,7 +22,7 @@ from relay.messages import Outcome, OutgoingMessage
 from relay.records import Claim
 from relay.relay import Relay
 from relay.settings import RelaySettings
-from relay.store import Store
+from relay.store import FreedKeys, Store
 from relay.worker import Completion, Done, InlineWorker, Worker
 
 from .fakes import FakePublisher
@@ -1075,3 +1075,69 @@ def test_a_renewal_keeps_the_leases_of_claims_whose_confirms_are_not_yet_written
     h.step()  # the lane is open: the renewal goes first
     writes.run_jobs()
     assert renewed and token in renewed[0]
+
+
+def test_a_claim_on_its_way_during_a_renewal_still_counts_from_when_it_was_sent(
+    tmp_path: Path,
+) -> None:
+    """Claim C1 is sent, a renewal goes out before C1 answers (so it cannot renew C1's
+    leases, which run from C1's sending), then a0's write gets stuck: claims must stop a
+    third of a lease before C1's leases can run out, not counting from the renewal (found
+    by review: a0 went out twice)."""
+    h = Harness(tmp_path, worker=ManualWorker, lease=3.0)
+    writes, claims = h.workers  # type: ignore[misc]
+    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()  # the first heartbeat, and claim C1 sent
+    assert claims.jobs
+    writes.run_jobs()
+    writes.deliver()
+    h.step()
+    h.clock.advance(1.2)
+    h.step()  # a renewal is due while C1 is on its way
+    claims.run_jobs()
+    claims.deliver()
+    h.step()  # C1 answers: a0 published
+    assert len(h.publisher.published) == 1
+    h.publisher.settle()
+    h.step()  # a0 confirmed; its write goes out and is stuck
+    assert writes.jobs
+    for _ in range(19):  # past C1's lease
+        h.clock.advance(0.1)
+        h.relay.wake()
+        h.step()
+        claims.run_jobs()
+        claims.deliver()
+        h.step()
+        h.publisher.settle()
+        h.step()
+    ids = [m.message_id for m in h.publisher.published]
+    assert len(ids) == len(set(ids)) == 1
+
+
+def test_a_write_of_confirms_that_fails_halfway_is_written_again_whole(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Freeing the key fails after the mark, inside the write's transaction: the mark goes
+    with it, the retry writes both, and nothing reads as fenced off (before, the retry
+    marked rows already published and reported them as taken by another relay; found by
+    review)."""
+    real = h.store._end_runs_sqlite
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> FreedKeys:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise DatabaseUnavailableError("database unavailable: connection cut")
+        return real(*args, **kwargs)
+
+    h.store._end_runs_sqlite = flaky  # type: ignore[method-assign]
+    h.write(*keyed("a", 1))
+    for _ in range(40):
+        h.step()
+        h.publisher.settle()
+        h.clock.advance(0.5)
+    assert calls["n"] >= 2
+    assert [r.status for r in h.rows()] == ["published"] and h.key_rows() == []
+    assert h.relay._report.fenced == 0 and "lease had passed" not in caplog.text
