@@ -294,18 +294,22 @@ def test_broker_loss_gives_rows_back_without_spending_attempts(h: Harness) -> No
 
 
 def failing_marks(h: Harness, times: int) -> dict[str, int]:
-    """The store's next `times` marks of published rows fail as an outage would; the
-    returned count says how many failures are left."""
-    real = h.store.mark_published
+    """The store's next `times` writes that mark published rows (alone, or with the runs
+    they end) fail as an outage would; the returned count says how many failures are
+    left."""
     calls = {"failing": times}
 
-    def flaky(*args: object, **kwargs: object) -> int:
-        if calls["failing"]:
-            calls["failing"] -= 1
-            raise DatabaseUnavailableError("database unavailable: connection refused")
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+    def failing(real: Callable[..., Any]) -> Callable[..., Any]:
+        def flaky(*args: object, **kwargs: object) -> Any:
+            if calls["failing"]:
+                calls["failing"] -= 1
+                raise DatabaseUnavailableError("database unavailable: connection refused")
+            return real(*args, **kwargs)
 
-    h.store.mark_published = flaky  # type: ignore[method-assign]
+        return flaky
+
+    h.store.mark_published = failing(h.store.mark_published)  # type: ignore[method-assign]
+    h.store.mark_and_end_runs = failing(h.store.mark_and_end_runs)  # type: ignore[method-assign]
     return calls
 
 
