@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from relay.backoff import backoff_delay
 from relay.claim_pacing import ClaimPacer
@@ -62,6 +62,20 @@ MAX_WAIT = 1.0
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+class Instant(NamedTuple):
+    """A moment on both of the relay's clocks: leases run on the wall clock (the database
+    compares them with it), the loop's deadlines on the monotonic one, and either can jump
+    ahead of the other (a suspended host, a clock set forward)."""
+
+    monotonic: float
+    wall: dt.datetime
+
+    def earliest(self, other: Instant | None) -> Instant:
+        if other is None:
+            return self
+        return Instant(min(self.monotonic, other.monotonic), min(self.wall, other.wall))
 
 
 class Background(Protocol):
@@ -157,9 +171,9 @@ class Relay:
         # Every lease this relay holds runs at least `lease` past this: when the last renewal
         # that answered was sent, or the claim on its way then, if earlier (claims sent since
         # run later). Moved on at once while the relay holds nothing.
-        self._renewed_at = now
+        self._renewed_at = Instant(now, clock())
         self._writing: ResultBatch | None = None  # the results on their way to the database
-        self._claim_sent_at: float | None = None  # the claim on its way, when it was sent
+        self._claim_sent_at: Instant | None = None  # the claim on its way, when it was sent
         self._next_housekeeping = now
         self._next_heartbeat = now
         self._broker_up = False
@@ -229,8 +243,12 @@ class Relay:
         self._stop_requested.set()
         self._give_back(self.sequencer.withdraw())
         deadline = self._monotonic() + self.settings.stop_timeout
-        while self._monotonic() < deadline and (
-            self.sequencer.in_flight or self._results or self._lanes_busy
+        # After a fatal error the loop cannot step (each step raises it again): no waiting,
+        # no final write (it would meet the same error); the leases of what is left expire.
+        while (
+            self._fatal is None
+            and self._monotonic() < deadline
+            and (self.sequencer.in_flight or self._results or self._lanes_busy)
         ):
             if not self.sequencer.in_flight and not self._lanes_busy and self._database.down:
                 break  # only writes remain and the database is down: nothing to wait for
@@ -249,7 +267,13 @@ class Relay:
         self._claim_lane.stop(timeout=self.settings.db_timeout)
         self._collect(0)  # take in what the publisher and the workers still had to say
         try:
-            if not self._database.busy:  # a running write owns its results: leave them to it
+            if self._fatal is not None:
+                if self._results:
+                    log.warning(
+                        "stopping after a fatal error: results not recorded; their events "
+                        "will be published again once their leases expire (same message_id)"
+                    )
+            elif not self._database.busy:  # a running write owns its results: leave them
                 self._fenced(self._write(self._results.take()))
             self.store.unregister(self.settings.name)
         except DatabaseUnavailableError as exc:
@@ -522,8 +546,12 @@ class Relay:
         milliseconds, so claims stop only once the last answered one is two thirds of a
         lease old: a third of a lease before any lease it renewed can run out, as a claim
         already on its way takes only keys whose leases ran out before it was sent. They go
-        on once a renewal answers (or, holding nothing, is due)."""
-        if self._monotonic() < self._renewed_at + 2 * self.settings.lease / 3:
+        on once a renewal answers (or, holding nothing, is due). On both clocks: the wall
+        clock's (the leases') may have moved on more than the loop's."""
+        overdue = 2 * self.settings.lease / 3
+        if self._monotonic() < self._renewed_at.monotonic + overdue and (
+            self._clock() < self._renewed_at.wall + dt.timedelta(seconds=overdue)
+        ):
             return True
         # Overdue: safe only while this relay holds no lease that matters.
         return self._writing is None and not self._results and self.sequencer.idle
@@ -562,7 +590,7 @@ class Relay:
             # governs), not a poll interval later: the NOTIFY that asked for it was spent.
             self._claims.soon()
 
-        self._claim_sent_at = started
+        self._claim_sent_at = Instant(started, now)
         self._claim_lane.submit(
             claim, lambda claim: self._claimed(claim, started, ticket, trace), on_error=failed
         )
@@ -660,14 +688,15 @@ class Relay:
         tokens = self.sequencer.tokens() | self._results.tokens()
         self._forget_finished_claims(tokens)
         # A claim on its way is not renewed here: its leases run from when it was sent.
-        floor = now if self._claim_sent_at is None else min(now, self._claim_sent_at)
+        wall = self._clock()
+        floor = Instant(now, wall).earliest(self._claim_sent_at)
         if not tokens:
             self._renewed_at = floor
             return
-        until = self._clock() + dt.timedelta(seconds=self.settings.lease)
+        until = wall + dt.timedelta(seconds=self.settings.lease)
 
         def renewed(held: set[uuid.UUID]) -> None:
-            self._renewed_at = max(self._renewed_at, floor)
+            self._renewed_at = floor
             for token in tokens:
                 if token not in held:
                     self._lease_lost(token)
@@ -676,7 +705,7 @@ class Relay:
                     # stays given up: its queued events went back.
                     self._lease_deadline[token] = now + self.settings.lease
 
-        keyless = self.sequencer.keyless_seqs() + self._results.confirmed_seqs()
+        keyless = self.sequencer.keyless_seqs() + self._results.unwritten_seqs()
         self._database.submit(lambda: self.store.renew(tokens, until, keyless=keyless), renewed)
 
     def _forget_finished_claims(self, live: set[uuid.UUID]) -> None:

@@ -135,10 +135,12 @@ class PendingResults:
         """Claims with confirms or failures still to write (their leases still matter)."""
         return set(self._batch.acked) | set(self._batch.failures) | set(self._batch.freed)
 
-    def confirmed_seqs(self) -> list[int]:
-        """The rows of the confirms still to write (those without a key carry their own
-        lease, which must last until the write)."""
-        return [seq for seqs in self._batch.acked.values() for seq in seqs]
+    def unwritten_seqs(self) -> list[int]:
+        """The rows of the confirms and failures still to write (those without a key carry
+        their own lease, which must last until the write)."""
+        seqs = [seq for seqs in self._batch.acked.values() for seq in seqs]
+        seqs.extend(f.event.seq for failures in self._batch.failures.values() for f in failures)
+        return seqs
 
     def due(self, *, stopping: bool) -> bool:
         """Write now? Failures, give-backs and finished runs at once; confirms in batches."""

@@ -1145,3 +1145,111 @@ def test_a_write_of_confirms_that_fails_halfway_is_written_again_whole(
     assert calls["n"] >= 2
     assert [r.status for r in h.rows()] == ["published"] and h.key_rows() == []
     assert h.relay._report.fenced == 0 and "lease had passed" not in caplog.text
+
+
+def _turn(h: Harness, worker: ManualWorker) -> None:
+    """Run the worker's jobs, failing as the store fails, and hand their answers back."""
+    while worker.jobs:
+        job, done = worker.jobs.pop(0)
+        try:
+            worker.finished.append(Completion(done, job(), None))
+        except Exception as exc:
+            worker.finished.append(Completion(done, None, exc))
+    worker.deliver()
+    h.step()
+
+
+def test_no_claim_takes_this_relays_own_keys_after_the_wall_clock_jumps(tmp_path: Path) -> None:
+    """Leases run on the wall clock, the loop's deadlines on the monotonic one: with a1's
+    write on its way, the wall clock jumps past the lease (a suspended host: the monotonic
+    clock stops, the wall clock does not). No claim may then take key a back and publish
+    a1 again (found by review)."""
+    h = Harness(tmp_path, worker=ManualWorker, lease=3.0)
+    writes, claims = h.workers  # type: ignore[misc]
+    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    h.relay.wake()
+    h.step()
+    _turn(h, writes)  # the first heartbeat
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # a1 claimed and published
+    h.publisher.settle()
+    h.step()  # a1 confirmed: its write is on its way
+    assert writes.jobs
+    h.clock.wall += dt.timedelta(seconds=3.5)
+    for _ in range(3):
+        h.relay.wake()
+        h.step()
+        _turn(h, claims)
+        h.publisher.settle()
+        h.step()
+    ids = [m.message_id for m in h.publisher.published]
+    assert len(ids) == len(set(ids)) == 1
+
+
+def test_a_renewal_keeps_the_row_of_a_keyless_failure_not_yet_written(tmp_path: Path) -> None:
+    """A keyless event refused (to be retried in a minute) whose failure cannot be written
+    for a while, renewals answering meanwhile: they must renew its row, or its lease runs
+    out and this relay's own claim takes it back and publishes it long before its retry
+    time, its attempt not counted (found by review)."""
+    h = Harness(tmp_path, worker=ManualWorker, lease=3.0, retry_min=60, retry_max=60)
+    writes, claims = h.workers  # type: ignore[misc]
+    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    real_record = h.store.record_failures
+    failing = {"on": True}
+
+    def record_failures(*args: Any, **kwargs: Any) -> int:
+        if failing["on"]:
+            raise DatabaseUnavailableError("database unavailable: lock timeout")
+        return real_record(*args, **kwargs)
+
+    h.store.record_failures = record_failures  # type: ignore[method-assign]
+    h.relay.wake()
+    h.step()
+    _turn(h, writes)
+    h.write(Event(type="t", key=None, payload={"n": 1}))
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)
+    assert len(h.publisher.published) == 1
+    h.publisher.decide = lambda m: Outcome.REJECTED  # type: ignore[method-assign]
+    h.publisher.settle()
+    h.publisher.decide = lambda m: Outcome.CONFIRMED  # type: ignore[method-assign]
+    h.step()
+    for _ in range(60):  # 6 s, twice the lease
+        h.clock.advance(0.1)
+        h.relay.wake()
+        h.step()
+        _turn(h, writes)  # renewals answer, the failure's write fails
+        _turn(h, claims)
+    assert len(h.publisher.published) == 1, "published again before its retry time"
+    failing["on"] = False
+    for _ in range(5):
+        h.clock.advance(0.5)
+        h.step()
+        _turn(h, writes)
+    (row,) = h.rows()
+    assert row.attempts == 1 and row.status == "pending"
+
+
+def test_a_fatal_error_still_stops_the_broker_connection_and_closes_the_store(
+    tmp_path: Path,
+) -> None:
+    """A result write that fails with an error no retry can fix is fatal: the relay stops.
+    Its shutdown must not step the loop (each step raises the error again) and must still
+    close what it opened (found by review: publisher, lanes and store were left open)."""
+    h = Harness(tmp_path)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    h.store.mark_and_end_runs = broken  # type: ignore[method-assign]
+    h.write(*keyed("a", 1))
+    h.step()
+    h.publisher.settle()
+    with pytest.raises(RuntimeError, match="a bug"):
+        for _ in range(5):
+            h.step()
+    h.relay.shutdown()
+    assert h.publisher.stopped
