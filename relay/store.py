@@ -44,6 +44,10 @@ log = logging.getLogger("relay.store")
 # setting of the claim's session.
 CLAIM_KEYS = "outbox_relay.claim_keys"
 TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
+# A script's first statement: each of its statements takes its own snapshot, which the
+# claim and the writes of results rely on (see `_drop_empty_keys`), whatever default the
+# database or role sets. (Also where the connection cannot carry options: PgBouncer.)
+READ_COMMITTED = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
 # The keys whose leases a result write ended and whose writers' locks it took, for its
 # deletion of the drained ones (`Store._end_leases_noting_lockable`): likewise.
 DRAINABLE_KEYS = "outbox_relay.drainable_keys"
@@ -84,6 +88,10 @@ def create_engine(
         idle_ms = int((idle_in_transaction_timeout or 2 * db_timeout) * 1000)
         return sa.create_engine(
             sa_url,
+            # The claim and the writes of results rely on each statement of a transaction
+            # taking its own snapshot, whatever default the database or role sets (scripts
+            # set it themselves: `Store._script`).
+            isolation_level="READ COMMITTED",
             # The daemon's two database lanes keep two connections each (one for
             # transactions, one in autocommit); the metrics' gauge reads and the loop's final
             # writes at shutdown take the rest.
@@ -105,13 +113,9 @@ def create_engine(
                 # status is a parameter). Plans see the values, at the cost of planning.
                 # The claim's read is the one exception, written for its generic plan
                 # (`Store._claim_script`).
-                # default_transaction_isolation: the claim and the writes of results rely on
-                # each statement of a transaction taking its own snapshot (READ COMMITTED),
-                # whatever default the database or role sets.
                 "options": f"-c statement_timeout={timeout_ms} "
                 f"-c idle_in_transaction_session_timeout={idle_ms} "
-                "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan "
-                "-c default_transaction_isolation=read\\ committed",
+                "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan",
                 "keepalives": 1,
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
@@ -1170,14 +1174,18 @@ class Store:
         results: dict[str, StepResult] = {}
         with psycopg.ClientCursor(conn) as script:
             sql = ";\n".join(
-                script.mogrify(text, values[name]) if name in values else text
-                for name, text in steps
+                [
+                    READ_COMMITTED,
+                    *(
+                        script.mogrify(text, values[name]) if name in values else text
+                        for name, text in steps
+                    ),
+                ]
             )
-            self._sent(conn, sql, statements=len(steps))
+            self._sent(conn, sql, statements=len(steps) + 1)
             script.execute(sql)
-            for index, (name, _) in enumerate(steps):
-                if index:
-                    script.nextset()
+            for name, _ in steps:
+                script.nextset()
                 # The result's status, not `description`: that builds a column object per
                 # field at every look (15% of a claim's CPU).
                 returned = script.pgresult is not None and script.pgresult.status == TUPLES_OK

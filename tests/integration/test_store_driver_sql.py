@@ -263,11 +263,13 @@ def test_ending_runs_tells_the_keys_kept_from_the_drained(
         assert conn.execute(sa.select(outbox_schema.keys.c.key)).scalars().all() == ["a"]
 
 
-def test_the_relays_sessions_read_committed_whatever_the_databases_default(pg_url: str) -> None:
+def test_the_relays_transactions_read_committed_whatever_the_databases_default(
+    pg_url: str,
+) -> None:
     """The claim and the writes of results rely on each statement of a transaction taking
     its own snapshot (READ COMMITTED): under a database default of REPEATABLE READ, a
     writer's event committed during a write of confirms lost its key row and was stranded
-    (found by review). The relay's sessions set their own default."""
+    (found by review). The relay's scripts and transactions set their own level."""
     name = f"outbox_rr_{uuid.uuid4().hex[:8]}"
     admin = sa.make_url(pg_url).set(drivername="postgresql", database="postgres")
     conninfo = admin.render_as_string(hide_password=False)
@@ -276,19 +278,22 @@ def test_the_relays_sessions_read_committed_whatever_the_databases_default(pg_ur
         conn.execute(
             f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'"
         )
-    engine = create_engine(
-        sa.make_url(pg_url).set(database=name).render_as_string(hide_password=False),
-        application_name="outbox-relay:test",
-        db_timeout=10,
-    )
+    url = sa.make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    engine = create_engine(url, application_name="outbox-relay:test", db_timeout=10)
+    store = Store(engine, Outbox(), db_timeout=10)
+    show = "SHOW transaction_isolation"
     try:
-        with engine.connect() as conn:
-            assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "read committed"
+        with store._driver() as cursor:
+            results = store._script(cursor.connection, [("level", show)], {})
+        assert results["level"].rows == [("read committed",)]
+        with store.transaction() as conn:
+            assert conn.exec_driver_sql(show).scalar() == "read committed"
         plain = sa.create_engine(sa.make_url(pg_url).set(database=name))
         with plain.connect() as conn:  # the database's own default, for any other session
-            assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "repeatable read"
+            assert conn.exec_driver_sql(show).scalar() == "repeatable read"
         plain.dispose()
     finally:
+        store.close()
         engine.dispose()
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{name}"')
