@@ -517,6 +517,18 @@ class ManualWorker:
         pass
 
 
+def _turn(h: Harness, worker: ManualWorker) -> None:
+    """Run the worker's jobs, failing as the store fails, and hand their answers back."""
+    while worker.jobs:
+        job, done = worker.jobs.pop(0)
+        try:
+            worker.finished.append(Completion(done, job(), None))
+        except Exception as exc:
+            worker.finished.append(Completion(done, None, exc))
+    worker.deliver()
+    h.step()
+
+
 def test_notify_during_a_claim_is_not_lost_to_the_poll_backoff(tmp_path: Path) -> None:
     h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
     worker: ManualWorker = h.worker  # type: ignore[assignment]
@@ -723,16 +735,11 @@ def test_a_claim_does_not_wait_behind_a_result_write(tmp_path: Path) -> None:
     writes, claims = h.workers  # type: ignore[misc]
     assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
 
-    def turn(worker: ManualWorker) -> None:
-        worker.run_jobs()
-        worker.deliver()
-        h.step()
-
     h.write(*keyed("a", 1))
     h.relay.wake()
     h.step()
-    turn(writes)  # the first housekeeping (heartbeat)
-    turn(claims)  # a1 claimed and published
+    _turn(h, writes)  # the first housekeeping (heartbeat)
+    _turn(h, claims)  # a1 claimed and published
     assert [m.routing_key for m in h.publisher.published] == ["order.placed"]
     h.publisher.settle()
     h.step()  # a1 confirmed: its run is over, the write that frees key a goes out
@@ -741,13 +748,13 @@ def test_a_claim_does_not_wait_behind_a_result_write(tmp_path: Path) -> None:
     h.relay.wake()
     h.step()
     assert claims.jobs, "the claim went out with the write still on its way"
-    turn(claims)
+    _turn(h, claims)
     assert writes.jobs and len(h.publisher.published) == 2
-    turn(writes)  # the write lands afterwards: nothing lost, both marked in the end
+    _turn(h, writes)  # the write lands afterwards: nothing lost, both marked in the end
     h.publisher.settle()
     for _ in range(5):
-        turn(writes)
-        turn(claims)
+        _turn(h, writes)
+        _turn(h, claims)
     assert [r.status for r in h.rows()] == ["published", "published"]
 
 
@@ -944,17 +951,12 @@ def test_a_claim_failed_in_an_outage_claims_again_once_its_lane_is_back(tmp_path
     writes, claims = _started(h)
     assert isinstance(writes, FlakyWorker) and isinstance(claims, FlakyWorker)
 
-    def turn(worker: ManualWorker) -> None:
-        worker.run_jobs()
-        worker.deliver()
-        h.step()
-
     while claims.jobs:
-        turn(claims)
+        _turn(h, claims)
     h.write(*keyed("a", 1))
     h.relay.wake()
     h.step()
-    turn(claims)  # a0 claimed and published
+    _turn(h, claims)  # a0 claimed and published
     h.publisher.settle()
     h.step()  # confirmed: the write that frees key a goes out
     h.write(*keyed("b", 1))
@@ -972,7 +974,7 @@ def test_a_claim_failed_in_an_outage_claims_again_once_its_lane_is_back(tmp_path
         waited += 0.25
         h.step()
         while writes.jobs:
-            turn(writes)
+            _turn(h, writes)
     assert waited < 10, f"the claim for b0 went out {waited} s after the outage"
 
 
@@ -986,15 +988,10 @@ def test_no_claim_takes_this_relays_own_keys_while_its_write_is_stuck(tmp_path: 
     h = Harness(tmp_path, worker=ManualWorker, lease=3.0)
     writes, claims = _started(h)
 
-    def turn(worker: ManualWorker) -> None:
-        worker.run_jobs()
-        worker.deliver()
-        h.step()
-
     h.write(*keyed("a", 1))
     h.relay.wake()
     h.step()
-    turn(claims)  # a1 claimed and published
+    _turn(h, claims)  # a1 claimed and published
     h.publisher.settle()
     h.step()  # a1 confirmed: its write goes out and gets stuck
     assert writes.jobs, "the write is on its way"
@@ -1003,16 +1000,16 @@ def test_no_claim_takes_this_relays_own_keys_while_its_write_is_stuck(tmp_path: 
         h.clock.advance(0.5)
         h.relay.wake()
         h.step()
-        turn(claims)
+        _turn(h, claims)
         h.publisher.settle()
         h.step()
     published = [m.message_id for m in h.publisher.published]
     assert len(published) == len(set(published)) == 2  # a1, and b1 before the renewal was due
     assert not claims.jobs, "no claim while the renewal is overdue"
     for _ in range(6):  # the write lands, a renewal answers, claims go on
-        turn(writes)
+        _turn(h, writes)
         h.relay.wake()
-        turn(claims)
+        _turn(h, claims)
         h.publisher.settle()
         h.step()
     published = [m.message_id for m in h.publisher.published]
@@ -1145,18 +1142,6 @@ def test_a_write_of_confirms_that_fails_halfway_is_written_again_whole(
     assert calls["n"] >= 2
     assert [r.status for r in h.rows()] == ["published"] and h.key_rows() == []
     assert h.relay._report.fenced == 0 and "lease had passed" not in caplog.text
-
-
-def _turn(h: Harness, worker: ManualWorker) -> None:
-    """Run the worker's jobs, failing as the store fails, and hand their answers back."""
-    while worker.jobs:
-        job, done = worker.jobs.pop(0)
-        try:
-            worker.finished.append(Completion(done, job(), None))
-        except Exception as exc:
-            worker.finished.append(Completion(done, None, exc))
-    worker.deliver()
-    h.step()
 
 
 def test_no_claim_takes_this_relays_own_keys_after_the_wall_clock_jumps(tmp_path: Path) -> None:
