@@ -243,8 +243,9 @@ class Relay:
         self._stop_requested.set()
         self._give_back(self.sequencer.withdraw())
         deadline = self._monotonic() + self.settings.stop_timeout
-        # After a fatal error the loop cannot step (each step raises it again): no waiting,
-        # no final write (it would meet the same error); the leases of what is left expire.
+        # After a fatal error the loop cannot step (each step raises it again, here too if
+        # it comes during this wait): no more waiting, and what is left is closed all the
+        # same; the error is raised once everything is.
         while (
             self._fatal is None
             and self._monotonic() < deadline
@@ -252,7 +253,11 @@ class Relay:
         ):
             if not self.sequencer.in_flight and not self._lanes_busy and self._database.down:
                 break  # only writes remain and the database is down: nothing to wait for
-            self.run_once(timeout=min(0.2, max(0.0, deadline - self._monotonic())))
+            try:
+                self.run_once(timeout=min(0.2, max(0.0, deadline - self._monotonic())))
+            except BaseException as exc:
+                if exc is not self._fatal:
+                    raise
         leftover = self.sequencer.in_flight_events()
         if leftover:
             log.warning(
@@ -267,20 +272,26 @@ class Relay:
         self._claim_lane.stop(timeout=self.settings.db_timeout)
         self._collect(0)  # take in what the publisher and the workers still had to say
         try:
-            if self._fatal is not None:
-                if self._results:
-                    log.warning(
-                        "stopping after a fatal error: results not recorded; their events "
-                        "will be published again once their leases expire (same message_id)"
-                    )
-            elif not self._database.busy:  # a running write owns its results: leave them
+            if not self._database.busy:  # a running write owns its results: leave them
                 self._fenced(self._write(self._results.take()))
             self.store.unregister(self.settings.name)
         except DatabaseUnavailableError as exc:
             log.warning("could not record final results (%s); their leases will expire", exc)
+        except Exception as exc:
+            if self._fatal is None:
+                raise
+            # A fatal error of the database meets the final write again (a broker's does
+            # not): told, not raised over the error that stopped the relay.
+            log.warning(
+                "after the fatal error, could not record final results (%s); their events "
+                "will be published again once their leases expire (same message_id)",
+                exc,
+            )
         finally:
             self.store.close()
             self._mailbox.close()
+        if self._fatal is not None:
+            raise self._fatal
 
     # -- one step --------------------------------------------------------------------------
 

@@ -1236,5 +1236,35 @@ def test_a_fatal_error_still_stops_the_broker_connection_and_closes_the_store(
     with pytest.raises(RuntimeError, match="a bug"):
         for _ in range(5):
             h.step()
-    h.relay.shutdown()
+    with pytest.raises(RuntimeError, match="a bug"):  # raised again, once all is closed
+        h.relay.shutdown()
+    assert h.publisher.stopped
+
+
+def test_a_fatal_error_during_the_shutdowns_wait_still_closes_everything(
+    tmp_path: Path,
+) -> None:
+    """The fatal error comes while the shutdown waits for the last write (a stop with a
+    write on its way that fails for good): the shutdown still closes everything, then
+    raises it (found by review)."""
+    h = Harness(tmp_path, worker=ManualWorker)
+    writes, claims = _started(h)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    h.store.mark_and_end_runs = broken  # type: ignore[method-assign]
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # a1 claimed and published
+    h.publisher.settle()
+    h.step()  # a1 confirmed: its write goes out
+    assert writes.jobs
+    _, done = writes.jobs.pop(0)  # ...and fails; its answer waits in the mailbox
+    writes.finished.append(Completion(done, None, RuntimeError("a bug")))
+    writes.deliver()
+    h.relay.request_stop()
+    with pytest.raises(RuntimeError, match="a bug"):
+        h.relay.shutdown()
     assert h.publisher.stopped
