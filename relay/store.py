@@ -113,9 +113,14 @@ def create_engine(
                 # status is a parameter). Plans see the values, at the cost of planning.
                 # The claim's read is the one exception, written for its generic plan
                 # (`Store._claim_script`).
+                # default_transaction_isolation: for the statements sent alone (marks,
+                # renewals), which a stricter default would fail on a concurrent change
+                # (serialization failures read as outages). Scripts and transactions set
+                # their level themselves, where options do not reach (a pooler).
                 "options": f"-c statement_timeout={timeout_ms} "
                 f"-c idle_in_transaction_session_timeout={idle_ms} "
-                "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan",
+                "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan "
+                "-c default_transaction_isolation=read\\ committed",
                 "keepalives": 1,
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,

@@ -288,6 +288,8 @@ def test_the_relays_transactions_read_committed_whatever_the_databases_default(
         assert results["level"].rows == [("read committed",)]
         with store.transaction() as conn:
             assert conn.exec_driver_sql(show).scalar() == "read committed"
+        with store._autocommit.connect() as conn:  # statements sent alone
+            assert conn.exec_driver_sql(show).scalar() == "read committed"
         plain = sa.create_engine(sa.make_url(pg_url).set(database=name))
         with plain.connect() as conn:  # the database's own default, for any other session
             assert conn.exec_driver_sql(show).scalar() == "repeatable read"
