@@ -20,23 +20,33 @@ from collections.abc import Iterator
 log = logging.getLogger("relay.deadline")
 
 
+#: The longest the watchdog sleeps. A guard due after its next wake-up needs no wake-up of
+#: its own: woken once a second at most, the watchdog goes back to sleep until the earliest
+#: deadline, so a guard is still enforced at its deadline, and a database call (several per
+#: event) does not wake a thread.
+LONGEST_SLEEP = 1.0
+
+
 class Watchdog:
     def __init__(self, name: str = "db-watchdog") -> None:
         self._lock = threading.Condition()
         self._armed: dict[int, tuple[float, int]] = {}  # guard id -> (deadline, fd)
         self._next_id = 0
         self._stopped = False
+        self._wakes_at = 0.0  # when the watchdog next looks, at the latest
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     @contextlib.contextmanager
     def guard(self, fd: int, seconds: float) -> Iterator[None]:
         """Shut socket `fd` down if the block takes longer than `seconds`."""
+        deadline = time.monotonic() + seconds
         with self._lock:
             self._next_id += 1
             guard_id = self._next_id
-            self._armed[guard_id] = (time.monotonic() + seconds, fd)
-            self._lock.notify()
+            self._armed[guard_id] = (deadline, fd)
+            if deadline < self._wakes_at:
+                self._lock.notify()
         try:
             yield
         finally:
@@ -57,8 +67,10 @@ class Watchdog:
                     if deadline <= now:
                         del self._armed[guard_id]
                         _shutdown(fd)
-                wait = min((d for d, _ in self._armed.values()), default=now + 3600) - now
-                self._lock.wait(timeout=max(wait, 0.01))
+                earliest = min((d for d, _ in self._armed.values()), default=now + LONGEST_SLEEP)
+                wait = max(min(earliest, now + LONGEST_SLEEP) - now, 0.01)
+                self._wakes_at = now + wait
+                self._lock.wait(timeout=wait)
 
 
 def _shutdown(fd: int) -> None:
