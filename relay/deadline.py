@@ -79,7 +79,13 @@ def _shutdown(fd: int) -> None:
         dup = os.dup(fd)
     except OSError:
         return  # already closed
-    sock = socket.socket(fileno=dup)
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:
+        # Closed and its number reused by something else than a socket (a file): nothing to
+        # shut down. Raised here, it ended the watchdog, and every deadline after it.
+        os.close(dup)
+        return
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,14 @@ def test_a_call_within_its_deadline_is_left_alone(watchdog: Watchdog) -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_guard_whose_number_now_names_a_file_does_not_end_the_watchdog(
+    watchdog: Watchdog, tmp_path: Path
+) -> None:
+    """A connection closed inside its guard, its number reused by a file before the guard is
+    due: nothing to shut down, and the watchdog goes on enforcing later deadlines (before,
+    it died on it, and no deadline held after; found by review)."""
+    with (tmp_path / "f").open("w") as file, watchdog.guard(file.fileno(), 0.05):
+        time.sleep(0.2)  # the guard comes due on a file
+    assert 0.15 <= _seconds_until_shut(watchdog, 0.15) < 0.5
