@@ -41,16 +41,16 @@ from relay.urls import mask_text
 log = logging.getLogger("relay.store")
 
 # A claim's locked keys, for its read (`Store._lock_claim_keys`): a transaction-local
-# setting of the claim's session.
+# setting of the claim's session (`_keep_in_setting`, `_read_from_setting`).
 CLAIM_KEYS = "outbox_relay.claim_keys"
-TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
+# The keys whose leases a result write ended and whose writers' locks it took, for its
+# deletion of the drained ones (`Store._end_leases_noting_lockable`): likewise.
+DRAINABLE_KEYS = "outbox_relay.drainable_keys"
 # A script's first statement: each of its statements takes its own snapshot, which the
 # claim and the writes of results rely on (see `_drop_empty_keys`), whatever default the
 # database or role sets. (Also where the connection cannot carry options: PgBouncer.)
 READ_COMMITTED = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
-# The keys whose leases a result write ended and whose writers' locks it took, for its
-# deletion of the drained ones (`Store._end_leases_noting_lockable`): likewise.
-DRAINABLE_KEYS = "outbox_relay.drainable_keys"
+TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
 
 
 class StepResult(NamedTuple):
@@ -128,6 +128,20 @@ def create_engine(
             },
         )
     return sa.create_engine(sa_url)
+
+
+def _keep_in_setting(name: str, array: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """Keep `array` in the transaction-local setting `name`, as text (any key's characters
+    survive it; none is an empty array), for a later statement of the same script."""
+    as_text = sa.func.coalesce(sa.cast(array, sa.Text()), sa.literal_column("'{}'"))
+    return sa.func.set_config(sa.literal_column(f"'{name}'"), as_text, sa.true())
+
+
+def _read_from_setting(name: str, element: sa.types.TypeEngine[Any]) -> sa.ColumnElement[Any]:
+    """The array an earlier statement kept in the setting `name` (`_keep_in_setting`)."""
+    return sa.cast(
+        sa.func.current_setting(sa.literal_column(f"'{name}'")), postgresql.ARRAY(element)
+    )
 
 
 def _array_of(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
@@ -584,10 +598,7 @@ class Store:
         k = self.outbox.keys
         locked = self._ready_keys(k.c.key, k.c.available_at).cte("locked")
         keys = sa.func.array_agg(aggregate_order_by(locked.c.key, locked.c.available_at))
-        as_text = sa.func.coalesce(sa.cast(keys, sa.Text()), sa.literal_column("'{}'"))
-        return sa.select(
-            keys, sa.func.set_config(sa.literal_column(f"'{CLAIM_KEYS}'"), as_text, sa.true())
-        ).select_from(locked)
+        return sa.select(keys, _keep_in_setting(CLAIM_KEYS, keys)).select_from(locked)
 
     @functools.cached_property
     def _claim_statement(self) -> sa.Select[Any]:
@@ -603,10 +614,7 @@ class Store:
         SQLAlchemy's column collections for it) cost more CPU than the rest of a claim."""
         t, k = self.outbox.events, self.outbox.keys
         keyless = self._lease_keyless.cte("keyless")
-        keys = sa.cast(
-            sa.func.current_setting(sa.literal_column(f"'{CLAIM_KEYS}'")),
-            postgresql.ARRAY(sa.Text()),
-        )
+        keys = _read_from_setting(CLAIM_KEYS, sa.Text())
         # The keys in a CTE of their own, read from the setting once: in the generic plan
         # the setting is not a constant, and an expression of it in the read of each key
         # would parse the whole array once per key (2,000 keys of 255 bytes: 36 s).
@@ -1237,11 +1245,9 @@ class Store:
         survive it); returns how many leases it ended."""
         ended = self._end_leases.cte("ended")
         lockable = sa.func.array_agg(ended.c.key).filter(ended.c.writers_locked)
-        as_text = sa.func.coalesce(sa.cast(lockable, sa.Text()), sa.literal_column("'{}'"))
-        return sa.select(
-            sa.func.count(),
-            sa.func.set_config(sa.literal_column(f"'{DRAINABLE_KEYS}'"), as_text, sa.true()),
-        ).select_from(ended)
+        return sa.select(sa.func.count(), _keep_in_setting(DRAINABLE_KEYS, lockable)).select_from(
+            ended
+        )
 
     @property
     def _writers_lock(self) -> sa.ColumnElement[bool]:
@@ -1270,10 +1276,7 @@ class Store:
     def _delete_drainable(self) -> ReturningDelete[tuple[str]]:
         """PostgreSQL: `_delete_drained` of the keys in the setting `DRAINABLE_KEYS`."""
         k = self.outbox.keys
-        keys = sa.cast(
-            sa.func.current_setting(sa.literal_column(f"'{DRAINABLE_KEYS}'")),
-            postgresql.ARRAY(k.c.key.type),
-        )
+        keys = _read_from_setting(DRAINABLE_KEYS, k.c.key.type)
         return self._delete_drained_of(k.c.key == sa.any_(keys))
 
     def _delete_drained_of(self, of_these: sa.ColumnElement[bool]) -> ReturningDelete[tuple[str]]:
