@@ -550,8 +550,9 @@ class Relay:
         )
 
     def _leases_safe(self) -> bool:
-        """Nor while a renewal is overdue (its lane stuck on a slow write, or the renewal
-        itself slow): this relay's own leases may then run out in the database, and a claim
+        """Whether a claim may go out as far as this relay's own leases go: not while a
+        renewal is overdue (its lane stuck on a slow write, or the renewal itself slow):
+        this relay's own leases may then run out in the database, and a claim
         of this relay would take its own keys, fence off their unwritten confirms and
         publish those events twice. Renewals go out every third of the lease and answer in
         milliseconds, so claims stop only once the last answered one is two thirds of a
