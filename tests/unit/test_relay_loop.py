@@ -732,8 +732,7 @@ def test_a_claim_does_not_wait_behind_a_result_write(tmp_path: Path) -> None:
     """Claims have a database lane of their own: with a result write on its way (not yet
     answered), a new event's claim still goes out and its event is published."""
     h = Harness(tmp_path, worker=ManualWorker)
-    writes, claims = h.workers  # type: ignore[misc]
-    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    writes, claims = _lanes(h)
 
     h.write(*keyed("a", 1))
     h.relay.wake()
@@ -772,9 +771,16 @@ class FlakyWorker(ManualWorker):
             )
 
 
-def _started(h: Harness) -> tuple[ManualWorker, ManualWorker]:
+def _lanes(h: Harness) -> tuple[ManualWorker, ManualWorker]:
+    """The relay's two lanes, made by a harness with `worker=ManualWorker`: results and
+    housekeeping, then claims."""
     writes, claims = h.workers  # type: ignore[misc]
     assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    return writes, claims
+
+
+def _started(h: Harness) -> tuple[ManualWorker, ManualWorker]:
+    writes, claims = _lanes(h)
     h.relay.wake()
     h.step()
     writes.run_jobs()  # the first heartbeat
@@ -1021,8 +1027,7 @@ def test_claims_go_on_while_a_stuck_lane_holds_nothing_of_this_relay(tmp_path: P
     """The other lane stuck on housekeeping (the first heartbeat, never answered) and nothing
     held here: no lease can run out, and claims go on."""
     h = Harness(tmp_path, worker=ManualWorker, lease=3.0)
-    writes, claims = h.workers  # type: ignore[misc]
-    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    writes, claims = _lanes(h)
     h.relay.wake()
     h.step()
     claims.run_jobs()  # the first claim finds nothing
@@ -1049,8 +1054,7 @@ def test_a_renewal_keeps_the_leases_of_claims_whose_confirms_are_not_yet_written
     renew T's leases, or they could run out before the write (and a claim, this relay's
     own too, publish the events again)."""
     h = Harness(tmp_path, worker=ManualWorker, lease=3.0)
-    writes, claims = h.workers  # type: ignore[misc]
-    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    writes, claims = _lanes(h)
     renewed: list[set[uuid.UUID]] = []
     real_renew = h.store.renew
 
@@ -1086,8 +1090,7 @@ def test_a_claim_on_its_way_during_a_renewal_still_counts_from_when_it_was_sent(
     third of a lease before C1's leases can run out, not counting from the renewal (found
     by review: a0 went out twice)."""
     h = Harness(tmp_path, worker=ManualWorker, lease=3.0)
-    writes, claims = h.workers  # type: ignore[misc]
-    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    writes, claims = _lanes(h)
     h.write(*keyed("a", 1))
     h.relay.wake()
     h.step()  # the first heartbeat, and claim C1 sent
@@ -1150,8 +1153,7 @@ def test_no_claim_takes_this_relays_own_keys_after_the_wall_clock_jumps(tmp_path
     clock stops, the wall clock does not). No claim may then take key a back and publish
     a1 again (found by review)."""
     h = Harness(tmp_path, worker=ManualWorker, lease=3.0)
-    writes, claims = h.workers  # type: ignore[misc]
-    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    writes, claims = _lanes(h)
     h.relay.wake()
     h.step()
     _turn(h, writes)  # the first heartbeat
@@ -1179,8 +1181,7 @@ def test_a_renewal_keeps_the_row_of_a_keyless_failure_not_yet_written(tmp_path: 
     out and this relay's own claim takes it back and publishes it long before its retry
     time, its attempt not counted (found by review)."""
     h = Harness(tmp_path, worker=ManualWorker, lease=3.0, retry_min=60, retry_max=60)
-    writes, claims = h.workers  # type: ignore[misc]
-    assert isinstance(writes, ManualWorker) and isinstance(claims, ManualWorker)
+    writes, claims = _lanes(h)
     real_record = h.store.record_failures
     failing = {"on": True}
 
