@@ -30,11 +30,11 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def claim(store: Store) -> Claim:
+def claim(store: Store, limit: int = 10) -> Claim:
     moment = now()
     return store.claim(
         owner="r",
-        limit=10,
+        limit=limit,
         run_length=10,
         lease_until=moment + dt.timedelta(seconds=30),
         now=moment,
@@ -167,21 +167,28 @@ def test_a_missing_outbox_reads_as_a_missing_schema(pg_engine: sa.Engine, schema
         store.has_ready(moment)
 
 
-def test_names_that_need_quoting_on_the_driver_path(pg_engine: sa.Engine) -> None:
-    """Mixed case and a reserved word for table and schema, keys of 255 bytes."""
+@pytest.mark.parametrize("write", ["apart", "in one script"])
+def test_names_that_need_quoting_on_the_driver_path(pg_engine: sa.Engine, write: str) -> None:
+    """Mixed case and a reserved word for table and schema, keys of 255 bytes and with
+    characters a text array quotes (through the setting of the write's script too)."""
     schema = f"Mixed_{uuid.uuid4().hex[:6]}"
     box = Outbox(table="Order", schema=schema)
     box.create(pg_engine)
     try:
-        keys = ["é" * 127 + "x", 'quote"s', "k"]
+        keys = ["é" * 127 + "x", 'quote"s', "k", "a,b {}", "back\\slash", "NULL"]
         write_events(pg_engine, box, [Event(type="t", key=key) for key in keys for _ in range(2)])
         store = Store(pg_engine, box, db_timeout=10)
         assert store.has_ready(now())
-        claimed = claim(store)
+        claimed = claim(store, limit=2 * len(keys))
         assert sorted({e.key for e in claimed.events}) == sorted(keys)
         acked = {claimed.token: [e.seq for e in claimed.events]}
-        assert store.mark_published(acked, now=now(), delete=False) == 6
-        assert store.free_keys({claimed.token: set(keys)}, now=now()) == 3
+        freed = {claimed.token: set(keys)}
+        if write == "apart":
+            assert store.mark_published(acked, now=now(), delete=False) == 2 * len(keys)
+            assert store.free_keys(freed, now=now()) == len(keys)
+        else:
+            owned, ended = store.mark_and_end_runs(acked, freed, now=now(), delete=False)
+            assert (owned, ended) == (2 * len(keys), FreedKeys(ended=len(keys), kept=0))
         with pg_engine.connect() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(box.keys)).scalar() == 0
     finally:
