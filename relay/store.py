@@ -1212,8 +1212,9 @@ class Store:
         same place in `tokens` still holds, and send it to the back of the line; returns those
         keys, each with whether this transaction took its writers' lock (try, never wait).
 
-        Two round trips then free any number of keys and delete the drained ones
-        (`_delete_drained`), where `_drop_empty_keys` takes four: the argument is the same.
+        With `_delete_drainable` after it in one script (`_end_runs_steps`), one round trip
+        frees any number of keys and deletes the drained ones, where `_drop_empty_keys`
+        takes four statements: the argument is the same.
         A key whose writers' lock this transaction could not take has a writer in progress
         and is kept. The others are locked here, a statement before the DELETE, so the
         DELETE's snapshot sees every row committed by writers before it; a writer that comes
