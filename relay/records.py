@@ -110,6 +110,9 @@ class Claim:
     token: uuid.UUID
     events: tuple[ClaimedEvent, ...]  # in write order (seq)
     lease_until: dt.datetime
+    # Keys the claim may have left pending rows of: each reached its share of the claim, or
+    # the claim's room ran out. The others were drained as the claim saw them.
+    unfinished: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -53,6 +53,10 @@ READ_COMMITTED = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
 TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
 
 
+# Named statements of a script (`Store._script`), and the values of those that take any.
+Script = tuple[list[tuple[str, str]], dict[str, dict[str, Any]]]
+
+
 class StepResult(NamedTuple):
     """What one statement of a script (`Store._script`) gave: its rows (none unless it
     returns rows) and how many rows it returned or changed."""
@@ -65,6 +69,29 @@ class StepResult(NamedTuple):
 class FreedKeys:
     ended: int  # leases ended (the claims still held them)
     kept: int  # of those, keys not drained: they have pending events (or a writer)
+
+
+NOTHING_FREED = FreedKeys(0, 0)
+
+
+class Carried(NamedTuple):
+    """Confirms and finished runs a claim writes before it claims (`Store.write_and_claim`):
+    `mark_and_end_runs`'s arguments."""
+
+    acked: Mapping[uuid.UUID, Collection[int]]
+    freed: Mapping[uuid.UUID, Collection[str]]
+    delete: bool
+    relay: str | None
+
+
+class Written(NamedTuple):
+    """What a write of confirms did: how many rows their claims still owned, keys freed."""
+
+    owned: int
+    freed: FreedKeys
+
+
+NOTHING_WRITTEN = Written(0, NOTHING_FREED)
 
 
 def create_engine(
@@ -422,8 +449,62 @@ class Store:
         in. A claim reads at most `limit` key rows and about twice `limit` event rows,
         whatever the backlog.
         """
+        return self._claim(
+            owner=owner,
+            limit=limit,
+            run_length=run_length,
+            lease_until=lease_until,
+            now=now,
+            carried=None,
+        )[1]
+
+    def write_and_claim(
+        self,
+        carried: Carried,
+        *,
+        owner: str,
+        limit: int,
+        run_length: int,
+        lease_until: dt.datetime,
+        now: dt.datetime,
+    ) -> tuple[Written, Claim]:
+        """`mark_and_end_runs` of `carried`, then `claim`, in one transaction (on PostgreSQL
+        one script, one round trip): the write of confirms that a claim carries
+        (`relay.relay`). The marks and ends of runs are the ones `mark_and_end_runs` makes;
+        so is the claim `claim` makes.
+
+        Why the claim is still a claim's prefix of each key, and never reads what the write
+        confirmed: its statements run after the write's, each with a snapshot of its own, and
+        a transaction sees its own changes. A key the write frees is ready to the claim's
+        lock (its row is already locked by this transaction, which takes its own locks
+        again), and the rows the write marked are no longer pending for the read. A failure
+        rolls all of it back: nothing is marked, freed or leased.
+
+        What it costs: the writers' locks of drained keys that the write deletes
+        (`_delete_drainable`) are held until the claim commits, so a writer adding an event
+        to such a key waits for the claim (about a millisecond at low rates)."""
+        return self._claim(
+            owner=owner,
+            limit=limit,
+            run_length=run_length,
+            lease_until=lease_until,
+            now=now,
+            carried=carried,
+        )
+
+    def _claim(
+        self,
+        *,
+        owner: str,
+        limit: int,
+        run_length: int,
+        lease_until: dt.datetime,
+        now: dt.datetime,
+        carried: Carried | None,
+    ) -> tuple[Written, Claim]:
         token = uuid.uuid4()
         events: list[ClaimedEvent]
+        written = NOTHING_WRITTEN
         if self._postgres:
             parameters = {
                 "token": token,
@@ -434,10 +515,18 @@ class Store:
                 "lease_until": lease_until,
                 "now": now,
             }
-            keys, rows = self._claim_postgres(parameters)
+            write = self._write_steps(carried, now) if carried is not None else ([], {})
+            keys, rows, results = self._claim_postgres(parameters, write)
             events = [ClaimedEvent.from_values(row, token) for row in rows]
+            if carried is not None:
+                written = self._written(results)
         else:
             with self.transaction() as conn:
+                if carried is not None:
+                    written = Written(
+                        self._mark_sqlite(conn, carried.acked, now, carried.delete, carried.relay),
+                        self._end_runs_sqlite(conn, carried.freed, now),
+                    )
                 keys = list(conn.scalars(self._lock_ready_keys, {"limit": limit, "now": now}))
                 rows = self._claim_sqlite(
                     conn,
@@ -456,7 +545,8 @@ class Store:
         # on the claim). A cut key's lock simply ended with the claim.
         served = collections.Counter(e.key for e in events if e.key is not None)
         keyed = sum(served.values())
-        if keyed < limit - (len(events) - keyed) or max(served.values(), default=0) > 1:
+        room_left = keyed < limit - (len(events) - keyed)
+        if room_left or max(served.values(), default=0) > 1:
             empty = [key for key in keys if key not in served]
         else:
             last = max((keys.index(key) for key in served), default=len(keys) - 1)
@@ -470,11 +560,19 @@ class Store:
                 if self._postgres:
                     free = free.with_for_update(skip_locked=True)
                 self._drop_empty_keys(conn, list(conn.scalars(free)), now=now)
-        return Claim(
+        # A key that got its whole share (`_per_key`) may have more; with the room run out,
+        # any key may.
+        share = _per_key(limit, len(keys), run_length)
+        unfinished = frozenset(
+            key for key, count in served.items() if count >= share or not room_left
+        )
+        claim = Claim(
             token=token,
             events=tuple(sorted(events, key=lambda e: e.seq)),
             lease_until=lease_until,
+            unfinished=unfinished,
         )
+        return written, claim
 
     def _ready_now(self, now: dt.datetime | None = None) -> sa.ColumnElement[Any]:
         """The relay's clock, as leases and retry times are set with it (hosts need NTP).
@@ -483,10 +581,13 @@ class Store:
             return sa.bindparam("now", type_=sa.DateTime(timezone=True))
         return sa.bindparam(None, now, type_=sa.DateTime(timezone=True))
 
-    def _claim_postgres(self, given: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
-        """The claim's statements as one script (`_claim_script`): one query, one implicit
-        transaction, one round trip. The locked keys (in the order they were locked) and
-        the rows read, each row a `ClaimedEvent`'s values (`CLAIMED_COLUMNS`).
+    def _claim_postgres(
+        self, given: Mapping[str, Any], write: Script
+    ) -> tuple[list[str], list[Any], dict[str, StepResult]]:
+        """The claim's statements as one script (`_claim_script`), after those of `write`
+        (`write_and_claim`; none for a claim alone): one query, one implicit transaction,
+        one round trip. The locked keys (in the order they were locked), the rows read, each
+        row a `ClaimedEvent`'s values (`CLAIMED_COLUMNS`), and what every step gave.
 
         Each statement of a script takes its own snapshot (READ COMMITTED), so the read
         sees every change committed before the keys were locked, exactly as two
@@ -507,9 +608,10 @@ class Store:
                 if read is not None and read.needs_prepare(conn):
                     self._prepare(cursor, read)
                 try:
-                    return self._run_claim_script(conn, given, read)
+                    return self._run_claim_script(conn, given, read, write)
                 except psycopg.errors.InvalidSqlStatementName:
-                    # The whole script was rolled back with it: nothing is locked or leased.
+                    # The whole script was rolled back with it: nothing is written, locked or
+                    # leased.
                     if read is None:
                         raise
                     read.forget(conn)
@@ -530,15 +632,24 @@ class Store:
         read.prepared_on(cursor.connection)
 
     def _run_claim_script(
-        self, conn: psycopg.Connection[Any], given: Mapping[str, Any], read: PreparedOnServer | None
-    ) -> tuple[list[str], list[Any]]:
+        self,
+        conn: psycopg.Connection[Any],
+        given: Mapping[str, Any],
+        read: PreparedOnServer | None,
+        write: Script,
+    ) -> tuple[list[str], list[Any], dict[str, StepResult]]:
         lock = self._driver_statements["_lock_claim_keys"]
         statement = read if read is not None else self._driver_statements["_claim_statement"]
-        values = {"lock": lock.parameters(given), "read": statement.parameters(given)}
-        results = self._script(conn, self._claim_script(read), values)
+        write_steps, write_values = write
+        values = {
+            **write_values,
+            "lock": lock.parameters(given),
+            "read": statement.parameters(given),
+        }
+        results = self._script(conn, [*write_steps, *self._claim_script(read)], values)
         locked = results["lock"].rows
         keys = list(locked[0][0] or []) if locked else []
-        return keys, results["read"].rows
+        return keys, results["read"].rows, results
 
     def _claim_script(self, read: PreparedOnServer | None) -> list[tuple[str, str]]:
         """The claim's statements, named, in the order they run.
@@ -1103,7 +1214,7 @@ class Store:
         have pending events, or a writer in progress), i.e. are worth a claim now. A drained
         key's next event brings its own NOTIFY (or the poll finds it)."""
         if not any(freed.values()):
-            return FreedKeys(0, 0)
+            return NOTHING_FREED
         if not self._postgres:
             with self.transaction() as conn:
                 return self._end_runs_sqlite(conn, freed, now)
@@ -1120,7 +1231,7 @@ class Store:
         now: dt.datetime,
         delete: bool,
         relay: str | None = None,
-    ) -> tuple[int, FreedKeys]:
+    ) -> Written:
         """`mark_published`, then `end_runs`, in one transaction: what a batch of confirms
         writes. Returns how many rows their claims still owned, and the keys freed.
 
@@ -1130,25 +1241,45 @@ class Store:
         one script (one round trip; `_script`), the marks first."""
         if not any(acked.values()) or not any(freed.values()):
             owned = self.mark_published(acked, now=now, delete=delete, relay=relay)
-            return owned, self.end_runs(freed, now=now)
+            return Written(owned, self.end_runs(freed, now=now))
         if not self._postgres:
             with self.transaction() as conn:
                 owned = self._mark_sqlite(conn, acked, now, delete, relay)
-                return owned, self._end_runs_sqlite(conn, freed, now)
-        mark = self._driver_statements["_delete_published" if delete else "_mark_published"]
-        steps, values = self._end_runs_steps(freed, now)
+                return Written(owned, self._end_runs_sqlite(conn, freed, now))
         with self._driver() as cursor:
             self.transactions_total += 1
             results = self._script(
-                cursor.connection,
-                [("mark", mark.sql), *steps],
-                {"mark": mark.parameters(self._mark_values(acked, now, relay)), **values},
+                cursor.connection, *self._write_steps(Carried(acked, freed, delete, relay), now)
             )
-        return results["mark"].rowcount, self._freed_keys(results)
+        return self._written(results)
+
+    def _write_steps(self, carried: Carried, now: dt.datetime) -> Script:
+        """PostgreSQL: `mark_and_end_runs` as steps of a script (`_script`): the marks, if
+        any, then `_end_runs_steps`, if any runs ended."""
+        steps: list[tuple[str, str]] = []
+        values: dict[str, dict[str, Any]] = {}
+        if any(carried.acked.values()):
+            mark = self._driver_statements[
+                "_delete_published" if carried.delete else "_mark_published"
+            ]
+            steps.append(("mark", mark.sql))
+            values["mark"] = mark.parameters(self._mark_values(carried.acked, now, carried.relay))
+        if any(carried.freed.values()):
+            end_steps, end_values = self._end_runs_steps(carried.freed, now)
+            steps.extend(end_steps)
+            values.update(end_values)
+        return steps, values
+
+    def _written(self, results: Mapping[str, StepResult]) -> Written:
+        """What the steps of `_write_steps` did."""
+        return Written(
+            results["mark"].rowcount if "mark" in results else 0,
+            self._freed_keys(results) if "end" in results else NOTHING_FREED,
+        )
 
     def _end_runs_steps(
         self, freed: Mapping[uuid.UUID, Collection[str]], now: dt.datetime
-    ) -> tuple[list[tuple[str, str]], dict[str, dict[str, Any]]]:
+    ) -> Script:
         """PostgreSQL: `end_runs` as two statements of a script (`_script`): end the leases
         and take the writers' locks it can, then delete the drained keys among those. Each
         statement of a script takes its own snapshot (READ COMMITTED), so the deletion sees
