@@ -4,8 +4,14 @@ The relay learns outcomes one by one from the broker and records them in batches
 rows are marked published, rejected ones get a retry time (or die), keys whose runs are done
 are freed, and events without a key that were given back lose their row lease. Every write is
 fenced by the claim's token, so results are kept by token. A batch is taken whole for a
-database job; if the job fails, what it had not written goes back in front of whatever arrived
-meanwhile.
+database job (a write of its own, or the next claim's: `Store.write_and_claim`); if the job
+fails, what it had not written goes back in front of whatever arrived meanwhile.
+
+When a batch is due: failures, give-backs and runs whose keys may have more events at once
+(the key must be free in the table before a claim can take it again); confirms, and runs
+that drained their keys, within FLUSH_INTERVAL, or sooner with the next claim. At low rates
+nearly every run drains its key, and that key's next event comes with a NOTIFY and a claim:
+the claim carries the write, one round trip and one database job per event instead of two.
 """
 
 from __future__ import annotations
@@ -17,10 +23,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 from relay.records import ClaimedEvent, Failure
-from relay.store import Store
+from relay.store import Carried, Store, Written
 
-# Confirmed results are written in batches: at most this late, or at once when a key's run is
-# done (its key must be free in the table before the next claim can take it again).
+# Confirmed results are written in batches, at most this late (see the module docstring).
 FLUSH_INTERVAL = 0.02
 
 
@@ -42,6 +47,8 @@ class ResultBatch:
 
     # Set by `write()`: what it wrote left something for a claim to take now.
     left_claimable: bool = False
+    # Something in it is to be written at once (see the module docstring).
+    urgent: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.acked or self.failures or self.releases or self.freed)
@@ -50,6 +57,28 @@ class ResultBatch:
     def gives_keys_back(self) -> bool:
         """Writing this batch frees keys (or rows) for the next claim."""
         return bool(self.freed or self.releases or self.failures)
+
+    @property
+    def carriable(self) -> bool:
+        """Only confirms and finished runs: what a claim can write first."""
+        return bool(self.acked or self.freed) and not (self.failures or self.releases)
+
+    def carried(self, *, relay: str, delete: bool) -> Carried:
+        """This batch (`carriable`) for a claim to write: `written_by_claim` once it did."""
+        assert self.carriable
+        return Carried(self.acked, self.freed, delete, relay)
+
+    def written_by_claim(self, written: Written) -> int:
+        """The claim that carried this batch committed; returns how many confirms were
+        fenced off."""
+        return self._confirms_written(written)
+
+    def _confirms_written(self, written: Written) -> int:
+        fenced = sum(len(seqs) for seqs in self.acked.values()) - written.owned
+        self.left_claimable = self.left_claimable or written.freed.kept > 0
+        self.acked.clear()
+        self.freed.clear()
+        return fenced
 
     def write(
         self, store: Store, *, relay: str, now: dt.datetime, delete: bool, hold_key: bool
@@ -61,14 +90,9 @@ class ResultBatch:
         fenced = 0
         if self.acked and not self.failures and not self.releases:
             # The usual batch, confirms and the runs they finished: one write, one round trip.
-            owned, freed = store.mark_and_end_runs(
-                self.acked, self.freed, now=now, delete=delete, relay=relay
+            return self._confirms_written(
+                store.mark_and_end_runs(self.acked, self.freed, now=now, delete=delete, relay=relay)
             )
-            fenced += sum(len(seqs) for seqs in self.acked.values()) - owned
-            self.left_claimable = self.left_claimable or freed.kept > 0
-            self.acked.clear()
-            self.freed.clear()
-            return fenced
         if self.acked:
             owned = store.mark_published(self.acked, now=now, delete=delete, relay=relay)
             fenced += sum(len(seqs) for seqs in self.acked.values()) - owned
@@ -106,14 +130,19 @@ class PendingResults:
     def __bool__(self) -> bool:
         return bool(self._batch)
 
-    def confirmed(self, event: ClaimedEvent, *, run_finished: bool) -> None:
+    def confirmed(self, event: ClaimedEvent, *, run_finished: bool, drained: bool) -> None:
+        """`drained`: the claim read every pending row of the event's key it saw (the key's
+        next event comes with a NOTIFY, and a claim that can carry this)."""
         self._batch.acked[event.token].append(event.seq)
         if run_finished and event.key is not None:
             self._batch.freed[event.token].add(event.key)
+            if not drained:
+                self._batch.urgent = True
         self._note()
 
     def failed(self, failure: Failure) -> None:
         self._batch.failures[failure.event.token].append(failure)
+        self._batch.urgent = True
         self._note()
 
     def give_back(
@@ -129,6 +158,7 @@ class PendingResults:
                 self._batch.releases[event.token].append(event.seq)
             elif not busy(event.key, event.token):
                 self._batch.freed[event.token].add(event.key)
+            self._batch.urgent = True
             self._note()
 
     def tokens(self) -> set[uuid.UUID]:
@@ -143,13 +173,13 @@ class PendingResults:
         return seqs
 
     def due(self, *, stopping: bool) -> bool:
-        """Write now? Failures, give-backs and finished runs at once; confirms in batches."""
+        """Write now? (See the module docstring.)"""
         batch = self._batch
         if self._since is None:
             return False
         return (
             stopping
-            or batch.gives_keys_back
+            or batch.urgent
             or self._monotonic() - self._since >= FLUSH_INTERVAL
             or sum(len(seqs) for seqs in batch.acked.values()) >= self._batch_size
         )
@@ -157,6 +187,11 @@ class PendingResults:
     def due_at(self) -> float | None:
         """When the batch interval runs out (None if nothing is waiting)."""
         return None if self._since is None else self._since + FLUSH_INTERVAL
+
+    def take_carriable(self) -> ResultBatch | None:
+        """Everything waiting, for a claim to write first (`ResultBatch.carriable`), if it
+        can; None otherwise."""
+        return self.take() if self._batch.carriable else None
 
     def take(self) -> ResultBatch:
         """Everything waiting, for one write; new results collect in a fresh batch."""
@@ -176,6 +211,7 @@ class PendingResults:
             self._batch.freed[token].update(keys)
         # What the failed write did commit (failures, releases) may have left work to claim.
         self._batch.left_claimable |= batch.left_claimable
+        self._batch.urgent |= batch.urgent
         if self._batch:
             self._note()
 

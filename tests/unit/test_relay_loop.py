@@ -21,6 +21,7 @@ from relay.errors import DatabaseUnavailableError
 from relay.messages import Outcome, OutgoingMessage
 from relay.records import Claim
 from relay.relay import Relay
+from relay.results import FLUSH_INTERVAL
 from relay.settings import RelaySettings
 from relay.store import FreedKeys, Store
 from relay.worker import Completion, Done, InlineWorker, Worker
@@ -99,9 +100,13 @@ class Harness:
             self.relay.run_once(timeout=0)
 
     def settle_and_step(self, rounds: int = 50) -> None:
+        """Step and settle every publish, then let the batch interval run out, so that
+        results waiting for a claim to carry them are written too."""
         for _ in range(rounds):
             self.step()
             self.publisher.settle()
+        self.step()
+        self.clock.advance(2 * FLUSH_INTERVAL)
         self.step()
 
     def rows(self) -> list[sa.Row[tuple[object, ...]]]:
@@ -129,6 +134,21 @@ def h(tmp_path: Path) -> Iterator[Harness]:
 
 def keyed(key: str, n: int, type_: str = "order.placed") -> list[Event]:
     return [Event(type=type_, key=key, payload={"n": i}) for i in range(n)]
+
+
+def let_writes_go(h: Harness) -> None:
+    """Confirms of runs that drained their keys wait for a claim to carry them, at most the
+    batch interval (`relay.results`): let it run out, so that the next step writes them on
+    the write lane, alone."""
+    h.clock.advance(2 * FLUSH_INTERVAL)
+
+
+def write_alone(h: Harness) -> None:
+    """Take the confirms in, then let the batch interval run out: the step after writes
+    them on the write lane, alone."""
+    h.step()
+    let_writes_go(h)
+    h.step()
 
 
 def test_publishes_every_event_in_key_order_and_marks_it_published(h: Harness) -> None:
@@ -294,9 +314,9 @@ def test_broker_loss_gives_rows_back_without_spending_attempts(h: Harness) -> No
 
 
 def failing_marks(h: Harness, times: int) -> dict[str, int]:
-    """The store's next `times` writes that mark published rows (alone, or with the runs
-    they end) fail as an outage would; the returned count says how many failures are
-    left."""
+    """The store's next `times` writes that mark published rows (alone, with the runs they
+    end, or carried by a claim) fail as an outage would; the returned count says how many
+    failures are left."""
     calls = {"failing": times}
 
     def failing(real: Callable[..., Any]) -> Callable[..., Any]:
@@ -310,6 +330,7 @@ def failing_marks(h: Harness, times: int) -> dict[str, int]:
 
     h.store.mark_published = failing(h.store.mark_published)  # type: ignore[method-assign]
     h.store.mark_and_end_runs = failing(h.store.mark_and_end_runs)  # type: ignore[method-assign]
+    h.store.write_and_claim = failing(h.store.write_and_claim)  # type: ignore[method-assign]
     return calls
 
 
@@ -335,6 +356,8 @@ def claimed_then_taken_over(h: Harness) -> Claim:
 def test_results_of_a_lost_lease_are_fenced_off(h: Harness) -> None:
     takeover = claimed_then_taken_over(h)
     h.publisher.settle()
+    h.step()
+    let_writes_go(h)
     report = h.relay.run_once(timeout=0)
     assert report.fenced == 1
     (row,) = h.rows()
@@ -352,6 +375,8 @@ def test_results_fenced_off_by_the_final_write_at_stop_are_reported(
     claimed_then_taken_over(h)
     calls = failing_marks(h, 1)
     h.publisher.settle()
+    h.step()
+    let_writes_go(h)
     h.relay.run_once(timeout=0)  # the write fails: the database is down, results kept
     assert calls["failing"] == 0
     h.relay.request_stop()
@@ -397,6 +422,7 @@ def test_leases_are_renewed_while_a_claim_is_worked_on(h: Harness) -> None:
 
 def test_until_empty_run_returns(tmp_path: Path) -> None:
     h = Harness(tmp_path, until_empty=True)
+    h.clock.tick = 0.001  # the batch interval runs out
     h.publisher.auto_settle = True
     h.write(*keyed("a", 20))
     h.relay.run()
@@ -741,7 +767,7 @@ def test_a_claim_does_not_wait_behind_a_result_write(tmp_path: Path) -> None:
     _turn(h, claims)  # a1 claimed and published
     assert [m.routing_key for m in h.publisher.published] == ["order.placed"]
     h.publisher.settle()
-    h.step()  # a1 confirmed: its run is over, the write that frees key a goes out
+    write_alone(h)  # a1 confirmed: its run is over, the write that frees key a goes out
     assert writes.jobs, "a result write is on its way"
     h.write(*keyed("b", 1))
     h.relay.wake()
@@ -752,6 +778,7 @@ def test_a_claim_does_not_wait_behind_a_result_write(tmp_path: Path) -> None:
     _turn(h, writes)  # the write lands afterwards: nothing lost, both marked in the end
     h.publisher.settle()
     for _ in range(5):
+        let_writes_go(h)
         _turn(h, writes)
         _turn(h, claims)
     assert [r.status for r in h.rows()] == ["published", "published"]
@@ -865,6 +892,7 @@ def test_a_claim_answered_while_results_cannot_be_written_is_given_back(tmp_path
     assert h.publisher.published == []
     h.clock.advance(10)  # the database answers again: the give-back is written first
     for _ in range(6):
+        let_writes_go(h)
         h.step()
         writes.run_jobs()
         writes.deliver()
@@ -999,7 +1027,7 @@ def test_no_claim_takes_this_relays_own_keys_while_its_write_is_stuck(tmp_path: 
     h.step()
     _turn(h, claims)  # a1 claimed and published
     h.publisher.settle()
-    h.step()  # a1 confirmed: its write goes out and gets stuck
+    write_alone(h)  # a1 confirmed: its write goes out and gets stuck
     assert writes.jobs, "the write is on its way"
     h.write(*keyed("a", 1), *keyed("b", 1))
     for _ in range(8):  # 4 s: past the lease, which the database now sees over
@@ -1105,7 +1133,7 @@ def test_a_claim_on_its_way_during_a_renewal_still_counts_from_when_it_was_sent(
     h.step()  # C1 answers: a0 published
     assert len(h.publisher.published) == 1
     h.publisher.settle()
-    h.step()  # a0 confirmed; its write goes out and is stuck
+    write_alone(h)  # a0 confirmed; its write goes out and is stuck
     assert writes.jobs
     for _ in range(19):  # past C1's lease
         h.clock.advance(0.1)
@@ -1162,7 +1190,7 @@ def test_no_claim_takes_this_relays_own_keys_after_the_wall_clock_jumps(tmp_path
     h.step()
     _turn(h, claims)  # a1 claimed and published
     h.publisher.settle()
-    h.step()  # a1 confirmed: its write is on its way
+    write_alone(h)  # a1 confirmed: its write is on its way
     assert writes.jobs
     h.clock.wall += dt.timedelta(seconds=3.5)
     for _ in range(3):
@@ -1237,6 +1265,7 @@ def test_a_fatal_error_still_stops_the_broker_connection_and_closes_the_store(
     with pytest.raises(RuntimeError, match="a bug"):
         for _ in range(5):
             h.step()
+            let_writes_go(h)
     with pytest.raises(RuntimeError, match="a bug"):  # raised again, once all is closed
         h.relay.shutdown()
     assert h.publisher.stopped
@@ -1260,7 +1289,7 @@ def test_a_fatal_error_during_the_shutdowns_wait_still_closes_everything(
     h.step()
     _turn(h, claims)  # a1 claimed and published
     h.publisher.settle()
-    h.step()  # a1 confirmed: its write goes out
+    write_alone(h)  # a1 confirmed: its write goes out
     assert writes.jobs
     _, done = writes.jobs.pop(0)  # ...and fails; its answer waits in the mailbox
     writes.finished.append(Completion(done, None, RuntimeError("a bug")))
@@ -1269,3 +1298,115 @@ def test_a_fatal_error_during_the_shutdowns_wait_still_closes_everything(
     with pytest.raises(RuntimeError, match="a bug"):
         h.relay.shutdown()
     assert h.publisher.stopped
+
+
+# -- a claim carries the confirms (relay/results.py, Store.write_and_claim) ------------------
+
+
+def _status(h: Harness) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for row in h.rows():
+        out.setdefault(row.key, []).append(row.status)
+    return out
+
+
+def test_the_next_claim_carries_the_confirm_of_a_run_that_drained_its_key(
+    tmp_path: Path,
+) -> None:
+    """At low rates each event drains its key: its confirm waits for the next event's claim,
+    which writes it first, one database job for both (no write of its own)."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
+    writes, claims = _started(h)
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    while claims.jobs:
+        _turn(h, claims)  # a1 claimed and published (and the claim a NOTIFY asked for)
+    h.publisher.settle()
+    h.step()  # a1 confirmed
+    assert not writes.jobs and not claims.jobs  # the confirm waits
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()
+    assert not writes.jobs and len(claims.jobs) == 1
+    _turn(h, claims)  # one job: a1 marked, a freed (drained: deleted), b1 claimed
+    assert _status(h) == {"a": ["published"], "b": ["pending"]}
+    assert h.leased_keys() == ["b"]
+    assert [m.headers["ordering-key"] for m in h.publisher.published] == ["a", "b"]
+    assert not writes.jobs
+
+
+def test_a_run_whose_key_may_have_more_is_written_at_once_on_the_write_lane(
+    tmp_path: Path,
+) -> None:
+    """a got its whole share (run_length 1) of a claim and has more: its key must be free
+    before a claim can take it again, so its write does not wait for a claim."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0, run_length=1)
+    writes, claims = _started(h)
+    h.write(*keyed("a", 2))
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # a1 claimed and published
+    h.publisher.settle()
+    h.step()  # a1 confirmed
+    assert len(writes.jobs) == 1, "the write went out at once"
+    _turn(h, writes)
+    assert _status(h) == {"a": ["published", "pending"]}
+    _turn(h, claims)  # the freed key's next run, claimed at once
+    assert len(h.publisher.published) == 2
+
+
+def test_no_claim_carries_a_write_while_events_wait_to_be_published(tmp_path: Path) -> None:
+    """With events queued, claims may be large: a carried write would hold the writers'
+    locks of the keys it frees as long; b's confirm goes out alone once due."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
+    writes, claims = _started(h)
+    h.write(*keyed("a", 3), *keyed("b", 1))
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # a1 and b1 published, a2 and a3 queued behind a1
+    h.publisher.decide = lambda m: Outcome.CONFIRMED if m.headers["ordering-key"] == "b" else None
+    h.publisher.settle()
+    h.step()  # b1 confirmed; a1 still in flight
+    h.write(*keyed("c", 1))
+    h.relay.wake()
+    h.step()
+    assert len(claims.jobs) == 1
+    _turn(h, claims)  # c1 claimed: b1's confirm not carried
+    assert _status(h)["b"] == ["pending"]
+    let_writes_go(h)
+    h.step()
+    assert len(writes.jobs) == 1
+    _turn(h, writes)
+    assert _status(h)["b"] == ["published"]
+
+
+def test_a_carrying_claim_that_fails_puts_the_confirms_back_for_the_next_write(
+    tmp_path: Path,
+) -> None:
+    """The outage rolls back the carried marks with the claim: a1's confirm goes back, is
+    written once the database answers, and counts as written, not fenced."""
+    h = Harness(tmp_path, worker=FlakyWorker, poll_interval=30.0)
+    writes, claims = _started(h)
+    assert isinstance(claims, FlakyWorker)
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # a1 claimed and published
+    h.publisher.settle()
+    h.step()
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()
+    claims.fail_jobs()  # the claim carrying a1's confirm: the database is unreachable
+    claims.deliver()
+    h.step()
+    assert _status(h) == {"a": ["pending"], "b": ["pending"]}
+    h.clock.advance(10)  # the database answers again
+    for _ in range(4):
+        let_writes_go(h)
+        _turn(h, writes)
+        _turn(h, claims)
+        h.publisher.settle()
+    assert _status(h) == {"a": ["published"], "b": ["published"]}
+    assert [m.headers["ordering-key"] for m in h.publisher.published] == ["a", "b"]
