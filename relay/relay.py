@@ -624,7 +624,8 @@ class Relay:
                         relay=self.settings.name, delete=self.settings.retention == 0
                     )
                     written, claim = self.store.write_and_claim(confirms, **terms)
-                    return carried.written_by_claim(written), claim
+                    claimed = {event.key for event in claim.events}
+                    return carried.written_by_claim(written, claimed), claim
                 if probe_first and not self.store.has_ready(now):
                     # An idle table costs one cheap query per poll, not a whole claim.
                     return 0, Claim(token=uuid.uuid4(), events=(), lease_until=now)

@@ -20,7 +20,7 @@ import dataclasses
 import datetime as dt
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from relay.records import ClaimedEvent, Failure
 from relay.store import Carried, Store, Written
@@ -68,14 +68,16 @@ class ResultBatch:
         assert self.carriable
         return Carried(self.acked, self.freed, delete, relay)
 
-    def written_by_claim(self, written: Written) -> int:
-        """The claim that carried this batch committed; returns how many confirms were
-        fenced off."""
-        return self._confirms_written(written)
+    def written_by_claim(self, written: Written, claimed: Collection[str | None]) -> int:
+        """The claim that carried this batch committed, and claimed events of the keys
+        `claimed`; returns how many confirms were fenced off. A freed key with events left
+        that the claim took again is not left to claim."""
+        freed = {key for keys in self.freed.values() for key in keys}
+        return self._confirms_written(written, taken=len(freed.intersection(claimed)))
 
-    def _confirms_written(self, written: Written) -> int:
+    def _confirms_written(self, written: Written, *, taken: int = 0) -> int:
         fenced = sum(len(seqs) for seqs in self.acked.values()) - written.owned
-        self.left_claimable = self.left_claimable or written.freed.kept > 0
+        self.left_claimable = self.left_claimable or written.freed.kept > taken
         self.acked.clear()
         self.freed.clear()
         return fenced

@@ -1410,3 +1410,27 @@ def test_a_carrying_claim_that_fails_puts_the_confirms_back_for_the_next_write(
         h.publisher.settle()
     assert _status(h) == {"a": ["published"], "b": ["published"]}
     assert [m.headers["ordering-key"] for m in h.publisher.published] == ["a", "b"]
+
+
+def test_a_carrying_claim_that_takes_the_key_it_frees_again_asks_for_no_other_claim(
+    tmp_path: Path,
+) -> None:
+    """One key at a low rate: a2's claim frees a (a1 confirmed) and takes a2 in one job;
+    nothing is left to claim, so no claim follows it (it would find nothing, for a claim's
+    CPU per event)."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
+    writes, claims = _started(h)
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    while claims.jobs:
+        _turn(h, claims)
+    h.publisher.settle()
+    h.step()  # a1 confirmed: waits for a claim
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # a1 marked, a freed and a2 claimed, in one job
+    assert _status(h) == {"a": ["published", "pending"]}
+    assert len(h.publisher.published) == 2
+    assert not claims.jobs and not writes.jobs
