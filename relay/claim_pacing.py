@@ -20,11 +20,13 @@ class ClaimPacer:
         self.next_at = monotonic()
         self._delay = MIN_POLL
         self._wakes = 0
+        self.notified = 0  # wake-ups so far (NOTIFYs): `relay.relay` compares two readings
         self.last_was_empty = False  # then the next claim probes first (one cheap query)
 
     def wake(self) -> None:
         """New events may be there (a NOTIFY): claim now, and poll fast again."""
         self._wakes += 1
+        self.notified += 1
         self.next_at = self._monotonic()
         self._delay = MIN_POLL
 

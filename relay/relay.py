@@ -78,6 +78,13 @@ class Instant(NamedTuple):
         return Instant(min(self.monotonic, other.monotonic), min(self.wall, other.wall))
 
 
+class _ClaimNote(NamedTuple):
+    """What the relay keeps of a claim for its runs' ends (`Relay._run_finished`)."""
+
+    unfinished: frozenset[str]  # keys it may have left events of
+    notified: int  # `ClaimPacer.notified` when it went out
+
+
 class Background(Protocol):
     """A helper thread the relay starts and stops with itself (the LISTEN listener)."""
 
@@ -161,9 +168,8 @@ class Relay:
         # confirms of the window's other events, fenced by that lease, would be dropped.
         self._held_failures: dict[tuple[str, uuid.UUID], list[Failure]] = {}
         self._lease_deadline: dict[uuid.UUID, float] = {}
-        # The keys each claim may have left events of (`Claim.unfinished`), by token: their
-        # runs' ends are written at once, the others' wait for a claim to carry them.
-        self._unfinished: dict[uuid.UUID, frozenset[str]] = {}
+        # What each claim's runs' ends need, by token (`_run_finished`).
+        self._claim_notes: dict[uuid.UUID, _ClaimNote] = {}
         # No deadline in `_lease_deadline` is earlier (it may be later: a lower bound). The
         # loop steps thousands of times a second and claims hundreds of times, so looking at
         # every claim's deadline on every step cost a steady third of a core at 200 events/s.
@@ -275,7 +281,7 @@ class Relay:
         self._claim_lane.stop(timeout=self.settings.db_timeout)
         self._collect(0)  # take in what the publisher and the workers still had to say
         try:
-            if not self._database.busy:  # a running write owns its results: leave them
+            if self._writing is None:  # a write on its way owns its results: leave them
                 self._fenced(self._write(self._results.take()))
             self.store.unregister(self.settings.name)
         except DatabaseUnavailableError as exc:
@@ -389,11 +395,10 @@ class Relay:
             run_finished = event.key is None or not (
                 self.sequencer.has_queued(event.key) or self.sequencer.busy(event.key, event.token)
             )
-            self._results.confirmed(
-                event,
-                run_finished=run_finished,
-                drained=event.key not in self._unfinished.get(event.token, ()),
-            )
+            if run_finished and event.key is not None:
+                self._run_finished(event)
+            else:
+                self._results.confirmed(event, run_finished=run_finished, drained=True)
             self._window_settled(event)
             self.metrics.published(
                 event.type,
@@ -496,6 +501,8 @@ class Relay:
     # -- database work ---------------------------------------------------------------------
 
     def _submit_writes(self) -> None:
+        if self._writing is not None:
+            return  # on its way already, or carried by a claim: it commits first
         if not self._results.due(stopping=self.stop_requested):
             return
         # The job owns the batch until it completes; new results collect in a fresh one.
@@ -602,6 +609,7 @@ class Relay:
         if carried is not None:
             self._writing = carried
         probe_first = self._claims.last_was_empty and carried is None
+        notified = self._claims.notified
         ticket = self._claims.started()
         trace = ClaimTrace(submitted_at=started)
         if self._notified is not None:
@@ -637,7 +645,7 @@ class Relay:
             fenced, claim = answer
             if carried is not None:
                 self._batch_written(carried, fenced, frees_keys=frees_keys)
-            self._claimed(claim, started, ticket, trace)
+            self._claimed(claim, started, ticket, trace, notified)
 
         def failed() -> None:
             self._claim_sent_at = None
@@ -650,7 +658,23 @@ class Relay:
         self._claim_sent_at = Instant(started, now)
         self._claim_lane.submit(claim, done, on_error=failed)
 
-    def _claimed(self, claim: Claim, started: float, ticket: int, trace: ClaimTrace) -> None:
+    def _run_finished(self, event: ClaimedEvent) -> None:
+        """The confirm of the last event of a run: the key is to be freed. At once if its
+        claim may have left events of it (`Claim.unfinished`); otherwise it waits for the
+        next claim to carry it (`relay.results`), which a NOTIFY brings when the key's next
+        event commits. Unless a NOTIFY came after its claim went out: that event may be of
+        this key, committed too late for the claim and skipped by the claims since (the key
+        was leased), and no NOTIFY will come for it again; a claim goes out now, carrying
+        this write, and takes it."""
+        note = self._claim_notes.get(event.token)
+        drained = note is None or event.key not in note.unfinished
+        self._results.confirmed(event, run_finished=True, drained=drained)
+        if drained and note is not None and self._claims.notified != note.notified:
+            self._claims.soon()
+
+    def _claimed(
+        self, claim: Claim, started: float, ticket: int, trace: ClaimTrace, notified: int
+    ) -> None:
         self._claim_sent_at = None
         trace.delivered_at = self._monotonic()
         count = len(claim.events)
@@ -664,8 +688,7 @@ class Relay:
             return
         # Measured from before the claim: the local view of the lease never outlives it.
         self._lease_deadline[claim.token] = started + self.settings.lease
-        if claim.unfinished:
-            self._unfinished[claim.token] = claim.unfinished
+        self._claim_notes[claim.token] = _ClaimNote(claim.unfinished, notified)
         self._earliest_deadline = min(self._earliest_deadline, started + self.settings.lease)
         stale = self.sequencer.add(claim.events)
         if stale:
@@ -769,9 +792,9 @@ class Relay:
         for token in list(self._lease_deadline):
             if token not in live:
                 del self._lease_deadline[token]
-        for token in list(self._unfinished):
+        for token in list(self._claim_notes):
             if token not in live:
-                del self._unfinished[token]
+                del self._claim_notes[token]
 
     def _expire_lost_leases(self) -> None:
         """A claim whose lease may have run out (e.g. the process was paused) publishes no more:

@@ -1303,6 +1303,14 @@ def test_a_fatal_error_during_the_shutdowns_wait_still_closes_everything(
 # -- a claim carries the confirms (relay/results.py, Store.write_and_claim) ------------------
 
 
+def _quiet(h: Harness) -> tuple[ManualWorker, ManualWorker]:
+    """`_started`, and the claim its wake-up asked for answered (it found nothing)."""
+    writes, claims = _started(h)
+    while claims.jobs:
+        _turn(h, claims)
+    return writes, claims
+
+
 def _status(h: Harness) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for row in h.rows():
@@ -1316,12 +1324,11 @@ def test_the_next_claim_carries_the_confirm_of_a_run_that_drained_its_key(
     """At low rates each event drains its key: its confirm waits for the next event's claim,
     which writes it first, one database job for both (no write of its own)."""
     h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
-    writes, claims = _started(h)
+    writes, claims = _quiet(h)
     h.write(*keyed("a", 1))
     h.relay.wake()
     h.step()
-    while claims.jobs:
-        _turn(h, claims)  # a1 claimed and published (and the claim a NOTIFY asked for)
+    _turn(h, claims)  # a1 claimed and published
     h.publisher.settle()
     h.step()  # a1 confirmed
     assert not writes.jobs and not claims.jobs  # the confirm waits
@@ -1419,12 +1426,11 @@ def test_a_carrying_claim_that_takes_the_key_it_frees_again_asks_for_no_other_cl
     nothing is left to claim, so no claim follows it (it would find nothing, for a claim's
     CPU per event)."""
     h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
-    writes, claims = _started(h)
+    writes, claims = _quiet(h)
     h.write(*keyed("a", 1))
     h.relay.wake()
     h.step()
-    while claims.jobs:
-        _turn(h, claims)
+    _turn(h, claims)
     h.publisher.settle()
     h.step()  # a1 confirmed: waits for a claim
     h.write(*keyed("a", 1))
@@ -1434,3 +1440,64 @@ def test_a_carrying_claim_that_takes_the_key_it_frees_again_asks_for_no_other_cl
     assert _status(h) == {"a": ["published", "pending"]}
     assert len(h.publisher.published) == 2
     assert not claims.jobs and not writes.jobs
+
+
+def test_no_write_goes_out_while_a_claim_carries_earlier_confirms_of_the_key(
+    tmp_path: Path,
+) -> None:
+    """a1's confirm rides on b's claim; a2's confirm ends a's run meanwhile. Written first,
+    a2's write would free a with a1 unmarked: the carried mark would be fenced off and the
+    claim would take a1 again, published twice and out of order with no fault (found by
+    review). Writes wait for the carrying claim."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
+    writes, claims = _quiet(h)
+    h.write(*keyed("a", 2))
+    ids = [str(r.id) for r in h.rows()]
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # a1 and a2 claimed; a1 published, a2 queued behind it
+    h.publisher.settle()
+    h.step()  # a1 confirmed (the run goes on), a2 published: nothing queued any more
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()  # b's claim goes out carrying a1's confirm
+    assert len(claims.jobs) == 1 and not writes.jobs
+    h.publisher.settle()
+    h.step()  # a2 confirmed: a's run is over
+    let_writes_go(h)
+    h.step()
+    assert not writes.jobs, "no write while the carrying claim is on its way"
+    _turn(h, claims)
+    for _ in range(5):
+        h.publisher.settle()
+        let_writes_go(h)
+        _turn(h, writes)
+        _turn(h, claims)
+    sent = [m.message_id for m in h.publisher.published if m.headers["ordering-key"] == "a"]
+    assert sent == ids
+    assert _status(h) == {"a": ["published", "published"], "b": ["published"]}
+
+
+def test_an_event_committed_while_its_key_is_in_flight_is_claimed_once_the_run_ends(
+    tmp_path: Path,
+) -> None:
+    """a2 commits while a1 is in flight; its NOTIFY's claim finds a leased and takes nothing,
+    and no NOTIFY will come for a2 again. a1's confirm must not wait for the batch interval
+    or the poll: a claim goes out at once, carries it, and takes a2 (found by review)."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=1.0)
+    writes, claims = _quiet(h)
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # a1 claimed (a drained as the claim saw it) and published
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    while claims.jobs:
+        _turn(h, claims)  # the NOTIFY's claim: a is leased, nothing
+    h.publisher.settle()
+    h.step()  # a1 confirmed; no time passes from here on
+    for _ in range(3):
+        _turn(h, writes)
+        _turn(h, claims)
+    assert len(h.publisher.published) == 2
