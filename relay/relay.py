@@ -181,7 +181,8 @@ class Relay:
         # that answered was sent, or the claim on its way then, if earlier (claims sent since
         # run later). Moved on at once while the relay holds nothing.
         self._renewed_at = Instant(now, clock())
-        self._writing: ResultBatch | None = None  # the results on their way to the database
+        self._writing: ResultBatch | None = None  # the results on their way, on the write lane
+        self._carrying: ResultBatch | None = None  # ... and those a claim carries
         self._claim_sent_at: Instant | None = None  # the claim on its way, when it was sent
         self._next_housekeeping = now
         self._next_heartbeat = now
@@ -281,7 +282,8 @@ class Relay:
         self._claim_lane.stop(timeout=self.settings.db_timeout)
         self._collect(0)  # take in what the publisher and the workers still had to say
         try:
-            if self._writing is None:  # a write on its way owns its results: leave them
+            # A write on its way owns its results: leave them, and what must follow them.
+            if self._writing is None and not self._held_back():
                 self._fenced(self._write(self._results.take()))
             self.store.unregister(self.settings.name)
         except DatabaseUnavailableError as exc:
@@ -350,7 +352,8 @@ class Relay:
         elif not self._database.busy:
             due += [self._next_renew, self._next_housekeeping, self._next_heartbeat]
             flush_at = self._results.due_at()
-            if flush_at is not None:
+            # Results held back wait for the carrying claim, whose answer wakes the loop.
+            if flush_at is not None and not self._held_back():
                 if self._results.due(stopping=self.stop_requested):
                     return 0.0
                 due.append(flush_at)
@@ -500,34 +503,40 @@ class Relay:
 
     # -- database work ---------------------------------------------------------------------
 
+    def _held_back(self) -> bool:
+        """Whether the results waiting must wait for the claim carrying earlier ones: they
+        share a claim with them. Written first, a later result of a key (its run's end, a
+        failure) would end the key's lease before the carried confirms of it are marked:
+        those would be fenced off, and the claim would take their events again. Results of
+        other claims go out meanwhile (their keys are others: a key has one lease)."""
+        return self._carrying is not None and bool(self._results.claims() & self._carrying.claims())
+
     def _submit_writes(self) -> None:
-        if self._writing is not None:
-            return  # on its way already, or carried by a claim: it commits first
-        if not self._results.due(stopping=self.stop_requested):
+        if self._held_back() or not self._results.due(stopping=self.stop_requested):
             return
         # The job owns the batch until it completes; new results collect in a fresh one.
         batch = self._results.take()
         frees_keys = batch.gives_keys_back  # known now: writing empties the batch
 
         self._writing = batch
-        self._database.submit(
-            lambda: self._write(batch),
-            lambda fenced: self._batch_written(batch, fenced, frees_keys=frees_keys),
-            on_error=lambda: self._batch_failed(batch),
-        )
+
+        def done(fenced: int) -> None:
+            self._writing = None
+            self._batch_written(batch, fenced, frees_keys=frees_keys)
+
+        def failed() -> None:
+            self._writing = None
+            self._results.put_back(batch)
+
+        self._database.submit(lambda: self._write(batch), done, on_error=failed)
 
     def _batch_written(self, batch: ResultBatch, fenced: int, *, frees_keys: bool) -> None:
-        self._writing = None
         self._fenced(fenced)
         if frees_keys and (batch.left_claimable or self.settings.until_empty):
             # Keys whose runs just ended with events left (or were given back) can be
             # claimed again. (`until_empty` looks once more in any case, to know it is
             # done.)
             self._claims.soon()
-
-    def _batch_failed(self, batch: ResultBatch) -> None:
-        self._writing = None
-        self._results.put_back(batch)
 
     def _write(self, batch: ResultBatch) -> int:
         return batch.write(
@@ -584,7 +593,12 @@ class Relay:
         ):
             return True
         # Overdue: safe only while this relay holds no lease that matters.
-        return self._writing is None and not self._results and self.sequencer.idle
+        return (
+            self._writing is None
+            and self._carrying is None
+            and not self._results
+            and self.sequencer.idle
+        )
 
     def _carries_results(self) -> bool:
         """Whether the next claim writes the results waiting first (`Store.write_and_claim`;
@@ -597,7 +611,7 @@ class Relay:
         time on the claim (under a millisecond). A claim that carries a write holds the
         writers' locks of the keys it frees until it commits (see `Store.write_and_claim`):
         with events queued, claims can be large, and writers would wait that long."""
-        return self._writing is None and not self.sequencer.queued
+        return self._writing is None and self._carrying is None and not self.sequencer.queued
 
     def _submit_claim(self) -> None:
         if not (self._claim_possible() and self._claims.due):
@@ -606,8 +620,7 @@ class Relay:
         now = self._clock()
         carried = self._results.take_carriable() if self._carries_results() else None
         frees_keys = carried is not None and carried.gives_keys_back
-        if carried is not None:
-            self._writing = carried
+        self._carrying = carried
         probe_first = self._claims.last_was_empty and carried is None
         notified = self._claims.notified
         ticket = self._claims.started()
@@ -644,13 +657,15 @@ class Relay:
         def done(answer: tuple[int, Claim]) -> None:
             fenced, claim = answer
             if carried is not None:
+                self._carrying = None
                 self._batch_written(carried, fenced, frees_keys=frees_keys)
             self._claimed(claim, started, ticket, trace, notified)
 
         def failed() -> None:
             self._claim_sent_at = None
             if carried is not None:
-                self._batch_failed(carried)
+                self._carrying = None
+                self._results.put_back(carried)
             # A failed claim claims again once its lane is back (its lane's retry time
             # governs), not a poll interval later: the NOTIFY that asked for it was spent.
             self._claims.soon()
@@ -668,8 +683,11 @@ class Relay:
         this write, and takes it."""
         note = self._claim_notes.get(event.token)
         drained = note is None or event.key not in note.unfinished
+        missed = drained and note is not None and self._claims.notified != note.notified
+        if missed and not self._carries_results():
+            drained = False  # no claim can carry it now: written at once, which then asks
         self._results.confirmed(event, run_finished=True, drained=drained)
-        if drained and note is not None and self._claims.notified != note.notified:
+        if missed and drained:
             self._claims.soon()
 
     def _claimed(
@@ -765,7 +783,12 @@ class Relay:
         # Claims with events here, and claims whose results are still to be written: a
         # lease that ran out before the write would let a claim (this relay's own, too)
         # publish the confirmed events again.
+        writing = [batch for batch in (self._writing, self._carrying) if batch is not None]
         tokens = self.sequencer.tokens() | self._results.tokens()
+        for batch in writing:
+            # On its way: its leases must last until it commits. (A claim that carries it
+            # runs beside this renewal.)
+            tokens |= batch.tokens()
         self._forget_finished_claims(tokens)
         # A claim on its way is not renewed here: its leases run from when it was sent.
         wall = self._clock()
@@ -786,6 +809,8 @@ class Relay:
                     self._lease_deadline[token] = now + self.settings.lease
 
         keyless = self.sequencer.keyless_seqs() + self._results.unwritten_seqs()
+        for batch in writing:
+            keyless += batch.unwritten_seqs()
         self._database.submit(lambda: self.store.renew(tokens, until, keyless=keyless), renewed)
 
     def _forget_finished_claims(self, live: set[uuid.UUID]) -> None:

@@ -58,6 +58,22 @@ class ResultBatch:
         """Writing this batch frees keys (or rows) for the next claim."""
         return bool(self.freed or self.releases or self.failures)
 
+    def tokens(self) -> set[uuid.UUID]:
+        """Claims with confirms or failures to write, or runs to end (their leases still
+        matter)."""
+        return set(self.acked) | set(self.failures) | set(self.freed)
+
+    def claims(self) -> set[uuid.UUID]:
+        """Every claim this batch writes about."""
+        return self.tokens() | set(self.releases)
+
+    def unwritten_seqs(self) -> list[int]:
+        """The rows of the confirms and failures to write (those without a key carry their
+        own lease, which must last until the write)."""
+        seqs = [seq for seqs in self.acked.values() for seq in seqs]
+        seqs.extend(f.event.seq for failures in self.failures.values() for f in failures)
+        return seqs
+
     @property
     def carriable(self) -> bool:
         """Only confirms and finished runs: what a claim can write first."""
@@ -164,15 +180,13 @@ class PendingResults:
             self._note()
 
     def tokens(self) -> set[uuid.UUID]:
-        """Claims with confirms or failures still to write (their leases still matter)."""
-        return set(self._batch.acked) | set(self._batch.failures) | set(self._batch.freed)
+        return self._batch.tokens()
+
+    def claims(self) -> set[uuid.UUID]:
+        return self._batch.claims()
 
     def unwritten_seqs(self) -> list[int]:
-        """The rows of the confirms and failures still to write (those without a key carry
-        their own lease, which must last until the write)."""
-        seqs = [seq for seqs in self._batch.acked.values() for seq in seqs]
-        seqs.extend(f.event.seq for failures in self._batch.failures.values() for f in failures)
-        return seqs
+        return self._batch.unwritten_seqs()
 
     def due(self, *, stopping: bool) -> bool:
         """Write now? (See the module docstring.)"""

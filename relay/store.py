@@ -449,18 +449,13 @@ class Store:
         in. A claim reads at most `limit` key rows and about twice `limit` event rows,
         whatever the backlog.
         """
-        return self._claim(
-            owner=owner,
-            limit=limit,
-            run_length=run_length,
-            lease_until=lease_until,
-            now=now,
-            carried=None,
+        return self.write_and_claim(
+            None, owner=owner, limit=limit, run_length=run_length, lease_until=lease_until, now=now
         )[1]
 
     def write_and_claim(
         self,
-        carried: Carried,
+        carried: Carried | None,
         *,
         owner: str,
         limit: int,
@@ -478,30 +473,13 @@ class Store:
         a transaction sees its own changes. A key the write frees is ready to the claim's
         lock (its row is already locked by this transaction, which takes its own locks
         again), and the rows the write marked are no longer pending for the read. A failure
-        rolls all of it back: nothing is marked, freed or leased.
+        rolls all of it back: nothing is marked, freed or leased. (`carried` None: the claim
+        alone, and nothing written.)
 
-        What it costs: the writers' locks of drained keys that the write deletes
-        (`_delete_drainable`) are held until the claim commits, so a writer adding an event
-        to such a key waits for the claim (about a millisecond at low rates)."""
-        return self._claim(
-            owner=owner,
-            limit=limit,
-            run_length=run_length,
-            lease_until=lease_until,
-            now=now,
-            carried=carried,
-        )
-
-    def _claim(
-        self,
-        *,
-        owner: str,
-        limit: int,
-        run_length: int,
-        lease_until: dt.datetime,
-        now: dt.datetime,
-        carried: Carried | None,
-    ) -> tuple[Written, Claim]:
+        What it costs: the writers' locks of the keys the write frees (taken where no writer
+        holds them, `_end_leases_noting_lockable`) are held until the claim commits, so a
+        writer adding an event to such a key waits for the claim (about a millisecond at
+        low rates)."""
         token = uuid.uuid4()
         events: list[ClaimedEvent]
         written = NOTHING_WRITTEN
@@ -552,14 +530,15 @@ class Store:
             last = max((keys.index(key) for key in served), default=len(keys) - 1)
             empty = [key for key in keys[: last + 1] if key not in served]
         if empty:
-            with self.transaction() as conn:
-                k = self.outbox.keys
-                free = sa.select(k.c.key).where(
-                    self._one_of(k.c.key, empty), k.c.lease_token.is_(None)
+            # After the claim's commit: an outage here must not fail the claim (the relay
+            # would take its written results for unwritten, and lose sight of its events
+            # until their leases ran out). The keys stay for a later claim to drop.
+            try:
+                self._drop_empty(empty, now)
+            except DatabaseUnavailableError as exc:
+                log.warning(
+                    "could not drop %d empty keys (%s); a later claim will", len(empty), exc
                 )
-                if self._postgres:
-                    free = free.with_for_update(skip_locked=True)
-                self._drop_empty_keys(conn, list(conn.scalars(free)), now=now)
         # A key that got its whole share (`_per_key`) may have more; with the room run out,
         # any key may.
         share = _per_key(limit, len(keys), run_length)
@@ -573,6 +552,14 @@ class Store:
             unfinished=unfinished,
         )
         return written, claim
+
+    def _drop_empty(self, empty: Collection[str], now: dt.datetime) -> None:
+        with self.transaction() as conn:
+            k = self.outbox.keys
+            free = sa.select(k.c.key).where(self._one_of(k.c.key, empty), k.c.lease_token.is_(None))
+            if self._postgres:
+                free = free.with_for_update(skip_locked=True)
+            self._drop_empty_keys(conn, list(conn.scalars(free)), now=now)
 
     def _ready_now(self, now: dt.datetime | None = None) -> sa.ColumnElement[Any]:
         """The relay's clock, as leases and retry times are set with it (hosts need NTP).

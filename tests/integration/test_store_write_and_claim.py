@@ -18,22 +18,8 @@ import sqlalchemy as sa
 from outbox import Event, Outbox
 from relay.records import Claim
 from relay.store import Carried, Store, Written
+from tests.integration.test_store_claim import claim, now
 from tests.support.relays import write_events
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def claim(store: Store, *, limit: int = 100, run_length: int = 10, owner: str = "r") -> Claim:
-    moment = now()
-    return store.claim(
-        owner=owner,
-        limit=limit,
-        run_length=run_length,
-        lease_until=moment + dt.timedelta(seconds=30),
-        now=moment,
-    )
 
 
 def write_and_claim(

@@ -1311,6 +1311,14 @@ def _quiet(h: Harness) -> tuple[ManualWorker, ManualWorker]:
     return writes, claims
 
 
+def _claim_now(h: Harness, claims: ManualWorker, *events: Event) -> None:
+    """Write `events`, and let the claim their NOTIFY asks for answer."""
+    h.write(*events)
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)
+
+
 def _status(h: Harness) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for row in h.rows():
@@ -1325,10 +1333,7 @@ def test_the_next_claim_carries_the_confirm_of_a_run_that_drained_its_key(
     which writes it first, one database job for both (no write of its own)."""
     h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
     writes, claims = _quiet(h)
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
-    _turn(h, claims)  # a1 claimed and published
+    _claim_now(h, claims, *keyed("a", 1))  # a1 claimed and published
     h.publisher.settle()
     h.step()  # a1 confirmed
     assert not writes.jobs and not claims.jobs  # the confirm waits
@@ -1350,10 +1355,7 @@ def test_a_run_whose_key_may_have_more_is_written_at_once_on_the_write_lane(
     before a claim can take it again, so its write does not wait for a claim."""
     h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0, run_length=1)
     writes, claims = _started(h)
-    h.write(*keyed("a", 2))
-    h.relay.wake()
-    h.step()
-    _turn(h, claims)  # a1 claimed and published
+    _claim_now(h, claims, *keyed("a", 2))  # a1 claimed and published
     h.publisher.settle()
     h.step()  # a1 confirmed
     assert len(writes.jobs) == 1, "the write went out at once"
@@ -1396,10 +1398,7 @@ def test_a_carrying_claim_that_fails_puts_the_confirms_back_for_the_next_write(
     h = Harness(tmp_path, worker=FlakyWorker, poll_interval=30.0)
     writes, claims = _started(h)
     assert isinstance(claims, FlakyWorker)
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
-    _turn(h, claims)  # a1 claimed and published
+    _claim_now(h, claims, *keyed("a", 1))  # a1 claimed and published
     h.publisher.settle()
     h.step()
     h.write(*keyed("b", 1))
@@ -1427,16 +1426,10 @@ def test_a_carrying_claim_that_takes_the_key_it_frees_again_asks_for_no_other_cl
     CPU per event)."""
     h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
     writes, claims = _quiet(h)
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
-    _turn(h, claims)
+    _claim_now(h, claims, *keyed("a", 1))
     h.publisher.settle()
     h.step()  # a1 confirmed: waits for a claim
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
-    _turn(h, claims)  # a1 marked, a freed and a2 claimed, in one job
+    _claim_now(h, claims, *keyed("a", 1))  # a1 marked, a freed and a2 claimed, in one job
     assert _status(h) == {"a": ["published", "pending"]}
     assert len(h.publisher.published) == 2
     assert not claims.jobs and not writes.jobs
@@ -1486,10 +1479,9 @@ def test_an_event_committed_while_its_key_is_in_flight_is_claimed_once_the_run_e
     or the poll: a claim goes out at once, carries it, and takes a2 (found by review)."""
     h = Harness(tmp_path, worker=ManualWorker, poll_interval=1.0)
     writes, claims = _quiet(h)
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
-    _turn(h, claims)  # a1 claimed (a drained as the claim saw it) and published
+    _claim_now(
+        h, claims, *keyed("a", 1)
+    )  # a1 claimed (a drained as the claim saw it) and published
     h.write(*keyed("a", 1))
     h.relay.wake()
     h.step()
@@ -1501,3 +1493,212 @@ def test_an_event_committed_while_its_key_is_in_flight_is_claimed_once_the_run_e
         _turn(h, writes)
         _turn(h, claims)
     assert len(h.publisher.published) == 2
+
+
+# -- the carried write, second review ------------------------------------------------------
+
+
+def _carrying_claim_on_its_way(h: Harness) -> tuple[ManualWorker, ManualWorker]:
+    """a1 and c1 claimed together and published; a1 confirmed (drained: waits to be
+    carried), c1 still in flight. b1's NOTIFY sends a claim carrying a1's confirm, which the
+    test keeps on its way."""
+    writes, claims = _quiet(h)
+    h.write(*keyed("a", 1), *keyed("c", 1))
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # a1, c1 claimed and published
+    settle_only(h, "a")
+    h.step()  # a1 confirmed: waits for a claim to carry it; c1 still in flight
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()  # b's claim goes out carrying a1's confirm
+    assert len(claims.jobs) == 1 and not writes.jobs
+    assert h.relay._carrying is not None
+    return writes, claims
+
+
+def settle_only(h: Harness, key: str | None, outcome: Outcome = Outcome.CONFIRMED) -> None:
+    """Answer the outstanding messages of `key` only (the others stay in flight)."""
+    pub = h.publisher
+    mine = [m for m in pub.outstanding if m.headers.get("ordering-key") == key]
+    rest = [m for m in pub.outstanding if m not in mine]
+    pub.outstanding = mine
+    decide = pub.decide
+    pub.decide = lambda m: outcome
+    pub.settle()
+    pub.decide = decide
+    pub.outstanding = rest
+
+
+def _settle_c(h: Harness, outcome: Outcome) -> None:
+    settle_only(h, "c", outcome)
+    h.step()
+
+
+def test_the_loop_does_not_spin_while_a_carrying_claim_holds_back_a_due_write(
+    tmp_path: Path,
+) -> None:
+    """c1's refusal (due at once) arrives while the claim carrying a1's confirm, of the
+    same claim, is on its way: it waits for that claim, and the loop waits with it rather
+    than stepping without a pause until the claim answers (found by review)."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0, max_attempts=3, retry_min=10)
+    writes, _ = _carrying_claim_on_its_way(h)
+    _settle_c(h, Outcome.REJECTED)
+    assert h.relay._results.due(stopping=False)
+    h.step()
+    assert not writes.jobs, "held back behind the carrying claim (fix 1a4775c)"
+    assert h.relay._wait_time() > 0, "nothing can be done before the claim answers"
+
+
+def _answer_claims(h: Harness, claims: ManualWorker) -> None:
+    while claims.jobs:
+        _turn(h, claims)
+
+
+def test_a_renewal_during_a_carrying_claim_keeps_the_leases_of_what_it_carries(
+    tmp_path: Path,
+) -> None:
+    """A renewal that goes out while a claim carries confirms renews their claims'
+    leases too (found by review). Left out, with the database slow for less than two
+    thirds of the lease each time, this relay's own claim took a1 back and published it
+    twice: lease 60 s; T1 (a1, z1..z3) claimed at 1000; a slow heartbeat holds the write
+    lane from 1010 to 1035, so the renewal due at 1020 waits; at 1035 b's claim carries
+    T1's confirms and the renewal then went out with no token, moving `_renewed_at` to
+    1035; the claim fails (an outage of its lane), the confirms go to the write lane, slow
+    again until 1061; T1's lease had run out, but `_leases_safe` trusted `_renewed_at`."""
+    h = Harness(tmp_path, worker=FlakyWorker, poll_interval=30.0, lease=60.0)
+    writes, claims = _quiet(h)
+    assert isinstance(claims, FlakyWorker)
+    h.write(*keyed("a", 1), *keyed("z", 3))
+    a1 = str(h.rows()[0].id)
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # T1: a1 and z1 published, z2 and z3 queued
+    h.clock.advance(10)
+    h.step()  # 1010: the heartbeat takes the write lane, and is slow
+    assert writes.jobs
+    _answer_claims(h, claims)
+    settle_only(h, "a")
+    h.step()  # a1 confirmed: not carried while z's events are queued
+    _answer_claims(h, claims)
+    h.clock.advance(10)
+    h.step()  # 1020: the renewal is due, the lane is busy
+    _answer_claims(h, claims)
+    h.clock.advance(15)  # 1035
+    for _ in range(3):
+        settle_only(h, "z")
+        h.step()
+        _answer_claims(h, claims)
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()  # b's claim carries T1's confirms
+    assert h.relay._carrying is not None and claims.jobs
+    while writes.jobs:
+        _turn(h, writes)  # the heartbeat answers; then the renewal: no token to renew
+    assert h.relay._renewed_at.monotonic == 1035.0
+    claims.fail_jobs()  # the carrying claim meets an outage of its lane
+    claims.deliver()
+    h.step()
+    let_writes_go(h)
+    h.step()  # T1's confirms go to the write lane, which is slow again
+    assert writes.jobs
+    h.clock.advance(26)  # 1061: T1's lease has run out; the write is still on its way
+    h.step()
+    _answer_claims(h, claims)
+    sent = [m.message_id for m in h.publisher.published]
+    assert sent.count(a1) == 1, "a1 published twice, by this relay's own claim"
+
+
+def test_a_carrying_claim_failing_after_its_commit_reports_no_lease_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim commits the carried write with itself, then drops the empty keys it
+    locked in a transaction of its own: an outage there must not fail the claim, or its
+    written confirms would go back, be written again, find nothing owned and read as
+    fenced off by another relay (there is none; found by review)."""
+    h = Harness(tmp_path, worker=FlakyWorker, poll_interval=30.0)
+    writes, claims = _quiet(h)
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # a1 claimed and published
+    h.publisher.settle()
+    h.step()  # a1 confirmed: waits for a claim to carry it
+    with h.engine.begin() as conn:  # a key row with nothing pending (a writer rolled back)
+        conn.execute(
+            sa.insert(h.box.keys).values(
+                key="empty", available_at=dt.datetime(2025, 1, 1, tzinfo=dt.UTC), held=False
+            )
+        )
+    real = h.store._drop_empty_keys
+    calls = {"n": 0}
+
+    def once(*args: object, **kw: object) -> object:
+        if "empty" in args[1] and not calls["n"]:  # the claim's own drop, after its commit
+            calls["n"] += 1
+            raise DatabaseUnavailableError("connection lost after the claim committed")
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(h.store, "_drop_empty_keys", once)
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()  # b's claim carries a1's confirm
+    assert h.relay._carrying is not None
+    _turn(h, claims)  # committed, then the outage: the job fails
+    assert _status(h)["a"] == ["published"], "the carried write committed"
+    h.clock.advance(10)
+    fenced = 0
+    for _ in range(4):
+        let_writes_go(h)
+        _turn(h, writes)
+        fenced += h.relay._report.fenced
+        _turn(h, claims)
+        fenced += h.relay._report.fenced
+    assert fenced == 0, "a written confirm reported as fenced off by another relay"
+
+
+def test_results_of_other_claims_are_not_held_back_by_a_carrying_claim(
+    tmp_path: Path,
+) -> None:
+    """c1 is of a claim of its own: its refusal is written at once, on the write lane, while
+    the claim carrying a1's confirm is still on its way (a key has one lease: a result of
+    another claim cannot end the lease of a1's key)."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0, max_attempts=3, retry_min=10)
+    writes, claims = _quiet(h)
+    _claim_now(h, claims, *keyed("a", 1))  # claim T1: a1 published
+    _claim_now(h, claims, *keyed("c", 1))  # claim T2: c1 published
+    settle_only(h, "a")
+    h.step()  # a1 confirmed: waits for a claim to carry it
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()  # b's claim goes out carrying a1's confirm
+    assert h.relay._carrying is not None and len(claims.jobs) == 1
+    _settle_c(h, Outcome.REJECTED)
+    assert len(writes.jobs) == 1, "c1's failure went out beside the carrying claim"
+    _turn(h, writes)
+    _turn(h, claims)
+    assert _status(h) == {"a": ["published"], "b": ["pending"], "c": ["pending"]}
+    (failure,) = h.failures()
+    assert failure.error == "no"
+
+
+def test_a_missed_event_whose_runs_end_cannot_be_carried_is_written_at_once(
+    tmp_path: Path,
+) -> None:
+    """a2 commits while a1 is in flight (its NOTIFY's claim finds a leased), and when a1's
+    confirm comes no claim can carry it (z's events wait to be published): a's run end is
+    written at once, and the key freed with events left asks for the claim that takes a2."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
+    writes, claims = _quiet(h)
+    _claim_now(h, claims, *keyed("a", 1), *keyed("z", 3))  # a1 and z1 out, z2 z3 queued
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    while claims.jobs:
+        _turn(h, claims)  # a2's NOTIFY: a is leased, nothing
+    settle_only(h, "a")
+    h.step()  # a1 confirmed, z's events still queued: no claim can carry the write
+    assert len(writes.jobs) == 1, "written at once"
+    _turn(h, writes)
+    _turn(h, claims)
+    assert len([m for m in h.publisher.published if m.headers["ordering-key"] == "a"]) == 2
