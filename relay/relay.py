@@ -43,7 +43,7 @@ from relay.records import Claim, ClaimedEvent, Failure
 from relay.results import PendingResults, ResultBatch
 from relay.sequencer import Sequencer
 from relay.settings import RelaySettings
-from relay.store import Store
+from relay.store import NOTHING_WRITTEN, Store, Written
 from relay.tracing import PublishSpans
 from relay.wake_trace import ClaimTrace
 from relay.worker import Completion, ThreadWorker, Worker
@@ -637,27 +637,31 @@ class Relay:
             "now": now,
         }
 
-        def claim() -> tuple[int, Claim]:
+        # Built here: the job only reads the batch; the loop alone changes it (when the
+        # claim has answered), as the loop also reads it meanwhile (renewals).
+        confirms = (
+            carried.carried(relay=self.settings.name, delete=self.settings.retention == 0)
+            if carried is not None
+            else None
+        )
+
+        def claim() -> tuple[Written, Claim]:
             trace.started_at = self._monotonic()
             try:
-                if carried is not None:
-                    confirms = carried.carried(
-                        relay=self.settings.name, delete=self.settings.retention == 0
-                    )
-                    written, claim = self.store.write_and_claim(confirms, **terms)
-                    claimed = {event.key for event in claim.events}
-                    return carried.written_by_claim(written, claimed), claim
+                if confirms is not None:
+                    return self.store.write_and_claim(confirms, **terms)
                 if probe_first and not self.store.has_ready(now):
                     # An idle table costs one cheap query per poll, not a whole claim.
-                    return 0, Claim(token=uuid.uuid4(), events=(), lease_until=now)
-                return 0, self.store.claim(**terms)
+                    return NOTHING_WRITTEN, Claim(token=uuid.uuid4(), events=(), lease_until=now)
+                return NOTHING_WRITTEN, self.store.claim(**terms)
             finally:
                 trace.answered_at = self._monotonic()
 
-        def done(answer: tuple[int, Claim]) -> None:
-            fenced, claim = answer
+        def done(answer: tuple[Written, Claim]) -> None:
+            written, claim = answer
             if carried is not None:
                 self._carrying = None
+                fenced = carried.written_by_claim(written, {event.key for event in claim.events})
                 self._batch_written(carried, fenced, frees_keys=frees_keys)
             self._claimed(claim, started, ticket, trace, notified)
 

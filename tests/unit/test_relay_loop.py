@@ -1702,3 +1702,21 @@ def test_a_missed_event_whose_runs_end_cannot_be_carried_is_written_at_once(
     _turn(h, writes)
     _turn(h, claims)
     assert len([m for m in h.publisher.published if m.headers["ordering-key"] == "a"]) == 2
+
+
+def test_the_claim_job_only_reads_the_batch_it_carries(tmp_path: Path) -> None:
+    """The job runs on the claim lane's thread while the loop reads the carried batch (a
+    renewal takes its tokens and rows): the batch changes only when the loop takes the
+    answer. Emptied by the job, it made a renewal's read of it raise "dictionary changed
+    size during iteration" and stop the relay (found by review)."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
+    _, claims = _carrying_claim_on_its_way(h)
+    carried = h.relay._carrying
+    assert carried is not None
+    before = (dict(carried.acked), dict(carried.freed), carried.tokens())
+    claims.run_jobs()  # committed on the lane's thread; the answer not yet taken
+    assert (dict(carried.acked), dict(carried.freed), carried.tokens()) == before
+    claims.deliver()
+    h.step()
+    assert h.relay._carrying is None and not carried
+    assert _status(h)["a"] == ["published"]
