@@ -607,7 +607,7 @@ class Relay:
         Not while a write is on its way: they would be written out of turn. And only while
         no event waits to be published: the relay has caught up, so its claims are small and
         what new events wait for, and carrying the write saves a round trip and a database
-        job per event (at 200 events/s, a quarter of the relay's CPU) for the write's own
+        job per event (at 200 events/s, a fifth of the relay's CPU) for the write's own
         time on the claim (under a millisecond). A claim that carries a write holds the
         writers' locks of the keys it frees until it commits (see `Store.write_and_claim`):
         with events queued, claims can be large, and writers would wait that long."""
