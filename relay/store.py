@@ -501,10 +501,7 @@ class Store:
         else:
             with self.transaction() as conn:
                 if carried is not None:
-                    written = Written(
-                        self._mark_sqlite(conn, carried.acked, now, carried.delete, carried.relay),
-                        self._end_runs_sqlite(conn, carried.freed, now),
-                    )
+                    written = self._write_sqlite(conn, carried, now)
                 keys = list(conn.scalars(self._lock_ready_keys, {"limit": limit, "now": now}))
                 rows = self._claim_sqlite(
                     conn,
@@ -1229,16 +1226,19 @@ class Store:
         if not any(acked.values()) or not any(freed.values()):
             owned = self.mark_published(acked, now=now, delete=delete, relay=relay)
             return Written(owned, self.end_runs(freed, now=now))
+        carried = Carried(acked, freed, delete, relay)
         if not self._postgres:
             with self.transaction() as conn:
-                owned = self._mark_sqlite(conn, acked, now, delete, relay)
-                return Written(owned, self._end_runs_sqlite(conn, freed, now))
+                return self._write_sqlite(conn, carried, now)
         with self._driver() as cursor:
             self.transactions_total += 1
-            results = self._script(
-                cursor.connection, *self._write_steps(Carried(acked, freed, delete, relay), now)
-            )
+            results = self._script(cursor.connection, *self._write_steps(carried, now))
         return self._written(results)
+
+    def _write_sqlite(self, conn: Connection, carried: Carried, now: dt.datetime) -> Written:
+        """SQLite: `mark_and_end_runs` in the transaction of `conn`, the marks first."""
+        owned = self._mark_sqlite(conn, carried.acked, now, carried.delete, carried.relay)
+        return Written(owned, self._end_runs_sqlite(conn, carried.freed, now))
 
     def _write_steps(self, carried: Carried, now: dt.datetime) -> Script:
         """PostgreSQL: `mark_and_end_runs` as steps of a script (`_script`): the marks, if
