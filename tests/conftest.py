@@ -76,6 +76,17 @@ def outbox_schema(pg_engine: sa.Engine, schema_name: str) -> Outbox:
 
 
 @pytest.fixture
+def quoted_outbox(pg_engine: sa.Engine) -> Iterator[Outbox]:
+    """The outbox tables under names that need quoting: a mixed-case schema, and a table
+    named by a reserved word in mixed case. Dropped after the test."""
+    box = Outbox(table="Order", schema=f"Mixed_{uuid.uuid4().hex[:6]}")
+    box.create(pg_engine)
+    yield box
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{box.schema}" CASCADE')
+
+
+@pytest.fixture
 def tapped_exchange(amqp_url: str) -> Iterator[tuple[QueueTap, str]]:
     """A fresh topic exchange with a tap queue bound to all of it (both deleted afterwards)."""
     with QueueTap(amqp_url) as tap:

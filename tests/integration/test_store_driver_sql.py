@@ -168,32 +168,28 @@ def test_a_missing_outbox_reads_as_a_missing_schema(pg_engine: sa.Engine, schema
 
 
 @pytest.mark.parametrize("write", ["apart", "in one script"])
-def test_names_that_need_quoting_on_the_driver_path(pg_engine: sa.Engine, write: str) -> None:
+def test_names_that_need_quoting_on_the_driver_path(
+    pg_engine: sa.Engine, quoted_outbox: Outbox, write: str
+) -> None:
     """Mixed case and a reserved word for table and schema, keys of 255 bytes and with
     characters a text array quotes (through the setting of the write's script too)."""
-    schema = f"Mixed_{uuid.uuid4().hex[:6]}"
-    box = Outbox(table="Order", schema=schema)
-    box.create(pg_engine)
-    try:
-        keys = ["é" * 127 + "x", 'quote"s', "k", "a,b {}", "back\\slash", "NULL"]
-        write_events(pg_engine, box, [Event(type="t", key=key) for key in keys for _ in range(2)])
-        store = Store(pg_engine, box, db_timeout=10)
-        assert store.has_ready(now())
-        claimed = claim(store, limit=2 * len(keys))
-        assert sorted({e.key for e in claimed.events}) == sorted(keys)
-        acked = {claimed.token: [e.seq for e in claimed.events]}
-        freed = {claimed.token: set(keys)}
-        if write == "apart":
-            assert store.mark_published(acked, now=now(), delete=False) == 2 * len(keys)
-            assert store.free_keys(freed, now=now()) == len(keys)
-        else:
-            owned, ended = store.mark_and_end_runs(acked, freed, now=now(), delete=False)
-            assert (owned, ended) == (2 * len(keys), FreedKeys(ended=len(keys), kept=0))
-        with pg_engine.connect() as conn:
-            assert conn.execute(sa.select(sa.func.count()).select_from(box.keys)).scalar() == 0
-    finally:
-        with pg_engine.begin() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    box = quoted_outbox
+    keys = ["é" * 127 + "x", 'quote"s', "k", "a,b {}", "back\\slash", "NULL"]
+    write_events(pg_engine, box, [Event(type="t", key=key) for key in keys for _ in range(2)])
+    store = Store(pg_engine, box, db_timeout=10)
+    assert store.has_ready(now())
+    claimed = claim(store, limit=2 * len(keys))
+    assert sorted({e.key for e in claimed.events}) == sorted(keys)
+    acked = {claimed.token: [e.seq for e in claimed.events]}
+    freed = {claimed.token: set(keys)}
+    if write == "apart":
+        assert store.mark_published(acked, now=now(), delete=False) == 2 * len(keys)
+        assert store.free_keys(freed, now=now()) == len(keys)
+    else:
+        owned, ended = store.mark_and_end_runs(acked, freed, now=now(), delete=False)
+        assert (owned, ended) == (2 * len(keys), FreedKeys(ended=len(keys), kept=0))
+    with pg_engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(box.keys)).scalar() == 0
 
 
 def test_the_driver_connection_is_psycopg(pg_engine: sa.Engine, outbox_schema: Outbox) -> None:

@@ -172,20 +172,15 @@ def test_on_postgresql_the_write_and_the_claim_are_one_round_trip(
 
 
 def test_names_that_need_quoting_and_keys_a_text_array_must_quote(
-    pg_engine: sa.Engine, schema_name: str
+    pg_engine: sa.Engine, quoted_outbox: Outbox
 ) -> None:
-    box = Outbox(table="order", schema=schema_name + "_Carry")
-    box.create(pg_engine)
-    try:
-        store = Store(pg_engine, box, db_timeout=10)
-        keys = ['a,"b"', "{c}", "é" * 127 + "x"]  # the last one 255 bytes of UTF-8
-        write_events(pg_engine, box, [Event(type="t", key=k) for k in keys for _ in range(2)])
-        first = claim(store, run_length=1)
-        assert {e.key for e in first.events} == set(keys)
-        written, second = write_and_claim(store, confirms(first, delete=True), run_length=1)
-        assert written.owned == 3 and written.freed.kept == 3
-        assert {e.key for e in second.events} == set(keys)
-        assert len(statuses(pg_engine, box)) == 3  # the confirmed rows deleted
-    finally:
-        with pg_engine.begin() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema_name}_Carry" CASCADE')
+    box = quoted_outbox
+    store = Store(pg_engine, box, db_timeout=10)
+    keys = ['a,"b"', "{c}", "é" * 127 + "x"]  # the last one 255 bytes of UTF-8
+    write_events(pg_engine, box, [Event(type="t", key=k) for k in keys for _ in range(2)])
+    first = claim(store, run_length=1)
+    assert {e.key for e in first.events} == set(keys)
+    written, second = write_and_claim(store, confirms(first, delete=True), run_length=1)
+    assert written.owned == 3 and written.freed.kept == 3
+    assert {e.key for e in second.events} == set(keys)
+    assert len(statuses(pg_engine, box)) == 3  # the confirmed rows deleted

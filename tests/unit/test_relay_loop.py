@@ -1370,10 +1370,9 @@ def test_no_claim_carries_a_write_while_events_wait_to_be_published(tmp_path: Pa
     locks of the keys it frees as long; b's confirm goes out alone once due."""
     h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
     writes, claims = _started(h)
-    h.write(*keyed("a", 3), *keyed("b", 1))
-    h.relay.wake()
-    h.step()
-    _turn(h, claims)  # a1 and b1 published, a2 and a3 queued behind a1
+    _claim_now(
+        h, claims, *keyed("a", 3), *keyed("b", 1)
+    )  # a1 and b1 published, a2 and a3 queued behind a1
     h.publisher.decide = lambda m: Outcome.CONFIRMED if m.headers["ordering-key"] == "b" else None
     h.publisher.settle()
     h.step()  # b1 confirmed; a1 still in flight
@@ -1503,10 +1502,7 @@ def _carrying_claim_on_its_way(h: Harness) -> tuple[ManualWorker, ManualWorker]:
     carried), c1 still in flight. b1's NOTIFY sends a claim carrying a1's confirm, which the
     test keeps on its way."""
     writes, claims = _quiet(h)
-    h.write(*keyed("a", 1), *keyed("c", 1))
-    h.relay.wake()
-    h.step()
-    _turn(h, claims)  # a1, c1 claimed and published
+    _claim_now(h, claims, *keyed("a", 1), *keyed("c", 1))  # a1, c1 claimed and published
     settle_only(h, "a")
     h.step()  # a1 confirmed: waits for a claim to carry it; c1 still in flight
     h.write(*keyed("b", 1))
@@ -1618,10 +1614,7 @@ def test_a_carrying_claim_failing_after_its_commit_reports_no_lease_lost(
     fenced off by another relay (there is none; found by review)."""
     h = Harness(tmp_path, worker=FlakyWorker, poll_interval=30.0)
     writes, claims = _quiet(h)
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
-    _turn(h, claims)  # a1 claimed and published
+    _claim_now(h, claims, *keyed("a", 1))  # a1 claimed and published
     h.publisher.settle()
     h.step()  # a1 confirmed: waits for a claim to carry it
     with h.engine.begin() as conn:  # a key row with nothing pending (a writer rolled back)
