@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from outbox import Event, Outbox
 from relay.records import Claim
 from relay.store import Carried, Store, Written
-from tests.integration.test_store_claim import claim, now
+from tests.integration.test_store_claim import by_key, claim, kill_head, now
 from tests.support.relays import write_events
 
 
@@ -184,3 +184,23 @@ def test_names_that_need_quoting_and_keys_a_text_array_must_quote(
     assert written.owned == 3 and written.freed.kept == 3
     assert {e.key for e in second.events} == set(keys)
     assert len(statuses(pg_engine, box)) == 3  # the confirmed rows deleted
+
+
+def test_a_carrying_claim_serves_small_keys_beside_a_huge_one_and_past_a_held_one(
+    pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """The claim a write carries is the claim alone: a key with a dead head (held) in front
+    of a backlog, and a key with thousands of events, take no turn from the small keys."""
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="held") for _ in range(500)])
+    kill_head(store, "held")
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="huge") for _ in range(3000)])
+    first = claim(store, limit=20, run_length=10)
+    assert by_key(first).keys() == {"huge"} and first.unfinished == {"huge"}
+    small = [f"s{i}" for i in range(5)]
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=k) for k in small])
+    written, second = write_and_claim(store, confirms(first), limit=20, run_length=10)
+    assert written.owned == 10 and written.freed.kept == 1  # huge has thousands left
+    got = by_key(second)
+    assert set(small) <= got.keys() and "held" not in got
+    assert len(got["huge"]) <= 10  # its run, then the back of the line
