@@ -96,6 +96,9 @@ class Listener:
             keepalives_count=3,
             # Unacknowledged data (a ping into a dead network) fails the socket after this.
             tcp_user_timeout=int((self._ping_timeout + 10) * 1000),
+            # The ping, prepared after five, would fail behind a pooler in transaction mode
+            # (another server session each time; see `relay.store.create_engine`).
+            prepare_threshold=None,
         )
 
     def _ping(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:

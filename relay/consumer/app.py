@@ -80,6 +80,10 @@ def create_engine(database_url: str, *, application_name: str, threads: int = 1)
                 "keepalives": 1,
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
+                # psycopg prepares a statement run five times on the session; behind a pooler
+                # in transaction mode (PgBouncer) the next transaction runs on another server
+                # session, where it does not exist ("prepared statement _pg3_0 does not exist").
+                "prepare_threshold": None,
             }
         # A connection per consumer thread, one for housekeeping, and some to spare.
         pool = (
