@@ -1368,7 +1368,9 @@ class Store:
             self._sent(conn, sql, statements=len(steps) + 1)
             script.execute(sql)
             for name, _ in steps:
-                script.nextset()
+                if not script.nextset():
+                    # Never seen; reading on would give this step the rows of the last one.
+                    raise RuntimeError(f"the database answered no result for the step {name!r}")
                 # The result's status, not `description`: that builds a column object per
                 # field at every look (15% of a claim's CPU).
                 returned = script.pgresult is not None and script.pgresult.status == TUPLES_OK

@@ -302,3 +302,22 @@ def test_the_relays_transactions_read_committed_whatever_the_databases_default(
         engine.dispose()
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{name}"')
+
+
+def test_a_script_answered_with_too_few_results_is_an_error_not_the_last_rows_again(
+    pg_engine: sa.Engine, outbox_schema: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step of a script reads its own result; were one missing, reading on would have
+    given it the rows of the step before (the claim's keys taken for its events, say)."""
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="a")])
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    real = psycopg.ClientCursor.nextset
+    answered = {"n": 0}
+
+    def two_results_only(self: psycopg.ClientCursor[Any]) -> bool | None:
+        answered["n"] += 1
+        return real(self) if answered["n"] <= 2 else None
+
+    monkeypatch.setattr(psycopg.ClientCursor, "nextset", two_results_only)
+    with pytest.raises(RuntimeError, match="no result for the step"):
+        claim(store)
