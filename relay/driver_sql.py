@@ -5,8 +5,8 @@ in one place and is quoted by the dialect). What this module saves is SQLAlchemy
 layer around each call: building the execution context, processing parameters and wrapping
 rows cost 150 to 300 µs of Python per statement, about as much as the round trip itself, and
 the relay runs about nine statements per event at a low rate. A `DriverStatement` is
-compiled once; each call only merges its parameters and hands the SQL text to psycopg, which
-prepares it on the server after a few uses.
+compiled once; each call only merges its parameters and hands the SQL text to psycopg (which
+prepares nothing on the relay's connections: see `relay.store.create_engine`).
 
 Semantics are unchanged: the same SQL text SQLAlchemy would send (the parameters carry the
 dialect's casts), on the same connection, with the same transaction boundaries. `relay.store`
@@ -75,8 +75,8 @@ class DriverStatement(_Bound):
         )
 
     def run(self, cursor: psycopg.Cursor[Any], given: Mapping[str, Any]) -> psycopg.Cursor[Any]:
-        """Execute on `cursor` (prepared on the server once used often enough). Errors are the
-        driver's own: the caller, which knows the connection, wraps them (`relay.store`)."""
+        """Execute on `cursor`. Errors are the driver's own: the caller, which knows the
+        connection, wraps them (`relay.store`)."""
         return cursor.execute(self.sql, self.parameters(given))
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 
 from relay.backoff import backoff_delay
 from relay.deadline import Watchdog
+from relay.session_options import MARKED, arrived, joined, refused, url_options
 from relay.urls import mask_text
 
 log = logging.getLogger("relay.listener")
@@ -28,11 +29,13 @@ def psycopg_dsn(database_url: str) -> str:
     """A libpq connection string for psycopg from a SQLAlchemy URL, built by SQLAlchemy's own
     psycopg dialect so that the LISTEN connection goes where the relay's engine goes: several
     hosts (`?host=a:5432&host=b:5432`, or libpq's `?host=a,b&port=5432,5432`) and
-    `target_session_attrs=read-write` included."""
-    url = sa.make_url(database_url).set(drivername="postgresql+psycopg")
+    `target_session_attrs=read-write` included. Its options are the URL's, with the marker
+    that tells whether they arrived (`relay.session_options`)."""
+    url, given = url_options(sa.make_url(database_url).set(drivername="postgresql+psycopg"))
     dialect = postgresql_psycopg.dialect()  # type: ignore[no-untyped-call]
     _, params = dialect.create_connect_args(url)  # type: ignore[no-untyped-call]
     params.pop("context", None)  # SQLAlchemy's adapters map, not a libpq parameter
+    params["options"] = joined(given, MARKED)
     return make_conninfo(**{k: str(v) for k, v in params.items()})
 
 
@@ -73,6 +76,7 @@ class Listener:
         self._watchdog: Watchdog | None = None
         self.notifications_total = 0
         self.connections_total = 0  # LISTEN connections established so far
+        self.behind_pooler = False  # found out, and stopped (`_behind_pooler`)
 
     def start(self) -> None:
         self._watchdog = Watchdog(name="outbox-listener-watchdog")
@@ -101,6 +105,19 @@ class Listener:
             prepare_threshold=None,
         )
 
+    def _behind_pooler(self) -> None:
+        """The connection's startup options did not arrive: a pooler in transaction mode
+        (PgBouncer). A LISTEN there stays on a pooled server session after this client is
+        gone, and its notifications go to whichever client gets that session next (where
+        they pile up unread): never LISTEN through one. The relay polls instead."""
+        self.behind_pooler = True
+        log.warning(
+            "LISTEN turned off: the database is reached through a pooler (PgBouncer?), "
+            "where a LISTEN stays on a pooled server session and its notifications reach "
+            "other clients; the relay polls instead (--poll-interval). Run with --no-listen "
+            "to say so"
+        )
+
     def _ping(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         assert self._watchdog is not None
         with self._watchdog.guard(conn.fileno(), self._ping_timeout):
@@ -111,6 +128,9 @@ class Listener:
         while not self._stop.is_set():
             try:
                 with self._connect() as conn:
+                    if not arrived(conn):
+                        self._behind_pooler()
+                        return
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                     self.connections_total += 1
                     if failures:
@@ -130,6 +150,9 @@ class Listener:
                             self._ping(conn)
                             next_ping = time.monotonic() + self._ping_every
             except Exception as exc:
+                if refused(exc):
+                    self._behind_pooler()
+                    return
                 failures += 1
                 if failures == 1 or failures % 30 == 0:
                     log.warning(

@@ -36,7 +36,8 @@ from relay.deadline import Watchdog
 from relay.driver_sql import DriverStatement, PreparedOnServer
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import CLAIMED_COLUMNS, Claim, ClaimedEvent, Failure
-from relay.urls import mask_text, mask_url
+from relay.session_options import MARKED, SessionCheck, joined, url_options
+from relay.urls import mask_text
 
 log = logging.getLogger("relay.store")
 
@@ -104,11 +105,12 @@ def create_engine(
     """An engine for the relay: bounded waits, and a name operators can find in pg_stat_activity.
 
     Its sessions' settings go in libpq's `options` (after any the URL gives, which are kept:
-    `?options=-csearch_path%3Dapp`). A server that refuses them at connection (PgBouncer
-    refuses any startup parameter it does not know) gets a connection without them, with a
-    warning saying what to set instead (`_connect_refusing_options`). psycopg never prepares
-    statements on its own here: a pooler in transaction mode hands each transaction another
-    server session, where a statement prepared on the last one does not exist."""
+    `?options=-csearch_path%3Dapp`), and every new connection checks that they arrived
+    (`relay.session_options`: a pooler such as PgBouncer refuses or drops them; the relay
+    then goes on without its own and says what to set instead, or refuses if the URL's own
+    would be lost). psycopg never prepares statements on its own here: a pooler in
+    transaction mode hands each transaction another server session, where a statement
+    prepared on the last one does not exist."""
     sa_url = sa.make_url(url)
     if sa_url.drivername in ("postgresql", "postgres"):
         sa_url = sa_url.set(drivername="postgresql+psycopg")
@@ -135,14 +137,13 @@ def create_engine(
         # as outages). Scripts and transactions set their level themselves, where options
         # do not reach (a pooler).
         relay_options = (
-            f"-c statement_timeout={timeout_ms} "
+            f"{MARKED} -c statement_timeout={timeout_ms} "
             f"-c idle_in_transaction_session_timeout={idle_ms} "
             "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan "
             "-c default_transaction_isolation=read\\ committed"
         )
-        given = sa_url.query.get("options")
-        given_options = " ".join(given) if isinstance(given, tuple) else given
-        sa_url = sa_url.difference_update_query(["options"])
+        sa_url, given_options = url_options(sa_url)
+        check = SessionCheck(sa_url, given_options)
         engine = sa.create_engine(
             sa_url,
             # The claim and the writes of results rely on each statement of a transaction
@@ -160,53 +161,22 @@ def create_engine(
                 "application_name": application_name[:63],
                 "connect_timeout": max(1, int(db_timeout)),
                 # Later settings win: the relay's own come after the URL's.
-                "options": f"{given_options} {relay_options}" if given_options else relay_options,
+                "options": joined(given_options, relay_options),
                 "prepare_threshold": None,
                 "keepalives": 1,
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
                 "keepalives_count": 3,
+                # Data the server never acknowledges (a network gone silent) fails the
+                # socket after this: the check of a new connection's settings runs before
+                # the store's deadline watchdog guards it (`SessionCheck.verify`).
+                "tcp_user_timeout": int(2 * db_timeout * 1000),
             },
         )
-        sa.event.listen(engine, "do_connect", _connect_refusing_options(engine))
+        sa.event.listen(engine, "do_connect", check.connect)
+        sa.event.listen(engine, "connect", check.verify)
         return engine
     return sa.create_engine(sa_url)
-
-
-# What PgBouncer answers a startup parameter it does not pass on.
-_REFUSED_PARAMETER = "unsupported startup parameter"
-
-
-def _connect_refusing_options(engine: sa.Engine) -> Callable[..., Any]:
-    """`do_connect` for `create_engine`: a server that refuses the startup parameter
-    `options` (a pooler) is connected to without it, and warned about once per engine."""
-    warned = False
-
-    def connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
-        nonlocal warned
-        try:
-            return dialect.connect(*cargs, **cparams)
-        except psycopg.OperationalError as exc:
-            if _REFUSED_PARAMETER not in str(exc) or "options" not in cparams:
-                raise
-        cparams.pop("options")
-        connection = dialect.connect(*cargs, **cparams)
-        if not warned:
-            warned = True
-            log.warning(
-                "the database server refused the startup parameter `options` (a pooler such "
-                "as PgBouncer?): connected without it, so without the relay's session "
-                "settings (and any options of the URL). "
-                "Set them for the relay's role instead (ALTER ROLE ... SET "
-                "statement_timeout, idle_in_transaction_session_timeout, "
-                "synchronous_commit = off), or use the pooler's own timeouts (PgBouncer: "
-                "query_timeout, idle_transaction_timeout); behind a pooler in transaction "
-                "mode, run with --no-listen (%s)",
-                mask_url(engine.url.render_as_string(hide_password=False)),
-            )
-        return connection
-
-    return connect
 
 
 def _keep_in_setting(name: str, array: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:

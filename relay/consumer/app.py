@@ -15,6 +15,7 @@ from relay.consumer.metrics import ConsumerMetrics
 from relay.consumer.pool import ConsumerPool, share_queues
 from relay.consumer.runner import Consumer, ConsumerSettings
 from relay.errors import ConfigError, DatabaseUnavailableError, SchemaMissingError
+from relay.session_options import url_options
 from relay.urls import mask_text, mask_url
 
 CONNECT_TIMEOUT = 10
@@ -74,7 +75,10 @@ def create_engine(database_url: str, *, application_name: str, threads: int = 1)
             url = url.set(drivername="postgresql+psycopg")
         connect_args: dict[str, Any] = {}
         if url.get_backend_name() == "postgresql":
-            connect_args = {
+            url, options = url_options(url)  # several `options=` as one
+            if options:
+                connect_args["options"] = options
+            connect_args |= {
                 "application_name": application_name[:63],
                 "connect_timeout": CONNECT_TIMEOUT,
                 "keepalives": 1,

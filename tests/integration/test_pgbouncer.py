@@ -2,19 +2,25 @@
 mode (the pooler the README names): each transaction may run on another server session.
 
 What that breaks, each checked here: PgBouncer refuses the startup parameter `options`
-(which carries the relay's session settings), so a relay that insisted on it could not
-connect at all; and a statement psycopg prepares on one server session does not exist on
-the next ("prepared statement _pg3_0 does not exist"), so nothing may rely on psycopg's own
-prepared statements. The claim's read, prepared by name on the session, finds itself
-missing and is then sent whole (`Store._claim_postgres`).
+(which carries the relay's session settings), or drops it without a word when configured to
+(`ignore_startup_parameters = options`); so a relay that insisted on it could not connect,
+and one that did not look would lose the URL's own options (a `search_path`: another
+outbox) unawares. A statement psycopg prepares on one server session does not exist on the
+next ("prepared statement _pg3_0 does not exist"), so nothing may rely on psycopg's own
+prepared statements; the claim's read, prepared by name on the session, finds itself
+missing and is then sent whole (`Store._claim_postgres`). A LISTEN stays on a pooled server
+session and its notifications reach other clients: the listener must find out and never
+LISTEN there.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
@@ -22,6 +28,7 @@ from click.testing import CliRunner
 from outbox import Event, Outbox
 from relay.cli import main
 from relay.consumer.app import create_engine as consumer_engine
+from relay.listener import Listener, psycopg_dsn
 from relay.store import create_engine
 from tests.integration.test_relay_delivery import settings_for
 from tests.support.history import check_history
@@ -36,13 +43,33 @@ from tests.support.relays import (
 )
 
 
-@pytest.fixture(scope="module")
-def pooled_url(pg_url: str) -> Iterator[str]:
+def _bouncer(pg_url: str, *, ignore_options: bool) -> Iterator[str]:
     try:
-        with pgbouncer(sa.make_url(pg_url).database or "test") as url:
+        with pgbouncer(
+            sa.make_url(pg_url).database or "test", ignore_options=ignore_options
+        ) as url:
             yield url
     except FileNotFoundError as exc:  # pragma: no cover - .ci/services installs it
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def pooled_url(pg_url: str) -> Iterator[str]:
+    """Through a PgBouncer that refuses `options`."""
+    yield from _bouncer(pg_url, ignore_options=False)
+
+
+@pytest.fixture(scope="module")
+def ignoring_url(pg_url: str) -> Iterator[str]:
+    """Through a PgBouncer that drops `options` without a word."""
+    yield from _bouncer(pg_url, ignore_options=True)
+
+
+@pytest.fixture(params=["refusing", "ignoring"])
+def any_pooled_url(request: pytest.FixtureRequest) -> str:
+    return str(
+        request.getfixturevalue("pooled_url" if request.param == "refusing" else "ignoring_url")
+    )
 
 
 def setting(engine: sa.Engine, name: str) -> str:
@@ -51,35 +78,98 @@ def setting(engine: sa.Engine, name: str) -> str:
 
 
 def test_the_relays_engine_connects_through_pgbouncer_and_says_what_it_could_not_set(
-    pooled_url: str, pg_url: str, caplog: pytest.LogCaptureFixture
+    any_pooled_url: str, pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Directly, the session settings are there; through PgBouncer, which refuses them, the
-    engine connects without them and says once what to set instead."""
+    """Directly, the session settings are there; through PgBouncer, which refuses them or
+    drops them, the engine connects without them and says once what to set instead
+    (never the URL's secrets)."""
     direct = create_engine(pg_url, application_name="t", db_timeout=7)
-    pooled = create_engine(pooled_url, application_name="t", db_timeout=7)
+    pooled = create_engine(
+        f"{any_pooled_url}?sslpassword=topsecret", application_name="t", db_timeout=7
+    )
     try:
         assert setting(direct, "statement_timeout") == "7s"
         with caplog.at_level(logging.WARNING, logger="relay.store"):
             assert setting(pooled, "statement_timeout") == "0"
             pooled.dispose()
             assert setting(pooled, "synchronous_commit") == "on"  # a new connection
-        (warning,) = [r for r in caplog.records if "startup parameter" in r.getMessage()]
-        assert "ALTER ROLE" in warning.getMessage() and "--no-listen" in warning.getMessage()
+        (warning,) = [
+            r.getMessage() for r in caplog.records if "session settings" in r.getMessage()
+        ]
+        assert "ALTER ROLE" in warning and "default_transaction_isolation" in warning
+        assert "topsecret" not in warning
     finally:
         direct.dispose()
         pooled.dispose()
 
 
 def test_the_urls_own_options_are_kept_beside_the_relays(pg_url: str) -> None:
-    """`?options=` in the URL (a search_path, say) is kept; the relay's settings come after
-    it and win where both set the same one."""
-    url = f"{pg_url}?options=-csearch_path%3Dsomewhere%20-cstatement_timeout%3D1000"
+    """`?options=` in the URL (a search_path, say; several of them; one ending in a lone
+    backslash) are kept; the relay's settings come after them and win where both set the
+    same one. The listener's and the consumer's connections get the same options."""
+    url = (
+        f"{pg_url}?options=-csearch_path%3Dsomewhere%20-cstatement_timeout%3D1000"
+        "&options=-cwork_mem%3D64MB%5C"
+    )
     engine = create_engine(url, application_name="t", db_timeout=7)
+    consumer = consumer_engine(url, application_name="t")
     try:
-        assert setting(engine, "search_path") == "somewhere"
+        for each in (engine, consumer):
+            assert setting(each, "search_path") == "somewhere"
+            assert setting(each, "work_mem") == "64MB"
         assert setting(engine, "statement_timeout") == "7s"
+        with psycopg.connect(psycopg_dsn(url)) as conn:
+            assert conn.execute("SHOW search_path").fetchone() == ("somewhere",)
+            assert conn.execute("SHOW work_mem").fetchone() == ("64MB",)
     finally:
         engine.dispose()
+        consumer.dispose()
+
+
+def test_the_urls_own_options_behind_pgbouncer_are_an_error_not_another_outbox(
+    any_pooled_url: str, pg_engine: sa.Engine, schema_name: str
+) -> None:
+    """PgBouncer cannot pass the URL's `?options=-csearch_path=app` on: the relay would
+    have worked on the outbox of the default search path (found by review: it published
+    another outbox's events). It refuses, and says what to do instead; so does `status`."""
+    Outbox(schema=schema_name).create(pg_engine)
+    url = f"{any_pooled_url}?options=-csearch_path%3D{schema_name}"
+    engine = create_engine(url, application_name="t", db_timeout=7)
+    try:
+        with (
+            pytest.raises(sa.exc.OperationalError, match="take them out of the URL"),
+            engine.connect(),
+        ):
+            pass
+    finally:
+        engine.dispose()
+    status = CliRunner().invoke(main, ["status"], env={"OUTBOX_DATABASE_URL": url})
+    assert status.exit_code != 0
+    assert "take them out of the URL" in status.output, status.output
+
+
+def test_the_listener_never_listens_through_pgbouncer(
+    any_pooled_url: str, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A LISTEN through PgBouncer stays on a pooled server session after the client is gone
+    and its notifications reach other clients, where they pile up unread (found by review):
+    the listener finds out on connecting, never LISTENs, and says so. Directly, it listens."""
+    with caplog.at_level(logging.WARNING, logger="relay.listener"):
+        for url, pooled in ((any_pooled_url, True), (pg_url, False)):
+            listener = Listener(url, "outbox_test_channel", lambda: None, application_name="t")
+            listener.start()
+            try:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not (
+                    listener.behind_pooler or listener.connections_total
+                ):
+                    time.sleep(0.02)
+            finally:
+                listener.stop()
+            assert listener.behind_pooler is pooled
+            assert listener.connections_total == (0 if pooled else 1)
+    (warning,) = [r.getMessage() for r in caplog.records if "LISTEN turned off" in r.getMessage()]
+    assert "--no-listen" in warning
 
 
 def test_no_statement_of_the_relays_engines_is_prepared_by_psycopg(
@@ -120,9 +210,10 @@ def test_two_relays_behind_pgbouncer_deliver_everything_once_in_key_order(
     tapped_exchange: tuple[QueueTap, str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Writers and two relays (no LISTEN, as the README says) through one PgBouncer with
-    four server sessions: every event once, each key in order, and no database error on the
-    way (a relay that met one would have logged it as an outage and tried again)."""
+    """Writers and two relays (one without LISTEN, as the README says, one with it, which
+    turns it off) through one PgBouncer with four server sessions: every event once, each
+    key in order, and no database error on the way (a relay that met one would have logged
+    it as an outage and tried again)."""
     tap, exchange = tapped_exchange
     pooled = sa.create_engine(pooled_url, connect_args={"prepare_threshold": None})
     try:
@@ -130,14 +221,16 @@ def test_two_relays_behind_pgbouncer_deliver_everything_once_in_key_order(
             settings = settings_for(
                 pooled_url, amqp_url, outbox_schema, exchange, listen=False, poll_interval=0.2
             )
-            with relay_thread(settings), relay_thread(settings.replace(name=settings.name + "b")):
+            # The second as started by someone who did not read the README: LISTEN on.
+            listening = settings.replace(name=settings.name + "b", listen=True)
+            with relay_thread(settings), relay_thread(listening):
                 write_events(pooled, outbox_schema, interleaved_events(3_000, keys=50), 50)
                 deliveries = tap.drain(expected=3_000, timeout=20)
     finally:
         pooled.dispose()
     check_history(written(pg_engine, outbox_schema), deliveries).assert_ok(max_duplicates=0)
     assert count_by_status(pg_engine, outbox_schema) == {"published": 3_000}
-    expected = ("startup parameter", "claim's prepared statement did not stay")
+    expected = ("session settings", "LISTEN turned off", "claim's prepared statement did not stay")
     unexpected = [
         r.getMessage()
         for r in caplog.records

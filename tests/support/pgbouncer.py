@@ -32,6 +32,7 @@ default_pool_size = 4
 max_client_conn = 200
 logfile = {directory}/pgbouncer.log
 pidfile = {directory}/pgbouncer.pid
+{extra}
 """
 
 
@@ -48,16 +49,19 @@ def _answers(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def pgbouncer(database: str) -> Iterator[str]:
+def pgbouncer(database: str, *, ignore_options: bool = False) -> Iterator[str]:
     """Start PgBouncer (transaction mode, pool of 4 server sessions); yield a SQLAlchemy URL
-    of `database` through it; stop it."""
+    of `database` through it; stop it. `ignore_options`: it drops libpq's `options` without
+    a word (`ignore_startup_parameters = options`, common for clients that send them)
+    instead of refusing them."""
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not Path(binary).exists():
         raise FileNotFoundError("pgbouncer is not installed (.ci/services installs it)")
     directory = Path(tempfile.mkdtemp(prefix="outbox-pgbouncer-"))
     port = _free_port()
     config = directory / "pgbouncer.ini"
-    config.write_text(CONFIG.format(port=port, directory=directory))
+    extra = "ignore_startup_parameters = options" if ignore_options else ""
+    config.write_text(CONFIG.format(port=port, directory=directory, extra=extra))
     command = [binary, str(config)]
     if os.geteuid() == 0:
         shutil.chown(directory, "postgres")
