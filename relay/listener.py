@@ -128,7 +128,7 @@ class Listener:
         while not self._stop.is_set():
             try:
                 with self._connect() as conn:
-                    if not arrived(conn):
+                    if not arrived(conn, self._ping_timeout):
                         self._behind_pooler()
                         return
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))

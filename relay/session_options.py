@@ -1,34 +1,46 @@
 """The relay's session settings: carried in libpq's `options` at connection, and checked there.
 
 The relay's connections set their sessions up through `options` (`relay.store.create_engine`
-says which settings and why). A pooler in transaction mode such as PgBouncer does not pass
-them on: it refuses `options` at connection ("unsupported startup parameter"), or, with
+says which settings and why). A pooler such as PgBouncer does not pass them on: it refuses
+`options` at connection ("unsupported startup parameter"), or, with
 `ignore_startup_parameters = options`, drops them without a word. Either way the session
-lacks what the relay asked for, and so does every `options` the URL gave (a `search_path`,
-which then silently points the relay at another outbox).
+lacks what the relay asked for, and so does every option the user gave (the URL's
+`?options=`, or libpq's `PGOPTIONS`): a `search_path`, which then silently points the relay
+at another outbox.
 
 So every set of options the relay sends carries a marker setting (`outbox_relay.session`,
-a custom setting, which PostgreSQL accepts under any name with a dot), and a connection
-looks for it before it is used: present, the options arrived; missing, they did not, and
-the connection is behind such a pooler. Without options of the URL's own, the relay goes on
-without its settings and says once what to set instead; with them, it refuses, as it cannot
-do what the URL asks.
+a custom setting, which PostgreSQL accepts under any name with a dot), and each new
+connection looks for it before it is used (`SessionCheck`, `arrived`): present, the options
+arrived; missing, they did not, and the connection is behind such a pooler. Without options
+of the user's own, the relay goes on without its settings and says once what to set
+instead; with them, it stops with a configuration error, as it cannot do what they ask.
+The look is bounded by the database deadline, as every other database call is (it runs
+before the store's deadline watchdog guards the connection).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import select
+import time
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from psycopg import pq
+
+from relay.errors import ConfigError
 
 log = logging.getLogger("relay.store")
 
 SESSION_MARK = "outbox_relay.session"
 MARKED = f"-c {SESSION_MARK}=on"
-# What PgBouncer answers a startup parameter it does not pass on.
-REFUSED = "unsupported startup parameter"
+# PgBouncer's answers to `options` it does not pass on ("unsupported startup parameter:
+# options"; newer releases also "unsupported startup parameter in options: ..." and
+# "unsupported options startup parameter: only '-c config=val' is allowed").
+_REFUSED = re.compile(r"unsupported (options )?startup parameter")
 
 ROLE_SETTINGS_ADVICE = (
     "set them for the relay's role instead (ALTER ROLE ... SET statement_timeout, "
@@ -40,17 +52,24 @@ ROLE_SETTINGS_ADVICE = (
 
 
 def url_options(url: sa.URL) -> tuple[sa.URL, str | None]:
-    """`url` without its `options`, and those as one libpq options string or None: several
-    `options=` are joined, and a dangling backslash at the end is dropped (alone it escapes
-    nothing; before options that follow it would escape the space between them)."""
+    """`url` without its `options`, and the user's options as one libpq options string, or
+    None: the URL's (several `options=` are joined), or else libpq's `PGOPTIONS` (which
+    options given to libpq would otherwise silently replace). A dangling backslash at the
+    end of one is dropped: alone it escapes nothing; before options that follow it, it
+    would escape the space between them."""
     given = url.query.get("options")
-    if not given:
-        return url, None
-    joined = " ".join(given) if isinstance(given, tuple) else given
-    trailing = len(joined) - len(joined.rstrip("\\"))
-    if trailing % 2:
-        joined = joined[:-1]
-    return url.difference_update_query(["options"]), joined.strip() or None
+    pieces = list(given) if isinstance(given, tuple) else [given] if given else []
+    if not pieces and os.environ.get("PGOPTIONS"):
+        pieces = [os.environ["PGOPTIONS"]]
+    cleaned = [_without_dangling_escape(piece) for piece in pieces]
+    joined_options = " ".join(piece for piece in cleaned if piece)
+    return url.difference_update_query(["options"]), joined_options or None
+
+
+def _without_dangling_escape(options: str) -> str:
+    options = options.rstrip()
+    trailing = len(options) - len(options.rstrip("\\"))
+    return options[:-1].rstrip() if trailing % 2 else options
 
 
 def joined(*options: str | None) -> str:
@@ -60,39 +79,81 @@ def joined(*options: str | None) -> str:
 
 def refused(exc: BaseException) -> bool:
     """The server refused a startup parameter (a pooler that does not pass `options` on)."""
-    return isinstance(exc, psycopg.OperationalError) and REFUSED in str(exc)
+    return isinstance(exc, psycopg.OperationalError) and bool(_REFUSED.search(str(exc)))
 
 
-def arrived(connection: psycopg.Connection[Any]) -> bool:
-    """Whether this session got the options it was opened with (`MARKED` among them)."""
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT current_setting('{SESSION_MARK}', true)")
-        row = cursor.fetchone()
-    return row is not None and row[0] == "on"
+def arrived(connection: psycopg.Connection[Any], timeout: float) -> bool:
+    """Whether this session got the options it was opened with (`MARKED` among them).
+
+    Sent on libpq directly and waited for at most `timeout` (psycopg's own calls wait as
+    long as the network lets them). As one simple query outside any transaction, it
+    leaves the session as it found it. Past the timeout the connection is closed and the
+    error says so."""
+    pgconn = connection.pgconn
+    deadline = time.monotonic() + timeout
+    pgconn.send_query(f"SELECT current_setting('{SESSION_MARK}', true)".encode())
+    while pgconn.flush():
+        _wait(connection, deadline, write=True)
+    value: bytes | None = None
+    while True:
+        while pgconn.is_busy():
+            _wait(connection, deadline, write=False)
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            break
+        if result.status == pq.ExecStatus.TUPLES_OK and result.ntuples:
+            value = result.get_value(0, 0)
+        elif result.status != pq.ExecStatus.TUPLES_OK:
+            message = (result.error_message or b"").decode(errors="replace").strip()
+            raise psycopg.OperationalError(f"checking the session's settings: {message}")
+    return value == b"on"
+
+
+def _wait(connection: psycopg.Connection[Any], deadline: float, *, write: bool) -> None:
+    remaining = deadline - time.monotonic()
+    fd = connection.pgconn.socket
+    ready = (
+        select.select([], [fd], [], max(0.0, remaining))
+        if write
+        else select.select([fd], [], [], max(0.0, remaining))
+    )
+    if not any(ready):
+        connection.close()
+        raise psycopg.OperationalError(
+            "the database did not answer the check of a new connection's settings in time"
+        )
 
 
 def where(url: sa.URL) -> str:
     """host:port/database, for messages (never the URL's credentials or query)."""
+    hosts = url.query.get("host")
+    if hosts:
+        host = ",".join(hosts) if isinstance(hosts, tuple) else hosts
+        return f"{host}/{url.database or ''}"
     return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
 
 
-def dropped_url_options(given: str, place: str) -> str:
+def dropped_user_options(given: str, place: str) -> str:
     return (
-        f"the database at {place} did not receive libpq's startup options (a pooler such as "
-        f"PgBouncer refuses or ignores them), so the --database-url options {given!r} "
-        "cannot take effect: set them for the relay's role instead (ALTER ROLE ... SET "
-        "search_path = ..., and so on) and take them out of the URL"
+        f"the database at {place} does not receive libpq's startup options (a pooler such "
+        f"as PgBouncer refuses or ignores them), so the options {given!r} (of "
+        "--database-url, or PGOPTIONS) cannot take effect: set them for the database role "
+        "instead (ALTER ROLE ... SET search_path = ..., and so on) and take them out of the "
+        "URL and the environment"
     )
 
 
 class SessionCheck:
     """`do_connect` and `connect` listeners of one engine (`relay.store.create_engine`):
     connect without `options` where the server refuses them, then look for the marker on
-    every new connection (see the module docstring)."""
+    every new connection (see the module docstring). `given`: the user's own options
+    (`url_options`); `timeout`: the longest wait for the look."""
 
-    def __init__(self, url: sa.URL, given: str | None) -> None:
+    def __init__(self, url: sa.URL, given: str | None, *, timeout: float) -> None:
         self._place = where(url)
         self._given = given
+        self._timeout = timeout
         self.behind_pooler = False  # a connection of this engine lacked the marker
 
     def connect(self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
@@ -101,20 +162,22 @@ class SessionCheck:
         except psycopg.OperationalError as exc:
             if not refused(exc) or "options" not in cparams:
                 raise
-        # Without them; `verify` then finds the marker missing.
-        cparams.pop("options")
-        return dialect.connect(*cargs, **cparams)
+            first = exc
+        # Without them (on a copy: some SQLAlchemy releases share `cparams` between the
+        # connections of an engine); `verify` then finds the marker missing.
+        try:
+            return dialect.connect(*cargs, **{k: v for k, v in cparams.items() if k != "options"})
+        except psycopg.OperationalError as exc:
+            if refused(exc):  # libpq sent PGOPTIONS again
+                raise ConfigError(dropped_user_options(self._given or "?", self._place)) from exc
+            raise exc from first
 
     def verify(self, dbapi_connection: psycopg.Connection[Any], record: Any) -> None:
-        try:
-            present = arrived(dbapi_connection)
-        finally:
-            dbapi_connection.rollback()
-        if present:
+        if arrived(dbapi_connection, self._timeout):
             return
         if self._given:
             dbapi_connection.close()
-            raise psycopg.OperationalError(dropped_url_options(self._given, self._place))
+            raise ConfigError(dropped_user_options(self._given, self._place))
         if not self.behind_pooler:
             self.behind_pooler = True
             log.warning(

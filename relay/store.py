@@ -143,7 +143,7 @@ def create_engine(
             "-c default_transaction_isolation=read\\ committed"
         )
         sa_url, given_options = url_options(sa_url)
-        check = SessionCheck(sa_url, given_options)
+        check = SessionCheck(sa_url, given_options, timeout=db_timeout)
         engine = sa.create_engine(
             sa_url,
             # The claim and the writes of results rely on each statement of a transaction
@@ -167,10 +167,6 @@ def create_engine(
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
                 "keepalives_count": 3,
-                # Data the server never acknowledges (a network gone silent) fails the
-                # socket after this: the check of a new connection's settings runs before
-                # the store's deadline watchdog guards it (`SessionCheck.verify`).
-                "tcp_user_timeout": int(2 * db_timeout * 1000),
             },
         )
         sa.event.listen(engine, "do_connect", check.connect)

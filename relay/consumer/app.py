@@ -15,7 +15,7 @@ from relay.consumer.metrics import ConsumerMetrics
 from relay.consumer.pool import ConsumerPool, share_queues
 from relay.consumer.runner import Consumer, ConsumerSettings
 from relay.errors import ConfigError, DatabaseUnavailableError, SchemaMissingError
-from relay.session_options import url_options
+from relay.session_options import MARKED, SessionCheck, joined, url_options
 from relay.urls import mask_text, mask_url
 
 CONNECT_TIMEOUT = 10
@@ -74,10 +74,15 @@ def create_engine(database_url: str, *, application_name: str, threads: int = 1)
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
         connect_args: dict[str, Any] = {}
+        check: SessionCheck | None = None
         if url.get_backend_name() == "postgresql":
-            url, options = url_options(url)  # several `options=` as one
+            # The user's options (several `options=` as one, or PGOPTIONS), with the marker
+            # that tells whether they arrived: behind PgBouncer they do not, and a lost
+            # search_path would point the handlers at another inbox.
+            url, options = url_options(url)
             if options:
-                connect_args["options"] = options
+                connect_args["options"] = joined(options, MARKED)
+                check = SessionCheck(url, options, timeout=CONNECT_TIMEOUT)
             connect_args |= {
                 "application_name": application_name[:63],
                 "connect_timeout": CONNECT_TIMEOUT,
@@ -95,7 +100,11 @@ def create_engine(database_url: str, *, application_name: str, threads: int = 1)
             if url.get_backend_name() != "sqlite"
             else {}
         )
-        return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
+        engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
+        if check is not None:
+            sa.event.listen(engine, "do_connect", check.connect)
+            sa.event.listen(engine, "connect", check.verify)
+        return engine
     except Exception as exc:
         raise ConfigError(
             f"--database-url {mask_url(database_url)} is not usable: {mask_text(str(exc))}"

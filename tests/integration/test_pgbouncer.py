@@ -15,6 +15,7 @@ LISTEN there.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -28,8 +29,9 @@ from click.testing import CliRunner
 from outbox import Event, Outbox
 from relay.cli import main
 from relay.consumer.app import create_engine as consumer_engine
+from relay.errors import ConfigError, DatabaseUnavailableError
 from relay.listener import Listener, psycopg_dsn
-from relay.store import create_engine
+from relay.store import Store, create_engine
 from tests.integration.test_relay_delivery import settings_for
 from tests.support.history import check_history
 from tests.support.pgbouncer import pgbouncer
@@ -129,23 +131,73 @@ def test_the_urls_own_options_are_kept_beside_the_relays(pg_url: str) -> None:
 def test_the_urls_own_options_behind_pgbouncer_are_an_error_not_another_outbox(
     any_pooled_url: str, pg_engine: sa.Engine, schema_name: str
 ) -> None:
-    """PgBouncer cannot pass the URL's `?options=-csearch_path=app` on: the relay would
-    have worked on the outbox of the default search path (found by review: it published
-    another outbox's events). It refuses, and says what to do instead; so does `status`."""
+    """PgBouncer cannot pass the URL's `?options=-csearch_path=app` on (nor PGOPTIONS): the
+    relay would have worked on the outbox of the default search path (found by review: it
+    published another outbox's events). It stops with a configuration error saying what to
+    do instead (exit 2, not an outage to retry); so do `status` and the consumer's engine."""
     Outbox(schema=schema_name).create(pg_engine)
     url = f"{any_pooled_url}?options=-csearch_path%3D{schema_name}"
-    engine = create_engine(url, application_name="t", db_timeout=7)
+    for engine in (
+        create_engine(url, application_name="t", db_timeout=7),
+        consumer_engine(url, application_name="t"),
+    ):
+        try:
+            with pytest.raises(ConfigError, match="take them out of the URL"), engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    for env in (
+        {"OUTBOX_DATABASE_URL": url},
+        {"OUTBOX_DATABASE_URL": any_pooled_url, "PGOPTIONS": f"-csearch_path={schema_name}"},
+    ):
+        status = CliRunner().invoke(main, ["status"], env=env)
+        assert status.exit_code == 2, status.output
+        assert "take them out of the URL" in status.output, status.output
+
+
+def test_pgoptions_are_kept_like_the_urls_own(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libpq's PGOPTIONS: the options the relay gives libpq would replace them (found by
+    review); they are kept as the URL's would be."""
+    monkeypatch.setenv("PGOPTIONS", "-csearch_path=fromenv")
+    engine = create_engine(pg_url, application_name="t", db_timeout=7)
     try:
-        with (
-            pytest.raises(sa.exc.OperationalError, match="take them out of the URL"),
-            engine.connect(),
-        ):
-            pass
+        assert setting(engine, "search_path") == "fromenv"
+        assert setting(engine, "statement_timeout") == "7s"
     finally:
         engine.dispose()
-    status = CliRunner().invoke(main, ["status"], env={"OUTBOX_DATABASE_URL": url})
-    assert status.exit_code != 0
-    assert "take them out of the URL" in status.output, status.output
+
+
+def test_the_check_of_a_new_connection_waits_no_longer_than_the_database_deadline(
+    pooled_url: str, pg_engine: sa.Engine, outbox_schema: Outbox
+) -> None:
+    """Every server session of the PgBouncer is held in an open transaction: a new
+    connection's first query waits in PgBouncer's queue. The check of its settings runs
+    before the store's deadline watchdog guards it, so it bounds its own wait: an outage
+    after the database deadline, not a relay stuck in silence (found by review: 30 s, and
+    a daemon that ignored SIGTERM)."""
+    engine = create_engine(pooled_url, application_name="t", db_timeout=1)
+    store = Store(engine, outbox_schema, db_timeout=1)
+    store.has_ready(dt.datetime.now(dt.UTC))  # the engine's first connection, then none
+    store.close()
+    engine.dispose()
+    holding = [
+        sa.create_engine(pooled_url, connect_args={"prepare_threshold": None}) for _ in range(4)
+    ]
+    holders = [each.connect() for each in holding]
+    try:
+        for holder in holders:
+            holder.exec_driver_sql("SELECT 1")  # each holds a server session from now on
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailableError, match="in time"):
+            store.has_ready(dt.datetime.now(dt.UTC))
+        assert time.monotonic() - started < 5
+        store.close()
+        store.engine.dispose()
+    finally:
+        for holder in holders:
+            holder.close()
+        for each in holding:
+            each.dispose()
 
 
 def test_the_listener_never_listens_through_pgbouncer(

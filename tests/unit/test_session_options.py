@@ -1,0 +1,104 @@
+"""`relay.session_options` without a server: what the relay sends libpq as options, and how a
+refusal is handled (the rest, against real PostgreSQL and PgBouncer, is in
+`tests/integration/test_pgbouncer.py`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from relay.session_options import SessionCheck, joined, refused, url_options, where
+
+
+@pytest.fixture(autouse=True)
+def no_pgoptions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+
+
+def options_of(url: str) -> str | None:
+    return url_options(sa.make_url(url))[1]
+
+
+def test_several_options_are_joined_and_taken_out_of_the_url() -> None:
+    url, given = url_options(sa.make_url("postgresql://h/db?options=-ca%3D1&options=-cb%3D2&x=y"))
+    assert given == "-ca=1 -cb=2"
+    assert "options" not in url.query and url.query["x"] == "y"
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("options=-cwork_mem%3D64MB%5C", "-cwork_mem=64MB"),  # a lone backslash at the end
+        ("options=-cwork_mem%3D64MB%5C%5C", "-cwork_mem=64MB\\\\"),  # an escaped one stays
+        ("options=-ca%3D1%5C&options=-cb%3D2", "-ca=1 -cb=2"),  # in the first of two
+        ("options=-ca%3D1%5C%20&options=-cb%3D2", "-ca=1 -cb=2"),  # before trailing space
+        ("options=%20", None),
+    ],
+)
+def test_a_dangling_escape_never_reaches_the_options_after_it(
+    query: str, expected: str | None
+) -> None:
+    assert options_of(f"postgresql://h/db?{query}") == expected
+
+
+def test_pgoptions_count_as_the_users_own_unless_the_url_gives_options(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PGOPTIONS", "-csearch_path=env")
+    assert options_of("postgresql://h/db") == "-csearch_path=env"
+    assert options_of("postgresql://h/db?options=-csearch_path%3Durl") == "-csearch_path=url"
+
+
+def test_later_options_come_last() -> None:
+    assert joined(None, "-ca=1", "", "-cb=2") == "-ca=1 -cb=2"
+
+
+def test_where_names_hosts_never_credentials_or_query() -> None:
+    assert where(sa.make_url("postgresql://u:secret@db.example:6432/app?sslpassword=s")) == (
+        "db.example:6432/app"
+    )
+    several = sa.make_url("postgresql://u@/app?host=a:6432&host=b:6432")
+    assert where(several) == "a:6432,b:6432/app"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "FATAL:  unsupported startup parameter: options",
+        "FATAL:  unsupported startup parameter in options: statement_timeout",
+        "FATAL:  unsupported options startup parameter: only '-c config=val' is allowed",
+    ],
+)
+def test_each_pgbouncer_refusal_is_recognised(text: str) -> None:
+    assert refused(psycopg.OperationalError(f"connection failed: {text}"))
+    assert not refused(psycopg.OperationalError("connection refused"))
+
+
+class RefusingDialect:
+    """Refuses any connection that carries options, once per call."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def connect(self, *cargs: Any, **cparams: Any) -> str:
+        self.calls.append(dict(cparams))
+        if "options" in cparams:
+            raise psycopg.OperationalError("FATAL:  unsupported startup parameter: options")
+        return "connection"
+
+
+def test_a_refusal_retries_without_options_and_leaves_the_engines_parameters_alone() -> None:
+    """Some SQLAlchemy releases hand every connection of an engine the same `cparams`:
+    taking `options` out of it would have raced other connections and dropped the relay's
+    settings for the rest of the process (found by review)."""
+    check = SessionCheck(sa.make_url("postgresql://h/db"), None, timeout=1)
+    dialect = RefusingDialect()
+    shared = {"options": "-c a=1", "host": "h"}
+    assert check.connect(dialect, None, (), shared) == "connection"
+    assert shared == {"options": "-c a=1", "host": "h"}
+    assert dialect.calls == [{"options": "-c a=1", "host": "h"}, {"host": "h"}]
+    assert check.connect(dialect, None, (), shared) == "connection"
+    assert dialect.calls[2] == {"options": "-c a=1", "host": "h"}, "tried with options again"
