@@ -56,6 +56,7 @@ from relay.consumer.runner import Consumer, ConsumerSettings
 from relay.errors import ConfigError, DatabaseUnavailableError, RelayError
 from relay.health import open_broker
 from relay.relay import Relay
+from relay.session_options import dropped_user_options, refused, url_options, where
 from relay.settings import RelaySettings
 from relay.store import create_engine, translate_db_error
 from relay.urls import mask_text, mask_url
@@ -434,6 +435,9 @@ def ensure_database(database_url: str) -> None:
     except psycopg.errors.DuplicateDatabase:
         pass  # created meanwhile by someone else
     except psycopg.OperationalError as exc:
+        given = url_options(url)[1]
+        if refused(exc) and given:  # a pooler, and options of the user's (PGOPTIONS)
+            raise ConfigError(dropped_user_options(given, where(url))) from exc
         lines = mask_text(str(exc)).strip().splitlines() or ["connection failed"]
         raise DatabaseUnavailableError(f"database unavailable: {lines[0]}") from exc
     except psycopg.Error as exc:

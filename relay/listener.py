@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 
 from relay.backoff import backoff_delay
 from relay.deadline import Watchdog
-from relay.session_options import MARKED, arrived, joined, refused, url_options
+from relay.session_options import arrived, joined, marked, marker, refused, url_options
 from relay.urls import mask_text
 
 log = logging.getLogger("relay.listener")
@@ -31,11 +31,17 @@ def psycopg_dsn(database_url: str) -> str:
     hosts (`?host=a:5432&host=b:5432`, or libpq's `?host=a,b&port=5432,5432`) and
     `target_session_attrs=read-write` included. Its options are the URL's, with the marker
     that tells whether they arrived (`relay.session_options`)."""
+    return _dsn(database_url, None)
+
+
+def _dsn(database_url: str, mark: str | None) -> str:
     url, given = url_options(sa.make_url(database_url).set(drivername="postgresql+psycopg"))
     dialect = postgresql_psycopg.dialect()  # type: ignore[no-untyped-call]
     _, params = dialect.create_connect_args(url)  # type: ignore[no-untyped-call]
     params.pop("context", None)  # SQLAlchemy's adapters map, not a libpq parameter
-    params["options"] = joined(given, MARKED)
+    options = joined(given, marked(mark) if mark is not None else None)
+    if options:
+        params["options"] = options
     return make_conninfo(**{k: str(v) for k, v in params.items()})
 
 
@@ -63,7 +69,8 @@ class Listener:
         ping_timeout: float = 5.0,
         connect_timeout: int = 5,
     ) -> None:
-        self._dsn = psycopg_dsn(database_url)
+        self._marker = marker()
+        self._dsn = _dsn(database_url, self._marker)
         self._channel = channel
         self._wake = wake
         self._application_name = application_name[:63]
@@ -128,10 +135,12 @@ class Listener:
         while not self._stop.is_set():
             try:
                 with self._connect() as conn:
-                    if not arrived(conn, self._ping_timeout):
+                    if not arrived(conn, self._marker, self._ping_timeout):
                         self._behind_pooler()
                         return
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    assert self._watchdog is not None
+                    with self._watchdog.guard(conn.fileno(), self._ping_timeout):
+                        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                     self.connections_total += 1
                     if failures:
                         log.info("listener reconnected after %d failed attempts", failures)

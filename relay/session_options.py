@@ -25,6 +25,7 @@ import os
 import re
 import select
 import time
+import uuid
 from typing import Any
 
 import psycopg
@@ -36,7 +37,6 @@ from relay.errors import ConfigError
 log = logging.getLogger("relay.store")
 
 SESSION_MARK = "outbox_relay.session"
-MARKED = f"-c {SESSION_MARK}=on"
 # PgBouncer's answers to `options` it does not pass on ("unsupported startup parameter:
 # options"; newer releases also "unsupported startup parameter in options: ..." and
 # "unsupported options startup parameter: only '-c config=val' is allowed").
@@ -53,12 +53,17 @@ ROLE_SETTINGS_ADVICE = (
 
 def url_options(url: sa.URL) -> tuple[sa.URL, str | None]:
     """`url` without its `options`, and the user's options as one libpq options string, or
-    None: the URL's (several `options=` are joined), or else libpq's `PGOPTIONS` (which
-    options given to libpq would otherwise silently replace). A dangling backslash at the
-    end of one is dropped: alone it escapes nothing; before options that follow it, it
+    None, in libpq's order: the URL's (several `options=` are joined), or else those of
+    the libpq service it names (`?service=`, `PGSERVICE`), or else `PGOPTIONS`; options
+    given to libpq would otherwise silently replace the latter two. A dangling backslash at
+    the end of one is dropped: alone it escapes nothing; before options that follow it, it
     would escape the space between them."""
     given = url.query.get("options")
     pieces = list(given) if isinstance(given, tuple) else [given] if given else []
+    if not pieces:
+        service = _service_options(url)
+        if service:
+            pieces = [service]
     if not pieces and os.environ.get("PGOPTIONS"):
         pieces = [os.environ["PGOPTIONS"]]
     cleaned = [_without_dangling_escape(piece) for piece in pieces]
@@ -66,10 +71,41 @@ def url_options(url: sa.URL) -> tuple[sa.URL, str | None]:
     return url.difference_update_query(["options"]), joined_options or None
 
 
+def _service_options(url: sa.URL) -> str | None:
+    """The options of the libpq service `url` names, as libpq itself reads its service
+    files (a connection is started to make it read them, and dropped at once)."""
+    service = url.query.get("service") or os.environ.get("PGSERVICE")
+    if not service:
+        return None
+    name = service[-1] if isinstance(service, tuple) else service
+    started = pq.PGconn.connect_start(f"service='{_quoted(name)}'".encode())
+    try:
+        values = {o.keyword: o.val for o in started.info}
+    finally:
+        started.finish()
+    options = values.get(b"options")
+    return options.decode() if options else None
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
 def _without_dangling_escape(options: str) -> str:
     options = options.rstrip()
     trailing = len(options) - len(options.rstrip("\\"))
     return options[:-1].rstrip() if trailing % 2 else options
+
+
+def marker() -> str:
+    """A value for the marker, new for each engine or listener: a database or role default
+    of the same setting can never pass for it."""
+    return uuid.uuid4().hex
+
+
+def marked(value: str) -> str:
+    """The options that set the marker to `value`."""
+    return f"-c {SESSION_MARK}={value}"
 
 
 def joined(*options: str | None) -> str:
@@ -82,43 +118,43 @@ def refused(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError) and bool(_REFUSED.search(str(exc)))
 
 
-def arrived(connection: psycopg.Connection[Any], timeout: float) -> bool:
-    """Whether this session got the options it was opened with (`MARKED` among them).
+def arrived(connection: psycopg.Connection[Any], value: str, timeout: float) -> bool:
+    """Whether this session got the options it was opened with (the marker set to `value`
+    among them).
 
     Sent on libpq directly and waited for at most `timeout` (psycopg's own calls wait as
-    long as the network lets them). As one simple query outside any transaction, it
-    leaves the session as it found it. Past the timeout the connection is closed and the
-    error says so."""
+    long as the network lets them). As one simple query outside any transaction, read to
+    its end (an error too), it leaves the session as it found it. Past the timeout the
+    connection is closed and the error says so."""
     pgconn = connection.pgconn
     deadline = time.monotonic() + timeout
     pgconn.send_query(f"SELECT current_setting('{SESSION_MARK}', true)".encode())
     while pgconn.flush():
-        _wait(connection, deadline, write=True)
-    value: bytes | None = None
+        _wait(connection, deadline, select.POLLOUT)
+    found: bytes | None = None
+    error: str | None = None
     while True:
         while pgconn.is_busy():
-            _wait(connection, deadline, write=False)
+            _wait(connection, deadline, select.POLLIN)
             pgconn.consume_input()
         result = pgconn.get_result()
         if result is None:
             break
-        if result.status == pq.ExecStatus.TUPLES_OK and result.ntuples:
-            value = result.get_value(0, 0)
-        elif result.status != pq.ExecStatus.TUPLES_OK:
-            message = (result.error_message or b"").decode(errors="replace").strip()
-            raise psycopg.OperationalError(f"checking the session's settings: {message}")
-    return value == b"on"
+        if result.status == pq.ExecStatus.TUPLES_OK:
+            found = result.get_value(0, 0) if result.ntuples else None
+        elif error is None:
+            error = (result.error_message or b"").decode(errors="replace").strip()
+    if error is not None:
+        raise psycopg.OperationalError(f"checking the session's settings: {error}")
+    return found == value.encode()
 
 
-def _wait(connection: psycopg.Connection[Any], deadline: float, *, write: bool) -> None:
-    remaining = deadline - time.monotonic()
-    fd = connection.pgconn.socket
-    ready = (
-        select.select([], [fd], [], max(0.0, remaining))
-        if write
-        else select.select([fd], [], [], max(0.0, remaining))
-    )
-    if not any(ready):
+def _wait(connection: psycopg.Connection[Any], deadline: float, events: int) -> None:
+    # poll, not select: a process may well have more than 1,024 descriptors open.
+    poller = select.poll()
+    poller.register(connection.pgconn.socket, events | select.POLLERR | select.POLLHUP)
+    remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+    if not poller.poll(remaining_ms):
         connection.close()
         raise psycopg.OperationalError(
             "the database did not answer the check of a new connection's settings in time"
@@ -154,7 +190,13 @@ class SessionCheck:
         self._place = where(url)
         self._given = given
         self._timeout = timeout
+        self.marker = marker()
         self.behind_pooler = False  # a connection of this engine lacked the marker
+
+    @property
+    def options(self) -> str:
+        """The options to connect with: the user's, then the marker."""
+        return joined(self._given, marked(self.marker))
 
     def connect(self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
         try:
@@ -168,22 +210,44 @@ class SessionCheck:
         try:
             return dialect.connect(*cargs, **{k: v for k, v in cparams.items() if k != "options"})
         except psycopg.OperationalError as exc:
-            if refused(exc):  # libpq sent PGOPTIONS again
-                raise ConfigError(dropped_user_options(self._given or "?", self._place)) from exc
-            raise exc from first
+            if refused(exc) and self._given:  # libpq sent PGOPTIONS again
+                raise ConfigError(dropped_user_options(self._given, self._place)) from exc
+            raise exc from first  # refused for another parameter, or another failure
 
     def verify(self, dbapi_connection: psycopg.Connection[Any], record: Any) -> None:
-        if arrived(dbapi_connection, self._timeout):
+        """Before anything else on a new connection (also SQLAlchemy's own first queries:
+        see `listen`), so that this bounded look is the first to wait for the server."""
+        if record.info.get(SESSION_MARK):
+            return  # looked at already, on this engine's first connection
+        if arrived(dbapi_connection, self.marker, self._timeout):
+            record.info[SESSION_MARK] = True
             return
+        place = _place_of(dbapi_connection) or self._place
         if self._given:
             dbapi_connection.close()
-            raise ConfigError(dropped_user_options(self._given, self._place))
+            raise ConfigError(dropped_user_options(self._given, place))
+        record.info[SESSION_MARK] = True
         if not self.behind_pooler:
             self.behind_pooler = True
             log.warning(
                 "the database at %s did not receive the relay's session settings (libpq's "
                 "startup options; a pooler such as PgBouncer refuses or ignores them): going "
                 "on without them; %s",
-                self._place,
+                place,
                 ROLE_SETTINGS_ADVICE,
             )
+
+    def listen(self, engine: sa.Engine) -> None:
+        """Attach to `engine`. On its first connection the look goes before SQLAlchemy's own
+        first queries (the server's version and such), which wait without a bound."""
+        sa.event.listen(engine, "do_connect", self.connect)
+        sa.event.listen(engine, "first_connect", self.verify, insert=True)
+        sa.event.listen(engine, "connect", self.verify)
+
+
+def _place_of(connection: psycopg.Connection[Any]) -> str | None:
+    try:
+        info = connection.info
+        return f"{info.host}:{info.port}/{info.dbname}"
+    except psycopg.Error:
+        return None

@@ -36,7 +36,7 @@ from relay.deadline import Watchdog
 from relay.driver_sql import DriverStatement, PreparedOnServer
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import CLAIMED_COLUMNS, Claim, ClaimedEvent, Failure
-from relay.session_options import MARKED, SessionCheck, joined, url_options
+from relay.session_options import SessionCheck, joined, url_options
 from relay.urls import mask_text
 
 log = logging.getLogger("relay.store")
@@ -137,7 +137,7 @@ def create_engine(
         # as outages). Scripts and transactions set their level themselves, where options
         # do not reach (a pooler).
         relay_options = (
-            f"{MARKED} -c statement_timeout={timeout_ms} "
+            f"-c statement_timeout={timeout_ms} "
             f"-c idle_in_transaction_session_timeout={idle_ms} "
             "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan "
             "-c default_transaction_isolation=read\\ committed"
@@ -160,8 +160,8 @@ def create_engine(
             connect_args={
                 "application_name": application_name[:63],
                 "connect_timeout": max(1, int(db_timeout)),
-                # Later settings win: the relay's own come after the URL's.
-                "options": joined(given_options, relay_options),
+                # Later settings win: the relay's own come after the user's.
+                "options": joined(check.options, relay_options),
                 "prepare_threshold": None,
                 "keepalives": 1,
                 "keepalives_idle": 10,
@@ -169,8 +169,7 @@ def create_engine(
                 "keepalives_count": 3,
             },
         )
-        sa.event.listen(engine, "do_connect", check.connect)
-        sa.event.listen(engine, "connect", check.verify)
+        check.listen(engine)
         return engine
     return sa.create_engine(sa_url)
 

@@ -15,7 +15,7 @@ from relay.consumer.metrics import ConsumerMetrics
 from relay.consumer.pool import ConsumerPool, share_queues
 from relay.consumer.runner import Consumer, ConsumerSettings
 from relay.errors import ConfigError, DatabaseUnavailableError, SchemaMissingError
-from relay.session_options import MARKED, SessionCheck, joined, url_options
+from relay.session_options import SessionCheck, url_options
 from relay.urls import mask_text, mask_url
 
 CONNECT_TIMEOUT = 10
@@ -81,8 +81,8 @@ def create_engine(database_url: str, *, application_name: str, threads: int = 1)
             # search_path would point the handlers at another inbox.
             url, options = url_options(url)
             if options:
-                connect_args["options"] = joined(options, MARKED)
                 check = SessionCheck(url, options, timeout=CONNECT_TIMEOUT)
+                connect_args["options"] = check.options
             connect_args |= {
                 "application_name": application_name[:63],
                 "connect_timeout": CONNECT_TIMEOUT,
@@ -102,8 +102,7 @@ def create_engine(database_url: str, *, application_name: str, threads: int = 1)
         )
         engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
         if check is not None:
-            sa.event.listen(engine, "do_connect", check.connect)
-            sa.event.listen(engine, "connect", check.verify)
+            check.listen(engine)
         return engine
     except Exception as exc:
         raise ConfigError(

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import resource
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -29,8 +32,10 @@ from click.testing import CliRunner
 from outbox import Event, Outbox
 from relay.cli import main
 from relay.consumer.app import create_engine as consumer_engine
+from relay.demo import ensure_database
 from relay.errors import ConfigError, DatabaseUnavailableError
 from relay.listener import Listener, psycopg_dsn
+from relay.session_options import SESSION_MARK, arrived, marker
 from relay.store import Store, create_engine
 from tests.integration.test_relay_delivery import settings_for
 from tests.support.history import check_history
@@ -167,19 +172,22 @@ def test_pgoptions_are_kept_like_the_urls_own(pg_url: str, monkeypatch: pytest.M
         engine.dispose()
 
 
+@pytest.mark.parametrize("connection", ["first", "later"])
 def test_the_check_of_a_new_connection_waits_no_longer_than_the_database_deadline(
-    pooled_url: str, pg_engine: sa.Engine, outbox_schema: Outbox
+    connection: str, pooled_url: str, outbox_schema: Outbox
 ) -> None:
     """Every server session of the PgBouncer is held in an open transaction: a new
-    connection's first query waits in PgBouncer's queue. The check of its settings runs
-    before the store's deadline watchdog guards it, so it bounds its own wait: an outage
-    after the database deadline, not a relay stuck in silence (found by review: 30 s, and
-    a daemon that ignored SIGTERM)."""
+    connection's first query waits in PgBouncer's queue (120 s by default). The check of its
+    settings goes first, before the store's deadline watchdog guards the connection and, on
+    an engine's first connection, before SQLAlchemy's own first queries, and bounds its own
+    wait: an outage after the database deadline, not a relay stuck in silence (found by
+    review: 30 s, and a daemon that ignored SIGTERM; then 120 s for a first connection)."""
     engine = create_engine(pooled_url, application_name="t", db_timeout=1)
     store = Store(engine, outbox_schema, db_timeout=1)
-    store.has_ready(dt.datetime.now(dt.UTC))  # the engine's first connection, then none
-    store.close()
-    engine.dispose()
+    if connection == "later":
+        store.has_ready(dt.datetime.now(dt.UTC))  # the engine's first connection, then none
+        store.close()
+        engine.dispose()
     holding = [
         sa.create_engine(pooled_url, connect_args={"prepare_threshold": None}) for _ in range(4)
     ]
@@ -191,13 +199,24 @@ def test_the_check_of_a_new_connection_waits_no_longer_than_the_database_deadlin
         with pytest.raises(DatabaseUnavailableError, match="in time"):
             store.has_ready(dt.datetime.now(dt.UTC))
         assert time.monotonic() - started < 5
-        store.close()
-        store.engine.dispose()
     finally:
         for holder in holders:
             holder.close()
         for each in holding:
             each.dispose()
+        store.close()
+        engine.dispose()
+
+
+def test_the_demos_database_check_says_pgoptions_cannot_pass_pgbouncer(
+    pooled_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`demo` makes its database with a connection of its own, which libpq gives PGOPTIONS:
+    refused by PgBouncer, that is the configuration error too, not an outage (found by
+    review: exit 3 with the raw refusal)."""
+    monkeypatch.setenv("PGOPTIONS", "-csearch_path=elsewhere")
+    with pytest.raises(ConfigError, match="take them out of the URL"):
+        ensure_database(pooled_url)
 
 
 def test_the_listener_never_listens_through_pgbouncer(
@@ -307,3 +326,77 @@ def test_the_commands_work_through_pgbouncer(pooled_url: str, schema_name: str) 
     assert "pending              1" in status.output
     dead = runner.invoke(main, ["dead", "list"], env=env)
     assert dead.exit_code == 0, dead.output
+
+
+def test_a_database_default_of_the_marker_never_passes_for_it(pg_url: str) -> None:
+    """The marker's value is new for each engine: a session that has the setting from
+    elsewhere (a database or role default, a leftover SET on a pooled session) is not taken
+    for one that got the relay's options (found by review)."""
+    with psycopg.connect(
+        psycopg_dsn(pg_url), options=f"-c {SESSION_MARK}=on", autocommit=True
+    ) as conn:
+        assert not arrived(conn, marker(), 5)
+        assert arrived(conn, "on", 5)
+
+
+def test_a_check_that_meets_an_error_leaves_no_command_half_read(
+    pg_url: str, pg_engine: sa.Engine
+) -> None:
+    """The session ends under the check (terminated): the error is raised, and the
+    connection is not left in the middle of a command (found by review: psycopg then said
+    "another command is already in progress" on the next call)."""
+    with psycopg.connect(psycopg_dsn(pg_url), autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        with pg_engine.connect() as other:
+            other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        time.sleep(0.2)
+        with pytest.raises(psycopg.OperationalError):
+            arrived(conn, marker(), 5)
+        assert conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.ACTIVE
+        with pytest.raises(psycopg.OperationalError) as next_call:
+            conn.execute("SELECT 1")
+        assert "another command is already in progress" not in str(next_call.value)
+
+
+def test_the_check_works_past_1024_open_descriptors(pg_url: str) -> None:
+    """select() cannot watch a descriptor of 1,024 or more; the check polls (found by
+    review: every connection failed in a process with that many open)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"at most {hard} descriptors here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        engine = create_engine(pg_url, application_name="t", db_timeout=5)
+        try:
+            with engine.connect() as conn:
+                fd = conn.connection.driver_connection.fileno()  # type: ignore[union-attr]
+                assert fd >= 1024
+                assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "5s"
+        finally:
+            engine.dispose()
+    finally:
+        for each in spare:
+            os.close(each)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_libpq_services_options_are_kept(
+    pg_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL naming a libpq service whose file sets options: kept, the relay's after them."""
+    database = sa.make_url(pg_url).database
+    services = tmp_path / "pg_service.conf"
+    services.write_text(
+        f"[outbox]\nhost=127.0.0.1\nport=5432\nuser=root\ndbname={database}\n"
+        "options=-csearch_path=fromservice\n"
+    )
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    engine = create_engine(
+        "postgresql+psycopg://?service=outbox", application_name="t", db_timeout=7
+    )
+    try:
+        assert setting(engine, "search_path") == "fromservice"
+        assert setting(engine, "statement_timeout") == "7s"
+    finally:
+        engine.dispose()

@@ -102,3 +102,36 @@ def test_a_refusal_retries_without_options_and_leaves_the_engines_parameters_alo
     assert dialect.calls == [{"options": "-c a=1", "host": "h"}, {"host": "h"}]
     assert check.connect(dialect, None, (), shared) == "connection"
     assert dialect.calls[2] == {"options": "-c a=1", "host": "h"}, "tried with options again"
+
+
+def test_a_refusal_of_another_parameter_is_not_blamed_on_options() -> None:
+    """Refused again without options (libpq sent a parameter of its environment, PGGEQO
+    say): the error is the server's own, not one about the user's options (found by review:
+    it blamed options '?')."""
+
+    class RefusesEverything(RefusingDialect):
+        def connect(self, *cargs: Any, **cparams: Any) -> str:
+            raise psycopg.OperationalError("FATAL:  unsupported startup parameter: geqo")
+
+    check = SessionCheck(sa.make_url("postgresql://h/db"), None, timeout=1)
+    with pytest.raises(psycopg.OperationalError, match="geqo"):
+        check.connect(RefusesEverything(), None, (), {"options": "-c a=1"})
+
+
+def test_a_services_options_count_as_the_users_own_in_libpqs_order(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Options of a libpq service file: the relay's options would replace them (found by
+    review: a service's search_path lost, another outbox). libpq's order: the URL's, then
+    the service's, then PGOPTIONS."""
+    services = tmp_path / "pg_service.conf"
+    services.write_text(
+        "[withopts]\nhost=127.0.0.1\nport=9\noptions=-csearch_path=app\n[without]\nport=9\n"
+    )
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    monkeypatch.setenv("PGOPTIONS", "-csearch_path=env")
+    assert options_of("postgresql://?service=withopts") == "-csearch_path=app"
+    assert options_of("postgresql://?service=withopts&options=-cx%3D1") == "-cx=1"
+    assert options_of("postgresql://?service=without") == "-csearch_path=env"
+    monkeypatch.setenv("PGSERVICE", "withopts")
+    assert options_of("postgresql://h/db") == "-csearch_path=app"
