@@ -435,8 +435,10 @@ def ensure_database(database_url: str) -> None:
     except psycopg.errors.DuplicateDatabase:
         pass  # created meanwhile by someone else
     except psycopg.OperationalError as exc:
-        given = url_options(url)[1]
-        if refused(exc) and given:  # a pooler, and options of the user's (PGOPTIONS)
+        # This connection sends no options of its own: refused, they came from the
+        # environment (PGOPTIONS, a libpq service), not from the URL.
+        given = url_options(url.difference_update_query(["options"]))[1]
+        if refused(exc) and given:
             raise ConfigError(dropped_user_options(given, where(url))) from exc
         lines = mask_text(str(exc)).strip().splitlines() or ["connection failed"]
         raise DatabaseUnavailableError(f"database unavailable: {lines[0]}") from exc

@@ -72,23 +72,45 @@ def url_options(url: sa.URL) -> tuple[sa.URL, str | None]:
 
 
 def _service_options(url: sa.URL) -> str | None:
-    """The options of the libpq service `url` names, as libpq itself reads its service
-    files (a connection is started to make it read them, and dropped at once)."""
+    """The options of the libpq service `url` names (`?service=`, else `PGSERVICE`), read
+    from its service file as libpq reads it: the user's (`PGSERVICEFILE`, else
+    `~/.pg_service.conf`) first, then `PGSYSCONFDIR/pg_service.conf`. Only the files: no
+    connection, no name lookup."""
     service = url.query.get("service") or os.environ.get("PGSERVICE")
     if not service:
         return None
     name = service[-1] if isinstance(service, tuple) else service
-    started = pq.PGconn.connect_start(f"service='{_quoted(name)}'".encode())
+    files = [os.environ.get("PGSERVICEFILE") or os.path.expanduser("~/.pg_service.conf")]
+    if os.environ.get("PGSYSCONFDIR"):
+        files.append(os.path.join(os.environ["PGSYSCONFDIR"], "pg_service.conf"))
+    for path in files:
+        found = _service_in(path, name)
+        if found is not None:
+            return found.get("options") or None
+    return None
+
+
+def _service_in(path: str, name: str) -> dict[str, str] | None:
+    """The settings of service `name` in the file at `path`, or None if it has none
+    (libpq's format: `[name]`, then `keyword=value` lines; `#` starts a comment line)."""
     try:
-        values = {o.keyword: o.val for o in started.info}
-    finally:
-        started.finish()
-    options = values.get(b"options")
-    return options.decode() if options else None
-
-
-def _quoted(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("'", "\\'")
+        with open(path, encoding="utf-8", errors="replace") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return None
+    settings: dict[str, str] | None = None
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            if settings is not None:
+                return settings
+            settings = {} if line[1:-1] == name else None
+        elif settings is not None and "=" in line:
+            keyword, _, value = line.partition("=")
+            settings[keyword.strip()] = value.strip()
+    return settings
 
 
 def _without_dangling_escape(options: str) -> str:
@@ -219,7 +241,12 @@ class SessionCheck:
         see `listen`), so that this bounded look is the first to wait for the server."""
         if record.info.get(SESSION_MARK):
             return  # looked at already, on this engine's first connection
-        if arrived(dbapi_connection, self.marker, self._timeout):
+        try:
+            present = arrived(dbapi_connection, self.marker, self._timeout)
+        except BaseException:
+            dbapi_connection.close()  # whatever the SQLAlchemy release does with it
+            raise
+        if present:
             record.info[SESSION_MARK] = True
             return
         place = _place_of(dbapi_connection) or self._place

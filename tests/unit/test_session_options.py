@@ -135,3 +135,25 @@ def test_a_services_options_count_as_the_users_own_in_libpqs_order(
     assert options_of("postgresql://?service=without") == "-csearch_path=env"
     monkeypatch.setenv("PGSERVICE", "withopts")
     assert options_of("postgresql://h/db") == "-csearch_path=app"
+
+
+def test_a_service_is_read_from_its_files_only_as_libpq_reads_them(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's file first, then PGSYSCONFDIR's; comments skipped; a service found in the
+    user's file ends the search. Read from the files, never by connecting (found by review:
+    a libpq connection started to read them looked the service's host up in DNS, unbounded,
+    and opened a TCP connection to it)."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "pg_service.conf").write_text(
+        "# system\n[sys]\nhost=never-resolved.invalid\noptions = -csearch_path=sys\n"
+        "[both]\noptions=-csearch_path=system\n"
+    )
+    (tmp_path / "user.conf").write_text("[both]\n# no options here\nport=9\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(tmp_path / "user.conf"))
+    monkeypatch.setenv("PGSYSCONFDIR", str(tmp_path / "etc"))
+    assert options_of("postgresql://?service=sys") == "-csearch_path=sys"
+    assert options_of("postgresql://?service=both") is None
+    assert options_of("postgresql://?service=missing") is None
+    monkeypatch.setenv("PGSERVICEFILE", str(tmp_path / "no-such-file"))
+    assert options_of("postgresql://?service=both") == "-csearch_path=system"
