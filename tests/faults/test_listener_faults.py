@@ -121,3 +121,45 @@ def test_listen_connection_reconnects_after_a_blackhole_and_wakeups_resume(
             f"(ping every 0.5s, timeout 1s); blackholed {healed_at - blackholed_at:.1f}s",
         )
     )
+
+
+def test_a_link_going_silent_right_before_listen_is_noticed_like_any_other(
+    pg_url: str, pg_proxy: FaultProxy, outbox_schema: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link goes silent between the check of the connection's settings and its LISTEN:
+    the LISTEN is bounded like the ping, so the listener gives that connection up and
+    listens again once the link heals (found by review: it waited in the LISTEN for good,
+    and the relay only polled from then on)."""
+    import relay.listener
+
+    real = relay.listener.arrived
+    calls = {"n": 0}
+
+    def then_silence(*args: object, **kwargs: object) -> bool:
+        answer = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            pg_proxy.blackhole(True)
+        return answer
+
+    monkeypatch.setattr(relay.listener, "arrived", then_silence)
+    wakes = Wakes()
+    listener = Listener(
+        via_proxy_pg(pg_url, pg_proxy),
+        outbox_schema.channel,
+        wakes,
+        application_name="outbox-relay:test-listener",
+        ping_every=0.5,
+        ping_timeout=1.0,
+        connect_timeout=2,
+    )
+    listener.start()
+    try:
+        wait_for(lambda: calls["n"] >= 1, "the first check")
+        time.sleep(1.5)  # past the ping timeout: the LISTEN on the silent link gave up
+        pg_proxy.heal()
+        wait_for(lambda: listener.connections_total >= 1, "LISTEN on a healed link")
+        assert calls["n"] >= 2, "a second connection after the silent one"
+    finally:
+        pg_proxy.heal()
+        listener.stop()
