@@ -113,10 +113,10 @@ class Listener:
         )
 
     def _behind_pooler(self) -> None:
-        """The connection's startup options did not arrive: a pooler in transaction mode
-        (PgBouncer). A LISTEN there stays on a pooled server session after this client is
-        gone, and its notifications go to whichever client gets that session next (where
-        they pile up unread): never LISTEN through one. The relay polls instead."""
+        """The connection's startup options did not arrive: a pooler (PgBouncer, in any pool
+        mode). In transaction mode a LISTEN stays on a pooled server session after this
+        client is gone, and its notifications go to whichever client gets that session next
+        (where they pile up unread): never LISTEN through one. The relay polls instead."""
         self.behind_pooler = True
         log.warning(
             "LISTEN turned off: the database is reached through a pooler (PgBouncer?), "

@@ -5,8 +5,8 @@ says which settings and why). A pooler such as PgBouncer does not pass them on: 
 `options` at connection ("unsupported startup parameter"), or, with
 `ignore_startup_parameters = options`, drops them without a word. Either way the session
 lacks what the relay asked for, and so does every option the user gave (the URL's
-`?options=`, or libpq's `PGOPTIONS`): a `search_path`, which then silently points the relay
-at another outbox.
+`?options=`, a libpq service's, or `PGOPTIONS`: `url_options`): a `search_path`, which then
+silently points the relay at another outbox.
 
 So every set of options the relay sends carries a marker setting (`outbox_relay.session`,
 a custom setting, which PostgreSQL accepts under any name with a dot), and each new
@@ -14,8 +14,8 @@ connection looks for it before it is used (`SessionCheck`, `arrived`): present, 
 arrived; missing, they did not, and the connection is behind such a pooler. Without options
 of the user's own, the relay goes on without its settings and says once what to set
 instead; with them, it stops with a configuration error, as it cannot do what they ask.
-The look is bounded by the database deadline, as every other database call is (it runs
-before the store's deadline watchdog guards the connection).
+The look waits at most the database deadline on its own (it runs before the store's
+deadline watchdog guards the connection, and before SQLAlchemy's first queries).
 """
 
 from __future__ import annotations
@@ -196,9 +196,9 @@ def dropped_user_options(given: str, place: str) -> str:
     return (
         f"the database at {place} does not receive libpq's startup options (a pooler such "
         f"as PgBouncer refuses or ignores them), so the options {given!r} (of "
-        "--database-url, or PGOPTIONS) cannot take effect: set them for the database role "
-        "instead (ALTER ROLE ... SET search_path = ..., and so on) and take them out of the "
-        "URL and the environment"
+        "--database-url, a libpq service or PGOPTIONS) cannot take effect: set them for the "
+        "database role instead (ALTER ROLE ... SET search_path = ..., and so on) and take "
+        "them out of the URL and the environment"
     )
 
 
@@ -212,13 +212,13 @@ class SessionCheck:
         self._place = where(url)
         self._given = given
         self._timeout = timeout
-        self.marker = marker()
-        self.behind_pooler = False  # a connection of this engine lacked the marker
+        self._marker = marker()
+        self._warned = False  # that a connection of this engine lacked the marker
 
     @property
     def options(self) -> str:
         """The options to connect with: the user's, then the marker."""
-        return joined(self._given, marked(self.marker))
+        return joined(self._given, marked(self._marker))
 
     def connect(self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
         try:
@@ -242,7 +242,7 @@ class SessionCheck:
         if record.info.get(SESSION_MARK):
             return  # looked at already, on this engine's first connection
         try:
-            present = arrived(dbapi_connection, self.marker, self._timeout)
+            present = arrived(dbapi_connection, self._marker, self._timeout)
         except BaseException:
             dbapi_connection.close()  # whatever the SQLAlchemy release does with it
             raise
@@ -254,8 +254,8 @@ class SessionCheck:
             dbapi_connection.close()
             raise ConfigError(dropped_user_options(self._given, place))
         record.info[SESSION_MARK] = True
-        if not self.behind_pooler:
-            self.behind_pooler = True
+        if not self._warned:
+            self._warned = True
             log.warning(
                 "the database at %s did not receive the relay's session settings (libpq's "
                 "startup options; a pooler such as PgBouncer refuses or ignores them): going "

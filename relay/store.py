@@ -104,10 +104,11 @@ def create_engine(
 ) -> sa.Engine:
     """An engine for the relay: bounded waits, and a name operators can find in pg_stat_activity.
 
-    Its sessions' settings go in libpq's `options` (after any the URL gives, which are kept:
-    `?options=-csearch_path%3Dapp`), and every new connection checks that they arrived
+    Its sessions' settings go in libpq's `options` (after the user's own, which are kept:
+    `?options=-csearch_path%3Dapp`, a libpq service's, `PGOPTIONS`), and every new
+    connection checks that they arrived
     (`relay.session_options`: a pooler such as PgBouncer refuses or drops them; the relay
-    then goes on without its own and says what to set instead, or refuses if the URL's own
+    then goes on without its own and says what to set instead, or refuses if the user's own
     would be lost). psycopg never prepares statements on its own here: a pooler in
     transaction mode hands each transaction another server session, where a statement
     prepared on the last one does not exist."""

@@ -76,9 +76,9 @@ def create_engine(database_url: str, *, application_name: str, threads: int = 1)
         connect_args: dict[str, Any] = {}
         check: SessionCheck | None = None
         if url.get_backend_name() == "postgresql":
-            # The user's options (several `options=` as one, or PGOPTIONS), with the marker
-            # that tells whether they arrived: behind PgBouncer they do not, and a lost
-            # search_path would point the handlers at another inbox.
+            # The user's options (`url_options`: the URL's, a libpq service's, PGOPTIONS),
+            # with the marker that tells whether they arrived: behind PgBouncer they do not,
+            # and a lost search_path would point the handlers at another inbox.
             url, options = url_options(url)
             if options:
                 check = SessionCheck(url, options, timeout=CONNECT_TIMEOUT)

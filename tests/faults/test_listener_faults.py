@@ -4,6 +4,7 @@ connection forever and the relay would fall back to polling without a word."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +53,16 @@ def wait_for(condition: Callable[[], bool], what: str) -> float:
 def listener_and_wakes(
     pg_url: str, pg_proxy: FaultProxy, outbox_schema: Outbox
 ) -> Iterator[tuple[Listener, Wakes]]:
+    with started_listener(pg_url, pg_proxy, outbox_schema) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def started_listener(
+    pg_url: str, pg_proxy: FaultProxy, outbox_schema: Outbox
+) -> Iterator[tuple[Listener, Wakes]]:
+    """A listener through the proxy, with a ping every 0.5 s that gives up after 1 s;
+    stopped, and the proxy healed, afterwards."""
     wakes = Wakes()
     listener = Listener(
         via_proxy_pg(pg_url, pg_proxy),
@@ -143,23 +154,9 @@ def test_a_link_going_silent_right_before_listen_is_noticed_like_any_other(
         return answer
 
     monkeypatch.setattr(relay.listener, "arrived", then_silence)
-    wakes = Wakes()
-    listener = Listener(
-        via_proxy_pg(pg_url, pg_proxy),
-        outbox_schema.channel,
-        wakes,
-        application_name="outbox-relay:test-listener",
-        ping_every=0.5,
-        ping_timeout=1.0,
-        connect_timeout=2,
-    )
-    listener.start()
-    try:
+    with started_listener(pg_url, pg_proxy, outbox_schema) as (listener, _):
         wait_for(lambda: calls["n"] >= 1, "the first check")
         time.sleep(1.5)  # past the ping timeout: the LISTEN on the silent link gave up
         pg_proxy.heal()
         wait_for(lambda: listener.connections_total >= 1, "LISTEN on a healed link")
         assert calls["n"] >= 2, "a second connection after the silent one"
-    finally:
-        pg_proxy.heal()
-        listener.stop()
