@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.tables import MISS, NOT_RUN, PASS, ms, num, ratio, table, target
+from bench.tables import MISS, NOT_RUN, PASS, UNEQUAL, ms, num, ratio, table, target
 
 RATES = (200, 600)
 ABSOLUTE_RATE = 200
@@ -12,6 +12,10 @@ MAX_P50_MS = 4.0
 MAX_P99_MS = 15.0
 CPU_RATE = 200
 MIN_THROUGHPUT_RATIO = 5.0
+# A latency or CPU comparison at a rate holds only if both sides' writers reached it: on a
+# slow machine our writers (SQLAlchemy, a transaction per event) can fall behind the asked
+# rate while txoutbox's keep it, and a relay under less load looks faster than it is.
+MIN_ACHIEVED_SHARE = 0.95
 
 
 def targets(result: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -19,15 +23,19 @@ def targets(result: dict[str, Any] | None) -> list[dict[str, Any]]:
     rows_by_rate = {} if result is None else {row["rate"]: row for row in result["rates"]}
     rows = []
     for rate in RATES:
+        row = rows_by_rate.get(rate, {})
         for figure in ("p50", "p99"):
-            value = rows_by_rate.get(rate, {}).get(f"{figure}_ms_ratio")
+            value = row.get(f"{figure}_ms_ratio")
             rows.append(
-                target(
-                    f"peer: {figure} ours / txoutbox at {rate}/s",
-                    "< 1.00x",
-                    value,
-                    None if value is None else value < 1.0,
-                    "{:.2f}x",
+                _at_equal_load(
+                    row,
+                    target(
+                        f"peer: {figure} ours / txoutbox at {rate}/s",
+                        "< 1.00x",
+                        value,
+                        None if value is None else value < 1.0,
+                        "{:.2f}x",
+                    ),
                 )
             )
     ours = rows_by_rate.get(ABSOLUTE_RATE, {}).get("ours", {})
@@ -44,12 +52,15 @@ def targets(result: dict[str, Any] | None) -> list[dict[str, Any]]:
         )
     cpu = rows_by_rate.get(CPU_RATE, {}).get("relay_cpu_seconds_ratio")
     rows.append(
-        target(
-            f"peer: relay CPU ours / txoutbox at {CPU_RATE}/s",
-            "<= 1.00x",
-            cpu,
-            None if cpu is None else cpu <= 1.0,
-            "{:.2f}x",
+        _at_equal_load(
+            rows_by_rate.get(CPU_RATE, {}),
+            target(
+                f"peer: relay CPU ours / txoutbox at {CPU_RATE}/s",
+                "<= 1.00x",
+                cpu,
+                None if cpu is None else cpu <= 1.0,
+                "{:.2f}x",
+            ),
         )
     )
     drained = None if result is None else result["throughput"]["ratio"]
@@ -65,6 +76,23 @@ def targets(result: dict[str, Any] | None) -> list[dict[str, Any]]:
     )
     rows.append(_peer_correct(result))
     return rows
+
+
+def _at_equal_load(row: dict[str, Any], judged: dict[str, Any]) -> dict[str, Any]:
+    """`judged`, unless a side's writers fell short of the rate of `row` (the median of
+    their achieved rates under `MIN_ACHIEVED_SHARE` of it): then UNEQUAL, with both rates
+    shown, as the comparison would credit the side that carried less."""
+    if judged["status"] == NOT_RUN:
+        return judged
+    achieved = {kind: row[kind]["achieved_rate"] for kind in ("ours", "txoutbox")}
+    if min(achieved.values()) >= MIN_ACHIEVED_SHARE * row["rate"]:
+        return judged
+    return {
+        **judged,
+        "shown": f"{judged['shown']} (reached: ours {achieved['ours']:,.0f}/s, "
+        f"txoutbox {achieved['txoutbox']:,.0f}/s)",
+        "status": UNEQUAL,
+    }
 
 
 def _peer_correct(result: dict[str, Any] | None) -> dict[str, Any]:

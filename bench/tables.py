@@ -9,6 +9,8 @@ PASS = "PASS"
 MISS = "MISS"  # a goal not reached: reported, not a failure of the run
 FAIL = "FAIL"  # a correctness check failed: the run exits 1
 NOT_RUN = "n/a"
+# Measured, but not judged: the two sides did not carry the same load (see bench/peer_report.py).
+UNEQUAL = "UNEQUAL"
 
 
 def target(name: str, goal: str, value: float | None, ok: bool | None, fmt: str) -> dict[str, Any]:

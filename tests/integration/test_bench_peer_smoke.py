@@ -76,7 +76,8 @@ def test_quick_peer_run_measures_both_relays_and_checks_both(
     statuses = {t["name"]: t["status"] for t in data["targets"]}
     for name in (t["name"] for t in peer_report.targets(None)):
         judged = "600/s" not in name  # --quick writes at 200/s only
-        assert statuses[name] in ({"PASS", "MISS"} if judged else {"n/a"}), name
+        # UNEQUAL: a side's writers fell short of the rate (timing, which this does not judge).
+        assert statuses[name] in ({"PASS", "MISS", "UNEQUAL"} if judged else {"n/a"}), name
     assert statuses["every relayed event delivered once, in key order"] == "PASS"
     assert "Peer: ours against txoutbox" in run.stdout
 
