@@ -151,11 +151,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if code_fingerprint() != code_at_start:
         meta["code"]["changed_during_run"] = code_fingerprint()
-    meta["targets"] = report.targets(results)
-    print(report.render(results, meta))
     output = args.output or RESULTS_DIR / f"{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({**meta, "results": results}, indent=2, default=str) + "\n")
+
+    def save() -> None:
+        output.write_text(json.dumps({**meta, "results": results}, indent=2, default=str) + "\n")
+
+    save()  # first unjudged: a fault in judging must not lose the measurements
+    meta["targets"] = report.targets(results)
+    save()
+    print(report.render(results, meta))
     print(f"\nresults saved to {output}")
     incorrect = any(t["status"] == report.FAIL for t in meta["targets"])
     return EXIT_INCORRECT if incorrect else EXIT_OK

@@ -168,6 +168,12 @@ def _summary(
                 for name in LATENCY_FIGURES
             }
             row[kind]["samples"] = sum(r["samples"] for r in runs)
+            # The slowest run's writers: a latency median may come from that run
+            # (`peer_report` judges a comparison only if every run carried the load).
+            reached = [r["achieved_rate"] for r in runs]
+            row[kind]["least_achieved_rate"] = (
+                min(reached) if reached and None not in reached else None
+            )
         for name in ("p50_ms", "p95_ms", "p99_ms", "relay_cpu_seconds"):
             row[f"{name}_ratio"] = _ratio(row[OURS][name], row[TXOUTBOX][name])
         rates.append(row)

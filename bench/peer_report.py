@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from bench.tables import MISS, NOT_RUN, PASS, UNEQUAL, ms, num, ratio, table, target
 
@@ -12,14 +12,15 @@ MAX_P50_MS = 4.0
 MAX_P99_MS = 15.0
 CPU_RATE = 200
 MIN_THROUGHPUT_RATIO = 5.0
-# A latency or CPU comparison at a rate holds only if both sides' writers reached it: on a
-# slow machine our writers (SQLAlchemy, a transaction per event) can fall behind the asked
-# rate while txoutbox's keep it, and a relay under less load looks faster than it is.
+# A latency or CPU figure at a rate holds only if the writers reached it in every run: on a
+# slow machine ours (SQLAlchemy, a transaction per event) can fall behind the asked rate
+# while txoutbox's keep it, and a relay under less load looks faster than it is.
 MIN_ACHIEVED_SHARE = 0.95
 
 
 def targets(result: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Each target with its measured value and PASS / MISS (n/a when not measured)."""
+    """Each target with its measured value and PASS / MISS (n/a when not measured; UNEQUAL,
+    unjudged, when the writers of a side it compares fell short of the rate)."""
     rows_by_rate = {} if result is None else {row["rate"]: row for row in result["rates"]}
     rows = []
     for rate in RATES:
@@ -38,16 +39,20 @@ def targets(result: dict[str, Any] | None) -> list[dict[str, Any]]:
                     ),
                 )
             )
-    ours = rows_by_rate.get(ABSOLUTE_RATE, {}).get("ours", {})
+    absolute = rows_by_rate.get(ABSOLUTE_RATE, {})
     for figure, limit in (("p50", MAX_P50_MS), ("p99", MAX_P99_MS)):
-        value = ours.get(f"{figure}_ms")
+        value = absolute.get("ours", {}).get(f"{figure}_ms")
         rows.append(
-            target(
-                f"peer: our commit-to-delivery {figure} at {ABSOLUTE_RATE}/s",
-                f"< {limit:.0f} ms",
-                value,
-                None if value is None else value < limit,
-                "{:.1f} ms",
+            _at_equal_load(
+                absolute,
+                target(
+                    f"peer: our commit-to-delivery {figure} at {ABSOLUTE_RATE}/s",
+                    f"< {limit:.0f} ms",
+                    value,
+                    None if value is None else value < limit,
+                    "{:.1f} ms",
+                ),
+                sides=("ours",),
             )
         )
     cpu = rows_by_rate.get(CPU_RATE, {}).get("relay_cpu_seconds_ratio")
@@ -78,21 +83,33 @@ def targets(result: dict[str, Any] | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _at_equal_load(row: dict[str, Any], judged: dict[str, Any]) -> dict[str, Any]:
-    """`judged`, unless a side's writers fell short of the rate of `row` (the median of
-    their achieved rates under `MIN_ACHIEVED_SHARE` of it): then UNEQUAL, with both rates
-    shown, as the comparison would credit the side that carried less."""
+def _at_equal_load(
+    row: dict[str, Any], judged: dict[str, Any], sides: tuple[str, ...] = ("ours", "txoutbox")
+) -> dict[str, Any]:
+    """`judged`, unless the writers of one of `sides` fell short of the rate of `row` in any
+    run (under `MIN_ACHIEVED_SHARE` of it, or not known): then UNEQUAL, with the rates
+    reached shown, as the figure would credit the side that carried less."""
     if judged["status"] == NOT_RUN:
         return judged
-    achieved = {kind: row[kind]["achieved_rate"] for kind in ("ours", "txoutbox")}
-    if min(achieved.values()) >= MIN_ACHIEVED_SHARE * row["rate"]:
+    reached = {kind: _least_reached(row.get(kind, {})) for kind in sides}
+    floor = MIN_ACHIEVED_SHARE * row["rate"]
+    if all(rate is not None and rate >= floor for rate in reached.values()):
         return judged
+    shown = ", ".join(
+        f"{kind} {'-' if rate is None else f'{rate:,.1f}'}/s" for kind, rate in reached.items()
+    )
     return {
         **judged,
-        "shown": f"{judged['shown']} (reached: ours {achieved['ours']:,.0f}/s, "
-        f"txoutbox {achieved['txoutbox']:,.0f}/s)",
+        "shown": f"{judged['shown']} (slowest run reached: {shown}; judged from {floor:,.0f}/s)",
         "status": UNEQUAL,
     }
+
+
+def _least_reached(side: dict[str, Any]) -> float | None:
+    """The slowest run's achieved rate (results saved before it was recorded: the median)."""
+    if "least_achieved_rate" in side:
+        return cast(float | None, side["least_achieved_rate"])
+    return cast(float | None, side.get("achieved_rate"))
 
 
 def _peer_correct(result: dict[str, Any] | None) -> dict[str, Any]:

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench import peer_report
-from bench.tables import FAIL, MISS, NOT_RUN, PASS
+from bench.tables import FAIL, MISS, NOT_RUN, PASS, UNEQUAL
 from bench.tables import ms as _ms
 from bench.tables import num as _num
 from bench.tables import ratio as _ratio
 from bench.tables import table as _table
 from bench.tables import target as _target
 
-__all__ = ["FAIL", "MISS", "NOT_RUN", "PASS", "render", "targets"]
+__all__ = ["FAIL", "MISS", "NOT_RUN", "PASS", "UNEQUAL", "render", "targets"]
 
 THROUGHPUT_KEYS = (100, 1000)
 CPU_KEYS = 100
@@ -30,7 +30,8 @@ WORK_MAX_TUPLES_PER_EVENT = 1.2
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target with its measured value and PASS / MISS (n/a when not measured)."""
+    """Each target with its measured value and PASS / MISS (n/a when not measured; UNEQUAL
+    for a peer comparison made at unequal load, see `bench.peer_report`)."""
     rows = []
     throughput = results.get("throughput")
     per_keys = {row["keys"]: row for row in (throughput or {}).get("per_keys", [])}
