@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 from bench.tables import MISS, NOT_RUN, PASS, UNEQUAL, ms, num, ratio, table, target
 
@@ -55,10 +55,11 @@ def targets(result: dict[str, Any] | None) -> list[dict[str, Any]]:
                 sides=("ours",),
             )
         )
-    cpu = rows_by_rate.get(CPU_RATE, {}).get("relay_cpu_seconds_ratio")
+    cpu_row = rows_by_rate.get(CPU_RATE, {})
+    cpu = cpu_row.get("relay_cpu_seconds_ratio")
     rows.append(
         _at_equal_load(
-            rows_by_rate.get(CPU_RATE, {}),
+            cpu_row,
             target(
                 f"peer: relay CPU ours / txoutbox at {CPU_RATE}/s",
                 "<= 1.00x",
@@ -91,7 +92,9 @@ def _at_equal_load(
     reached shown, as the figure would credit the side that carried less."""
     if judged["status"] == NOT_RUN:
         return judged
-    reached = {kind: _least_reached(row.get(kind, {})) for kind in sides}
+    reached: dict[str, float | None] = {
+        kind: row.get(kind, {}).get("least_achieved_rate") for kind in sides
+    }
     floor = MIN_ACHIEVED_SHARE * row["rate"]
     if all(rate is not None and rate >= floor for rate in reached.values()):
         return judged
@@ -103,13 +106,6 @@ def _at_equal_load(
         "shown": f"{judged['shown']} (slowest run reached: {shown}; judged from {floor:,.0f}/s)",
         "status": UNEQUAL,
     }
-
-
-def _least_reached(side: dict[str, Any]) -> float | None:
-    """The slowest run's achieved rate (results saved before it was recorded: the median)."""
-    if "least_achieved_rate" in side:
-        return cast(float | None, side["least_achieved_rate"])
-    return cast(float | None, side.get("achieved_rate"))
 
 
 def _peer_correct(result: dict[str, Any] | None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ PASS = "PASS"
 MISS = "MISS"  # a goal not reached: reported, not a failure of the run
 FAIL = "FAIL"  # a correctness check failed: the run exits 1
 NOT_RUN = "n/a"
-# Measured, but not judged: the two sides did not carry the same load (see bench/peer_report.py).
+# Measured, but not judged: the writers it depends on fell short of the rate (bench/peer_report.py).
 UNEQUAL = "UNEQUAL"
 
 
