@@ -16,18 +16,21 @@ that they are translated alike.
 The claim goes further, and its own transaction boundaries are its own (`Store.claim`): its
 statements are sent as one script in one implicit transaction, one round trip, on the
 autocommit connection, and its read is prepared on the server by name (`PreparedOnServer`)
-and runs a generic plan.
+and runs a generic plan. A script's results are read as they arrive (`run_script`), so that
+a caller can act on the first part of a script while the server runs the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import weakref
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import psycopg
 import sqlalchemy as sa
+from psycopg import generators, pq
+from psycopg.adapt import Transformer
 from sqlalchemy.engine import Dialect
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -120,3 +123,81 @@ class PreparedOnServer(_Bound):
 
     def forget(self, conn: psycopg.Connection[Any]) -> None:
         self._sessions.discard(conn)
+
+
+class StepResult(NamedTuple):
+    """What one statement of a script gave: its rows (none unless it returns rows) and how
+    many rows it returned or changed."""
+
+    rows: list[Any]
+    rowcount: int
+
+
+AfterStep = tuple[str, Callable[[Mapping[str, StepResult]], None]]
+
+
+def run_script(
+    conn: psycopg.Connection[Any],
+    steps: Sequence[tuple[str, str]],
+    *,
+    after: AfterStep | None = None,
+) -> dict[str, StepResult]:
+    """Send `steps` (named statements, their values bound into them) as one query, one round
+    trip, and return what each step gave, by name. The server stops at the first statement
+    that fails; its error is raised once every result is read (the connection is only ready
+    for the next query then).
+
+    Results are read one by one, as libpq completes them, and `after` (a step's name, a
+    callback) is called with the results so far as soon as that step's result is in, while
+    the server may still be running the steps after it. The server sends what it has at the
+    latest when the query ends; a statement that sends a notice makes it send everything
+    before it at once (`Store.claim_then_write` relies on that). An exception of the
+    callback is raised like a failed step's, after the rest is read."""
+    sql = ";\n".join(text for _, text in steps)
+    names = iter([name for name, _ in steps])
+    results: dict[str, StepResult] = {}
+    failure: BaseException | None = None
+    with conn.lock:
+        pgconn = conn.pgconn
+        pgconn.send_query(sql.encode(conn.info.encoding))
+        conn.wait(generators.send(pgconn))
+        transformer = Transformer.from_context(conn)
+        # Waiting costs a generator and a poll per result: only where libpq has no complete
+        # result at hand yet (most come several to a packet).
+        while (
+            result := conn.wait(generators.fetch(pgconn))
+            if pgconn.is_busy()
+            else pgconn.get_result()
+        ) is not None:
+            if failure is not None:
+                continue  # read to the end
+            try:
+                name = _step_answered(result, names, conn)
+                rows: list[Any] = []
+                if result.status == pq.ExecStatus.TUPLES_OK:
+                    transformer.set_pgresult(result)
+                    rows = transformer.load_rows(0, result.ntuples, tuple)
+                count = result.command_tuples
+                results[name] = StepResult(rows, -1 if count is None else count)
+                if after is not None and name == after[0]:
+                    after[1](results)
+            except BaseException as exc:
+                failure = exc
+    if failure is not None:
+        raise failure
+    missing = next(names, None)
+    if missing is not None:
+        # Never seen; reading on would give this step the rows of another.
+        raise RuntimeError(f"the database answered no result for the step {missing!r}")
+    return results
+
+
+def _step_answered(
+    result: pq.abc.PGresult, names: Iterator[str], conn: psycopg.Connection[Any]
+) -> str:
+    if result.status == pq.ExecStatus.FATAL_ERROR:
+        raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    name = next(names, None)
+    if name is None:
+        raise RuntimeError("the database answered more results than the script has steps")
+    return name

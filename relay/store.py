@@ -33,7 +33,7 @@ from sqlalchemy.sql.dml import ReturningDelete
 from outbox.ddl import check as schema_check
 from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
 from relay.deadline import Watchdog
-from relay.driver_sql import DriverStatement, PreparedOnServer
+from relay.driver_sql import AfterStep, DriverStatement, PreparedOnServer, StepResult, run_script
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import CLAIMED_COLUMNS, Claim, ClaimedEvent, Failure
 from relay.session_options import SessionCheck, joined, url_options
@@ -52,19 +52,21 @@ DRAINABLE_KEYS = "outbox_relay.drainable_keys"
 # claim and the writes of results rely on (see `_drop_empty_keys`), whatever default the
 # database or role sets. (Also where the connection cannot carry options: PgBouncer.)
 READ_COMMITTED = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
-TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
+BEGIN_READ_COMMITTED = "BEGIN ISOLATION LEVEL READ COMMITTED"
+# Between a claim and the write after it (`Store.claim_then_write`): commit the claim, chain
+# the write's transaction to it (same isolation level) and make the server send the claim's
+# answer now, with a notice, at a level no setting of the role's can suppress there.
+ANSWER_NOW = (
+    ("commit claim", "COMMIT AND CHAIN"),
+    ("notices on", "SET LOCAL client_min_messages = notice"),
+    ("answer now", "DO $$BEGIN RAISE NOTICE 'outbox relay: claim committed'; END$$"),
+)
 
 
 # Named statements of a script (`Store._script`), and the values of those that take any.
 Script = tuple[list[tuple[str, str]], dict[str, dict[str, Any]]]
-
-
-class StepResult(NamedTuple):
-    """What one statement of a script (`Store._script`) gave: its rows (none unless it
-    returns rows) and how many rows it returned or changed."""
-
-    rows: list[Any]
-    rowcount: int
+# A claim's locked keys and rows read, once it has committed (`Store._claim_postgres`).
+Answered = Callable[[list[str], list[Any]], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +240,8 @@ class Store:
         self._local = threading.local()
         # Until prepared statements turn out not to stay with a session (`_claim_postgres`).
         self._claims_prepared = True
+        # Whether claims can answer before the write they carry (`_answers_early`).
+        self._early_answers: bool | None = None
         # Scripts' statements split at their placeholders (`_template`), by text.
         self._templates: dict[str, LiteralTemplate] = {}
         self._kept: list[Connection] = []
@@ -502,20 +506,12 @@ class Store:
         writer adding an event to such a key waits for the claim (about a millisecond at
         low rates)."""
         token = uuid.uuid4()
-        events: list[ClaimedEvent]
         written = NOTHING_WRITTEN
         if self._postgres:
-            parameters = {
-                "token": token,
-                "owner": owner,
-                "limit": limit,
-                "keyless_limit": max(1, limit // 2),
-                "run_length": run_length,
-                "lease_until": lease_until,
-                "now": now,
-            }
             write = self._write_steps(carried, now) if carried is not None else ([], {})
-            keys, rows, results = self._claim_postgres(parameters, write)
+            keys, rows, results = self._claim_postgres(
+                self._claim_parameters(token, owner, limit, run_length, lease_until, now), write
+            )
             events = [ClaimedEvent.from_values(row, token) for row in rows]
             if carried is not None:
                 written = self._written(results)
@@ -535,10 +531,140 @@ class Store:
                     now=now,
                 )
                 events = [ClaimedEvent.from_row(row, token) for row in rows]
+        claim, empty = self._claim_of(token, keys, events, limit, run_length, lease_until)
+        self._drop_empty_after_claim(empty, now)
+        return written, claim
+
+    def claim_then_write(
+        self,
+        carried: Carried,
+        *,
+        answer: Callable[[Claim], None],
+        owner: str,
+        limit: int,
+        run_length: int,
+        lease_until: dt.datetime,
+        now: dt.datetime,
+    ) -> Written:
+        """`claim`, then `mark_and_end_runs` of `carried`, in one round trip on PostgreSQL but
+        two transactions: the claim's commits first, and its answer goes to `answer` (on this
+        thread) as soon as the server has sent it, while the server runs the write. The
+        events a claim carrying confirms takes then wait for the claim alone, not for the
+        write too (about half a millisecond at low rates; `write_and_claim` writes first).
+
+        Why it is safe: the two transactions are those `claim` and `mark_and_end_runs` make,
+        in that order, as when a claim is followed by a write alone; each statement takes its
+        own snapshot. The claim cannot take a key the write frees: this relay still held it
+        when the claim ran. The write says how many of the keys it freed have events left
+        (`FreedKeys.kept`): the relay claims again for them (`relay.results`).
+
+        Why the answer comes before the write: the server keeps a query's results until the
+        query ends, but sends everything it has as soon as it sends a notice. The statement
+        after the claim's COMMIT (which chains the write's transaction to it, at the same
+        isolation level) raises one, at a level set for that transaction only, so that a
+        `client_min_messages` of the role's cannot suppress it. Were it not sent, the answer
+        would come with the write's, later, and nothing else would change.
+
+        Failures: a failing claim ends the query before the write; nothing is claimed or
+        written, and `answer` is not called. A write failing after `answer` was called is
+        raised; its transaction is rolled back, and the claim stays committed. On SQLite,
+        `claim`, `answer`, then `mark_and_end_runs`. Where the relay's role may not run a
+        `DO` block (USAGE on plpgsql revoked), `write_and_claim`, then `answer`."""
+        token = uuid.uuid4()
+        if self._postgres and not self._answers_early():
+            written, claim = self.write_and_claim(
+                carried,
+                owner=owner,
+                limit=limit,
+                run_length=run_length,
+                lease_until=lease_until,
+                now=now,
+            )
+            answer(claim)
+            return written
+        if not self._postgres:
+            answer(
+                self.claim(
+                    owner=owner,
+                    limit=limit,
+                    run_length=run_length,
+                    lease_until=lease_until,
+                    now=now,
+                )
+            )
+            return self.mark_and_end_runs(
+                carried.acked,
+                carried.freed,
+                now=now,
+                delete=carried.delete,
+                relay=carried.relay,
+            )
+        empty: list[str] = []
+
+        def claimed(keys: list[str], rows: list[Any]) -> None:
+            events = [ClaimedEvent.from_values(row, token) for row in rows]
+            claim, found_empty = self._claim_of(token, keys, events, limit, run_length, lease_until)
+            empty.extend(found_empty)
+            answer(claim)
+
+        parameters = self._claim_parameters(token, owner, limit, run_length, lease_until, now)
+        write = self._write_steps(carried, now)
+        _, _, results = self._claim_postgres(parameters, write, answered=claimed)
+        # After the write: dropping keys takes writers' locks, which must not wait on it.
+        self._drop_empty_after_claim(empty, now)
+        return self._written(results)
+
+    def _answers_early(self) -> bool:
+        """Whether this relay's role can raise the notice of `ANSWER_NOW` (checked once)."""
+        if self._early_answers is None:
+            with self._driver() as cursor:
+                try:
+                    cursor.execute(ANSWER_NOW[-1][1])
+                    self._early_answers = True
+                except (
+                    psycopg.errors.InsufficientPrivilege,
+                    psycopg.errors.UndefinedObject,
+                ) as exc:
+                    log.warning(
+                        "the relay's database role cannot run a DO block (%s): a claim that "
+                        "writes confirms waits for the write before it answers",
+                        str(exc).strip(),
+                    )
+                    self._early_answers = False
+        return self._early_answers
+
+    @staticmethod
+    def _claim_parameters(
+        token: uuid.UUID,
+        owner: str,
+        limit: int,
+        run_length: int,
+        lease_until: dt.datetime,
+        now: dt.datetime,
+    ) -> dict[str, Any]:
+        return {
+            "token": token,
+            "owner": owner,
+            "limit": limit,
+            "keyless_limit": max(1, limit // 2),
+            "run_length": run_length,
+            "lease_until": lease_until,
+            "now": now,
+        }
+
+    @staticmethod
+    def _claim_of(
+        token: uuid.UUID,
+        keys: list[str],
+        events: list[ClaimedEvent],
+        limit: int,
+        run_length: int,
+        lease_until: dt.datetime,
+    ) -> tuple[Claim, list[str]]:
+        """The claim of `events` from the locked `keys`, and the keys it found empty."""
         # Keys that gave no rows are empty, unless the claim's room ran out inside the first
-        # round (only keys after the last one served can have been cut then): drop the empty
-        # ones, in a transaction of their own (it takes writers' locks, which must not wait
-        # on the claim). A cut key's lock simply ended with the claim.
+        # round (only keys after the last one served can have been cut then). A cut key's
+        # lock simply ended with the claim.
         served = collections.Counter(e.key for e in events if e.key is not None)
         keyed = sum(served.values())
         room_left = keyed < limit - (len(events) - keyed)
@@ -547,16 +673,6 @@ class Store:
         else:
             last = max((keys.index(key) for key in served), default=len(keys) - 1)
             empty = [key for key in keys[: last + 1] if key not in served]
-        if empty:
-            # After the claim's commit: an outage here must not fail the claim (the relay
-            # would take its written results for unwritten, and lose sight of its events
-            # until their leases ran out). The keys stay for a later claim to drop.
-            try:
-                self._drop_empty(empty, now)
-            except DatabaseUnavailableError as exc:
-                log.warning(
-                    "could not drop %d empty keys (%s); a later claim will", len(empty), exc
-                )
         # A key that got its whole share (`_per_key`) may have more; with the room run out,
         # any key may.
         share = _per_key(limit, len(keys), run_length)
@@ -569,7 +685,20 @@ class Store:
             lease_until=lease_until,
             unfinished=unfinished,
         )
-        return written, claim
+        return claim, empty
+
+    def _drop_empty_after_claim(self, empty: Collection[str], now: dt.datetime) -> None:
+        """Drop the keys a claim found empty, in a transaction of their own (it takes writers'
+        locks, which must not wait on the claim). After the claim's commit: an outage here
+        must not fail the claim (the relay would take its written results for unwritten, and
+        lose sight of its events until their leases ran out). The keys stay for a later
+        claim to drop."""
+        if not empty:
+            return
+        try:
+            self._drop_empty(empty, now)
+        except DatabaseUnavailableError as exc:
+            log.warning("could not drop %d empty keys (%s); a later claim will", len(empty), exc)
 
     def _drop_empty(self, empty: Collection[str], now: dt.datetime) -> None:
         with self.transaction() as conn:
@@ -587,7 +716,7 @@ class Store:
         return sa.bindparam(None, now, type_=sa.DateTime(timezone=True))
 
     def _claim_postgres(
-        self, given: Mapping[str, Any], write: Script
+        self, given: Mapping[str, Any], write: Script, *, answered: Answered | None = None
     ) -> tuple[list[str], list[Any], dict[str, StepResult]]:
         """The claim's statements as one script (`_claim_script`), after those of `write`
         (`write_and_claim`; none for a claim alone): one query, one implicit transaction,
@@ -604,7 +733,10 @@ class Store:
         own, once per session). A session that lost it (psycopg deallocates every prepared
         statement of a session after some commands) prepares it again; a read missing twice
         in a row means prepared statements do not stay with the connection (PgBouncer in
-        transaction mode): this store then sends the read itself every time."""
+        transaction mode): this store then sends the read itself every time.
+
+        With `answered`, the claim goes first and `write` after it (`claim_then_write`):
+        `answered` gets the locked keys and the rows read once the claim has committed."""
         with self._driver() as cursor:
             conn = cursor.connection
             self.transactions_total += 1
@@ -613,10 +745,12 @@ class Store:
                 if read is not None and read.needs_prepare(conn):
                     self._prepare(cursor, read)
                 try:
-                    return self._run_claim_script(conn, given, read, write)
+                    return self._run_claim_script(conn, given, read, write, answered)
                 except psycopg.errors.InvalidSqlStatementName:
-                    # The whole script was rolled back with it: nothing is written, locked or
-                    # leased.
+                    # The claim's transaction was rolled back with it (the write, if after
+                    # it, never ran): nothing is written, locked or leased. An explicit
+                    # transaction (`claim_then_write`) is left aborted until rolled back.
+                    conn.rollback()
                     if read is None:
                         raise
                     read.forget(conn)
@@ -642,6 +776,7 @@ class Store:
         given: Mapping[str, Any],
         read: PreparedOnServer | None,
         write: Script,
+        answered: Answered | None,
     ) -> tuple[list[str], list[Any], dict[str, StepResult]]:
         lock = self._driver_statements["_lock_claim_keys"]
         statement = read if read is not None else self._driver_statements["_claim_statement"]
@@ -651,10 +786,18 @@ class Store:
             "lock": lock.parameters(given),
             "read": statement.parameters(given),
         }
-        results = self._script(conn, [*write_steps, *self._claim_script(read)], values)
-        locked = results["lock"].rows
-        keys = list(locked[0][0] or []) if locked else []
-        return keys, results["read"].rows, results
+        if answered is None:
+            results = self._script(conn, [*write_steps, *self._claim_script(read)], values)
+            return _locked_keys(results), results["read"].rows, results
+
+        def committed(so_far: Mapping[str, StepResult]) -> None:
+            answered(_locked_keys(so_far), so_far["read"].rows)
+
+        steps = [*self._claim_script(read), *ANSWER_NOW, *write_steps, ("commit write", "COMMIT")]
+        results = self._script(
+            conn, steps, values, first=BEGIN_READ_COMMITTED, after=("commit claim", committed)
+        )
+        return _locked_keys(results), results["read"].rows, results
 
     def _claim_script(self, read: PreparedOnServer | None) -> list[tuple[str, str]]:
         """The claim's statements, named, in the order they run.
@@ -1317,37 +1460,26 @@ class Store:
         conn: psycopg.Connection[Any],
         steps: Sequence[tuple[str, str]],
         values: Mapping[str, Mapping[str, Any]],
+        *,
+        first: str = READ_COMMITTED,
+        after: AfterStep | None = None,
     ) -> dict[str, StepResult]:
-        """Send `steps` (named statements) as one query: one implicit transaction, one round
-        trip. Each step is bound on the client with the `values` of its name, if any (each on
-        its own: statements compiled apart may give different values the same name), as
-        psycopg would bind it (`relay.sql_literals`: its generic binding was a third of a
-        claim's CPU). Returns
-        what each step gave, by name. A failing step fails the query and rolls back every
-        step of it."""
-        results: dict[str, StepResult] = {}
-        with psycopg.ClientCursor(conn) as script:
-            sql = ";\n".join(
-                [
-                    READ_COMMITTED,
-                    *(
-                        self._template(text).bind(values[name], conn) if name in values else text
-                        for name, text in steps
-                    ),
-                ]
-            )
-            self._sent(conn, sql, statements=len(steps) + 1)
-            script.execute(sql)
-            for name, _ in steps:
-                if not script.nextset():
-                    # Never seen; reading on would give this step the rows of the last one.
-                    raise RuntimeError(f"the database answered no result for the step {name!r}")
-                # The result's status, not `description`: that builds a column object per
-                # field at every look (15% of a claim's CPU).
-                returned = script.pgresult is not None and script.pgresult.status == TUPLES_OK
-                rows = script.fetchall() if returned else []
-                results[name] = StepResult(rows, script.rowcount)
-        return results
+        """Send `steps` (named statements) as one query, after `first` (by default the
+        isolation level of its one implicit transaction): one round trip. Each step is bound
+        on the client with the `values` of its name, if any (each on its own: statements
+        compiled apart may give different values the same name), as psycopg would bind it
+        (`relay.sql_literals`: its generic binding was a third of a claim's CPU). Returns
+        what each step gave, by name (`run_script`, which also calls `after`). A failing
+        step fails the query and rolls back every step of its transaction."""
+        bound = [
+            ("first", first),
+            *(
+                (name, self._template(text).bind(values[name], conn) if name in values else text)
+                for name, text in steps
+            ),
+        ]
+        self._sent(conn, ";\n".join(text for _, text in bound), statements=len(bound))
+        return run_script(conn, bound, after=after)
 
     def _template(self, text: str) -> LiteralTemplate:
         """`text` split at its placeholders, once per statement text (a fixed few)."""
@@ -1574,6 +1706,12 @@ class Store:
             raise SchemaMissingError("; ".join(result.errors))
         for warning in result.warnings:
             log.warning("%s", warning)
+
+
+def _locked_keys(results: Mapping[str, StepResult]) -> list[str]:
+    """The keys a claim's first statement locked, in the order it locked them."""
+    locked = results["lock"].rows
+    return list(locked[0][0] or []) if locked else []
 
 
 def _per_key(limit: int, keys: int, run_length: int) -> int:

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from outbox import Event, Outbox
-from relay.driver_sql import DriverStatement
+from relay.driver_sql import DriverStatement, run_script
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import Claim
 from relay.store import FreedKeys, Store, create_engine
@@ -308,16 +308,37 @@ def test_a_script_answered_with_too_few_results_is_an_error_not_the_last_rows_ag
     pg_engine: sa.Engine, outbox_schema: Outbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each step of a script reads its own result; were one missing, reading on would have
-    given it the rows of the step before (the claim's keys taken for its events, say)."""
+    given the next step the rows of another (here the claim's read, its rows taken for a
+    step before it)."""
     write_events(pg_engine, outbox_schema, [Event(type="t", key="a")])
     store = Store(pg_engine, outbox_schema, db_timeout=10)
-    real = psycopg.ClientCursor.nextset
-    answered = {"n": 0}
+    real = store._claim_script
 
-    def two_results_only(self: psycopg.ClientCursor[Any]) -> bool | None:
-        answered["n"] += 1
-        return real(self) if answered["n"] <= 2 else None
+    def with_a_step_that_answers_nothing(read: Any) -> list[tuple[str, str]]:
+        steps = real(read)
+        return [
+            *steps[:-1],
+            ("nothing", "-- a statement the server gives no result for"),
+            steps[-1],
+        ]
 
-    monkeypatch.setattr(psycopg.ClientCursor, "nextset", two_results_only)
-    with pytest.raises(RuntimeError, match="no result for the step"):
+    monkeypatch.setattr(store, "_claim_script", with_a_step_that_answers_nothing)
+    with pytest.raises(RuntimeError, match="no result for the step 'read'"):
         claim(store)
+
+
+@pytest.mark.parametrize(
+    ("steps", "error"),
+    [
+        ([("one", "SELECT 1"), ("two", "-- nothing")], "no result for the step 'two'"),
+        ([("one", "SELECT 1; SELECT 2")], "more results than the script has steps"),
+    ],
+)
+def test_a_script_whose_results_do_not_match_its_steps_fails_and_leaves_the_session_usable(
+    pg_url: str, steps: list[tuple[str, str]], error: str
+) -> None:
+    dsn = sa.make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as driver:
+        with pytest.raises(RuntimeError, match=error):
+            run_script(driver, steps)
+        assert run_script(driver, [("three", "SELECT 3")])["three"].rows == [(3,)]

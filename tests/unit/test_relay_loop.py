@@ -1713,3 +1713,105 @@ def test_the_claim_job_only_reads_the_batch_it_carries(tmp_path: Path) -> None:
     h.step()
     assert h.relay._carrying is None and not carried
     assert _status(h)["a"] == ["published"]
+
+
+# -- the claim before the write it carries (Store.claim_then_write) --------------------------
+
+
+def _written_first_once(h: Harness) -> tuple[ManualWorker, ManualWorker]:
+    """a1 published and confirmed; b1's claim carries a1's confirm, written first (as every
+    relay starts): a drained, so the write left no key with events, and from then on the
+    claims go first. b1 published and confirmed: its confirm waits for a claim."""
+    writes, claims = _quiet(h)
+    _claim_now(h, claims, *keyed("a", 1))
+    h.publisher.settle()
+    h.step()  # a1 confirmed: waits for a claim to carry it
+    assert h.relay._write_first
+    _claim_now(h, claims, *keyed("b", 1))  # a1 marked, a freed and deleted, b1 claimed
+    assert not h.relay._write_first
+    h.publisher.settle()
+    h.step()  # b1 confirmed: waits
+    return writes, claims
+
+
+def test_a_carrying_claim_answers_before_its_write_and_its_events_go_out_at_once(
+    tmp_path: Path,
+) -> None:
+    """After a carried write that left no key with events, the next claim goes first: its
+    answer reaches the loop before the job (which writes b1's confirm after it) has
+    completed, and c1 is published on it; the carried batch stays on its way until then."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
+    writes, claims = _written_first_once(h)
+    h.write(*keyed("c", 1))
+    h.relay.wake()
+    h.step()
+    assert len(claims.jobs) == 1 and h.relay._carrying is not None
+    job, done = claims.jobs.pop(0)
+    result = job()  # c1 claimed (its answer posted at once), then b1's confirm written
+    h.step()  # the loop takes the claim's answer; the job's completion is not delivered
+    assert [m.headers["ordering-key"] for m in h.publisher.published] == ["a", "b", "c"]
+    assert h.relay._carrying is not None, "the write's completion is still to come"
+    claims.post(Completion(done, result, None))
+    h.step()
+    assert h.relay._carrying is None
+    assert _status(h) == {"a": ["published"], "b": ["published"], "c": ["pending"]}
+    assert not writes.jobs and not claims.jobs
+    assert not h.relay._write_first
+
+
+def test_a_write_after_its_claim_that_frees_a_key_with_events_claims_again_and_writes_first(
+    tmp_path: Path,
+) -> None:
+    """b2 commits while b1's confirm waits: its NOTIFY's claim goes first and finds b still
+    leased; the write after it frees b with b2 pending (kept), so a claim goes out at once
+    for b2, and the next carrying claim writes first (a hot key's next event is waiting
+    whenever its run ends)."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
+    writes, claims = _written_first_once(h)
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()
+    assert len(claims.jobs) == 1
+    _turn(h, claims)  # nothing claimed (b leased), then b1 marked and b freed: kept
+    assert h.relay._write_first
+    assert _status(h)["b"] == ["published", "pending"]
+    assert len(claims.jobs) == 1, "the freed key's event is claimed at once"
+    _turn(h, claims)
+    assert [m.headers["ordering-key"] for m in h.publisher.published] == ["a", "b", "b"]
+    assert not writes.jobs
+
+
+def test_a_claim_whose_write_fails_after_it_committed_keeps_its_events_and_the_confirms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim committed and answered; the write after it meets an outage. c1 is this
+    relay's all the same (published once), and b1's confirm goes back, to be written once
+    the database answers: nothing lost, nothing twice."""
+    h = Harness(tmp_path, worker=FlakyWorker, poll_interval=30.0)
+    writes, claims = _written_first_once(h)
+    real = h.store.mark_and_end_runs
+    failures = {"left": 1}
+
+    def outage_once(*args: Any, **kw: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise DatabaseUnavailableError("connection lost after the claim committed")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(h.store, "mark_and_end_runs", outage_once)
+    h.write(*keyed("c", 1))
+    h.relay.wake()
+    h.step()
+    _turn(h, claims)  # c1 claimed and answered, then the write fails
+    assert [m.headers["ordering-key"] for m in h.publisher.published] == ["a", "b", "c"]
+    assert h.relay._carrying is None
+    assert _status(h)["b"] == ["pending"], "the write was not made"
+    h.clock.advance(10)  # the database answers again
+    for _ in range(4):
+        h.publisher.settle()
+        let_writes_go(h)
+        _turn(h, writes)
+        _turn(h, claims)
+    assert _status(h) == {"a": ["published"], "b": ["published"], "c": ["published"]}
+    sent = [m.message_id for m in h.publisher.published]
+    assert len(sent) == len(set(sent)) == 3
