@@ -22,6 +22,7 @@ a caller can act on the first part of a script while the server runs the rest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -133,26 +134,29 @@ class StepResult(NamedTuple):
     rowcount: int
 
 
-AfterStep = tuple[str, Callable[[Mapping[str, StepResult]], None]]
+# Told each step's name as its result comes in, with the results so far (`run_script`).
+Progress = Callable[[str, Mapping[str, StepResult]], None]
 
 
 def run_script(
     conn: psycopg.Connection[Any],
     steps: Sequence[tuple[str, str]],
     *,
-    after: AfterStep | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, StepResult]:
     """Send `steps` (named statements, their values bound into them) as one query, one round
     trip, and return what each step gave, by name. The server stops at the first statement
     that fails; its error is raised once every result is read (the connection is only ready
     for the next query then).
 
-    Results are read one by one, as libpq completes them, and `after` (a step's name, a
-    callback) is called with the results so far as soon as that step's result is in, while
-    the server may still be running the steps after it. The server sends what it has at the
-    latest when the query ends; a statement that sends a notice makes it send everything
-    before it at once (`Store.claim_then_write` relies on that). An exception of the
-    callback is raised like a failed step's, after the rest is read."""
+    Results are read one by one, as libpq completes them, and `progress` is told of each
+    step as soon as its result is in, while the server may still be running the steps after
+    it. The server sends what it has at the latest when the query ends; a statement that
+    sends a notice makes it send everything before it at once (`Store.claim_then_write`
+    relies on that). An exception of `progress` is raised like a failed step's, after the
+    rest is read; were a transaction left aborted behind it, it is rolled back first (only a
+    driver error is rolled back by the caller). The first failure is the one raised: a lost
+    connection after a step failed does not hide the server's error."""
     sql = ";\n".join(text for _, text in steps)
     names = iter([name for name, _ in steps])
     results: dict[str, StepResult] = {}
@@ -162,13 +166,19 @@ def run_script(
         pgconn.send_query(sql.encode(conn.info.encoding))
         conn.wait(generators.send(pgconn))
         transformer = Transformer.from_context(conn)
-        # Waiting costs a generator and a poll per result: only where libpq has no complete
-        # result at hand yet (most come several to a packet).
-        while (
-            result := conn.wait(generators.fetch(pgconn))
-            if pgconn.is_busy()
-            else pgconn.get_result()
-        ) is not None:
+        while True:
+            try:
+                # Waiting costs a generator and a poll: only where libpq has no complete
+                # result at hand yet (most come several to a packet).
+                if pgconn.is_busy():
+                    result = conn.wait(generators.fetch(pgconn))
+                else:
+                    result = pgconn.get_result()
+            except psycopg.Error as exc:
+                failure = failure or exc
+                break
+            if result is None:
+                break
             if failure is not None:
                 continue  # read to the end
             try:
@@ -179,11 +189,14 @@ def run_script(
                     rows = transformer.load_rows(0, result.ntuples, tuple)
                 count = result.command_tuples
                 results[name] = StepResult(rows, -1 if count is None else count)
-                if after is not None and name == after[0]:
-                    after[1](results)
+                if progress is not None:
+                    progress(name, results)
             except BaseException as exc:
                 failure = exc
     if failure is not None:
+        if not isinstance(failure, psycopg.Error) and not conn.broken:
+            with contextlib.suppress(psycopg.Error):
+                conn.rollback()
         raise failure
     missing = next(names, None)
     if missing is not None:

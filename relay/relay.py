@@ -684,7 +684,8 @@ class Relay:
             written, claim = answer  # no claim: it answered on its own (`answered`)
             if carried is not None:
                 self._carrying = None
-                # Written after its claim, the write freed no key that claim took.
+                # After its claim, the write says only what is left to claim (`Store.
+                # claim_then_write`).
                 taken = {event.key for event in claim.events} if claim is not None else set()
                 self._carried_written(carried, written, taken, frees_keys=frees_keys)
             if claim is not None:

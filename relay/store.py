@@ -33,7 +33,7 @@ from sqlalchemy.sql.dml import ReturningDelete
 from outbox.ddl import check as schema_check
 from outbox.schema import DEAD, PENDING, PUBLISHED, Outbox
 from relay.deadline import Watchdog
-from relay.driver_sql import AfterStep, DriverStatement, PreparedOnServer, StepResult, run_script
+from relay.driver_sql import DriverStatement, PreparedOnServer, Progress, StepResult, run_script
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import CLAIMED_COLUMNS, Claim, ClaimedEvent, Failure
 from relay.session_options import SessionCheck, joined, url_options
@@ -556,7 +556,9 @@ class Store:
         in that order, as when a claim is followed by a write alone; each statement takes its
         own snapshot. The claim cannot take a key the write frees: this relay still held it
         when the claim ran. The write says how many of the keys it freed have events left
-        (`FreedKeys.kept`): the relay claims again for them (`relay.results`).
+        (`FreedKeys.kept`): the relay claims again for them (`relay.results`). (Where the
+        write goes first, below, `kept` leaves out the keys the claim took again: it counts
+        what is left to claim, as it does after a claim.)
 
         Why the answer comes before the write: the server keeps a query's results until the
         query ends, but sends everything it has as soon as it sends a notice. The statement
@@ -581,7 +583,7 @@ class Store:
                 now=now,
             )
             answer(claim)
-            return written
+            return _left_to_claim(written, carried, claim)
         if not self._postgres:
             answer(
                 self.claim(
@@ -621,17 +623,19 @@ class Store:
                 try:
                     cursor.execute(ANSWER_NOW[-1][1])
                     self._early_answers = True
-                except (
-                    psycopg.errors.InsufficientPrivilege,
-                    psycopg.errors.UndefinedObject,
-                ) as exc:
-                    log.warning(
-                        "the relay's database role cannot run a DO block (%s): a claim that "
-                        "writes confirms waits for the write before it answers",
-                        str(exc).strip(),
-                    )
-                    self._early_answers = False
-        return self._early_answers
+                except psycopg.Error as exc:
+                    if cursor.connection.broken or isinstance(exc, psycopg.OperationalError):
+                        raise  # an outage or a timeout, not a refusal: looked at again
+                    self._no_early_answers(exc)
+        return self._early_answers is True
+
+    def _no_early_answers(self, refusal: psycopg.Error) -> None:
+        log.warning(
+            "the relay's database role cannot run a DO block (%s): a claim that writes "
+            "confirms now waits for the write before it answers",
+            str(refusal).strip(),
+        )
+        self._early_answers = False
 
     @staticmethod
     def _claim_parameters(
@@ -790,14 +794,33 @@ class Store:
             results = self._script(conn, [*write_steps, *self._claim_script(read)], values)
             return _locked_keys(results), results["read"].rows, results
 
-        def committed(so_far: Mapping[str, StepResult]) -> None:
-            answered(_locked_keys(so_far), so_far["read"].rows)
+        answered_steps: list[str] = []
+        claimed: list[tuple[list[str], list[Any]]] = []
+
+        def progress(step: str, so_far: Mapping[str, StepResult]) -> None:
+            answered_steps.append(step)
+            if step == "commit claim":
+                claimed.append((_locked_keys(so_far), so_far["read"].rows))
+                answered(*claimed[0])
 
         steps = [*self._claim_script(read), *ANSWER_NOW, *write_steps, ("commit write", "COMMIT")]
-        results = self._script(
-            conn, steps, values, first=BEGIN_READ_COMMITTED, after=("commit claim", committed)
-        )
-        return _locked_keys(results), results["read"].rows, results
+        try:
+            results = self._script(
+                conn, steps, values, first=BEGIN_READ_COMMITTED, progress=progress
+            )
+        except psycopg.Error as exc:
+            refused = not conn.broken and not isinstance(exc, psycopg.OperationalError)
+            if answered_steps[-1:] != [ANSWER_NOW[-2][0]] or not refused:
+                raise
+            # The notice itself was refused (the role lost USAGE on plpgsql since
+            # `_answers_early` looked, or the server has no DO): the claim committed and
+            # answered, the write was rolled back. It goes alone now, and from here on
+            # claims write first.
+            conn.rollback()
+            self._no_early_answers(exc)
+            results = self._script(conn, write_steps, write_values)
+        keys, rows = claimed[0]
+        return keys, rows, results
 
     def _claim_script(self, read: PreparedOnServer | None) -> list[tuple[str, str]]:
         """The claim's statements, named, in the order they run.
@@ -1462,14 +1485,14 @@ class Store:
         values: Mapping[str, Mapping[str, Any]],
         *,
         first: str = READ_COMMITTED,
-        after: AfterStep | None = None,
+        progress: Progress | None = None,
     ) -> dict[str, StepResult]:
         """Send `steps` (named statements) as one query, after `first` (by default the
         isolation level of its one implicit transaction): one round trip. Each step is bound
         on the client with the `values` of its name, if any (each on its own: statements
         compiled apart may give different values the same name), as psycopg would bind it
         (`relay.sql_literals`: its generic binding was a third of a claim's CPU). Returns
-        what each step gave, by name (`run_script`, which also calls `after`). A failing
+        what each step gave, by name (`run_script`, which also tells `progress`). A failing
         step fails the query and rolls back every step of its transaction."""
         bound = [
             ("first", first),
@@ -1479,7 +1502,7 @@ class Store:
             ),
         ]
         self._sent(conn, ";\n".join(text for _, text in bound), statements=len(bound))
-        return run_script(conn, bound, after=after)
+        return run_script(conn, bound, progress=progress)
 
     def _template(self, text: str) -> LiteralTemplate:
         """`text` split at its placeholders, once per statement text (a fixed few)."""
@@ -1706,6 +1729,17 @@ class Store:
             raise SchemaMissingError("; ".join(result.errors))
         for warning in result.warnings:
             log.warning("%s", warning)
+
+
+def _left_to_claim(written: Written, carried: Carried, claim: Claim) -> Written:
+    """`written`, with the keys it freed that `claim` (after it, in its transaction) took
+    again no longer counted as kept: what `Store.claim_then_write` says, whatever its order."""
+    freed = {key for keys in carried.freed.values() for key in keys}
+    taken = len(freed.intersection(event.key for event in claim.events))
+    if not taken:
+        return written
+    kept = max(0, written.freed.kept - taken)
+    return Written(written.owned, FreedKeys(written.freed.ended, kept))
 
 
 def _locked_keys(results: Mapping[str, StepResult]) -> list[str]:

@@ -258,5 +258,37 @@ def test_a_role_that_may_not_run_a_do_block_gets_the_write_first(
     first = claim(store, run_length=1)
     written, (second,) = claim_then_write(store, confirms(first), run_length=1)
     assert [e.key for e in second.events] == ["a"], "written first, the claim took a again"
-    assert written.freed.kept == 1
+    assert written.freed == FreedKeys(1, 0), "kept: only what is left to claim"
     assert "cannot run a DO block" in caplog.text
+
+
+def test_a_do_block_refused_after_the_check_writes_alone_and_claims_write_first_from_then_on(
+    pg_engine: sa.Engine,
+    outbox_schema: Outbox,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """USAGE on plpgsql revoked while the relay runs: the claim has committed and answered
+    when the notice is refused. Not an error: the write goes alone, and from then on claims
+    write first (a refusal at every claim would stop the relay)."""
+    import relay.store
+
+    store = Store(pg_engine, outbox_schema, db_timeout=10)
+    write_events(pg_engine, outbox_schema, [Event(type="t", key=k) for k in "ab"])
+    first = claim(store, run_length=1)
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="c")])
+    assert store._answers_early()  # checked, and allowed
+    refused = "DO $$BEGIN RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege'; END$$"
+    answer_now = (*relay.store.ANSWER_NOW[:-1], ("answer now", refused))
+    monkeypatch.setattr(relay.store, "ANSWER_NOW", answer_now)
+    written, (second,) = claim_then_write(store, confirms(first))
+    assert [e.key for e in second.events] == ["c"]
+    assert written.owned == 2 and written.freed == FreedKeys(2, 0)
+    assert set(statuses(pg_engine, outbox_schema).values()) == {"published", "pending"}
+    assert key_leases(pg_engine, outbox_schema) == {"c": second.token}
+    assert "cannot run a DO block" in caplog.text and not store._answers_early()
+    write_events(pg_engine, outbox_schema, [Event(type="t", key="c")])
+    settled = confirms(second)
+    written, (third,) = claim_then_write(store, settled)
+    assert [e.key for e in third.events] == ["c"], "written first: c taken again at once"
+    assert written.freed == FreedKeys(1, 0)

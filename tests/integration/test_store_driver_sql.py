@@ -342,3 +342,26 @@ def test_a_script_whose_results_do_not_match_its_steps_fails_and_leaves_the_sess
         with pytest.raises(RuntimeError, match=error):
             run_script(driver, steps)
         assert run_script(driver, [("three", "SELECT 3")])["three"].rows == [(3,)]
+
+
+def test_a_failing_progress_callback_is_raised_after_the_rest_and_leaves_no_aborted_transaction(
+    pg_url: str,
+) -> None:
+    """The callback fails after the first step; a later step fails on the server inside an
+    explicit transaction. The callback's error is raised (it came first), once every result is
+    read, and the session is not left in the aborted transaction."""
+    dsn = sa.make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    told: list[str] = []
+
+    def progress(step: str, so_far: Any) -> None:
+        told.append(step)
+        if step == "begin":
+            raise ValueError("the caller failed")
+
+    steps = [("begin", "BEGIN"), ("one", "SELECT 1"), ("boom", "SELECT 1/0"), ("end", "COMMIT")]
+    with psycopg.connect(dsn, autocommit=True) as driver:
+        with pytest.raises(ValueError, match="the caller failed"):
+            run_script(driver, steps, progress=progress)
+        assert told == ["begin"]
+        assert driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert run_script(driver, [("two", "SELECT 2")])["two"].rows == [(2,)]
