@@ -47,20 +47,6 @@ def claim_then_write(
     return written, answers
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def setup(
-    request: pytest.FixtureRequest, pg_engine: sa.Engine, outbox_schema: Outbox, sqlite_url: str
-) -> Iterator[tuple[Store, sa.Engine, Outbox]]:
-    if request.param == "sqlite":
-        box = Outbox()
-        engine = sa.create_engine(sqlite_url)
-        box.create(engine)
-        yield Store(engine, box, db_timeout=10), engine, box
-        engine.dispose()
-    else:
-        yield Store(pg_engine, outbox_schema, db_timeout=10), pg_engine, outbox_schema
-
-
 @pytest.fixture
 def session(pg_url: str) -> Iterator[psycopg.Connection[Any]]:
     """A connection of the test's own, beside the store's."""

@@ -9,7 +9,6 @@ fence still holds per claim, and a failure anywhere leaves nothing written.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -56,20 +55,6 @@ def key_leases(engine: sa.Engine, box: Outbox) -> dict[str, Any]:
     k = box.keys
     with engine.connect() as conn:
         return dict(conn.execute(sa.select(k.c.key, k.c.lease_token)).all())
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def setup(
-    request: pytest.FixtureRequest, pg_engine: sa.Engine, outbox_schema: Outbox, sqlite_url: str
-) -> Iterator[tuple[Store, sa.Engine, Outbox]]:
-    if request.param == "sqlite":
-        box = Outbox()
-        engine = sa.create_engine(sqlite_url)
-        box.create(engine)
-        yield Store(engine, box, db_timeout=10), engine, box
-        engine.dispose()
-    else:
-        yield Store(pg_engine, outbox_schema, db_timeout=10), pg_engine, outbox_schema
 
 
 def test_a_key_the_write_frees_is_claimed_again_by_the_same_claim(
