@@ -153,10 +153,12 @@ def run_script(
     step as soon as its result is in, while the server may still be running the steps after
     it. The server sends what it has at the latest when the query ends; a statement that
     sends a notice makes it send everything before it at once (`Store.claim_then_write`
-    relies on that). An exception of `progress` is raised like a failed step's, after the
-    rest is read; were a transaction left aborted behind it, it is rolled back first (only a
-    driver error is rolled back by the caller). The first failure is the one raised: a lost
-    connection after a step failed does not hide the server's error."""
+    relies on that). An exception of `progress` is raised once the rest is read, but the
+    server does not stop for it: the steps after it run, and may commit. Were a transaction
+    left aborted behind it, it is rolled back first (only a driver error is rolled back by
+    the caller). The first failure is the one raised: a lost connection after a step failed
+    does not hide the server's error. `progress` runs while the connection is busy: it must
+    not use it."""
     sql = ";\n".join(text for _, text in steps)
     names = iter([name for name, _ in steps])
     results: dict[str, StepResult] = {}

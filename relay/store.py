@@ -79,8 +79,8 @@ NOTHING_FREED = FreedKeys(0, 0)
 
 
 class Carried(NamedTuple):
-    """Confirms and finished runs a claim writes before it claims (`Store.write_and_claim`):
-    `mark_and_end_runs`'s arguments."""
+    """Confirms and finished runs a claim writes, before it claims (`Store.write_and_claim`)
+    or after (`Store.claim_then_write`): `mark_and_end_runs`'s arguments."""
 
     acked: Mapping[uuid.UUID, Collection[int]]
     freed: Mapping[uuid.UUID, Collection[str]]
@@ -554,11 +554,14 @@ class Store:
 
         Why it is safe: the two transactions are those `claim` and `mark_and_end_runs` make,
         in that order, as when a claim is followed by a write alone; each statement takes its
-        own snapshot. The claim cannot take a key the write frees: this relay still held it
-        when the claim ran. The write says how many of the keys it freed have events left
-        (`FreedKeys.kept`): the relay claims again for them (`relay.results`). (Where the
-        write goes first, below, `kept` leaves out the keys the claim took again: it counts
-        what is left to claim, as it does after a claim.)
+        own snapshot. The claim cannot take a key the write frees, as this relay still holds
+        its lease: the relay sends no claim once one of its leases could have run out
+        (`Relay._leases_safe`). A lease run out unnoticed would let the claim take the key
+        back and fence off the write's confirms, and those events would go out again (same
+        message_id). The write says how many of the keys it freed have events left
+        (`FreedKeys.kept`), and the relay claims again for them (`relay.results`). Whatever
+        the order, `kept` here counts the freed keys with events left that the claim did not
+        take (`write_and_claim`'s counts those it took too; the relay subtracts them).
 
         Why the answer comes before the write: the server keeps a query's results until the
         query ends, but sends everything it has as soon as it sends a notice. The statement
@@ -567,11 +570,15 @@ class Store:
         `client_min_messages` of the role's cannot suppress it. Were it not sent, the answer
         would come with the write's, later, and nothing else would change.
 
+        `answer` runs on this thread while the query is still being read: it must not use
+        this store, and must not raise (the server runs the write all the same).
+
         Failures: a failing claim ends the query before the write; nothing is claimed or
         written, and `answer` is not called. A write failing after `answer` was called is
         raised; its transaction is rolled back, and the claim stays committed. On SQLite,
         `claim`, `answer`, then `mark_and_end_runs`. Where the relay's role may not run a
-        `DO` block (USAGE on plpgsql revoked), `write_and_claim`, then `answer`."""
+        `DO` block (USAGE on plpgsql revoked: found at the first such claim, or when the
+        notice is refused), `write_and_claim`, then `answer`."""
         token = uuid.uuid4()
         if self._postgres and not self._answers_early():
             written, claim = self.write_and_claim(
@@ -611,6 +618,7 @@ class Store:
 
         parameters = self._claim_parameters(token, owner, limit, run_length, lease_until, now)
         write = self._write_steps(carried, now)
+        self.transactions_total += 1  # the write's; `_claim_postgres` counts the claim's
         _, _, results = self._claim_postgres(parameters, write, answered=claimed)
         # After the write: dropping keys takes writers' locks, which must not wait on it.
         self._drop_empty_after_claim(empty, now)
@@ -620,6 +628,7 @@ class Store:
         """Whether this relay's role can raise the notice of `ANSWER_NOW` (checked once)."""
         if self._early_answers is None:
             with self._driver() as cursor:
+                self._sent(cursor.connection, ANSWER_NOW[-1][1])
                 try:
                     cursor.execute(ANSWER_NOW[-1][1])
                     self._early_answers = True
