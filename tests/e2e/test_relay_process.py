@@ -80,7 +80,9 @@ def test_sigkilled_relay_loses_nothing_after_restart(
 ) -> None:
     assert outbox_schema.schema is not None
     tap, exchange = tapped_exchange
-    write_events(pg_engine, outbox_schema, interleaved_events(6_000, keys=100))
+    # Enough that the relay is still at it when the tap has seen the first 1,500 (it drains
+    # about 10,000 a second; the tap, in the test's process, reads slower under load).
+    write_events(pg_engine, outbox_schema, interleaved_events(30_000, keys=100))
     first = start_relay_process(
         database_url=pg_url,
         amqp_url=amqp_url,
@@ -104,13 +106,13 @@ def test_sigkilled_relay_loses_nothing_after_restart(
     )
     try:
         # The killed relay's leased rows come back once its lease (3 s) runs out.
-        deliveries = drain_distinct(tap, 6_000, timeout=60)
+        deliveries = drain_distinct(tap, 30_000, timeout=90)
     finally:
         code, output = stop_process(second)
     assert code == 0, output
     report = check_history(written(pg_engine, outbox_schema), deliveries)
     report.assert_ok(max_duplicates=1000)  # at most the killed relay's in-flight window
-    assert count_by_status(pg_engine, outbox_schema) == {"published": 6_000}
+    assert count_by_status(pg_engine, outbox_schema) == {"published": 30_000}
 
 
 def test_sigterm_drains_and_exits_0_with_nothing_left_in_flight(
