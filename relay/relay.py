@@ -669,7 +669,7 @@ class Relay:
             trace.started_at = self._monotonic()
             try:
                 if confirms is not None and not write_first:
-                    return self.store.claim_then_write(confirms, answer=answered, **terms), None
+                    return self.store.claim_then_write(confirms, answer=answered, **terms)
                 if confirms is not None:
                     return self.store.write_and_claim(confirms, **terms)
                 if probe_first and not self.store.has_ready(now):
@@ -684,8 +684,7 @@ class Relay:
             written, claim = answer  # no claim: it answered on its own (`answered`)
             if carried is not None:
                 self._carrying = None
-                # After its claim, the write says only what is left to claim (`Store.
-                # claim_then_write`).
+                # Written after its claim, the write freed no key that claim took.
                 taken = {event.key for event in claim.events} if claim is not None else set()
                 self._carried_written(carried, written, taken, frees_keys=frees_keys)
             if claim is not None:

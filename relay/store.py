@@ -545,7 +545,7 @@ class Store:
         run_length: int,
         lease_until: dt.datetime,
         now: dt.datetime,
-    ) -> Written:
+    ) -> tuple[Written, Claim | None]:
         """`claim`, then `mark_and_end_runs` of `carried`, in one round trip on PostgreSQL but
         two transactions: the claim's commits first, and its answer goes to `answer` (on this
         thread) as soon as the server has sent it, while the server runs the write. The
@@ -559,9 +559,7 @@ class Store:
         (`Relay._leases_safe`). A lease run out unnoticed would let the claim take the key
         back and fence off the write's confirms, and those events would go out again (same
         message_id). The write says how many of the keys it freed have events left
-        (`FreedKeys.kept`), and the relay claims again for them (`relay.results`). Whatever
-        the order, `kept` here counts the freed keys with events left that the claim did not
-        take (`write_and_claim`'s counts those it took too; the relay subtracts them).
+        (`FreedKeys.kept`), and the relay claims again for them (`relay.results`).
 
         Why the answer comes before the write: the server keeps a query's results until the
         query ends, but sends everything it has as soon as it sends a notice. The statement
@@ -577,11 +575,14 @@ class Store:
         written, and `answer` is not called. A write failing after `answer` was called is
         raised; its transaction is rolled back, and the claim stays committed. On SQLite,
         `claim`, `answer`, then `mark_and_end_runs`. Where the relay's role may not run a
-        `DO` block (USAGE on plpgsql revoked: found at the first such claim, or when the
-        notice is refused), `write_and_claim`, then `answer`."""
+        `DO` block (USAGE on plpgsql revoked: found at the first such claim), this is
+        `write_and_claim`, and the claim comes back with the write instead of going to
+        `answer` (the caller then subtracts the keys it took again, as after
+        `write_and_claim`); refused at the notice itself, the write goes alone after the
+        claim. Returns the write, and the claim unless `answer` had it."""
         token = uuid.uuid4()
         if self._postgres and not self._answers_early():
-            written, claim = self.write_and_claim(
+            return self.write_and_claim(
                 carried,
                 owner=owner,
                 limit=limit,
@@ -589,8 +590,6 @@ class Store:
                 lease_until=lease_until,
                 now=now,
             )
-            answer(claim)
-            return _left_to_claim(written, carried, claim)
         if not self._postgres:
             answer(
                 self.claim(
@@ -601,13 +600,14 @@ class Store:
                     now=now,
                 )
             )
-            return self.mark_and_end_runs(
+            written = self.mark_and_end_runs(
                 carried.acked,
                 carried.freed,
                 now=now,
                 delete=carried.delete,
                 relay=carried.relay,
             )
+            return written, None
         empty: list[str] = []
 
         def claimed(keys: list[str], rows: list[Any]) -> None:
@@ -622,7 +622,7 @@ class Store:
         _, _, results = self._claim_postgres(parameters, write, answered=claimed)
         # After the write: dropping keys takes writers' locks, which must not wait on it.
         self._drop_empty_after_claim(empty, now)
-        return self._written(results)
+        return self._written(results), None
 
     def _answers_early(self) -> bool:
         """Whether this relay's role can raise the notice of `ANSWER_NOW` (checked once)."""
@@ -1738,17 +1738,6 @@ class Store:
             raise SchemaMissingError("; ".join(result.errors))
         for warning in result.warnings:
             log.warning("%s", warning)
-
-
-def _left_to_claim(written: Written, carried: Carried, claim: Claim) -> Written:
-    """`written`, with the keys it freed that `claim` (after it, in its transaction) took
-    again no longer counted as kept: what `Store.claim_then_write` says, whatever its order."""
-    freed = {key for keys in carried.freed.values() for key in keys}
-    taken = len(freed.intersection(event.key for event in claim.events))
-    if not taken:
-        return written
-    kept = max(0, written.freed.kept - taken)
-    return Written(written.owned, FreedKeys(written.freed.ended, kept))
 
 
 def _locked_keys(results: Mapping[str, StepResult]) -> list[str]:

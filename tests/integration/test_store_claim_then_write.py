@@ -29,13 +29,14 @@ from tests.integration.test_store_write_and_claim import confirms, key_leases, s
 from tests.support.relays import write_events
 
 
-def claim_then_write(
+def claim_then_write_parts(
     store: Store, carried: Carried, *, run_length: int = 10
-) -> tuple[Written, list[Claim]]:
-    """The write, and the claims `answer` was given (one, unless it failed first)."""
+) -> tuple[Written, list[Claim], Claim | None]:
+    """The write, the claims `answer` was given, and the claim it returned (when written
+    first, where the notice cannot be raised)."""
     answers: list[Claim] = []
     moment = now()
-    written = store.claim_then_write(
+    written, returned = store.claim_then_write(
         carried,
         answer=answers.append,
         owner="r",
@@ -44,7 +45,17 @@ def claim_then_write(
         lease_until=moment + dt.timedelta(seconds=30),
         now=moment,
     )
-    return written, answers
+    return written, answers, returned
+
+
+def claim_then_write(
+    store: Store, carried: Carried, *, run_length: int = 10
+) -> tuple[Written, list[Claim]]:
+    """The write, and the claim, whichever way it came (one, unless the claim failed): never
+    both ways."""
+    written, answers, returned = claim_then_write_parts(store, carried, run_length=run_length)
+    assert not (answers and returned is not None), "the claim both answered and returned"
+    return written, answers if returned is None else [returned]
 
 
 @pytest.fixture
@@ -91,7 +102,7 @@ def test_the_claims_answer_arrives_while_its_write_still_waits(
     releaser.start()
     try:
         moment = now()
-        written = store.claim_then_write(
+        written, returned = store.claim_then_write(
             confirms(first),
             answer=answer,
             owner="r",
@@ -105,6 +116,7 @@ def test_the_claims_answer_arrives_while_its_write_still_waits(
         releaser.join()
         engine.dispose()
     assert released == {"after the answer": True}, "the answer waited for the write"
+    assert returned is None
     (second,) = answers
     assert [e.key for e in second.events] == ["b"]
     assert written.owned == 1 and written.freed == FreedKeys(1, 0)
@@ -233,7 +245,8 @@ def test_a_role_that_may_not_run_a_do_block_gets_the_write_first(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """USAGE on plpgsql revoked: the notice cannot be raised, and the claim writes first
-    (`write_and_claim`), then answers; said once in the log."""
+    (`write_and_claim`): the claim comes back with the write, not early, so that the relay
+    subtracts the key it took again, as after `write_and_claim`; said once in the log."""
     import relay.store
 
     refused = "DO $$BEGIN RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege'; END$$"
@@ -242,9 +255,10 @@ def test_a_role_that_may_not_run_a_do_block_gets_the_write_first(
     store = Store(pg_engine, outbox_schema, db_timeout=10)
     write_events(pg_engine, outbox_schema, [Event(type="t", key="a") for _ in range(2)])
     first = claim(store, run_length=1)
-    written, (second,) = claim_then_write(store, confirms(first), run_length=1)
+    written, answers, second = claim_then_write_parts(store, confirms(first), run_length=1)
+    assert answers == [] and second is not None, "returned with the write, not answered"
     assert [e.key for e in second.events] == ["a"], "written first, the claim took a again"
-    assert written.freed == FreedKeys(1, 0), "kept: only what is left to claim"
+    assert written.freed == FreedKeys(1, 1)  # as `write_and_claim` says it: a had events
     assert "cannot run a DO block" in caplog.text
 
 
@@ -267,7 +281,8 @@ def test_a_do_block_refused_after_the_check_writes_alone_and_claims_write_first_
     refused = "DO $$BEGIN RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege'; END$$"
     answer_now = (*relay.store.ANSWER_NOW[:-1], ("answer now", refused))
     monkeypatch.setattr(relay.store, "ANSWER_NOW", answer_now)
-    written, (second,) = claim_then_write(store, confirms(first))
+    written, (second,), returned = claim_then_write_parts(store, confirms(first))
+    assert returned is None, "the claim had answered before the notice was refused"
     assert [e.key for e in second.events] == ["c"]
     assert written.owned == 2 and written.freed == FreedKeys(2, 0)
     assert set(statuses(pg_engine, outbox_schema).values()) == {"published", "pending"}
@@ -275,6 +290,7 @@ def test_a_do_block_refused_after_the_check_writes_alone_and_claims_write_first_
     assert "cannot run a DO block" in caplog.text and not store._answers_early()
     write_events(pg_engine, outbox_schema, [Event(type="t", key="c")])
     settled = confirms(second)
-    written, (third,) = claim_then_write(store, settled)
+    written, answers, third = claim_then_write_parts(store, settled)
+    assert answers == [] and third is not None, "written first, returned with the write"
     assert [e.key for e in third.events] == ["c"], "written first: c taken again at once"
-    assert written.freed == FreedKeys(1, 0)
+    assert written.freed == FreedKeys(1, 1)

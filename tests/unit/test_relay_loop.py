@@ -1815,3 +1815,27 @@ def test_a_claim_whose_write_fails_after_it_committed_keeps_its_events_and_the_c
     assert _status(h) == {"a": ["published"], "b": ["published"], "c": ["published"]}
     sent = [m.message_id for m in h.publisher.published]
     assert len(sent) == len(set(sent)) == 3
+
+
+def test_a_claim_that_could_not_answer_early_comes_back_with_its_write_and_asks_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the notice cannot be raised, the store writes first and returns the claim with
+    the write (`Store.claim_then_write`). b2 commits while b1's confirm waits: the one job
+    frees b and takes b2, and the relay counts b as taken, so no claim follows it (one
+    would find nothing, for a claim's CPU per event at one key)."""
+    h = Harness(tmp_path, worker=ManualWorker, poll_interval=30.0)
+    writes, claims = _written_first_once(h)
+
+    def written_first(carried: Any, *, answer: Any, **terms: Any) -> Any:
+        return h.store.write_and_claim(carried, **terms)
+
+    monkeypatch.setattr(h.store, "claim_then_write", written_first)
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()
+    assert len(claims.jobs) == 1
+    _turn(h, claims)  # b1 marked, b freed and b2 claimed, in one job
+    assert _status(h)["b"] == ["published", "pending"]
+    assert [m.headers["ordering-key"] for m in h.publisher.published] == ["a", "b", "b"]
+    assert not claims.jobs and not writes.jobs
