@@ -684,7 +684,9 @@ class Relay:
             written, claim = answer  # no claim: it answered on its own (`answered`)
             if carried is not None:
                 self._carrying = None
-                # Written after its claim, the write freed no key that claim took.
+                # A claim that answered early ran before its write: it took none of the keys
+                # the write freed. One returned with its write ran after it: the keys it
+                # took again are not left to claim.
                 taken = {event.key for event in claim.events} if claim is not None else set()
                 self._carried_written(carried, written, taken, frees_keys=frees_keys)
             if claim is not None:

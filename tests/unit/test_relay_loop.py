@@ -1838,4 +1838,6 @@ def test_a_claim_that_could_not_answer_early_comes_back_with_its_write_and_asks_
     _turn(h, claims)  # b1 marked, b freed and b2 claimed, in one job
     assert _status(h)["b"] == ["published", "pending"]
     assert [m.headers["ordering-key"] for m in h.publisher.published] == ["a", "b", "b"]
+    sent = [m.message_id for m in h.publisher.published]
+    assert len(sent) == len(set(sent)), "a claim delivered twice"
     assert not claims.jobs and not writes.jobs
