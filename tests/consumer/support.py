@@ -1,9 +1,11 @@
-"""Shared helpers of the consumer tests: messages as the relay publishes them."""
+"""Shared helpers of the consumer tests: messages as the relay publishes them, session kills."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
+
+import sqlalchemy as sa
 
 from outbox.consumer import Message
 from outbox.encoding import encode_json
@@ -36,3 +38,25 @@ def order_message(
         headers={"ordering-key": f"order:{order_id}", "outbox-seq": seq if seq is not None else n},
         routing_key=type,
     )
+
+
+def terminate_handler_session(engine: sa.Engine, schema: str) -> int:
+    """Kill the handler's own session, from inside the handler; how many sessions it killed.
+
+    That session is idle in a transaction whose last statement wrote an effect into `schema`.
+    A test polling the effects from another thread is idle in a transaction too, between its
+    SELECT and its rollback, so matching on the schema alone could kill the poller instead:
+    only a session whose last statement is an INSERT matches.
+    """
+    with engine.connect() as other:
+        return len(
+            other.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                    "state = 'idle in transaction' AND datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND position(:schema in query) > 0 "
+                    "AND query ILIKE 'INSERT INTO%'"
+                ),
+                {"schema": schema},
+            ).all()
+        )

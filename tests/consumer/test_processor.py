@@ -14,7 +14,7 @@ from sqlalchemy.orm import sessionmaker
 
 from outbox.consumer import InboxUnavailableError, Message, Outcome, Processor, RetryPolicy
 from tests.consumer.app import App, build
-from tests.consumer.support import order_message
+from tests.consumer.support import order_message, terminate_handler_session
 
 
 @pytest.fixture
@@ -255,21 +255,14 @@ def test_a_lost_database_connection_is_not_parked(
     app: App, processor: Processor, pg_engine: sa.Engine
 ) -> None:
     def kill_own_session(event: object) -> None:
-        with pg_engine.connect() as other:
-            # The handler's own session: in a transaction, its last statement on our schema.
-            killed = other.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-                    "state = 'idle in transaction' AND datname = current_database() "
-                    "AND pid <> pg_backend_pid() AND position(:schema in query) > 0"
-                ),
-                {"schema": app.inbox.schema},
-            ).all()
-            assert len(killed) == 1
+        assert terminate_handler_session(pg_engine, app.inbox.schema) == 1
 
     app.faults.inside_handler = kill_own_session
-    with pytest.raises(InboxUnavailableError, match="database connection failed"):
-        processor.process(order_message("1", 1))
+    with pg_engine.connect() as poller:  # as a test polling the effects would be, mid-poll
+        poller.execute(sa.select(app.effects.c.id)).all()
+        with pytest.raises(InboxUnavailableError, match="database connection failed"):
+            processor.process(order_message("1", 1))
+        assert poller.execute(sa.select(sa.func.count()).select_from(app.effects)).scalar() == 0
     app.faults.inside_handler = None
     assert parked_rows(app, pg_engine) == []
     assert processor.process(order_message("1", 2)).outcome is Outcome.HANDLED

@@ -18,7 +18,7 @@ from outbox.consumer import Message, Outcome, Processor, Result, RetryPolicy
 from relay.consumer.runner import Consumer, ConsumerSettings
 from tests.consumer.app import App, build
 from tests.consumer.broker import cleaned_up, publish
-from tests.consumer.support import order_message
+from tests.consumer.support import order_message, terminate_handler_session
 from tests.support.rabbit import rabbitmqctl, unique_name
 
 
@@ -330,18 +330,8 @@ def test_run_survives_the_database_killing_its_session_mid_handler(
     killed: list[int] = []
 
     def kill_own_session(event: object) -> None:
-        if killed:
-            return
-        with pg_engine.connect() as other:
-            rows = other.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-                    "state = 'idle in transaction' AND datname = current_database() "
-                    "AND pid <> pg_backend_pid() AND position(:schema in query) > 0"
-                ),
-                {"schema": app.inbox.schema},
-            ).all()
-        killed.append(len(rows))
+        if not killed:
+            killed.append(terminate_handler_session(pg_engine, app.inbox.schema))
 
     app.faults.inside_handler = kill_own_session
     publish(amqp_url, exchange, [order_message("a", n) for n in range(1, 6)])
