@@ -69,6 +69,7 @@ def build_relay(
                 settings.database_url,
                 channel,
                 wake,
+                loop=mailbox.loop,
                 application_name=f"outbox-relay:{settings.name}:listen",
             )
 

@@ -212,8 +212,9 @@ class Relay:
             self._listener.start()
 
     def wake(self) -> None:
-        """Thread-safe: look for new events now (a NOTIFY arrived)."""
-        self._mailbox.interrupt(_Wake(self._monotonic()))
+        """Thread-safe: look for new events now (a NOTIFY arrived). From the loop itself
+        (where the listener reads), without a system call (`Mailbox.put`)."""
+        self._mailbox.put(_Wake(self._monotonic()))
 
     def request_stop(self) -> None:
         """Thread-safe (and signal-safe): stop claiming and drain."""

@@ -4,7 +4,9 @@ connection forever and the relay would fall back to polling without a word."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from relay.listener import Listener
 from tests.faults.invariants import ScenarioResult
 from tests.faults.proxy import FaultProxy
 from tests.faults.runners import via_proxy_pg
+from tests.support.loops import running_loop
 from tests.support.relays import write_events
 
 pytestmark = pytest.mark.slow
@@ -64,21 +67,23 @@ def started_listener(
     """A listener through the proxy, with a ping every 0.5 s that gives up after 1 s;
     stopped, and the proxy healed, afterwards."""
     wakes = Wakes()
-    listener = Listener(
-        via_proxy_pg(pg_url, pg_proxy),
-        outbox_schema.channel,
-        wakes,
-        application_name="outbox-relay:test-listener",
-        ping_every=0.5,
-        ping_timeout=1.0,
-        connect_timeout=2,
-    )
-    listener.start()
-    try:
-        yield listener, wakes
-    finally:
-        pg_proxy.heal()
-        listener.stop()
+    with running_loop() as loop:
+        listener = Listener(
+            via_proxy_pg(pg_url, pg_proxy),
+            outbox_schema.channel,
+            wakes,
+            loop=loop,
+            application_name="outbox-relay:test-listener",
+            ping_every=0.5,
+            ping_timeout=1.0,
+            connect_timeout=2,
+        )
+        listener.start()
+        try:
+            yield listener, wakes
+        finally:
+            pg_proxy.heal()
+            listener.stop()
 
 
 def test_listen_connection_reconnects_after_a_blackhole_and_wakeups_resume(
@@ -160,3 +165,76 @@ def test_a_link_going_silent_right_before_listen_is_noticed_like_any_other(
         pg_proxy.heal()
         wait_for(lambda: listener.connections_total >= 1, "LISTEN on a healed link")
         assert calls["n"] >= 2, "a second connection after the silent one"
+
+
+def test_a_stop_while_a_ping_waits_on_a_silent_link_returns_at_once(
+    pg_url: str, pg_proxy: FaultProxy, outbox_schema: Outbox
+) -> None:
+    """The link is silent and a ping waits for its answer (deadline 10 s) when the relay
+    stops: the stop takes the connection back from the loop, and the thread waits for that
+    ping no longer (it held the relay's shutdown for the listener's whole join timeout)."""
+    with running_loop() as loop:
+        listener = Listener(
+            via_proxy_pg(pg_url, pg_proxy),
+            outbox_schema.channel,
+            lambda: None,
+            loop=loop,
+            application_name="outbox-relay:test-listener",
+            ping_every=0.2,
+            ping_timeout=10.0,
+            connect_timeout=2,
+        )
+        listener.start()
+        try:
+            wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+            pg_proxy.blackhole()
+            time.sleep(0.5)  # a ping went out into the silence
+            started = time.monotonic()
+            listener.stop(timeout=5.0)
+            assert time.monotonic() - started < 2.0
+            assert not listener._thread.is_alive()
+        finally:
+            pg_proxy.heal()
+            listener.stop()
+
+
+def test_a_ping_unanswered_while_the_loop_does_not_run_closes_nothing_the_loop_watches(
+    pg_url: str, pg_proxy: FaultProxy, outbox_schema: Outbox
+) -> None:
+    """The ping went out into a silent link, and its deadline passes while the loop does not
+    run (the relay's step): the thread gives the connection up, but closes it only once the
+    loop has stopped watching its socket (a descriptor closed while watched, then taken by
+    the next connection, would confuse the loop's selector). Then it listens again."""
+    loop = asyncio.new_event_loop()
+    listener = Listener(
+        via_proxy_pg(pg_url, pg_proxy),
+        outbox_schema.channel,
+        lambda: None,
+        loop=loop,
+        application_name="outbox-relay:test-listener",
+        ping_every=0.2,
+        ping_timeout=0.5,
+        connect_timeout=2,
+    )
+    try:
+        listener.start()
+        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+        loop.run_until_complete(asyncio.sleep(0.1))
+        watch = listener._watch
+        assert watch is not None and watch.watching
+        socket_id = os.fstat(watch.fd).st_ino
+        pg_proxy.blackhole()
+        while not watch.pinging:
+            loop.run_until_complete(asyncio.sleep(0.05))  # a ping goes out into the silence
+        time.sleep(1.5)  # past its deadline, the loop not running
+        assert os.fstat(watch.fd).st_ino == socket_id, "closed while the loop watched it"
+        pg_proxy.heal()
+        deadline = time.monotonic() + WAIT
+        while listener.connections_total < 2:
+            assert time.monotonic() < deadline, "no LISTEN after the loop let the socket go"
+            loop.run_until_complete(asyncio.sleep(0.05))
+        assert watch.ended.is_set() and not watch.watching
+    finally:
+        pg_proxy.heal()
+        listener.stop()
+        loop.close()

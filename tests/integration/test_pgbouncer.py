@@ -39,6 +39,7 @@ from relay.session_options import SESSION_MARK, arrived, marker
 from relay.store import Store, create_engine
 from tests.integration.test_relay_delivery import settings_for
 from tests.support.history import check_history
+from tests.support.loops import running_loop
 from tests.support.pgbouncer import pgbouncer
 from tests.support.rabbit import QueueTap
 from tests.support.relays import (
@@ -225,9 +226,11 @@ def test_the_listener_never_listens_through_pgbouncer(
     """A LISTEN through PgBouncer stays on a pooled server session after the client is gone
     and its notifications reach other clients, where they pile up unread (found by review):
     the listener finds out on connecting, never LISTENs, and says so. Directly, it listens."""
-    with caplog.at_level(logging.WARNING, logger="relay.listener"):
+    with caplog.at_level(logging.WARNING, logger="relay.listener"), running_loop() as loop:
         for url, pooled in ((any_pooled_url, True), (pg_url, False)):
-            listener = Listener(url, "outbox_test_channel", lambda: None, application_name="t")
+            listener = Listener(
+                url, "outbox_test_channel", lambda: None, loop=loop, application_name="t"
+            )
             listener.start()
             try:
                 deadline = time.monotonic() + 10

@@ -1,0 +1,287 @@
+"""The LISTEN connection read on the relay's loop (relay/listener.py): notifications wake the
+relay on the loop's thread, the ping goes over the loop too, a dropped session is remade, and
+the loop never watches a socket the listener's thread closes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from outbox import Outbox
+from relay.listener import Listener
+from tests.support.loops import running_loop
+from tests.support.rabbit import unique_name
+
+WAIT = 10.0
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {WAIT} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class Wakes:
+    """Each wake-up, with the thread it came on."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def __call__(self) -> None:
+        self.threads.append(threading.get_ident())
+
+
+def notify(engine: sa.Engine, channel: str, times: int = 1) -> None:
+    with engine.begin() as conn:
+        for n in range(times):  # payloads apart: the server folds equal ones of a transaction
+            conn.execute(
+                sa.text("SELECT pg_notify(:channel, :payload)"),
+                {"channel": channel, "payload": str(n)},
+            )
+
+
+def listener_sessions(engine: sa.Engine, name: str) -> list[sa.Row[tuple[int, str, str]]]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    "SELECT pid, state, query FROM pg_stat_activity WHERE application_name = :n"
+                ),
+                {"n": name},
+            )
+        )
+
+
+@pytest.fixture
+def name() -> str:
+    return unique_name("outbox-relay:test-listen")
+
+
+@pytest.fixture
+def on_loop(
+    pg_url: str, outbox_schema: Outbox, name: str
+) -> Iterator[tuple[Listener, Wakes, asyncio.AbstractEventLoop, threading.Thread]]:
+    wakes = Wakes()
+    with running_loop() as loop:
+        loop_thread: list[threading.Thread] = []
+        loop.call_soon_threadsafe(lambda: loop_thread.append(threading.current_thread()))
+        listener = Listener(
+            pg_url,
+            outbox_schema.channel,
+            wakes,
+            loop=loop,
+            application_name=name,
+            ping_every=0.1,
+            ping_timeout=2.0,
+        )
+        listener.start()
+        try:
+            wait_for(lambda: listener.connections_total == 1 and bool(loop_thread), "LISTEN")
+            wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+            yield listener, wakes, loop, loop_thread[0]
+        finally:
+            listener.stop()
+
+
+def test_notifications_wake_the_relay_on_the_loops_thread_once_per_read(
+    pg_engine: sa.Engine,
+    outbox_schema: Outbox,
+    on_loop: tuple[Listener, Wakes, object, threading.Thread],
+) -> None:
+    listener, wakes, _, loop_thread = on_loop
+    wait_for(lambda: len(wakes.threads) >= 1, "the wake-up after LISTEN")
+    after_listen = len(wakes.threads)
+    notify(pg_engine, outbox_schema.channel, times=3)  # one transaction: delivered together
+    wait_for(lambda: listener.notifications_total == 3, "three notifications")
+    woken_by_them = wakes.threads[after_listen:]
+    assert woken_by_them and set(woken_by_them) == {loop_thread.ident}
+    assert len(woken_by_them) <= 3
+
+
+def test_the_ping_goes_over_the_loop_and_keeps_the_one_connection(
+    pg_engine: sa.Engine,
+    outbox_schema: Outbox,
+    name: str,
+    on_loop: tuple[Listener, Wakes, object, threading.Thread],
+) -> None:
+    """Pings every 0.1 s, answered on the loop: the session's last statement becomes the
+    ping, no second connection is made, and notifications still arrive between pings."""
+    listener, _, _, _ = on_loop
+    wait_for(
+        lambda: [r.query for r in listener_sessions(pg_engine, name)] == ["SELECT 1"],
+        "a ping on the LISTEN session",
+    )
+    time.sleep(0.5)  # several pings
+    before = listener.notifications_total
+    notify(pg_engine, outbox_schema.channel)
+    wait_for(lambda: listener.notifications_total > before, "a notification between pings")
+    assert listener.connections_total == 1
+    assert len(listener_sessions(pg_engine, name)) == 1
+
+
+def test_a_terminated_session_is_remade_and_notifications_resume(
+    pg_engine: sa.Engine,
+    outbox_schema: Outbox,
+    name: str,
+    on_loop: tuple[Listener, Wakes, object, threading.Thread],
+) -> None:
+    """The server ends the session: the loop's read fails at once, the thread makes a new
+    connection (with the wake-up that follows every one), and a commit wakes the relay again."""
+    listener, wakes, _, _ = on_loop
+    (session,) = listener_sessions(pg_engine, name)
+    with pg_engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": session.pid})
+    woken = len(wakes.threads)
+    wait_for(lambda: listener.connections_total == 2, "a second LISTEN connection")
+    wait_for(lambda: len(wakes.threads) > woken, "the wake-up after the new LISTEN")
+    before = listener.notifications_total
+    notify(pg_engine, outbox_schema.channel)
+    wait_for(lambda: listener.notifications_total > before, "a notification on the new session")
+    assert [r.pid for r in listener_sessions(pg_engine, name)] != [session.pid]
+
+
+def _watched(loop: asyncio.AbstractEventLoop, fd: int) -> bool:
+    selector = loop._selector  # type: ignore[attr-defined]
+    return fd in selector.get_map()
+
+
+def test_a_stop_on_the_loops_thread_between_its_runs_takes_the_socket_back_at_once(
+    pg_url: str, outbox_schema: Outbox, name: str
+) -> None:
+    """The relay's shutdown: its thread, which runs the loop, stops the listener while the
+    loop is not running. The socket is no longer watched, the thread ends, nothing waits
+    for a loop that will not run again."""
+    loop = asyncio.new_event_loop()
+    try:
+        listener = Listener(
+            pg_url, outbox_schema.channel, lambda: None, loop=loop, application_name=name
+        )
+        listener.start()
+        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+        loop.run_until_complete(asyncio.sleep(0.05))  # the loop starts watching the socket
+        watch = listener._watch
+        assert watch is not None and _watched(loop, watch.fd)
+        started = time.monotonic()
+        listener.stop()
+        assert time.monotonic() - started < 2.0
+        assert not _watched(loop, watch.fd)
+        assert not listener._thread.is_alive()
+    finally:
+        loop.close()
+
+
+def test_a_stop_before_the_loop_came_to_the_socket_never_lets_it_watch_a_closed_one(
+    pg_url: str, outbox_schema: Outbox, name: str
+) -> None:
+    """The hand-over is queued on a loop that has not run since (the relay's thread in its
+    step) when the stop comes: the socket is closed by the thread, and when the loop runs
+    next it does not start watching it (a closed descriptor, reused by the next socket)."""
+    loop = asyncio.new_event_loop()
+    try:
+        listener = Listener(
+            pg_url, outbox_schema.channel, lambda: None, loop=loop, application_name=name
+        )
+        listener.start()
+        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+        watch = listener._watch
+        assert watch is not None
+        listener.stop()
+        assert not listener._thread.is_alive()
+        # The kernel gives the lowest free descriptor: a new socket takes the closed one's.
+        sockets = [socket.socket()]
+        while sockets[-1].fileno() < watch.fd:
+            sockets.append(socket.socket())
+        watched: list[int] = []
+        add_reader = loop.add_reader
+
+        def recorded(fd: int, *args: Any) -> None:
+            watched.append(fd)
+            add_reader(fd, *args)
+
+        loop.add_reader = recorded  # type: ignore[method-assign,assignment]
+        try:
+            loop.run_until_complete(asyncio.sleep(0.05))  # the queued hand-over runs now
+            assert watched == [], "the loop watched the closed socket's descriptor"
+            assert not _watched(loop, watch.fd), "the loop watches another socket"
+            assert watch.ended.is_set() and not watch.watching
+        finally:
+            for sock in sockets:
+                sock.close()
+    finally:
+        loop.close()
+
+
+def _run_for(loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+    loop.run_until_complete(asyncio.sleep(seconds))
+
+
+def test_a_notify_right_behind_the_pings_answer_wakes_the_relay(
+    pg_engine: sa.Engine, pg_url: str, outbox_schema: Outbox, name: str
+) -> None:
+    """The ping's answer and a commit's NOTIFY come in one read: the NOTIFY is parsed while
+    the answer is (found by review: it was left in libpq's list, unread until the socket
+    was readable again, up to a ping interval later)."""
+    loop = asyncio.new_event_loop()
+    wakes = Wakes()
+    listener = Listener(
+        pg_url, outbox_schema.channel, wakes, loop=loop, application_name=name, ping_every=1000
+    )
+    try:
+        listener.start()
+        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+        _run_for(loop, 0.1)  # the loop watches the socket
+        watch = listener._watch
+        assert watch is not None and watch.watching
+        loop.call_soon(listener._send_ping, watch)  # what the thread asks for every ping_every
+        loop.call_soon(loop.stop)
+        loop.run_forever()  # one round: the ping is sent, its answer not yet read
+        assert watch.pinging
+        time.sleep(0.2)  # the relay's step: the answer arrives, then the NOTIFY
+        notify(pg_engine, outbox_schema.channel)
+        time.sleep(0.2)
+        woken = len(wakes.threads)
+        _run_for(loop, 0.5)
+        assert watch.ping_answered.is_set()
+        assert listener.notifications_total == 1
+        assert len(wakes.threads) == woken + 1
+    finally:
+        listener.stop()
+        loop.close()
+
+
+def test_a_loop_that_does_not_run_past_the_ping_deadline_keeps_a_healthy_connection(
+    pg_url: str, outbox_schema: Outbox, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The relay's step runs longer than the ping's deadline: the ping has not even gone out,
+    which says nothing of the link (found by review: the listener gave a healthy
+    connection up and made another)."""
+    loop = asyncio.new_event_loop()
+    listener = Listener(
+        pg_url,
+        outbox_schema.channel,
+        lambda: None,
+        loop=loop,
+        application_name=name,
+        ping_every=0.1,
+        ping_timeout=0.3,
+    )
+    try:
+        listener.start()
+        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+        _run_for(loop, 0.2)
+        time.sleep(1.0)  # the loop does not run
+        _run_for(loop, 0.5)  # pings go out, and are answered
+        assert listener.connections_total == 1
+        assert not [r for r in caplog.records if "listener connection lost" in r.getMessage()]
+    finally:
+        listener.stop()
+        loop.close()
