@@ -54,16 +54,14 @@ class _Watch:
     watches the socket, and the thread may close it. `failure` (set before `ended`) is why,
     when the connection failed. `watching` and `ended` change under `lock`: the thread may
     end a watch the loop has not started (it then never starts), never one it has.
-    `pinging` is the loop's; `ping_sent` and `ping_answered` tell the thread."""
+    `ping_deadline` is the loop's: the timer of the ping awaiting its answer, if one is."""
 
     def __init__(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         self.pgconn = conn.pgconn
         self.fd = conn.fileno()
         self.lock = threading.Lock()
         self.watching = False
-        self.pinging = False
-        self.ping_sent = threading.Event()
-        self.ping_answered = threading.Event()
+        self.ping_deadline: asyncio.TimerHandle | None = None
         self.ended = threading.Event()
         self.failure: BaseException | None = None
 
@@ -190,7 +188,7 @@ class Listener:
 
     def _run(self) -> None:
         failures = 0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._loop.is_closed():  # closed: the relay is gone
             try:
                 # Closed, not left through `with`: that would first commit, and the loop may
                 # have left a ping unanswered on it (a command libpq still waits for).
@@ -223,25 +221,27 @@ class Listener:
             self._stop.wait(backoff_delay(failures, initial=0.5, maximum=10.0))
 
     def _listen_on_loop(self, watch: _Watch) -> None:
-        """Hand the connection to the loop and ping it from here, until the loop finds it
-        failed, a ping goes unanswered, or the listener stops; returns (or raises why) only
-        once the loop no longer watches it."""
+        """Hand the connection to the loop and ask it for a ping every `ping_every`, until
+        the loop ends the watch (the connection failed, a ping went unanswered, or the
+        listener stops); returns (or raises why) only once the loop no longer watches it.
+
+        The ping and its deadline live on the loop: its answer is read before its deadline
+        is looked at in the same round (asyncio runs what the sockets brought before the
+        timers that came due), so a loop that did not run for a while (the relay's step)
+        says nothing of the link; and this thread waits on nothing but the watch's end."""
         self._watch = watch
         try:
             if self._stop.is_set():
                 return  # stop() found no connection to take back from the loop
             self._loop.call_soon_threadsafe(self._watch_start, watch)
             while not watch.ended.wait(self._ping_every):
-                watch.ping_sent.clear()
-                watch.ping_answered.clear()
                 self._loop.call_soon_threadsafe(self._send_ping, watch)
-                # Its deadline counts from when the loop sent it: a loop that has not run
-                # (the relay's step) says nothing of the link.
-                watch.ping_sent.wait()
-                if not watch.ping_answered.wait(self._ping_timeout) and not watch.ended.is_set():
-                    raise TimeoutError(f"no answer to a ping within {self._ping_timeout} s")
             if watch.failure is not None:
                 raise watch.failure
+        except RuntimeError:
+            if not self._loop.is_closed():
+                raise
+            # The loop is closed: the relay is gone, and nothing is watched any more.
         finally:
             with watch.lock:
                 if not watch.watching:
@@ -272,12 +272,12 @@ class Listener:
         pgconn = watch.pgconn
         try:
             pgconn.consume_input()
-            if watch.pinging:
+            if watch.ping_deadline is not None:
                 while not pgconn.is_busy():
                     result = pgconn.get_result()
                     if result is None:
-                        watch.pinging = False
-                        watch.ping_answered.set()
+                        watch.ping_deadline.cancel()
+                        watch.ping_deadline = None
                         break
                     if result.status != pq.ExecStatus.TUPLES_OK:
                         raise psycopg.OperationalError(
@@ -297,25 +297,30 @@ class Listener:
             self._wake()
 
     def _send_ping(self, watch: _Watch) -> None:
-        if watch.ended.is_set():
-            return
+        if watch.ended.is_set() or watch.ping_deadline is not None:
+            return  # ended, or the last ping still awaits its answer (and has its deadline)
         try:
             watch.pgconn.send_query(b"SELECT 1")
             # A few bytes: sent at once unless the link is clogged, and then the ping goes
-            # unanswered and the thread gives the connection up.
+            # unanswered and its deadline ends the connection.
             watch.pgconn.flush()
         except Exception as exc:
             watch.failure = exc
             self._unwatch(watch)
             return
-        watch.pinging = True
-        watch.ping_sent.set()
+        watch.ping_deadline = self._loop.call_later(self._ping_timeout, self._ping_overdue, watch)
+
+    def _ping_overdue(self, watch: _Watch) -> None:
+        watch.ping_deadline = None
+        watch.failure = TimeoutError(f"no answer to a ping within {self._ping_timeout} s")
+        self._unwatch(watch)
 
     def _unwatch(self, watch: _Watch) -> None:
         with watch.lock:
             if watch.watching:
                 self._loop.remove_reader(watch.fd)
                 watch.watching = False
+            if watch.ping_deadline is not None:
+                watch.ping_deadline.cancel()
+                watch.ping_deadline = None
             watch.ended.set()
-        watch.ping_sent.set()  # nobody waits for a ping on an ended watch
-        watch.ping_answered.set()

@@ -202,9 +202,10 @@ def test_a_ping_unanswered_while_the_loop_does_not_run_closes_nothing_the_loop_w
     pg_url: str, pg_proxy: FaultProxy, outbox_schema: Outbox
 ) -> None:
     """The ping went out into a silent link, and its deadline passes while the loop does not
-    run (the relay's step): the thread gives the connection up, but closes it only once the
-    loop has stopped watching its socket (a descriptor closed while watched, then taken by
-    the next connection, would confuse the loop's selector). Then it listens again."""
+    run (the relay's step): nothing is closed while the loop watches the socket (a
+    descriptor closed while watched, then taken by the next connection, would confuse the
+    loop's selector). Once the loop runs, the overdue ping ends the connection, and the
+    listener listens again."""
     loop = asyncio.new_event_loop()
     listener = Listener(
         via_proxy_pg(pg_url, pg_proxy),
@@ -224,7 +225,7 @@ def test_a_ping_unanswered_while_the_loop_does_not_run_closes_nothing_the_loop_w
         assert watch is not None and watch.watching
         socket_id = os.fstat(watch.fd).st_ino
         pg_proxy.blackhole()
-        while not watch.pinging:
+        while watch.ping_deadline is None:
             loop.run_until_complete(asyncio.sleep(0.05))  # a ping goes out into the silence
         time.sleep(1.5)  # past its deadline, the loop not running
         assert os.fstat(watch.fd).st_ino == socket_id, "closed while the loop watched it"

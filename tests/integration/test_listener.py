@@ -244,13 +244,13 @@ def test_a_notify_right_behind_the_pings_answer_wakes_the_relay(
         loop.call_soon(listener._send_ping, watch)  # what the thread asks for every ping_every
         loop.call_soon(loop.stop)
         loop.run_forever()  # one round: the ping is sent, its answer not yet read
-        assert watch.pinging
+        assert watch.ping_deadline is not None
         time.sleep(0.2)  # the relay's step: the answer arrives, then the NOTIFY
         notify(pg_engine, outbox_schema.channel)
         time.sleep(0.2)
         woken = len(wakes.threads)
         _run_for(loop, 0.5)
-        assert watch.ping_answered.is_set()
+        assert watch.ping_deadline is None and not watch.ended.is_set(), "answered"
         assert listener.notifications_total == 1
         assert len(wakes.threads) == woken + 1
     finally:
@@ -285,3 +285,125 @@ def test_a_loop_that_does_not_run_past_the_ping_deadline_keeps_a_healthy_connect
     finally:
         listener.stop()
         loop.close()
+
+
+def _one_round(loop: asyncio.AbstractEventLoop) -> None:
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+
+
+def test_a_pings_answer_waiting_unread_through_a_long_step_keeps_the_connection(
+    pg_url: str, outbox_schema: Outbox, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop sends the ping and its round ends before the answer comes; the relay's step
+    then runs past the ping's deadline. When the loop runs again it reads the answer before
+    it looks at the deadline (found by review: the thread's own deadline gave a healthy
+    connection up)."""
+    loop = asyncio.new_event_loop()
+    listener = Listener(
+        pg_url,
+        outbox_schema.channel,
+        lambda: None,
+        loop=loop,
+        application_name=name,
+        ping_every=0.05,
+        ping_timeout=0.5,
+    )
+    try:
+        listener.start()
+        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+        _run_for(loop, 0.02)
+        watch = listener._watch
+        assert watch is not None
+        deadline = time.monotonic() + WAIT
+        while watch.ping_deadline is None:  # the relay's takes: one short round each
+            assert time.monotonic() < deadline, "no ping sent"
+            _one_round(loop)
+            time.sleep(0.001)
+        time.sleep(1.0)  # a step past the deadline; the answer waits in the socket
+        _one_round(loop)
+        assert not watch.ended.is_set() and watch.ping_deadline is None
+        _run_for(loop, 0.3)
+        assert listener.connections_total == 1
+        assert not [r for r in caplog.records if "listener connection lost" in r.getMessage()]
+    finally:
+        listener.stop()
+        loop.close()
+
+
+def test_a_connection_failing_as_the_thread_asks_for_a_ping_is_remade(
+    pg_url: str, outbox_schema: Outbox, name: str
+) -> None:
+    """The thread's wait for the next ping ends, and before it asks for the ping the loop
+    finds the connection failed (found by review: the thread then waited, for good, for a
+    ping the ended watch never sent, and never listened again)."""
+    with running_loop() as loop:
+        listener = Listener(
+            pg_url,
+            outbox_schema.channel,
+            lambda: None,
+            loop=loop,
+            application_name=name,
+            ping_every=0.05,
+            ping_timeout=5.0,
+        )
+
+        class FailsAsTheWaitEnds(threading.Event):
+            """The watch's `ended`: its first timed-out wait returns only once the loop has
+            ended the watch on a connection failure."""
+
+            fired = False
+
+            def wait(self, timeout: float | None = None) -> bool:
+                answer = super().wait(timeout)
+                if not answer and not self.fired:
+                    self.fired = True
+                    ended = threading.Event()
+
+                    def fail() -> None:
+                        assert watch is not None
+                        watch.failure = OSError("connection reset (test)")
+                        listener._unwatch(watch)
+                        ended.set()
+
+                    loop.call_soon_threadsafe(fail)
+                    ended.wait(5)
+                return answer
+
+        listener.start()
+        try:
+            wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+            watch = listener._watch
+            assert watch is not None
+            watch.ended = FailsAsTheWaitEnds()
+            wait_for(lambda: listener.connections_total == 2, "a new LISTEN connection")
+            assert watch.ended.fired
+        finally:
+            listener.stop()
+
+
+def test_a_listener_whose_loop_is_closed_ends_and_closes_its_session(
+    pg_engine: sa.Engine, pg_url: str, outbox_schema: Outbox, name: str
+) -> None:
+    """The relay's loop is closed without the listener being stopped (a shutdown that
+    failed half-way): the listener's thread ends and closes its session, rather than
+    reconnecting for good to a loop that is gone (found by review)."""
+    loop = asyncio.new_event_loop()
+    listener = Listener(
+        pg_url,
+        outbox_schema.channel,
+        lambda: None,
+        loop=loop,
+        application_name=name,
+        ping_every=0.05,
+    )
+    listener.start()
+    try:
+        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+        loop.close()
+        listener._thread.join(5)
+        assert not listener._thread.is_alive()
+        wait_for(lambda: listener_sessions(pg_engine, name) == [], "its session closed")
+        assert listener.connections_total == 1
+    finally:
+        listener.stop()
