@@ -89,8 +89,8 @@ class Listener:
     stuck proxy or middlebox). A failed or unanswered ping ends the connection like any other
     error, and the thread reconnects with backoff.
 
-    `stop()` must come from the thread that runs `loop` (between its runs, as the relay's
-    shutdown does) or from any thread while the loop runs in another."""
+    `stop()` may come from any thread; on the loop's own (as the relay's shutdown, between
+    the loop's runs) it takes the connection back at once."""
 
     def __init__(
         self,
@@ -117,6 +117,7 @@ class Listener:
         self._thread = threading.Thread(target=self._run, name="outbox-listener", daemon=True)
         self._watchdog: Watchdog | None = None
         self._watch: _Watch | None = None  # the connection the loop watches, if any
+        self._loop_thread: int | None = None  # the thread seen running the loop
         self.notifications_total = 0
         self.connections_total = 0  # LISTEN connections established so far
         self.behind_pooler = False  # found out, and stopped (`_behind_pooler`)
@@ -129,32 +130,33 @@ class Listener:
         self._stop.set()
         watch = self._watch
         if watch is not None:
-            self._on_loop(lambda: self._unwatch(watch), timeout)
+            self._take_back(watch, timeout)
         self._thread.join(timeout)
         if self._watchdog is not None:
             self._watchdog.stop()
 
-    def _on_loop(self, call: Callable[[], None], timeout: float) -> None:
-        """Run `call` on the loop: at once if this thread runs it or nobody does (see the
-        class docstring), else on its next round, waited for up to `timeout`."""
+    def _take_back(self, watch: _Watch, timeout: float) -> None:
+        """End `watch`: at once on the loop's own thread (running it, or between its runs:
+        the relay's shutdown), or where the loop has not started watching it; otherwise on
+        the loop's next round, waited for up to `timeout` (the loop's state is its thread's
+        alone)."""
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is self._loop or not self._loop.is_running():
-            call()
+        on_loop_thread = running is self._loop or (
+            not self._loop.is_running() and self._loop_thread == threading.get_ident()
+        )
+        if on_loop_thread:
+            self._unwatch(watch)
             return
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                call()
-            finally:
-                done.set()
-
+        with watch.lock:
+            if not watch.watching:
+                watch.ended.set()  # never watched, and now never will be
+                return
         with contextlib.suppress(RuntimeError):  # closed: nothing is watched any more
-            self._loop.call_soon_threadsafe(run)
-            done.wait(timeout)
+            self._loop.call_soon_threadsafe(self._unwatch, watch)
+            watch.ended.wait(timeout)
 
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(
@@ -247,9 +249,8 @@ class Listener:
                 if not watch.watching:
                     watch.ended.set()  # the loop has not started watching it, and now never will
             if not watch.ended.is_set():
-                # Taken back by the loop before the connection is closed. Were the loop not
-                # running (the relay's thread stuck), this waits: stop() takes it back on
-                # that thread.
+                # Only if the loop is closed (nothing is watched any more) or something
+                # unforeseen raised above: the loop takes it back before it is closed.
                 with contextlib.suppress(RuntimeError):  # closed: nothing is watched any more
                     self._loop.call_soon_threadsafe(self._unwatch, watch)
                 while not watch.ended.wait(0.25) and not self._loop.is_closed():
@@ -264,6 +265,7 @@ class Listener:
                 return  # taken back before the loop came to it
             self._loop.add_reader(watch.fd, self._readable, watch)
             watch.watching = True
+            self._loop_thread = threading.get_ident()
         self._readable(watch)  # what came in with the LISTEN's answer is not on the socket
 
     def _readable(self, watch: _Watch) -> None:

@@ -407,3 +407,39 @@ def test_a_listener_whose_loop_is_closed_ends_and_closes_its_session(
         assert listener.connections_total == 1
     finally:
         listener.stop()
+
+
+def test_a_stop_from_another_thread_between_the_loops_runs_leaves_the_loop_its_own_work(
+    pg_url: str, outbox_schema: Outbox, name: str
+) -> None:
+    """The loop watches the socket and is between two runs (the relay's step) when another
+    thread stops the listener: the socket is taken back on the loop's thread, at its next
+    run, not on the stopping thread, which would race the loop's own next round (found by
+    review)."""
+    loop = asyncio.new_event_loop()
+    listener = Listener(
+        pg_url, outbox_schema.channel, lambda: None, loop=loop, application_name=name
+    )
+    ran_on: list[int] = []
+    unwatch = listener._unwatch
+
+    def recorded(watch: Any) -> None:
+        ran_on.append(threading.get_ident())
+        unwatch(watch)
+
+    listener._unwatch = recorded  # type: ignore[method-assign]
+    try:
+        listener.start()
+        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+        _run_for(loop, 0.1)
+        watch = listener._watch
+        assert watch is not None and watch.watching
+        stopper = threading.Thread(target=listener.stop, kwargs={"timeout": 5.0})
+        stopper.start()
+        while stopper.is_alive():
+            _run_for(loop, 0.02)
+        assert ran_on == [threading.get_ident()], "taken back off the loop's thread"
+        assert watch.ended.is_set() and not _watched(loop, watch.fd)
+    finally:
+        listener.stop()
+        loop.close()
