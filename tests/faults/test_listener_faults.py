@@ -20,6 +20,7 @@ from tests.faults.invariants import ScenarioResult
 from tests.faults.proxy import FaultProxy
 from tests.faults.runners import via_proxy_pg
 from tests.support.loops import running_loop
+from tests.support.loops import started_listener as handed_over
 from tests.support.relays import write_events
 
 pytestmark = pytest.mark.slow
@@ -167,6 +168,26 @@ def test_a_link_going_silent_right_before_listen_is_noticed_like_any_other(
         assert calls["n"] >= 2, "a second connection after the silent one"
 
 
+def _through_the_proxy(
+    loop: asyncio.AbstractEventLoop,
+    pg_url: str,
+    pg_proxy: FaultProxy,
+    outbox: Outbox,
+    *,
+    ping_timeout: float,
+) -> Listener:
+    """A listener on `loop` through the proxy, a ping every 0.2 s, handed over."""
+    return handed_over(
+        loop,
+        via_proxy_pg(pg_url, pg_proxy),
+        outbox,
+        "outbox-relay:test-listener",
+        ping_every=0.2,
+        ping_timeout=ping_timeout,
+        connect_timeout=2,
+    )
+
+
 def test_a_stop_while_a_ping_waits_on_a_silent_link_returns_at_once(
     pg_url: str, pg_proxy: FaultProxy, outbox_schema: Outbox
 ) -> None:
@@ -174,19 +195,8 @@ def test_a_stop_while_a_ping_waits_on_a_silent_link_returns_at_once(
     stops: the stop takes the connection back from the loop, and the thread waits for that
     ping no longer (it held the relay's shutdown for the listener's whole join timeout)."""
     with running_loop() as loop:
-        listener = Listener(
-            via_proxy_pg(pg_url, pg_proxy),
-            outbox_schema.channel,
-            lambda: None,
-            loop=loop,
-            application_name="outbox-relay:test-listener",
-            ping_every=0.2,
-            ping_timeout=10.0,
-            connect_timeout=2,
-        )
-        listener.start()
+        listener = _through_the_proxy(loop, pg_url, pg_proxy, outbox_schema, ping_timeout=10.0)
         try:
-            wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
             pg_proxy.blackhole()
             time.sleep(0.5)  # a ping went out into the silence
             started = time.monotonic()
@@ -207,19 +217,8 @@ def test_a_ping_unanswered_while_the_loop_does_not_run_closes_nothing_the_loop_w
     loop's selector). Once the loop runs, the overdue ping ends the connection, and the
     listener listens again."""
     loop = asyncio.new_event_loop()
-    listener = Listener(
-        via_proxy_pg(pg_url, pg_proxy),
-        outbox_schema.channel,
-        lambda: None,
-        loop=loop,
-        application_name="outbox-relay:test-listener",
-        ping_every=0.2,
-        ping_timeout=0.5,
-        connect_timeout=2,
-    )
+    listener = _through_the_proxy(loop, pg_url, pg_proxy, outbox_schema, ping_timeout=0.5)
     try:
-        listener.start()
-        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
         loop.run_until_complete(asyncio.sleep(0.1))
         watch = listener._watch
         assert watch is not None and watch.watching

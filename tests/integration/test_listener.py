@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from outbox import Outbox
 from relay.listener import Listener
-from tests.support.loops import running_loop
+from tests.support.loops import running_loop, started_listener
 from tests.support.rabbit import unique_name
 
 WAIT = 10.0
@@ -74,19 +74,11 @@ def on_loop(
     with running_loop() as loop:
         loop_thread: list[threading.Thread] = []
         loop.call_soon_threadsafe(lambda: loop_thread.append(threading.current_thread()))
-        listener = Listener(
-            pg_url,
-            outbox_schema.channel,
-            wakes,
-            loop=loop,
-            application_name=name,
-            ping_every=0.1,
-            ping_timeout=2.0,
+        listener = started_listener(
+            loop, pg_url, outbox_schema, name, wakes, ping_every=0.1, ping_timeout=2.0
         )
-        listener.start()
         try:
             wait_for(lambda: listener.connections_total == 1 and bool(loop_thread), "LISTEN")
-            wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
             yield listener, wakes, loop, loop_thread[0]
         finally:
             listener.stop()
@@ -162,11 +154,7 @@ def test_a_stop_on_the_loops_thread_between_its_runs_takes_the_socket_back_at_on
     for a loop that will not run again."""
     loop = asyncio.new_event_loop()
     try:
-        listener = Listener(
-            pg_url, outbox_schema.channel, lambda: None, loop=loop, application_name=name
-        )
-        listener.start()
-        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+        listener = started_listener(loop, pg_url, outbox_schema, name)
         loop.run_until_complete(asyncio.sleep(0.05))  # the loop starts watching the socket
         watch = listener._watch
         assert watch is not None and _watched(loop, watch.fd)
@@ -187,11 +175,7 @@ def test_a_stop_before_the_loop_came_to_the_socket_never_lets_it_watch_a_closed_
     next it does not start watching it (a closed descriptor, reused by the next socket)."""
     loop = asyncio.new_event_loop()
     try:
-        listener = Listener(
-            pg_url, outbox_schema.channel, lambda: None, loop=loop, application_name=name
-        )
-        listener.start()
-        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+        listener = started_listener(loop, pg_url, outbox_schema, name)
         watch = listener._watch
         assert watch is not None
         listener.stop()
@@ -232,12 +216,8 @@ def test_a_notify_right_behind_the_pings_answer_wakes_the_relay(
     was readable again, up to a ping interval later)."""
     loop = asyncio.new_event_loop()
     wakes = Wakes()
-    listener = Listener(
-        pg_url, outbox_schema.channel, wakes, loop=loop, application_name=name, ping_every=1000
-    )
+    listener = started_listener(loop, pg_url, outbox_schema, name, wakes, ping_every=1000)
     try:
-        listener.start()
-        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
         _run_for(loop, 0.1)  # the loop watches the socket
         watch = listener._watch
         assert watch is not None and watch.watching
@@ -265,18 +245,8 @@ def test_a_loop_that_does_not_run_past_the_ping_deadline_keeps_a_healthy_connect
     which says nothing of the link (found by review: the listener gave a healthy
     connection up and made another)."""
     loop = asyncio.new_event_loop()
-    listener = Listener(
-        pg_url,
-        outbox_schema.channel,
-        lambda: None,
-        loop=loop,
-        application_name=name,
-        ping_every=0.1,
-        ping_timeout=0.3,
-    )
+    listener = started_listener(loop, pg_url, outbox_schema, name, ping_every=0.1, ping_timeout=0.3)
     try:
-        listener.start()
-        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
         _run_for(loop, 0.2)
         time.sleep(1.0)  # the loop does not run
         _run_for(loop, 0.5)  # pings go out, and are answered
@@ -300,18 +270,10 @@ def test_a_pings_answer_waiting_unread_through_a_long_step_keeps_the_connection(
     it looks at the deadline (found by review: the thread's own deadline gave a healthy
     connection up)."""
     loop = asyncio.new_event_loop()
-    listener = Listener(
-        pg_url,
-        outbox_schema.channel,
-        lambda: None,
-        loop=loop,
-        application_name=name,
-        ping_every=0.05,
-        ping_timeout=0.5,
+    listener = started_listener(
+        loop, pg_url, outbox_schema, name, ping_every=0.05, ping_timeout=0.5
     )
     try:
-        listener.start()
-        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
         _run_for(loop, 0.02)
         watch = listener._watch
         assert watch is not None
@@ -338,14 +300,8 @@ def test_a_connection_failing_as_the_thread_asks_for_a_ping_is_remade(
     finds the connection failed (found by review: the thread then waited, for good, for a
     ping the ended watch never sent, and never listened again)."""
     with running_loop() as loop:
-        listener = Listener(
-            pg_url,
-            outbox_schema.channel,
-            lambda: None,
-            loop=loop,
-            application_name=name,
-            ping_every=0.05,
-            ping_timeout=5.0,
+        listener = started_listener(
+            loop, pg_url, outbox_schema, name, ping_every=0.05, ping_timeout=5.0
         )
 
         class FailsAsTheWaitEnds(threading.Event):
@@ -370,9 +326,7 @@ def test_a_connection_failing_as_the_thread_asks_for_a_ping_is_remade(
                     ended.wait(5)
                 return answer
 
-        listener.start()
         try:
-            wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
             watch = listener._watch
             assert watch is not None
             watch.ended = FailsAsTheWaitEnds()
@@ -389,15 +343,7 @@ def test_a_listener_whose_loop_is_closed_ends_and_closes_its_session(
     failed half-way): the listener's thread ends and closes its session, rather than
     reconnecting for good to a loop that is gone (found by review)."""
     loop = asyncio.new_event_loop()
-    listener = Listener(
-        pg_url,
-        outbox_schema.channel,
-        lambda: None,
-        loop=loop,
-        application_name=name,
-        ping_every=0.05,
-    )
-    listener.start()
+    listener = started_listener(loop, pg_url, outbox_schema, name, ping_every=0.05)
     try:
         wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
         loop.close()
@@ -417,9 +363,7 @@ def test_a_stop_from_another_thread_between_the_loops_runs_leaves_the_loop_its_o
     run, not on the stopping thread, which would race the loop's own next round (found by
     review)."""
     loop = asyncio.new_event_loop()
-    listener = Listener(
-        pg_url, outbox_schema.channel, lambda: None, loop=loop, application_name=name
-    )
+    listener = started_listener(loop, pg_url, outbox_schema, name)
     ran_on: list[int] = []
     unwatch = listener._unwatch
 
@@ -429,8 +373,6 @@ def test_a_stop_from_another_thread_between_the_loops_runs_leaves_the_loop_its_o
 
     listener._unwatch = recorded  # type: ignore[method-assign]
     try:
-        listener.start()
-        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
         _run_for(loop, 0.1)
         watch = listener._watch
         assert watch is not None and watch.watching
