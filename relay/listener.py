@@ -65,6 +65,14 @@ class _Watch:
         self.ended = threading.Event()
         self.failure: BaseException | None = None
 
+    def end_if_unwatched(self) -> bool:
+        """Any thread: end this watch if the loop has not started watching it (it then never
+        will); whether it is ended now."""
+        with self.lock:
+            if not self.watching:
+                self.ended.set()
+        return self.ended.is_set()
+
 
 class Listener:
     """The LISTEN connection: made, checked and remade on its own thread, read on the relay's
@@ -150,10 +158,8 @@ class Listener:
         if on_loop_thread:
             self._unwatch(watch)
             return
-        with watch.lock:
-            if not watch.watching:
-                watch.ended.set()  # never watched, and now never will be
-                return
+        if watch.end_if_unwatched():
+            return
         with contextlib.suppress(RuntimeError):  # closed: nothing is watched any more
             self._loop.call_soon_threadsafe(self._unwatch, watch)
             watch.ended.wait(timeout)
@@ -245,10 +251,7 @@ class Listener:
                 raise
             # The loop is closed: the relay is gone, and nothing is watched any more.
         finally:
-            with watch.lock:
-                if not watch.watching:
-                    watch.ended.set()  # the loop has not started watching it, and now never will
-            if not watch.ended.is_set():
+            if not watch.end_if_unwatched():
                 # Only if the loop is closed (nothing is watched any more) or something
                 # unforeseen raised above: the loop takes it back before it is closed.
                 with contextlib.suppress(RuntimeError):  # closed: nothing is watched any more

@@ -8,7 +8,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,18 +16,10 @@ import sqlalchemy as sa
 
 from outbox import Outbox
 from relay.listener import Listener
-from tests.support.loops import running_loop, started_listener
+from tests.support.loops import running_loop, started_listener, wait_for
 from tests.support.rabbit import unique_name
 
 WAIT = 10.0
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {WAIT} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Wakes:

@@ -1,5 +1,5 @@
-"""An asyncio loop running in a thread of its own, for what runs on the relay's loop, and
-the LISTEN listener started on a loop."""
+"""An asyncio loop running in a thread of its own, for what runs on the relay's loop, the
+LISTEN listener started on a loop, and a wait for a condition those tests poll."""
 
 from __future__ import annotations
 
@@ -12,6 +12,16 @@ from typing import Any
 
 from outbox import Outbox
 from relay.listener import Listener
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
+    """Poll `condition` until it holds; the seconds it took. AssertionError past `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+    return time.monotonic() - started
 
 
 @contextlib.contextmanager
@@ -40,10 +50,9 @@ def started_listener(
         database_url, outbox.channel, wake, loop=loop, application_name=name, **options
     )
     listener.start()
-    deadline = time.monotonic() + 10
-    while listener._watch is None:
-        if time.monotonic() > deadline:
-            listener.stop()
-            raise AssertionError("the listener did not hand its connection over in 10 s")
-        time.sleep(0.01)
+    try:
+        wait_for(lambda: listener._watch is not None, "the hand-over to the loop")
+    except AssertionError:
+        listener.stop()
+        raise
     return listener
