@@ -19,6 +19,7 @@ from relay.listener import Listener
 from tests.faults.invariants import ScenarioResult
 from tests.faults.proxy import FaultProxy
 from tests.faults.runners import via_proxy_pg
+from tests.support import loops
 from tests.support.loops import running_loop
 from tests.support.loops import started_listener as handed_over
 from tests.support.relays import write_events
@@ -45,12 +46,7 @@ class Wakes:
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > WAIT:
-            raise AssertionError(f"timed out after {WAIT} s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - started
+    return loops.wait_for(condition, what, timeout=WAIT)
 
 
 @pytest.fixture
