@@ -54,7 +54,8 @@ class _Watch:
     watches the socket, and the thread may close it. `failure` (set before `ended`) is why,
     when the connection failed. `watching` and `ended` change under `lock`: the thread may
     end a watch the loop has not started (it then never starts), never one it has.
-    `ping_deadline` is the loop's: the timer of the ping awaiting its answer, if one is."""
+    `ping_deadline` is the loop's: the timer of the ping awaiting its answer, if one is;
+    `proven`, whether a ping of this connection was answered (set by the loop)."""
 
     def __init__(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         self.pgconn = conn.pgconn
@@ -64,6 +65,7 @@ class _Watch:
         self.ping_deadline: asyncio.TimerHandle | None = None
         self.ended = threading.Event()
         self.failure: BaseException | None = None
+        self.proven = False
 
     def end_if_unwatched(self) -> bool:
         """Any thread: end this watch if the loop has not started watching it (it then never
@@ -211,9 +213,18 @@ class Listener:
                     self.connections_total += 1
                     if failures:
                         log.info("listener reconnected after %d failed attempts", failures)
-                    failures = 0
                     self._wake()  # whatever was committed while we were not listening
-                    self._listen_on_loop(_Watch(conn))
+                    watch = _Watch(conn)
+                    try:
+                        self._listen_on_loop(watch)
+                    finally:
+                        # The backoff starts over only for a connection that answered a
+                        # ping: one that LISTENs and then fails at once every time (a
+                        # proxy that cuts idle links, a server that ends new sessions) is
+                        # one outage, retried ever more slowly, not a reconnect every
+                        # half second.
+                        if watch.proven:
+                            failures = 0
                 finally:
                     conn.close()
             except Exception as exc:
@@ -283,6 +294,7 @@ class Listener:
                     if result is None:
                         watch.ping_deadline.cancel()
                         watch.ping_deadline = None
+                        watch.proven = True
                         break
                     if result.status != pq.ExecStatus.TUPLES_OK:
                         raise psycopg.OperationalError(

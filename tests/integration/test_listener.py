@@ -377,3 +377,64 @@ def test_a_stop_from_another_thread_between_the_loops_runs_leaves_the_loop_its_o
     finally:
         listener.stop()
         loop.close()
+
+
+class RecordedBackoff(threading.Event):
+    """The listener's stop event: each wait between connections is recorded, not waited."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delays: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        self.delays.append(timeout)
+        return super().wait(0.001)
+
+
+def test_a_connection_failing_right_after_listen_every_time_backs_off_until_one_proves_itself(
+    pg_url: str, outbox_schema: Outbox, name: str
+) -> None:
+    """Each connection LISTENs and then fails before its first ping (found in review: the
+    backoff started over at every LISTEN, so such a link was remade every half second for
+    good). The waits grow as for any outage; a connection that answers a ping starts the
+    backoff over."""
+    with running_loop() as loop:
+        listener = Listener(
+            pg_url,
+            outbox_schema.channel,
+            lambda: None,
+            loop=loop,
+            application_name=name,
+            ping_every=0.05,
+            ping_timeout=5.0,
+        )
+        backoff = listener._stop = RecordedBackoff()
+        listen_on_loop = listener._listen_on_loop
+        flaps = 4
+
+        def fails_until_the_last_flap(watch: Any) -> None:
+            if listener.connections_total <= flaps:
+                raise OSError("connection reset right after LISTEN (test)")
+
+            def fail_once_proven() -> None:
+                if watch.proven:
+                    watch.failure = OSError("connection reset after a ping (test)")
+                    listener._unwatch(watch)
+                else:
+                    loop.call_later(0.01, fail_once_proven)
+
+            loop.call_soon_threadsafe(fail_once_proven)
+            listen_on_loop(watch)
+
+        listener._listen_on_loop = fails_until_the_last_flap  # type: ignore[method-assign]
+        listener.start()
+        try:
+            wait_for(lambda: len(backoff.delays) > flaps, "a wait after the proven connection")
+        finally:
+            listener.stop()
+    delays = backoff.delays
+    # Equal jitter: attempt n waits between half and all of 0.5 s x 2^(n-1).
+    assert 0.25 <= delays[0] <= 0.5, delays
+    assert delays[flaps - 1] >= 0.5 * 2 ** (flaps - 1) / 2, delays
+    assert 0.25 <= delays[flaps] <= 0.5, delays
