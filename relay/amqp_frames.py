@@ -29,6 +29,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from pika import exceptions
+from pika.adapters.utils.io_services_utils import (  # type: ignore[attr-defined]
+    _AsyncPlaintextTransport,
+)
 from pika.channel import Channel
 from pika.connection import Connection
 from pika.data import encode_value
@@ -274,3 +277,23 @@ def write_frames(connection: Connection, pieces: Sequence[bytes]) -> None:
     pyproject.toml bounds pika to the releases it was checked on.
     """
     cast(Any, connection)._output_marshaled_frames(pieces)
+
+
+def send_written(connection: Connection) -> None:
+    """Send what the connection's transport holds now, as far as the socket takes it.
+
+    pika's transport only buffers a write, and sends it once the loop next finds the socket
+    writable: a step that blocks after handing frames over (a claim on the loop's thread
+    waiting for the write it carries) would hold them back. This is what the loop would call
+    then (`_on_socket_writable`: it sends, keeps what the socket did not take, and stops
+    watching the socket once nothing is left). Only the plaintext transport: under TLS the
+    frames wait for the loop. `tests/unit/test_amqp_frames.py` checks that the installed
+    pika still has these names.
+    """
+    transport = getattr(connection, "_transport", None)
+    if (
+        isinstance(transport, _AsyncPlaintextTransport)
+        and transport._state == transport._STATE_ACTIVE
+        and transport._tx_buffers
+    ):
+        transport._on_socket_writable()

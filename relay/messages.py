@@ -82,6 +82,11 @@ class Publisher(Protocol):
         """Hand messages over (non-blocking). Outcomes arrive later through the sink."""
         ...
 
+    def flush(self) -> None:
+        """On the relay loop's thread: send what `publish` was given now, rather than when the
+        loop next waits (for a step that blocks next: a claim on the loop's thread)."""
+        ...
+
     def stop(self, timeout: float) -> None:
         """Close the connection and stop the I/O thread (bounded by `timeout`)."""
         ...

@@ -43,6 +43,7 @@ from relay.amqp_frames import (
     PublishEncoder,
     chunks,
     frames_encoder,
+    send_written,
     write_frames,
 )
 from relay.broker_errors import describe_error, quiet_pika, refusal
@@ -233,6 +234,19 @@ class AmqpPublisher:
                     self._drain_scheduled = True
         if not accepted:
             self._emit([PublishOutcome(m.tag, Outcome.UNKNOWN, NOT_CONNECTED) for m in messages])
+
+    def flush(self) -> None:
+        """Driven, on the loop's thread (see `Publisher.flush`): the batches handed over are
+        encoded and written now, and their frames pushed onto the socket."""
+        if not self._driven:
+            return
+        with self._lock:
+            scheduled = self._drain_scheduled
+        if scheduled:
+            self._publish_inbox_cb()  # the call still scheduled finds nothing left
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            self._guard(lambda: send_written(connection))()
 
     def stop(self, timeout: float) -> None:
         with self._lock:

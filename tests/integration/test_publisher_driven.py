@@ -110,3 +110,35 @@ def test_a_message_whose_lease_ran_out_before_the_loop_sent_it_is_not_sent(
     assert outcomes[1].outcome is Outcome.UNKNOWN and "lease ran out" in (outcomes[1].error or "")
     assert outcomes[2].outcome is Outcome.CONFIRMED
     assert [d.message_id for d in tap.drain(expected=2, timeout=1)] == [unbound.message_id]
+
+
+def test_a_flush_sends_what_was_handed_over_without_the_loop_running(
+    amqp_url: str, tapped_exchange: tuple[QueueTap, str]
+) -> None:
+    """`flush()` writes the messages handed over and pushes their frames onto the socket:
+    they reach the broker while the loop does not run (a claim on the loop's thread waiting
+    for its write), and their confirms come once it runs again."""
+    tap, exchange = tapped_exchange
+    mailbox: LoopMailbox[Sequence[PublisherEvent]] = LoopMailbox(asyncio.new_event_loop())
+    taken: list[PublisherEvent] = []
+    publisher = driven_publisher(amqp_url, exchange, mailbox)
+    try:
+        start_until_ready(publisher, mailbox, taken)
+        sent = [message(tag, exchange) for tag in (1, 2)]
+        publisher.publish(sent)
+        publisher.flush()
+        # The loop does not run while the broker gets them.
+        assert [d.message_id for d in tap.drain(expected=2, timeout=2)] == [
+            m.message_id for m in sent
+        ]
+        deadline = time.monotonic() + 5
+        while len([e for e in taken if isinstance(e, PublishOutcome)]) < 2:
+            assert time.monotonic() < deadline
+            for batch in mailbox.take(0.1):
+                taken.extend(batch)
+        publisher.stop(timeout=2.0)
+    finally:
+        mailbox.close()
+    outcomes = [e for e in taken if isinstance(e, PublishOutcome)]
+    assert Counter(o.tag for o in outcomes) == {1: 1, 2: 1}
+    assert all(o.outcome is Outcome.CONFIRMED for o in outcomes)

@@ -18,6 +18,8 @@ class FakePublisher:
         self.decide: Callable[[OutgoingMessage], Outcome] = lambda m: Outcome.CONFIRMED
         self.auto_settle = False
         self.stopped = False
+        # What had been published at each flush (`Publisher.flush`).
+        self.flushes: list[int] = []
 
     def start(self) -> None:
         self.ready = True
@@ -28,6 +30,9 @@ class FakePublisher:
         self.outstanding.extend(messages)
         if self.auto_settle:
             self.settle()
+
+    def flush(self) -> None:
+        self.flushes.append(len(self.published))
 
     def settle(self) -> None:
         answers = [

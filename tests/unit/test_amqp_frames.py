@@ -10,12 +10,16 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import random
+import socket
 import struct
-from typing import Any
+from typing import Any, cast
 
 import pika
 import pytest
 from pika import exceptions
+from pika.adapters.utils.io_services_utils import (  # type: ignore[attr-defined]
+    _AsyncPlaintextTransport,
+)
 from pika.channel import Channel
 from pika.connection import Connection
 
@@ -25,6 +29,7 @@ from relay.amqp_frames import (
     FrameTooLargeError,
     PublishEncoder,
     chunks,
+    send_written,
     write_frames,
 )
 from relay.messages import OutgoingMessage
@@ -336,3 +341,52 @@ def test_headers_nested_past_the_encoders_recursion_are_refused_for_good() -> No
         deep = {"d": deep}
     with pytest.raises(EncodingError, match="RecursionError"):
         ours(message(headers={"deep": deep}))
+
+
+class RecordingIO:
+    """The descriptor services pika's transport asks to watch its socket."""
+
+    def __init__(self) -> None:
+        self.writers: set[int] = set()
+
+    def set_reader(self, fd: int, _on_readable: object) -> None:
+        pass
+
+    def set_writer(self, fd: int, _on_writable: object) -> None:
+        self.writers.add(fd)
+
+    def remove_writer(self, fd: int) -> bool:
+        had = fd in self.writers
+        self.writers.discard(fd)
+        return had
+
+
+class TransportOnly:
+    """What `send_written` reads of a connection: its transport."""
+
+    def __init__(self, transport: object) -> None:
+        self._transport = transport
+
+
+def test_send_written_sends_what_pikas_transport_holds_without_the_loop() -> None:
+    """`send_written` relies on the installed pika's plaintext transport: a write only
+    buffers (sent when the loop next finds the socket writable); `send_written` sends it at
+    once and the transport stops watching for writability, as after the loop's own send."""
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        io = RecordingIO()
+        transport = _AsyncPlaintextTransport(ours, object(), io)
+        transport.write(b"frames")
+        assert io.writers == {ours.fileno()}
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(100)  # buffered, not sent
+        send_written(cast(Connection, TransportOnly(transport)))
+        assert theirs.recv(100) == b"frames"
+        assert io.writers == set() and not transport._tx_buffers
+        send_written(cast(Connection, TransportOnly(transport)))  # nothing held: nothing done
+        send_written(cast(Connection, TransportOnly(None)))  # not connected: nothing done
+    finally:
+        ours.close()
+        theirs.close()
