@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("relay.deadline")
 
@@ -30,7 +30,9 @@ LONGEST_SLEEP = 1.0
 class Watchdog:
     def __init__(self, name: str = "db-watchdog") -> None:
         self._lock = threading.Condition()
-        self._armed: dict[int, tuple[float, int]] = {}  # guard id -> (deadline, fd)
+        # guard id -> (deadline, fd, what to do first at the deadline, and how long after it
+        # the socket is shut down all the same)
+        self._armed: dict[int, tuple[float, int, Callable[[], None] | None, float]] = {}
         self._next_id = 0
         self._stopped = False
         self._wakes_at = 0.0  # when the watchdog next looks, at the latest
@@ -38,13 +40,24 @@ class Watchdog:
         self._thread.start()
 
     @contextlib.contextmanager
-    def guard(self, fd: int, seconds: float) -> Iterator[None]:
-        """Shut socket `fd` down if the block takes longer than `seconds`."""
+    def guard(
+        self,
+        fd: int,
+        seconds: float,
+        *,
+        cancel: Callable[[], None] | None = None,
+        grace: float = 0.0,
+    ) -> Iterator[None]:
+        """Shut socket `fd` down if the block takes longer than `seconds`. With `cancel`:
+        at `seconds`, `cancel()` first (on a thread of its own: the server's cancel request
+        ends the statement, and the transaction is rolled back, which a shut socket does
+        not do: the server goes on and may commit), and the socket is shut down only if
+        the block still runs `grace` seconds later (the link is dead: no cancel arrives)."""
         deadline = time.monotonic() + seconds
         with self._lock:
             self._next_id += 1
             guard_id = self._next_id
-            self._armed[guard_id] = (deadline, fd)
+            self._armed[guard_id] = (deadline, fd, cancel, grace)
             if deadline < self._wakes_at:
                 self._lock.notify()
         try:
@@ -63,14 +76,31 @@ class Watchdog:
         with self._lock:
             while not self._stopped:
                 now = time.monotonic()
-                for guard_id, (deadline, fd) in list(self._armed.items()):
-                    if deadline <= now:
+                for guard_id, (deadline, fd, cancel, grace) in list(self._armed.items()):
+                    if deadline > now:
+                        continue
+                    if cancel is not None:
+                        self._armed[guard_id] = (now + grace, fd, None, 0.0)
+                        threading.Thread(
+                            target=_cancel, args=(cancel,), name="db-cancel", daemon=True
+                        ).start()
+                    else:
                         del self._armed[guard_id]
                         _shutdown(fd)
-                earliest = min((d for d, _ in self._armed.values()), default=now + LONGEST_SLEEP)
+                earliest = min(
+                    (armed[0] for armed in self._armed.values()), default=now + LONGEST_SLEEP
+                )
                 wait = max(min(earliest, now + LONGEST_SLEEP) - now, 0.01)
                 self._wakes_at = now + wait
                 self._lock.wait(timeout=wait)
+
+
+def _cancel(cancel: Callable[[], None]) -> None:
+    log.info("database call overran its deadline: cancelling it")
+    try:
+        cancel()
+    except Exception as exc:  # the socket is shut down at the end of the grace all the same
+        log.warning("could not cancel a database call (%s)", exc)
 
 
 def _shutdown(fd: int) -> None:
