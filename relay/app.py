@@ -81,4 +81,5 @@ def build_relay(
         metrics=metrics,
         mailbox=mailbox,
         tracer_provider=tracer_provider,
+        claims_here=True,
     )

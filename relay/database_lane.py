@@ -17,7 +17,7 @@ from typing import Any
 from relay.backoff import backoff_delay
 from relay.errors import DatabaseUnavailableError
 from relay.metrics import Metrics
-from relay.worker import Worker
+from relay.worker import InlineWorker, Worker
 
 log = logging.getLogger("relay")
 
@@ -57,6 +57,7 @@ class DatabaseLane:
         on_fatal: Callable[[BaseException], None],
     ) -> None:
         self._worker = worker
+        self._here = InlineWorker()
         self._monotonic = monotonic
         self._rng = rng
         self._health = health
@@ -79,9 +80,12 @@ class DatabaseLane:
         done: Callable[[Any], None],
         *,
         on_error: Callable[[], None] | None = None,
+        here: bool = False,
     ) -> None:
         """Run `job`; then `done(result)` on success, `on_error()` on any failure. An outage
-        makes the lane *down*; any other error is fatal to the relay."""
+        makes the lane *down*; any other error is fatal to the relay. With `here`, on the
+        caller's thread, finished when this returns (the lane is the same: its failures,
+        its backoff)."""
 
         def finished(result: Any, error: BaseException | None) -> None:
             self.busy = False
@@ -97,7 +101,7 @@ class DatabaseLane:
                 self._on_fatal(error)
 
         self.busy = True
-        self._worker.submit(job, finished)
+        (self._here if here else self._worker).submit(job, finished)
 
     def stop(self, timeout: float) -> None:
         self._worker.stop(timeout)

@@ -19,8 +19,9 @@ import functools
 import logging
 import select
 import threading
+import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import psycopg
@@ -56,6 +57,9 @@ BEGIN_READ_COMMITTED = "BEGIN ISOLATION LEVEL READ COMMITTED"
 # Between a claim and the write after it (`Store.claim_then_write`): commit the claim, chain
 # the write's transaction to it (same isolation level) and make the server send the claim's
 # answer now, with a notice, at a level no setting of the role's can suppress there.
+# The kept connections a claim uses (`Store._connection`): its script's, and the transaction
+# that drops the keys it found empty.
+CLAIM_ROLES = ("autocommit", "transactions")
 ANSWER_NOW = (
     ("commit claim", "COMMIT AND CHAIN"),
     ("notices on", "SET LOCAL client_min_messages = notice"),
@@ -155,8 +159,8 @@ def create_engine(
             # set it themselves: `Store._script`).
             isolation_level="READ COMMITTED",
             # The daemon's two database lanes keep two connections each (one for
-            # transactions, one in autocommit); the metrics' gauge reads and the loop's final
-            # writes at shutdown take the rest.
+            # transactions, one in autocommit), its loop one for the claims it runs itself;
+            # the metrics' gauge reads and the loop's final writes at shutdown take the rest.
             pool_size=5,
             max_overflow=3,
             # No pre-ping round trip per transaction: a broken connection fails the call,
@@ -408,6 +412,83 @@ class Store:
         except Exception:
             log.debug("closing a failed connection failed", exc_info=True)
 
+    # -- a connection for the loop's own thread -------------------------------------------
+
+    @property
+    def claims_here_supported(self) -> bool:
+        """Whether a claim can run on the relay loop's own thread (`claims_here_possible`):
+        PostgreSQL (claims that answer before their write), kept connections and a watchdog
+        (every call bounded by its deadline)."""
+        return self._postgres and self._keep_connections and self._watchdog is not None
+
+    def claims_here_possible(self) -> bool:
+        """Whether a claim from this thread would be bounded and open no connection: this
+        thread keeps both connections a claim uses open and idle (the claim's, and the
+        transaction that drops the keys it found empty); otherwise `_kept_connection` would
+        connect, for as long as the connection's own timeout."""
+        if not self.claims_here_supported:
+            return False
+        usable = True
+        for role in CLAIM_ROLES:
+            conn: Connection | None = getattr(self._local, role, None)
+            if conn is None:
+                usable = False
+            elif not _idle_and_open(conn):
+                self._drop_connection(role, conn)  # for `keeps_claim_connections`
+                usable = False
+        return usable
+
+    def keeps_claim_connections(self) -> bool:
+        """Whether this thread keeps a connection of every role a claim uses (looked at
+        without a system call: `claims_here_possible` drops one that failed)."""
+        return all(getattr(self._local, role, None) is not None for role in CLAIM_ROLES)
+
+    def open_claim_connections(self) -> list[Connection]:
+        """New connections for a claim (one per role of `CLAIM_ROLES`), made on this thread
+        (each may wait for the connection's timeout) for another thread to adopt
+        (`adopt_claim_connections`)."""
+        opened: list[Connection] = []
+        try:
+            for role in CLAIM_ROLES:
+                opened.append((self._autocommit if role == "autocommit" else self.engine).connect())
+        except sa.exc.DBAPIError as exc:
+            self.close_connections(opened)
+            raise translate_db_error(exc) from exc
+        except BaseException:
+            self.close_connections(opened)
+            raise
+        return opened
+
+    def adopt_claim_connections(self, conns: Sequence[Connection]) -> None:
+        """From now on this thread's connections for claims, kept as any (one that fails is
+        dropped: `_connection`); those it kept before are closed."""
+        for role, conn in zip(CLAIM_ROLES, conns, strict=True):
+            old: Connection | None = getattr(self._local, role, None)
+            if old is not None:
+                self._drop_connection(role, old)
+            setattr(self._local, role, conn)
+            with self._kept_lock:
+                self._kept.append(conn)
+
+    @staticmethod
+    def close_connections(conns: Iterable[Connection]) -> None:
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """The database calls of this thread inside the block share `seconds` (a claim on
+        the relay loop's thread, which must not hold the loop longer). The call running
+        when they are up is cancelled on the server (its transaction rolled back, nothing
+        of it committed), and its socket shut down `seconds` later if the cancel did not
+        end it (a dead link). Never longer than `db_timeout` per call."""
+        self._local.deadline = (time.monotonic() + seconds, seconds)
+        try:
+            yield
+        finally:
+            self._local.deadline = None
+
     def _one_of(
         self, column: sa.ColumnElement[Any], values: Collection[Any]
     ) -> sa.ColumnElement[bool]:
@@ -424,7 +505,20 @@ class Store:
         if fd is None or self._watchdog is None:
             yield
             return
-        with self._watchdog.guard(fd, self.db_timeout):
+        shared: tuple[float, float] | None = getattr(self._local, "deadline", None)
+        if shared is None:
+            with self._watchdog.guard(fd, self.db_timeout):
+                yield
+            return
+        ends_at, grace = shared
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        with self._watchdog.guard(
+            fd,
+            min(self.db_timeout, max(0.0, ends_at - time.monotonic())),
+            cancel=lambda: driver.cancel_safe(timeout=grace),
+            grace=grace,
+        ):
             yield
 
     # -- the claim -------------------------------------------------------------------------

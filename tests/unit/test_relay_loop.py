@@ -56,6 +56,8 @@ class Harness:
         tmp_path: Path,
         worker: Callable[[Callable[[Completion], None]], object] | None = None,
         tracer_provider: TracerProvider | None = None,
+        store_type: type[Store] = Store,
+        claims_here: bool = False,
         **overrides: object,
     ) -> None:
         self.engine = sa.create_engine(f"sqlite:///{tmp_path}/relay.db")
@@ -68,7 +70,7 @@ class Harness:
             name="relay-1",
             **overrides,  # type: ignore[arg-type]
         )
-        self.store = Store(self.engine, self.box, db_timeout=5)
+        self.store = store_type(self.engine, self.box, db_timeout=5)
         self._worker_factory = worker or (lambda post: InlineWorker())
         self.worker: object = None  # the last one made: the claim lane's
         self.workers: list[object] = []
@@ -81,6 +83,7 @@ class Harness:
             rng=random.Random(1),
             worker_factory=self._make_worker,
             tracer_provider=tracer_provider,
+            claims_here=claims_here,
         )
         self.publisher: FakePublisher = self.relay.publisher  # type: ignore[assignment]
         self.relay.start()

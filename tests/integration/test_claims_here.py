@@ -1,0 +1,171 @@
+"""Claims on the relay loop's own thread, against PostgreSQL and RabbitMQ: they run there once
+the claim lane has opened a connection for them, deliver in order, and one held up by the
+database holds the loop no longer than its own deadline, then the lane takes over."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from outbox import Event, Outbox
+from relay.app import build_relay
+from relay.relay import HERE_DEADLINE, Relay
+from relay.settings import RelaySettings
+from tests.support.rabbit import QueueTap, unique_name
+from tests.support.relays import count_by_status, write_events
+
+
+def settings_for(pg_url: str, amqp_url: str, box: Outbox, exchange: str) -> RelaySettings:
+    return RelaySettings(
+        database_url=pg_url,
+        amqp_url=amqp_url,
+        schema=box.schema,
+        exchange=exchange,
+        name=unique_name("relay"),
+        db_timeout=5.0,
+    )
+
+
+@contextlib.contextmanager
+def running(relay: Relay, steps: list[float]) -> Iterator[threading.Thread]:
+    """`relay` run on a thread of its own, each step's duration kept in `steps`."""
+    step = relay.run_once
+
+    def timed(timeout: float | None = None) -> Any:
+        started = time.monotonic()
+        try:
+            return step(timeout)
+        finally:
+            steps.append(time.monotonic() - started)
+
+    relay.run_once = timed  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            relay.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="relay-under-test", daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        relay.request_stop()
+        thread.join(30)
+        relay.store.engine.dispose()
+    assert not thread.is_alive()
+    if errors:
+        raise errors[0]
+
+
+def claims_by_thread(relay: Relay) -> list[str]:
+    """The thread each claim's statements went out on, in order."""
+    threads: list[str] = []
+
+    def observe(_conn: Any, statement: str) -> None:
+        if "SKIP LOCKED" in statement:
+            threads.append(threading.current_thread().name)
+
+    relay.store.statement_observers.append(observe)
+    return threads
+
+
+def one_by_one(engine: sa.Engine, box: Outbox, tap: QueueTap, events: list[Event]) -> None:
+    """Each event written once the one before it arrived and its confirm had time to come
+    back: the relay is idle at each claim."""
+    before = len(tap.deliveries)
+    for n, event in enumerate(events, start=1):
+        write_events(engine, box, [event])
+        arrived = tap.drain(expected=before + n, timeout=5)[before:]
+        assert [d.message_id for d in arrived][-1:] == [str(event.id)], f"event {n}"
+        time.sleep(0.05)
+
+
+def test_claims_run_on_the_loops_thread_once_the_lane_opened_it_a_connection(
+    pg_url: str,
+    amqp_url: str,
+    pg_engine: sa.Engine,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
+) -> None:
+    tap, exchange = tapped_exchange
+    relay = build_relay(settings_for(pg_url, amqp_url, outbox_schema, exchange))
+    threads = claims_by_thread(relay)
+    steps: list[float] = []
+    events = [Event(type="order.placed", key=f"k{i % 3}", payload={"i": i}) for i in range(12)]
+    with running(relay, steps):
+        one_by_one(pg_engine, outbox_schema, tap, events)
+        time.sleep(0.2)  # the last confirm's write
+    assert "relay-under-test" in threads, threads
+    # The first claims go on the lane, one of which opens the loop's connection.
+    assert threads[0] != "relay-under-test"
+    assert threads.count("relay-under-test") >= len(events) - 3, threads
+    assert count_by_status(pg_engine, outbox_schema) == {"published": len(events)}
+
+
+def test_a_claim_here_held_up_by_the_database_holds_the_loop_only_until_its_deadline(
+    pg_url: str,
+    amqp_url: str,
+    pg_engine: sa.Engine,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As the first claim on the loop's thread goes out, another session locks the events
+    table for 2.5 s: the claim waits for it and is cancelled on the server at its deadline
+    (1 s), rolled back, and the loop goes on; the claims after it go on the lane, which
+    waits out the lock under `db_timeout`. Not an outage. The event is delivered once, as
+    soon as the lock is gone: the cancelled claim left no lease behind (a cut connection
+    would have let the server commit it once the lock was free, and its key would have
+    waited for the lease to run out)."""
+    tap, exchange = tapped_exchange
+    relay = build_relay(settings_for(pg_url, amqp_url, outbox_schema, exchange))
+    steps: list[float] = []
+    locked = threading.Event()
+    released: list[float] = []
+    blocker = pg_engine.connect()
+    table = outbox_schema.events
+
+    def lock_the_table_for_the_first_claim_here(_conn: Any, statement: str) -> None:
+        on_loop = threading.current_thread().name == "relay-under-test"
+        if on_loop and "SKIP LOCKED" in statement and not locked.is_set():
+            locked.set()
+            blocker.execute(sa.text(f"LOCK TABLE {_qualified(table)} IN ACCESS EXCLUSIVE MODE"))
+
+            def release() -> None:
+                blocker.rollback()
+                released.append(time.monotonic())
+
+            threading.Timer(2.5, release).start()
+
+    events = [Event(type="order.placed", key=f"k{i}", payload={"i": i}) for i in range(4)]
+    try:
+        with running(relay, steps):
+            one_by_one(pg_engine, outbox_schema, tap, events[:3])  # the loop's connection
+            relay.store.statement_observers.append(lock_the_table_for_the_first_claim_here)
+            write_events(pg_engine, outbox_schema, [events[3]])
+            assert len(tap.drain(expected=4, timeout=10)) == 4
+            arrived = time.monotonic()
+            assert locked.is_set() and released
+            assert arrived - released[0] < 1.5, "delivered once the lock was gone"
+            time.sleep(0.3)
+    finally:
+        blocker.close()
+    assert caplog.text.count("a claim on the relay's loop failed") == 1
+    assert "retrying in" not in caplog.text, "not taken for an outage"
+    longest = max(steps)
+    assert HERE_DEADLINE * 0.9 <= longest < HERE_DEADLINE + 0.5, sorted(steps)[-5:]
+    assert sorted(d.message_id for d in tap.deliveries) == sorted(str(e.id) for e in events)
+    assert count_by_status(pg_engine, outbox_schema) == {"published": len(events)}
+
+
+def _qualified(table: sa.Table) -> str:
+    return f'"{table.schema}"."{table.name}"'
