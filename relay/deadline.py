@@ -27,12 +27,21 @@ log = logging.getLogger("relay.deadline")
 LONGEST_SLEEP = 1.0
 
 
+class Guard:
+    """What the watchdog did to one guarded block (read once the block is over)."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+
 class Watchdog:
     def __init__(self, name: str = "db-watchdog") -> None:
         self._lock = threading.Condition()
-        # guard id -> (deadline, fd, what to do first at the deadline, and how long after it
-        # the socket is shut down all the same)
-        self._armed: dict[int, tuple[float, int, Callable[[], None] | None, float]] = {}
+        # guard id -> (deadline, fd, what to do first at the deadline, how long after it the
+        # socket is shut down all the same, and the guard's state)
+        self._armed: dict[int, tuple[float, int, Callable[[], None] | None, float, Guard]] = {}
         self._next_id = 0
         self._stopped = False
         self._wakes_at = 0.0  # when the watchdog next looks, at the latest
@@ -47,23 +56,26 @@ class Watchdog:
         *,
         cancel: Callable[[], None] | None = None,
         grace: float = 0.0,
-    ) -> Iterator[None]:
+    ) -> Iterator[Guard]:
         """Shut socket `fd` down if the block takes longer than `seconds`. With `cancel`:
         at `seconds`, `cancel()` first (on a thread of its own: the server's cancel request
         ends the statement, and the transaction is rolled back, which a shut socket does
         not do: the server goes on and may commit), and the socket is shut down only if
-        the block still runs `grace` seconds later (the link is dead: no cancel arrives)."""
+        the block still runs `grace` seconds later (the link is dead: no cancel arrives).
+        The guard says, once the block is over, whether its cancel was asked for: a cancel
+        that comes after the call ended would end the connection's next statement."""
         deadline = time.monotonic() + seconds
+        state = Guard()
         with self._lock:
             self._next_id += 1
             guard_id = self._next_id
-            self._armed[guard_id] = (deadline, fd, cancel, grace)
+            self._armed[guard_id] = (deadline, fd, cancel, grace, state)
             if deadline < self._wakes_at:
                 self._lock.notify()
         try:
-            yield
+            yield state
         finally:
-            with self._lock:
+            with self._lock:  # after this, the watchdog neither cancels nor shuts it down
                 self._armed.pop(guard_id, None)
 
     def stop(self) -> None:
@@ -76,11 +88,12 @@ class Watchdog:
         with self._lock:
             while not self._stopped:
                 now = time.monotonic()
-                for guard_id, (deadline, fd, cancel, grace) in list(self._armed.items()):
+                for guard_id, (deadline, fd, cancel, grace, state) in list(self._armed.items()):
                     if deadline > now:
                         continue
                     if cancel is not None:
-                        self._armed[guard_id] = (now + grace, fd, None, 0.0)
+                        state.cancelled = True
+                        self._armed[guard_id] = (now + grace, fd, None, 0.0, state)
                         threading.Thread(
                             target=_cancel, args=(cancel,), name="db-cancel", daemon=True
                         ).start()

@@ -393,6 +393,12 @@ class Store:
             self._drop_connection(role, conn)
             conn = None
         if conn is None or conn.closed or conn.invalidated:
+            if getattr(self._local, "deadline", None) is not None:
+                # Under `deadline()` nothing connects: a connect is bounded only by the
+                # connection's own timeout (`claims_here_possible` said they were open).
+                raise DatabaseUnavailableError(
+                    f"database unavailable: no open {role} connection for this call"
+                )
             conn = engine.connect()
             setattr(self._local, role, conn)
             with self._kept_lock:
@@ -482,7 +488,8 @@ class Store:
         the relay loop's thread, which must not hold the loop longer). The call running
         when they are up is cancelled on the server (its transaction rolled back, nothing
         of it committed), and its socket shut down `seconds` later if the cancel did not
-        end it (a dead link). Never longer than `db_timeout` per call."""
+        end it (a dead link). Never longer than `db_timeout` per call. Nothing connects
+        inside the block: a call without an open connection fails at once."""
         self._local.deadline = (time.monotonic() + seconds, seconds)
         try:
             yield
@@ -518,8 +525,12 @@ class Store:
             min(self.db_timeout, max(0.0, ends_at - time.monotonic())),
             cancel=lambda: driver.cancel_safe(timeout=grace),
             grace=grace,
-        ):
+        ) as guard:
             yield
+        if guard.cancelled:
+            # The call ended as its cancel went out: the cancel may still reach the
+            # session and end its next statement. The session is left for good.
+            conn.invalidate()
 
     # -- the claim -------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ database holds the loop no longer than its own deadline, then the lane takes ove
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +16,11 @@ import sqlalchemy as sa
 
 from outbox import Event, Outbox
 from relay.app import build_relay
+from relay.deadline import Guard, Watchdog
+from relay.errors import DatabaseUnavailableError
 from relay.relay import HERE_DEADLINE, Relay
 from relay.settings import RelaySettings
+from relay.store import Store, create_engine
 from tests.support.rabbit import QueueTap, unique_name
 from tests.support.relays import count_by_status, write_events
 
@@ -169,3 +173,71 @@ def test_a_claim_here_held_up_by_the_database_holds_the_loop_only_until_its_dead
 
 def _qualified(table: sa.Table) -> str:
     return f'"{table.schema}"."{table.name}"'
+
+
+def claim_terms() -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC)
+    return {
+        "owner": "test",
+        "limit": 10,
+        "run_length": 10,
+        "lease_until": now + dt.timedelta(seconds=30),
+        "now": now,
+    }
+
+
+@pytest.fixture
+def kept_store(pg_url: str, outbox_schema: Outbox) -> Iterator[Store]:
+    """A store as the daemon has it: kept connections, a watchdog."""
+    engine = create_engine(pg_url, application_name=unique_name("test-here"), db_timeout=5)
+    store = Store(engine, outbox_schema, db_timeout=5, watchdog=Watchdog(), keep_connections=True)
+    yield store
+    store.close()
+
+
+def test_under_a_deadline_nothing_connects(kept_store: Store) -> None:
+    """A claim here on a thread without its connections fails at once rather than wait for
+    a connect (bounded only by the connection's timeout)."""
+    assert not kept_store.claims_here_possible()
+    with (
+        pytest.raises(DatabaseUnavailableError, match="no open autocommit connection"),
+        kept_store.deadline(1.0),
+    ):
+        kept_store.claim(**claim_terms())
+    assert not kept_store._kept
+
+
+def test_opened_connections_adopted_make_claims_here_possible(kept_store: Store) -> None:
+    conns: list[Any] = []
+    opener = threading.Thread(target=lambda: conns.extend(kept_store.open_claim_connections()))
+    opener.start()
+    opener.join(10)
+    kept_store.adopt_claim_connections(conns)
+    assert kept_store.claims_here_possible() and kept_store.keeps_claim_connections()
+    with kept_store.deadline(1.0):
+        assert kept_store.claim(**claim_terms()).events == ()
+
+
+def test_a_call_that_ended_as_its_cancel_went_out_leaves_its_connection(
+    kept_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: the cancel, sent as the call answered, could reach the session's
+    next statement (the next claim, the final write at stop). The session is left: the
+    next claim here finds no connection and goes on the lane; the opener makes new ones."""
+    kept_store.adopt_claim_connections(kept_store.open_claim_connections())
+    assert kept_store.claims_here_possible()
+    watchdog = kept_store._watchdog
+    assert watchdog is not None
+    real_guard = watchdog.guard
+
+    @contextlib.contextmanager
+    def cancelled_as_it_ends(*args: Any, **kwargs: Any) -> Iterator[Guard]:
+        with real_guard(*args, **kwargs) as guard:
+            yield guard
+            guard.cancelled = True
+
+    monkeypatch.setattr(watchdog, "guard", cancelled_as_it_ends)
+    with kept_store.deadline(1.0):
+        kept_store.claim(**claim_terms())
+    assert not kept_store.claims_here_possible()
+    assert not kept_store.keeps_claim_connections()

@@ -122,3 +122,19 @@ def test_a_cancel_that_raises_still_leaves_the_shut_down_at_the_end_of_the_grace
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_guard_says_whether_its_cancel_went_out(watchdog: Watchdog) -> None:
+    ours, theirs = socket.socketpair()
+    try:
+        with watchdog.guard(ours.fileno(), 5.0, cancel=lambda: None, grace=1.0) as quick:
+            pass
+        with watchdog.guard(
+            ours.fileno(), 0.1, cancel=lambda: theirs.sendall(b"e"), grace=1.0
+        ) as late:
+            ours.settimeout(5)
+            assert ours.recv(1) == b"e"
+    finally:
+        ours.close()
+        theirs.close()
+    assert not quick.cancelled and late.cancelled
