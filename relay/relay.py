@@ -673,6 +673,7 @@ class Relay:
     def _claims_here_now(self) -> bool:
         return (
             self._claims_here
+            and self.store.claims_here_supported
             and self._claim_lane.failures == 0
             and self._monotonic() >= self._here_paused_until
             and self._quiet_enough_for_a_claim_here()
@@ -683,12 +684,13 @@ class Relay:
         """A claim here failed (cancelled at its deadline, or the database unreachable):
         claims go on the claim lane for a while. Not an outage of its own: the lane's next
         claim, with the full `--db-timeout`, finds out whether the database is down."""
+        self._pause_claims_here(f"failed after {slow.seconds:.2f} s ({slow.error})")
+
+    def _pause_claims_here(self, what: str) -> None:
         self._here_paused_until = self._monotonic() + HERE_PAUSE
         log.warning(
-            "a claim on the relay's loop failed after %.2f s (%s); claims go on the claim "
-            "thread for the next %.0f s",
-            slow.seconds,
-            slow.error,
+            "a claim on the relay's loop %s; claims go on the claim thread for the next %.0f s",
+            what,
             HERE_PAUSE,
         )
 
@@ -699,6 +701,7 @@ class Relay:
         claims go on the lane meanwhile."""
         if not (
             self._claims_here
+            and self.store.claims_here_supported
             and not self._opening
             and not self._stop_requested.is_set()
             and self._claim_lane.failures == 0
@@ -857,9 +860,17 @@ class Relay:
             started_here = self._monotonic()
             try:
                 with self.store.deadline(self._here_deadline()):
-                    return claim()
+                    answer = claim()
             except DatabaseUnavailableError as exc:
                 return _TooSlowHere(exc, self._monotonic() - started_here)
+            if not self.store.keeps_claim_connections():
+                # It answered, but past its deadline (its cancel went out too late) or a
+                # step after it failed: a connection was left. As after a failure, or
+                # the next claims would reopen connections one after the other.
+                self._pause_claims_here(
+                    f"lost a connection after {self._monotonic() - started_here:.2f} s"
+                )
+            return answer
 
         self._claim_lane.submit(claim_by_the_deadline, done, on_error=failed, here=True)
         # A claim that answered with its job (it carried no write): its events go out now.

@@ -37,6 +37,8 @@ from relay.errors import ConfigError
 log = logging.getLogger("relay.store")
 
 SESSION_MARK = "outbox_relay.session"
+# On a connection record: whether the session's settings arrived (False behind a pooler).
+OPTIONS_ARRIVED = "outbox_relay.options_arrived"
 # PgBouncer's answers to `options` it does not pass on ("unsupported startup parameter:
 # options"; newer releases also "unsupported startup parameter in options: ..." and
 # "unsupported options startup parameter: only '-c config=val' is allowed").
@@ -246,6 +248,7 @@ class SessionCheck:
         except BaseException:
             dbapi_connection.close()  # whatever the SQLAlchemy release does with it
             raise
+        record.info[OPTIONS_ARRIVED] = present
         if present:
             record.info[SESSION_MARK] = True
             return

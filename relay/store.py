@@ -37,7 +37,7 @@ from relay.deadline import Watchdog
 from relay.driver_sql import DriverStatement, PreparedOnServer, Progress, StepResult, run_script
 from relay.errors import DatabaseUnavailableError, SchemaMissingError
 from relay.records import CLAIMED_COLUMNS, Claim, ClaimedEvent, Failure
-from relay.session_options import SessionCheck, joined, url_options
+from relay.session_options import OPTIONS_ARRIVED, SessionCheck, joined, url_options
 from relay.sql_literals import LiteralTemplate
 from relay.urls import mask_text
 
@@ -244,6 +244,8 @@ class Store:
         self._local = threading.local()
         # Until prepared statements turn out not to stay with a session (`_claim_postgres`).
         self._claims_prepared = True
+        # Until a connection for claims here lacks the session's settings (a pooler).
+        self._behind_pooler = False
         # Whether claims can answer before the write they carry (`_answers_early`).
         self._early_answers: bool | None = None
         # Scripts' statements split at their placeholders (`_template`), by text.
@@ -424,8 +426,16 @@ class Store:
     def claims_here_supported(self) -> bool:
         """Whether a claim can run on the relay loop's own thread (`claims_here_possible`):
         PostgreSQL (claims that answer before their write), kept connections and a watchdog
-        (every call bounded by its deadline)."""
-        return self._postgres and self._keep_connections and self._watchdog is not None
+        (every call bounded by its deadline), and no pooler between: a pooler in transaction
+        mode hands the session to other clients between transactions, and a cancel sent at
+        a claim's deadline could end one of theirs (PgBouncer before 1.18 did so)."""
+        return (
+            self._postgres
+            and self._keep_connections
+            and self._watchdog is not None
+            and self._claims_prepared
+            and not self._behind_pooler
+        )
 
     def claims_here_possible(self) -> bool:
         """Whether a claim from this thread would be bounded and open no connection: this
@@ -463,6 +473,14 @@ class Store:
         except BaseException:
             self.close_connections(opened)
             raise
+        if any(conn.info.get(OPTIONS_ARRIVED) is False for conn in opened):
+            self.close_connections(opened)
+            self._behind_pooler = True
+            log.info(
+                "claims stay on the claim thread: the database is reached through a pooler, "
+                "where a claim's cancel at its deadline could reach another client's session"
+            )
+            return []
         return opened
 
     def adopt_claim_connections(self, conns: Sequence[Connection]) -> None:
@@ -478,8 +496,11 @@ class Store:
 
     @staticmethod
     def close_connections(conns: Iterable[Connection]) -> None:
+        """Closed for good, not handed back to the pool (which may be disposed by now: a
+        session handed back to it then would stay open)."""
         for conn in conns:
             with contextlib.suppress(Exception):
+                conn.invalidate()
                 conn.close()
 
     @contextlib.contextmanager

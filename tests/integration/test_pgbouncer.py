@@ -403,3 +403,34 @@ def test_a_libpq_services_options_are_kept(
         assert setting(engine, "statement_timeout") == "7s"
     finally:
         engine.dispose()
+
+
+def test_a_relay_behind_pgbouncer_never_claims_on_its_loops_thread(
+    any_pooled_url: str,
+    pg_engine: sa.Engine,
+    amqp_url: str,
+    outbox_schema: Outbox,
+    tapped_exchange: tuple[QueueTap, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A claim's cancel at its deadline goes to the pooler, which may hand it to another
+    client's session: behind one, claims stay on the claim thread (the connections opened
+    for the loop lack the session's settings, and are closed at once)."""
+    tap, exchange = tapped_exchange
+    settings = settings_for(any_pooled_url, amqp_url, outbox_schema, exchange, listen=False)
+    threads: list[str] = []
+    with caplog.at_level(logging.INFO), relay_thread(settings) as relay:
+        relay.store.statement_observers.append(
+            lambda _conn, statement: (
+                threads.append(threading.current_thread().name)
+                if "SKIP LOCKED" in statement
+                else None
+            )
+        )
+        for n in range(1, 6):
+            write_events(pg_engine, outbox_schema, [Event(type="order.placed", key=f"k{n}")])
+            assert len(tap.drain(expected=n, timeout=10)) == n
+            time.sleep(0.05)
+        assert not relay.store.claims_here_supported
+    assert threads and set(threads) == {"relay-db"}, threads
+    assert "claims stay on the claim thread" in caplog.text

@@ -359,3 +359,35 @@ def test_with_results_waiting_that_no_claim_carries_a_claim_goes_on_the_lane(
     h.relay.wake()
     h.step()
     assert claims.jobs and len(store.calls) == calls, "the claim went on the lane"
+
+
+def test_a_claim_here_that_left_a_connection_pauses_claims_here_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It answered, but its cancel went out as it did (the store left the connection): the
+    next claims go on the lane for a while rather than reopen connections claim by claim."""
+    h = here_harness(tmp_path)
+    _, claims, store = started(h)
+    real_claim = store.claim
+
+    def claim(**kwargs: Any) -> Any:
+        answer = real_claim(**kwargs)
+        store.connected = False
+        return answer
+
+    store.claim = claim  # type: ignore[method-assign]
+    h.write(*keyed("a", 1))
+    h.relay.wake()
+    h.step()
+    assert published_keys(h) == ["a"] and not claims.jobs
+    assert "a claim on the relay's loop lost a connection" in caplog.text
+    store.claim = real_claim  # type: ignore[method-assign]
+    store.connected = True  # whatever the opener would make: claims stay on the lane
+    h.publisher.settle()
+    write_alone(h)
+    _turn(h, workers(h)[0])
+    _turn(h, claims)
+    h.write(*keyed("b", 1))
+    h.relay.wake()
+    h.step()
+    assert claims.jobs, "on the lane for a while"
