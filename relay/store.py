@@ -457,7 +457,11 @@ class Store:
     def keeps_claim_connections(self) -> bool:
         """Whether this thread keeps a connection of every role a claim uses (looked at
         without a system call: `claims_here_possible` drops one that failed)."""
-        return all(getattr(self._local, role, None) is not None for role in CLAIM_ROLES)
+        for role in CLAIM_ROLES:
+            conn: Connection | None = getattr(self._local, role, None)
+            if conn is None or conn.invalidated:  # left by `_deadline`: no system call
+                return False
+        return True
 
     def open_claim_connections(self) -> list[Connection]:
         """New connections for a claim (one per role of `CLAIM_ROLES`), made on this thread
@@ -473,7 +477,7 @@ class Store:
         except BaseException:
             self.close_connections(opened)
             raise
-        if any(conn.info.get(OPTIONS_ARRIVED) is False for conn in opened):
+        if any(conn.info.get(OPTIONS_ARRIVED) is False for conn in opened) or _pooled(opened[0]):
             self.close_connections(opened)
             self._behind_pooler = True
             log.info(
@@ -1891,6 +1895,16 @@ def _socket_fd(conn: Connection) -> int | None:
         return int(pgconn.socket) if pgconn is not None else None
     except Exception:
         return None
+
+
+def _pooled(conn: Connection) -> bool:
+    """Whether `conn` reaches the server through a pooler: the backend it says it talks to
+    is not the one that answers (PgBouncer makes up the process id it hands out, for the
+    cancel requests it forwards itself)."""
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    answered = driver.execute("SELECT pg_backend_pid()").fetchone()
+    return answered is None or answered[0] != driver.info.backend_pid
 
 
 def _idle_and_open(conn: Connection) -> bool:

@@ -239,5 +239,7 @@ def test_a_call_that_ended_as_its_cancel_went_out_leaves_its_connection(
     monkeypatch.setattr(watchdog, "guard", cancelled_as_it_ends)
     with kept_store.deadline(1.0):
         kept_store.claim(**claim_terms())
-    assert not kept_store.claims_here_possible()
+    # Seen without a system call (found by review: the relay's pause after such a claim
+    # looks here first), and then dropped.
     assert not kept_store.keeps_claim_connections()
+    assert not kept_store.claims_here_possible()

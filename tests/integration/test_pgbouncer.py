@@ -36,7 +36,7 @@ from relay.demo import ensure_database
 from relay.errors import ConfigError, DatabaseUnavailableError
 from relay.listener import Listener, psycopg_dsn
 from relay.session_options import SESSION_MARK, arrived, marker
-from relay.store import Store, create_engine
+from relay.store import Store, _pooled, create_engine
 from tests.integration.test_relay_delivery import settings_for
 from tests.support.history import check_history
 from tests.support.loops import running_loop
@@ -434,3 +434,17 @@ def test_a_relay_behind_pgbouncer_never_claims_on_its_loops_thread(
         assert not relay.store.claims_here_supported
     assert threads and set(threads) == {"relay-db"}, threads
     assert "claims stay on the claim thread" in caplog.text
+
+
+def test_a_connection_through_pgbouncer_is_seen_as_pooled_whatever_its_options(
+    pg_url: str, any_pooled_url: str
+) -> None:
+    """The second sign, for a pooler that would pass the session's settings on: the
+    backend a connection says it talks to is not the one that answers."""
+    for url, pooled in ((pg_url, False), (any_pooled_url, True)):
+        engine = create_engine(url, application_name="test-pooled", db_timeout=5)
+        try:
+            with engine.connect() as conn:
+                assert _pooled(conn) is pooled, url
+        finally:
+            engine.dispose()
