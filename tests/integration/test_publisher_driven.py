@@ -56,6 +56,17 @@ def start_until_ready(
     assert publisher.ready
 
 
+def take_outcomes(
+    mailbox: LoopMailbox[Sequence[PublisherEvent]], taken: list[PublisherEvent], count: int
+) -> None:
+    """Run the loop (keeping what it says) until `count` outcomes came, at most 5 s."""
+    deadline = time.monotonic() + 5
+    while len([e for e in taken if isinstance(e, PublishOutcome)]) < count:
+        assert time.monotonic() < deadline
+        for batch in mailbox.take(0.1):
+            taken.extend(batch)
+
+
 def test_stop_with_a_black_holed_broker_returns_in_time_and_settles_each_message_once() -> None:
     exchange = unique_name("test-driven-ex")
     mailbox: LoopMailbox[Sequence[PublisherEvent]] = LoopMailbox(asyncio.new_event_loop())
@@ -98,11 +109,7 @@ def test_a_message_whose_lease_ran_out_before_the_loop_sent_it_is_not_sent(
         unbound = message(2, exchange)
         publisher.publish([late, unbound])
         time.sleep(0.3)  # "frozen": the loop does not run until the lease is over
-        deadline = time.monotonic() + 5
-        while len([e for e in taken if isinstance(e, PublishOutcome)]) < 2:
-            assert time.monotonic() < deadline
-            for batch in mailbox.take(0.1):
-                taken.extend(batch)
+        take_outcomes(mailbox, taken, 2)
         publisher.stop(timeout=2.0)
     finally:
         mailbox.close()
@@ -131,11 +138,7 @@ def test_a_flush_sends_what_was_handed_over_without_the_loop_running(
         assert [d.message_id for d in tap.drain(expected=2, timeout=2)] == [
             m.message_id for m in sent
         ]
-        deadline = time.monotonic() + 5
-        while len([e for e in taken if isinstance(e, PublishOutcome)]) < 2:
-            assert time.monotonic() < deadline
-            for batch in mailbox.take(0.1):
-                taken.extend(batch)
+        take_outcomes(mailbox, taken, 2)
         publisher.stop(timeout=2.0)
     finally:
         mailbox.close()

@@ -16,7 +16,6 @@ from relay.errors import DatabaseUnavailableError
 from relay.messages import Outcome
 from relay.relay import HEARTBEAT_EVERY, HERE_DEADLINE, HERE_PAUSE
 from relay.store import Store
-from relay.worker import Completion
 
 from .test_relay_loop import Harness, ManualWorker, _turn, keyed, write_alone
 
@@ -236,7 +235,7 @@ def test_connections_that_cannot_be_opened_are_tried_again_after_a_backoff(
     store.connected = False
     store.refuse_connections = True
     h.step()
-    _turn_failing(h, opener)
+    _turn(h, opener)
     assert store.opened == 1
     assert "could not open the connections for claims" in caplog.text
     for _ in range(5):
@@ -246,18 +245,6 @@ def test_connections_that_cannot_be_opened_are_tried_again_after_a_backoff(
     h.step()
     assert opener.jobs
     assert h.relay._claim_lane.failures == 0 and h.relay._database.failures == 0
-
-
-def _turn_failing(h: Harness, worker: ManualWorker) -> None:
-    """Run the worker's jobs, handing back what they raise, then step."""
-    while worker.jobs:
-        job, done = worker.jobs.pop(0)
-        try:
-            worker.finished.append(Completion(done, job(), None))
-        except Exception as exc:
-            worker.finished.append(Completion(done, None, exc))
-    worker.deliver()
-    h.step()
 
 
 def test_a_claim_here_that_fails_sends_claims_to_the_lane_for_a_while_without_an_outage(
