@@ -159,7 +159,8 @@ def test_a_claim_here_held_up_by_the_database_holds_the_loop_only_until_its_dead
     assert caplog.text.count("a claim on the relay's loop failed") == 1
     assert "retrying in" not in caplog.text, "not taken for an outage"
     longest = max(steps)
-    assert HERE_DEADLINE * 0.9 <= longest < HERE_DEADLINE + 0.5, sorted(steps)[-5:]
+    # At most two deadlines: the cancel, then the cut if the cancel did not end it.
+    assert HERE_DEADLINE * 0.9 <= longest < 2 * HERE_DEADLINE, sorted(steps)[-5:]
     assert sorted(d.message_id for d in tap.deliveries) == sorted(str(e.id) for e in events)
     assert count_by_status(pg_engine, outbox_schema) == {"published": len(events)}
 
