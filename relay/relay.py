@@ -57,7 +57,7 @@ log = logging.getLogger("relay")
 HEARTBEAT_EVERY = 10.0
 HOUSEKEEPING_EVERY = 30.0
 # The longest a claim on the loop's own thread may hold the loop (`_here_deadline`), and how
-# long claims go on the lane after one failed (`_too_slow_here`).
+# long claims go on the lane after one failed (`_pause_claims_here`).
 HERE_DEADLINE = 1.0
 HERE_PAUSE = 30.0
 PURGE_BATCH = 1000
@@ -219,7 +219,7 @@ class Relay:
         self._untraced: tuple[ClaimTrace, int, int] | None = None
         self._spans = PublishSpans(tracer_provider)  # OpenTelemetry, when installed
         self._claims_here = claims_here and store.claims_here_supported
-        # Claims here: until when they go on the lane instead (`_too_slow_here`), and the
+        # Claims here: until when they go on the lane instead (`_pause_claims_here`), and the
         # opening of their connections (`_open_claim_connections`), on a worker of its own.
         self._here_paused_until = 0.0
         self._opener = worker_factory(self._mailbox.put) if self._claims_here else None
@@ -659,7 +659,7 @@ class Relay:
         for `_here_deadline()`, shared by all its calls (`Store.deadline`): the call then
         running is cancelled on the server, rolled back, and cut one deadline later if the
         cancel did not end it (a dead link), so the loop waits twice the deadline at most;
-        claims then go on the lane for `HERE_PAUSE` (`_too_slow_here`). Those results'
+        claims then go on the lane for `HERE_PAUSE` (`_pause_claims_here`). Those results'
         leases were renewed within two thirds of a lease (`_leases_safe`, which any claim
         needs): a third of a lease is left, more than that wait, so they are renewed in
         time after it. And only on connections already open (`Store.claims_here_possible`):
@@ -673,20 +673,17 @@ class Relay:
     def _claims_here_now(self) -> bool:
         return (
             self._claims_here
-            and self.store.claims_here_supported
             and self._claim_lane.failures == 0
             and self._monotonic() >= self._here_paused_until
             and self._quiet_enough_for_a_claim_here()
             and self.store.claims_here_possible()
         )
 
-    def _too_slow_here(self, slow: _TooSlowHere) -> None:
-        """A claim here failed (cancelled at its deadline, or the database unreachable):
-        claims go on the claim lane for a while. Not an outage of its own: the lane's next
-        claim, with the full `--db-timeout`, finds out whether the database is down."""
-        self._pause_claims_here(f"failed after {slow.seconds:.2f} s ({slow.error})")
-
     def _pause_claims_here(self, what: str) -> None:
+        """A claim here failed (cancelled at its deadline, or the database unreachable) or
+        lost a connection: claims go on the claim lane for a while. Not an outage of its
+        own: the lane's next claim, with the full `--db-timeout`, finds out whether the
+        database is down."""
         self._here_paused_until = self._monotonic() + HERE_PAUSE
         log.warning(
             "a claim on the relay's loop %s; claims go on the claim thread for the next %.0f s",
@@ -826,7 +823,7 @@ class Relay:
 
         def done(answer: tuple[Written, Claim | None] | _TooSlowHere) -> None:
             if isinstance(answer, _TooSlowHere):
-                self._too_slow_here(answer)
+                self._pause_claims_here(f"failed after {answer.seconds:.2f} s ({answer.error})")
                 failed()
                 return
             written, claim = answer  # no claim: it answered on its own (`answered`)

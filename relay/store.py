@@ -54,12 +54,12 @@ DRAINABLE_KEYS = "outbox_relay.drainable_keys"
 # database or role sets. (Also where the connection cannot carry options: PgBouncer.)
 READ_COMMITTED = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
 BEGIN_READ_COMMITTED = "BEGIN ISOLATION LEVEL READ COMMITTED"
-# Between a claim and the write after it (`Store.claim_then_write`): commit the claim, chain
-# the write's transaction to it (same isolation level) and make the server send the claim's
-# answer now, with a notice, at a level no setting of the role's can suppress there.
 # The kept connections a claim uses (`Store._connection`): its script's, and the transaction
 # that drops the keys it found empty.
 CLAIM_ROLES = ("autocommit", "transactions")
+# Between a claim and the write after it (`Store.claim_then_write`): commit the claim, chain
+# the write's transaction to it (same isolation level) and make the server send the claim's
+# answer now, with a notice, at a level no setting of the role's can suppress there.
 ANSWER_NOW = (
     ("commit claim", "COMMIT AND CHAIN"),
     ("notices on", "SET LOCAL client_min_messages = notice"),
@@ -159,7 +159,7 @@ def create_engine(
             # set it themselves: `Store._script`).
             isolation_level="READ COMMITTED",
             # The daemon's two database lanes keep two connections each (one for
-            # transactions, one in autocommit), its loop one for the claims it runs itself;
+            # transactions, one in autocommit), its loop two for the claims it runs itself;
             # the metrics' gauge reads and the loop's final writes at shutdown take the rest.
             pool_size=5,
             max_overflow=3,
