@@ -471,13 +471,14 @@ class Store:
         try:
             for role in CLAIM_ROLES:
                 opened.append((self._autocommit if role == "autocommit" else self.engine).connect())
-        except sa.exc.DBAPIError as exc:
+            pooled = any(conn.info.get(OPTIONS_ARRIVED) is False for conn in opened)
+            pooled = pooled or _pooled(opened[0])
+        except BaseException as exc:
             self.close_connections(opened)
-            raise translate_db_error(exc) from exc
-        except BaseException:
-            self.close_connections(opened)
+            if isinstance(exc, sa.exc.DBAPIError):
+                raise translate_db_error(exc) from exc
             raise
-        if any(conn.info.get(OPTIONS_ARRIVED) is False for conn in opened) or _pooled(opened[0]):
+        if pooled:
             self.close_connections(opened)
             self._behind_pooler = True
             log.info(

@@ -11,10 +11,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
 from outbox import Event, Outbox
+from relay import store as store_module
 from relay.app import build_relay
 from relay.deadline import Guard, Watchdog
 from relay.errors import DatabaseUnavailableError
@@ -237,3 +239,20 @@ def test_a_call_that_ended_as_its_cancel_went_out_leaves_its_connection(
     # looks here first), and then dropped.
     assert not kept_store.keeps_claim_connections()
     assert not kept_store.claims_here_possible()
+
+
+def test_connections_opened_for_claims_here_are_closed_when_the_pooler_check_fails(
+    kept_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in a last read: the look for a pooler ran after the connections were made and
+    outside what closes them on a failure, so a failing look left both checked out."""
+    closed: list[Any] = []
+    monkeypatch.setattr(kept_store, "close_connections", closed.extend)
+
+    def fails(_conn: Any) -> bool:
+        raise psycopg.OperationalError("the server went away (test)")
+
+    monkeypatch.setattr(store_module, "_pooled", fails)
+    with pytest.raises(psycopg.OperationalError):
+        kept_store.open_claim_connections()
+    assert len(closed) == 2
