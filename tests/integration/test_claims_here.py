@@ -17,7 +17,6 @@ import sqlalchemy as sa
 
 from outbox import Event, Outbox
 from relay import store as store_module
-from relay.app import build_relay
 from relay.deadline import Guard, Watchdog
 from relay.errors import DatabaseUnavailableError
 from relay.relay import HERE_DEADLINE, Relay
@@ -25,45 +24,11 @@ from relay.settings import RelaySettings
 from relay.store import Store, create_engine
 from tests.integration.test_relay_delivery import settings_for as delivery_settings
 from tests.support.rabbit import QueueTap, unique_name
-from tests.support.relays import count_by_status, write_events
+from tests.support.relays import count_by_status, relay_thread, write_events
 
 
 def settings_for(pg_url: str, amqp_url: str, box: Outbox, exchange: str) -> RelaySettings:
     return delivery_settings(pg_url, amqp_url, box, exchange, db_timeout=5.0)
-
-
-@contextlib.contextmanager
-def running(relay: Relay, steps: list[float]) -> Iterator[threading.Thread]:
-    """`relay` run on a thread of its own, each step's duration kept in `steps`."""
-    step = relay.run_once
-
-    def timed(timeout: float | None = None) -> Any:
-        started = time.monotonic()
-        try:
-            return step(timeout)
-        finally:
-            steps.append(time.monotonic() - started)
-
-    relay.run_once = timed  # type: ignore[method-assign]
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            relay.run()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="relay-under-test", daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        relay.request_stop()
-        thread.join(30)
-        relay.store.engine.dispose()
-    assert not thread.is_alive()
-    if errors:
-        raise errors[0]
 
 
 def claims_by_thread(relay: Relay) -> list[str]:
@@ -97,16 +62,15 @@ def test_claims_run_on_the_loops_thread_once_its_connections_are_open(
     tapped_exchange: tuple[QueueTap, str],
 ) -> None:
     tap, exchange = tapped_exchange
-    relay = build_relay(settings_for(pg_url, amqp_url, outbox_schema, exchange))
-    threads = claims_by_thread(relay)
-    steps: list[float] = []
+    settings = settings_for(pg_url, amqp_url, outbox_schema, exchange)
     events = [Event(type="order.placed", key=f"k{i % 3}", payload={"i": i}) for i in range(12)]
-    with running(relay, steps):
+    with relay_thread(settings) as relay:
+        threads = claims_by_thread(relay)
         one_by_one(pg_engine, outbox_schema, tap, events)
         time.sleep(0.2)  # the last confirm's write
     # Until the opener has made the loop's connections (at its first idle moment), claims
     # go on the lane.
-    assert threads.count("relay-under-test") >= len(events) - 3, threads
+    assert threads.count(f"relay-{settings.name}") >= len(events) - 3, threads
     assert count_by_status(pg_engine, outbox_schema) == {"published": len(events)}
 
 
@@ -126,7 +90,7 @@ def test_a_claim_here_held_up_by_the_database_holds_the_loop_only_until_its_dead
     would have let the server commit it once the lock was free, and its key would have
     waited for the lease to run out)."""
     tap, exchange = tapped_exchange
-    relay = build_relay(settings_for(pg_url, amqp_url, outbox_schema, exchange))
+    settings = settings_for(pg_url, amqp_url, outbox_schema, exchange)
     steps: list[float] = []
     locked = threading.Event()
     released: list[float] = []
@@ -134,7 +98,7 @@ def test_a_claim_here_held_up_by_the_database_holds_the_loop_only_until_its_dead
     table = outbox_schema.events
 
     def lock_the_table_for_the_first_claim_here(_conn: Any, statement: str) -> None:
-        on_loop = threading.current_thread().name == "relay-under-test"
+        on_loop = threading.current_thread().name == f"relay-{settings.name}"
         if on_loop and "SKIP LOCKED" in statement and not locked.is_set():
             locked.set()
             blocker.execute(sa.text(f"LOCK TABLE {_qualified(table)} IN ACCESS EXCLUSIVE MODE"))
@@ -147,7 +111,7 @@ def test_a_claim_here_held_up_by_the_database_holds_the_loop_only_until_its_dead
 
     events = [Event(type="order.placed", key=f"k{i}", payload={"i": i}) for i in range(4)]
     try:
-        with running(relay, steps):
+        with relay_thread(settings, steps=steps) as relay:
             one_by_one(pg_engine, outbox_schema, tap, events[:3])  # the loop's connection
             relay.store.statement_observers.append(lock_the_table_for_the_first_claim_here)
             write_events(pg_engine, outbox_schema, [events[3]])

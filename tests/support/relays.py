@@ -67,11 +67,25 @@ def drain_distinct(tap: QueueTap, count: int, timeout: float) -> list[Delivery]:
 
 
 @contextlib.contextmanager
-def relay_thread(settings: RelaySettings, **build: Any) -> Iterator[Relay]:
-    """A relay running in a thread; stopped gracefully (and checked) on exit.
+def relay_thread(
+    settings: RelaySettings, *, steps: list[float] | None = None, **build: Any
+) -> Iterator[Relay]:
+    """A relay running in a thread (named `relay-<its name>`); stopped gracefully (and
+    checked) on exit. With `steps`, the duration of each of its steps is kept there.
 
     `build`: keyword arguments of `build_relay()` (metrics, tracer_provider)."""
     relay = build_relay(settings, **build)
+    if steps is not None:
+        step = relay.run_once
+
+        def timed(timeout: float | None = None) -> Any:
+            started = time.monotonic()
+            try:
+                return step(timeout)
+            finally:
+                steps.append(time.monotonic() - started)
+
+        relay.run_once = timed  # type: ignore[method-assign]
     errors: list[BaseException] = []
 
     def run() -> None:

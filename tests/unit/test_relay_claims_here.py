@@ -106,6 +106,13 @@ def workers(h: Harness) -> tuple[ManualWorker, ManualWorker, ManualWorker]:
     return writes, claims, opener
 
 
+def commit_and_notify(h: Harness, key: str) -> None:
+    """An event of `key` committed, its NOTIFY taken: the step that may claim it."""
+    h.write(*keyed(key, 1))
+    h.relay.wake()
+    h.step()
+
+
 def published_keys(h: Harness) -> list[Any]:
     return [m.headers["ordering-key"] for m in h.publisher.published]
 
@@ -117,9 +124,7 @@ def test_a_claim_with_nothing_else_going_on_runs_here_and_its_events_are_flushed
     event is published and pushed out (`Publisher.flush`) in that same step."""
     h = here_harness(tmp_path)
     _, claims, store = started(h)
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "a")
     assert not claims.jobs
     assert published_keys(h) == ["a"]
     assert h.publisher.flushes and h.publisher.flushes[-1] == 1
@@ -130,9 +135,7 @@ def test_a_claim_with_nothing_else_going_on_runs_here_and_its_events_are_flushed
 def test_the_deadline_of_a_claim_here_is_a_tenth_of_a_short_lease(tmp_path: Path) -> None:
     h = here_harness(tmp_path, lease=3.0)
     _, _, store = started(h)
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "a")
     assert store.deadlines and all(d == pytest.approx(0.3) for d in store.deadlines)
 
 
@@ -141,9 +144,7 @@ def confirm_and_claim(h: Harness, key: str) -> None:
     an event of `key` and let its NOTIFY bring the claim."""
     h.publisher.settle()
     h.step()
-    h.write(*keyed(key, 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, key)
 
 
 def test_claims_that_carry_a_write_run_here_and_answer_before_it(tmp_path: Path) -> None:
@@ -152,9 +153,7 @@ def test_claims_that_carry_a_write_run_here_and_answer_before_it(tmp_path: Path)
     published and flushed from inside the claim's answer. Both in the step they went out."""
     h = here_harness(tmp_path)
     _, claims, store = started(h)
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "a")
     confirm_and_claim(h, "b")
     assert store.calls[-1] == ("write_and_claim", True)
     assert published_keys(h) == ["a", "b"]
@@ -170,12 +169,8 @@ def test_with_an_event_in_flight_a_claim_goes_on_the_lane(tmp_path: Path) -> Non
     """a1 is unconfirmed: the loop has confirms to take, so b1's claim goes on the lane."""
     h = here_harness(tmp_path)
     _, claims, store = started(h)
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
-    h.write(*keyed("b", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "a")
+    commit_and_notify(h, "b")
     assert claims.jobs, "the claim went on the lane"
     _turn(h, claims)
     assert store.calls[-1] == ("claim", False)
@@ -185,15 +180,11 @@ def test_with_an_event_in_flight_a_claim_goes_on_the_lane(tmp_path: Path) -> Non
 def test_with_a_write_on_its_way_a_claim_goes_on_the_lane(tmp_path: Path) -> None:
     h = here_harness(tmp_path)
     writes, claims, _ = started(h)
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "a")
     h.publisher.settle()
     write_alone(h)  # a1's write goes out alone, and is not answered yet
     assert writes.jobs
-    h.write(*keyed("b", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "b")
     assert claims.jobs, "the claim went on the lane"
 
 
@@ -206,9 +197,7 @@ def test_without_connections_claims_go_on_the_lane_and_a_worker_opens_them_when_
     writes, claims, store = started(h)
     opener = workers(h)[2]
     store.connected = False
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "a")
     assert claims.jobs and opener.jobs and store.opened == 0
     h.step()
     assert len(opener.jobs) == 1, "one at a time"
@@ -220,9 +209,7 @@ def test_without_connections_claims_go_on_the_lane_and_a_worker_opens_them_when_
     write_alone(h)
     _turn(h, writes)
     _turn(h, claims)  # the claim after a write that freed a key finds nothing
-    h.write(*keyed("b", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "b")
     assert not claims.jobs and published_keys(h) == ["a", "b"]
 
 
@@ -265,9 +252,7 @@ def test_a_claim_here_that_fails_sends_claims_to_the_lane_for_a_while_without_an
         return real_claim(**kwargs)
 
     store.claim = claim  # type: ignore[method-assign]
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "a")
     assert "claims go on the claim thread for the next 30 s" in caplog.text
     assert h.relay._claim_lane.failures == 0 and not h.relay._claim_lane.down
     assert not h.publisher.published
@@ -278,9 +263,7 @@ def test_a_claim_here_that_fails_sends_claims_to_the_lane_for_a_while_without_an
     h.publisher.settle()
     write_alone(h)
     _turn(h, writes)
-    h.write(*keyed("b", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "b")
     assert claims.jobs, "still on the lane"
     _turn(h, claims)
     h.publisher.settle()
@@ -289,9 +272,7 @@ def test_a_claim_here_that_fails_sends_claims_to_the_lane_for_a_while_without_an
     h.clock.advance(HERE_PAUSE)
     _turn(h, writes)  # the renewal and heartbeat due by then
     _turn(h, claims)  # the claims after the writes find nothing
-    h.write(*keyed("c", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "c")
     assert not claims.jobs and published_keys(h) == ["a", "b", "c"]
 
 
@@ -303,9 +284,7 @@ def test_an_error_of_the_relays_own_in_an_answer_here_is_fatal_and_the_write_sti
     it), and the carried write is still recorded."""
     h = here_harness(tmp_path)
     _, _, store = started(h)
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "a")
     confirm_and_claim(h, "b")  # writes first: the next carrying claim answers early
     h.publisher.settle()
     h.step()
@@ -333,18 +312,14 @@ def test_with_results_waiting_that_no_claim_carries_a_claim_goes_on_the_lane(
     h.clock.advance(HEARTBEAT_EVERY)
     h.step()
     assert writes.jobs, "the write lane is busy"
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "a")
     assert published_keys(h) == ["a"] and not claims.jobs
     calls = len(store.calls)
     h.publisher.decide = lambda m: Outcome.REJECTED
     h.publisher.settle()
     h.step()
     assert h.relay._results, "the failure waits"
-    h.write(*keyed("b", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "b")
     assert claims.jobs and len(store.calls) == calls, "the claim went on the lane"
 
 
@@ -363,9 +338,7 @@ def test_a_claim_here_that_left_a_connection_pauses_claims_here_too(
         return answer
 
     store.claim = claim  # type: ignore[method-assign]
-    h.write(*keyed("a", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "a")
     assert published_keys(h) == ["a"] and not claims.jobs
     assert "a claim on the relay's loop lost a connection" in caplog.text
     store.claim = real_claim  # type: ignore[method-assign]
@@ -374,7 +347,5 @@ def test_a_claim_here_that_left_a_connection_pauses_claims_here_too(
     write_alone(h)
     _turn(h, workers(h)[0])
     _turn(h, claims)
-    h.write(*keyed("b", 1))
-    h.relay.wake()
-    h.step()
+    commit_and_notify(h, "b")
     assert claims.jobs, "on the lane for a while"
